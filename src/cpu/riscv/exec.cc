@@ -14,14 +14,14 @@ inline uint32_t Rs2(uint32_t i) { return (i >> 20) & 31; }
 inline uint32_t F3(uint32_t i) { return (i >> 12) & 7; }
 inline uint32_t F7(uint32_t i) { return i >> 25; }
 inline int64_t ImmI(uint32_t i) { return static_cast<int32_t>(i) >> 20; }
-inline int64_t ImmS(uint32_t i) { return (static_cast<int32_t>(i) >> 25 << 5) | ((i >> 7) & 31); }
+inline int64_t ImmS(uint32_t i) { return static_cast<int32_t>((static_cast<uint32_t>(static_cast<int32_t>(i) >> 25) << 5) | ((i >> 7) & 31)); }
 inline int64_t ImmB(uint32_t i) {
-  return (static_cast<int32_t>(i) >> 31 << 12) | (((i >> 7) & 1) << 11) | (((i >> 25) & 0x3f) << 5) |
-         (((i >> 8) & 0xf) << 1);
+  return static_cast<int32_t>((static_cast<uint32_t>(static_cast<int32_t>(i) >> 31) << 12) | (((i >> 7) & 1) << 11) | (((i >> 25) & 0x3f) << 5) |
+         (((i >> 8) & 0xf) << 1));
 }
 inline int64_t ImmJ(uint32_t i) {
-  return (static_cast<int32_t>(i) >> 31 << 20) | (i & 0xff000) | (((i >> 20) & 1) << 11) |
-         (((i >> 21) & 0x3ff) << 1);
+  return static_cast<int32_t>((static_cast<uint32_t>(static_cast<int32_t>(i) >> 31) << 20) | (i & 0xff000) | (((i >> 20) & 1) << 11) |
+         (((i >> 21) & 0x3ff) << 1));
 }
 }  // namespace
 

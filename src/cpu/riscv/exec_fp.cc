@@ -32,7 +32,7 @@ void RiscvCpu::ExecuteFp(uint32_t insn) {
     return;
   }
   if (op == 0x27) {  // FSW / FSD
-    int64_t imm = (static_cast<int32_t>(insn) >> 25 << 5) | ((insn >> 7) & 31);
+    int64_t imm = static_cast<int32_t>((static_cast<uint32_t>(static_cast<int32_t>(insn) >> 25) << 5) | ((insn >> 7) & 31));
     uint64_t va = x_[rs1] + imm;
     if (f3 == 2) { if (!Store<uint32_t>(va, static_cast<uint32_t>(f_[rs2]))) return; }
     else if (f3 == 3) { if (!Store<uint64_t>(va, f_[rs2])) return; }

@@ -1,6 +1,8 @@
 // RiscvCpu lifecycle: construction, the Run() loop, interrupt lines, timers,
 // save/restore of the complete architectural state, and the backend factory.
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 
 #include "common/state_io.h"
 #include "cpu/riscv/mem_inline.h"
@@ -28,9 +30,13 @@ RiscvCpu::RiscvCpu(int hart_id, const VcpuEnv& env) : hart_id_(hart_id), env_(en
   dirty_marks_ = env.memory ? env.memory->dirty_log().raw_marks() : nullptr;
   misa_ = kMisa;
   if (env.memory) env.memory->dirty_log().AddListener(this);
+  // Debug aid: FERRY_CPU_TRACE=PATH writes "priv pc" per executed instruction, for
+  // diffing against `qemu-system-riscv64 -d exec,nochain -singlestep`.
+  if (const char* t = getenv("FERRY_CPU_TRACE"); t && *t) trace_ = fopen(t, "w");
 }
 
 RiscvCpu::~RiscvCpu() {
+  if (trace_) fclose(trace_);
   if (env_.memory) env_.memory->dirty_log().RemoveListener(this);
 }
 
@@ -107,6 +113,7 @@ VcpuRunResult RiscvCpu::Run(uint64_t max_instructions) {
     attention_.store(false, std::memory_order_relaxed);
     uint64_t i = 0;
     while (i < n) {
+      if (__builtin_expect(trace_ != nullptr, 0)) fprintf(trace_, "%d %016llx\n", priv_, static_cast<unsigned long long>(pc_));
       Step();
       ++i;
       if (__builtin_expect(wfi_ || host_trap_taken_ || attention_.load(std::memory_order_relaxed), 0)) break;

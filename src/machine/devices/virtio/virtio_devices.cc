@@ -1,0 +1,361 @@
+// virtio-blk (raw file), virtio-net (TAP) and virtio-balloon (free page reporting).
+#include <fcntl.h>
+#include <linux/if.h>
+#include <linux/if_tun.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include <spdlog/spdlog.h>
+
+#include "common/state_io.h"
+#include "machine/devices/virtio/virtio_mmio.h"
+
+namespace ferry {
+namespace {
+
+using MacAddress = std::array<uint8_t, 6>;
+
+bool ReadConfigBytes(const void* cfg, size_t cfg_len, uint64_t off, unsigned size, uint64_t* v) {
+  *v = 0;
+  if (off + size > cfg_len) return true;  // beyond config: reads as zero
+  std::memcpy(v, static_cast<const uint8_t*>(cfg) + off, size);
+  return true;
+}
+
+// ---------------------------------------------------------------- virtio-blk
+class VirtioBlk final : public VirtioMmioDevice {
+ public:
+  static constexpr uint64_t kFRo = 1ull << 5, kFFlush = 1ull << 9;
+  VirtioBlk(const VirtioDeps& d, int fd, uint64_t bytes, bool ro, std::string path)
+      : VirtioMmioDevice(d, 2, 1, kFFlush | (ro ? kFRo : 0)), fd_(fd), capacity_(bytes / 512), ro_(ro), path_(std::move(path)) {}
+  ~VirtioBlk() override { close(fd_); }
+
+ protected:
+  std::string kind() const override { return "virtio-blk"; }
+  bool ReadConfig(uint64_t off, unsigned size, uint64_t* v) override {
+    uint8_t cfg[8];
+    std::memcpy(cfg, &capacity_, 8);
+    return ReadConfigBytes(cfg, sizeof cfg, off, size, v);
+  }
+  void OnQueueNotify(int q) override {
+    VirtioChain c;
+    bool any = false;
+    while (PopChain(q, &c)) {
+      Handle(q, c);
+      any = true;
+    }
+    if (any) SignalUsed();
+  }
+  nlohmann::json DeviceMetrics() const override {
+    return {{"path", path_}, {"read_bytes", read_bytes_}, {"write_bytes", write_bytes_}, {"requests", requests_}, {"io_errors", io_errors_}};
+  }
+
+ private:
+  // All disk writes go through here (disk migration will track dirty blocks at this point).
+  bool WriteBlocks(uint64_t offset, const uint8_t* data, size_t len) {
+    if (pwrite(fd_, data, len, static_cast<off_t>(offset)) != static_cast<ssize_t>(len)) return false;
+    write_bytes_ += len;
+    return true;
+  }
+  void Handle(int q, const VirtioChain& c) {
+    requests_++;
+    struct { uint32_t type, reserved; uint64_t sector; } hdr;
+    uint64_t wbytes = c.writable_bytes();
+    if (wbytes < 1 || !ReadChain(c, 0, &hdr, sizeof hdr)) {
+      DeviceError("malformed virtio-blk request");
+      return;
+    }
+    uint8_t status = 0;
+    uint32_t written = 0;
+    const uint64_t data_out = c.readable_bytes() - sizeof hdr;  // OUT payload
+    const uint64_t data_in = wbytes - 1;                         // IN space (last byte = status)
+    const uint64_t off = hdr.sector * 512;
+    std::vector<uint8_t> buf;
+    switch (hdr.type) {
+      case 0:  // IN
+        if (data_in % 512 || hdr.sector > capacity_ || data_in / 512 > capacity_ - hdr.sector) { status = 1; break; }
+        buf.resize(data_in);
+        if (pread(fd_, buf.data(), data_in, static_cast<off_t>(off)) != static_cast<ssize_t>(data_in)) { status = 1; io_errors_++; break; }
+        if (!WriteChain(c, 0, buf.data(), data_in)) { DeviceError("IN buffer outside RAM"); return; }
+        read_bytes_ += data_in;
+        written = static_cast<uint32_t>(data_in);
+        break;
+      case 1:  // OUT
+        if (ro_) { status = 1; break; }
+        if (data_out % 512 || hdr.sector > capacity_ || data_out / 512 > capacity_ - hdr.sector) { status = 1; break; }
+        buf.resize(data_out);
+        if (!ReadChain(c, sizeof hdr, buf.data(), data_out)) { DeviceError("OUT buffer outside RAM"); return; }
+        if (!WriteBlocks(off, buf.data(), data_out)) { status = 1; io_errors_++; }
+        break;
+      case 4:  // FLUSH
+        if (fdatasync(fd_) != 0) { status = 1; io_errors_++; }
+        break;
+      case 8: {  // GET_ID
+        char idstr[20] = "ferry-disk";
+        uint64_t n = std::min<uint64_t>(data_in, sizeof idstr);
+        if (!WriteChain(c, 0, idstr, n)) { DeviceError("GET_ID buffer outside RAM"); return; }
+        written = static_cast<uint32_t>(n);
+        break;
+      }
+      default: status = 2;
+    }
+    if (!WriteChain(c, wbytes - 1, &status, 1)) { DeviceError("status byte outside RAM"); return; }
+    PushUsed(q, c.head, written + 1);
+  }
+  int fd_;
+  uint64_t capacity_;
+  bool ro_;
+  std::string path_;
+  uint64_t read_bytes_ = 0, write_bytes_ = 0, requests_ = 0, io_errors_ = 0;
+};
+
+// ---------------------------------------------------------------- virtio-net
+class VirtioNet final : public VirtioMmioDevice {
+ public:
+  static constexpr uint64_t kFMac = 1ull << 5;
+  static constexpr size_t kHdr = 12;  // virtio_net_hdr_v1
+  VirtioNet(const VirtioDeps& d, int fd, std::string tap, MacAddress mac)
+      : VirtioMmioDevice(d, 1, 2, kFMac), fd_(fd), tap_(std::move(tap)), mac_(mac) {}
+  ~VirtioNet() override {
+    if (deps().loop && polling_) deps().loop->Remove(fd_);
+    close(fd_);
+  }
+  Status Announce() {
+    uint8_t f[kHdr + 60] = {};
+    uint8_t* e = f + kHdr;
+    std::memset(e, 0xff, 6);
+    std::memcpy(e + 6, mac_.data(), 6);
+    e[12] = 0x80; e[13] = 0x35;                 // RARP
+    e[14] = 0; e[15] = 1; e[16] = 0x08; e[17] = 0;  // htype ethernet, ptype IPv4
+    e[18] = 6; e[19] = 4; e[20] = 0; e[21] = 3;     // hlen, plen, op = reverse request
+    std::memcpy(e + 22, mac_.data(), 6);
+    std::memcpy(e + 32, mac_.data(), 6);
+    if (write(fd_, f, sizeof f) != static_cast<ssize_t>(sizeof f)) return ErrnoError("announce MAC on " + tap_);
+    announces_++;
+    return {};
+  }
+
+ protected:
+  std::string kind() const override { return "virtio-net"; }
+  bool ReadConfig(uint64_t off, unsigned size, uint64_t* v) override {
+    uint8_t cfg[8] = {};
+    std::memcpy(cfg, mac_.data(), 6);
+    cfg[6] = 1;  // status: link up
+    return ReadConfigBytes(cfg, sizeof cfg, off, size, v);
+  }
+  void OnDriverOk() override { EnsurePolling(); }
+  void OnReset() override {}
+  void OnQueueNotify(int q) override {
+    if (q == 0) { EnsurePolling(); Receive(); return; }
+    VirtioChain c;
+    bool any = false;
+    std::vector<uint8_t> frame;
+    while (PopChain(1, &c)) {
+      frame.resize(c.readable_bytes());
+      if (frame.size() < kHdr || frame.size() > 65536 || !ReadChain(c, 0, frame.data(), frame.size())) {
+        tx_errors_++;
+      } else if (write(fd_, frame.data(), frame.size()) != static_cast<ssize_t>(frame.size())) {
+        tx_dropped_++;
+      } else {
+        tx_packets_++;
+        tx_bytes_ += frame.size() - kHdr;
+      }
+      PushUsed(1, c.head, 0);
+      any = true;
+    }
+    if (any) SignalUsed();
+  }
+  nlohmann::json DeviceMetrics() const override {
+    return {{"tap", tap_}, {"mac", FormatMacStr()}, {"rx_packets", rx_packets_}, {"rx_bytes", rx_bytes_},
+            {"rx_dropped", rx_dropped_}, {"tx_packets", tx_packets_}, {"tx_bytes", tx_bytes_},
+            {"tx_dropped", tx_dropped_}, {"tx_errors", tx_errors_}, {"announces", announces_}};
+  }
+
+ private:
+  std::string FormatMacStr() const {
+    return fmt::format("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", mac_[0], mac_[1], mac_[2], mac_[3], mac_[4], mac_[5]);
+  }
+  void EnsurePolling() {
+    if (!deps().loop) return;
+    if (!polling_) {
+      auto s = deps().loop->Add(fd_, EPOLLIN, [this](uint32_t) { Receive(); });
+      if (!s) { spdlog::error("virtio-net: cannot poll {}: {}", tap_, s.error().ToString()); return; }
+      polling_ = true;
+      armed_ = true;
+    } else if (!armed_) {
+      (void)deps().loop->Modify(fd_, EPOLLIN);
+      armed_ = true;
+    }
+  }
+  void Receive() {
+    bool any = false;
+    uint8_t buf[kHdr + 65536];
+    for (;;) {
+      if (!QueueUsable(0)) break;
+      // Peek for a buffer first so frames are never read without somewhere to put them.
+      Queue& q = queues_[0];
+      uint16_t avail_idx;
+      if (!memory()->Read(q.avail + 2, &avail_idx, 2)) { DeviceError("rx avail ring outside RAM"); break; }
+      if (avail_idx == q.last_avail) {  // no RX buffers: stop polling until the driver adds some
+        if (armed_ && deps().loop) { (void)deps().loop->Modify(fd_, 0); armed_ = false; }
+        break;
+      }
+      ssize_t n = read(fd_, buf, sizeof buf);
+      if (n < 0) break;  // EAGAIN: nothing more
+      if (n < static_cast<ssize_t>(kHdr)) continue;
+      VirtioChain c;
+      if (!PopChain(0, &c)) break;
+      uint16_t one = 1;
+      std::memcpy(buf + 10, &one, 2);  // num_buffers
+      if (c.writable_bytes() < static_cast<uint64_t>(n)) {
+        rx_dropped_++;
+        PushUsed(0, c.head, 0);
+      } else if (!WriteChain(c, 0, buf, static_cast<uint64_t>(n))) {
+        DeviceError("rx buffer outside RAM");
+        break;
+      } else {
+        PushUsed(0, c.head, static_cast<uint32_t>(n));
+        rx_packets_++;
+        rx_bytes_ += static_cast<uint64_t>(n) - kHdr;
+      }
+      any = true;
+    }
+    if (any) SignalUsed();
+  }
+  int fd_;
+  std::string tap_;
+  MacAddress mac_;
+  bool polling_ = false, armed_ = false;
+  uint64_t rx_packets_ = 0, rx_bytes_ = 0, rx_dropped_ = 0, tx_packets_ = 0, tx_bytes_ = 0, tx_dropped_ = 0,
+           tx_errors_ = 0, announces_ = 0;
+};
+
+// ---------------------------------------------------------------- virtio-balloon
+class VirtioBalloon final : public VirtioMmioDevice, public FreePageReport {
+ public:
+  static constexpr uint64_t kFReporting = 1ull << 5;
+  explicit VirtioBalloon(const VirtioDeps& d)
+      : VirtioMmioDevice(d, 5, 3, kFReporting), free_(d.memory->num_pages(), false) {}
+  uint64_t reported_pages() const override { return reported_now_; }
+  bool IsReportedFree(uint64_t page) const override { return page < free_.size() && free_[page]; }
+  uint64_t total_reports() const override { return ranges_; }
+
+ protected:
+  std::string kind() const override { return "virtio-balloon"; }
+  bool ReadConfig(uint64_t off, unsigned size, uint64_t* v) override {
+    uint32_t cfg[4] = {num_pages_, actual_, 0, 0};
+    return ReadConfigBytes(cfg, sizeof cfg, off, size, v);
+  }
+  bool WriteConfig(uint64_t off, unsigned size, uint64_t v) override {
+    if (off == 4 && size == 4) actual_ = static_cast<uint32_t>(v);
+    return true;
+  }
+  void OnQueueNotify(int q) override {
+    VirtioChain c;
+    bool any = false;
+    while (PopChain(q, &c)) {
+      if (q == 2) {  // free page reporting: each writable descriptor is a free range
+        for (const auto& s : c.segs) {
+          uint64_t first = (s.gpa - memory()->base()) >> kPageShift, n = s.len >> kPageShift;
+          for (uint64_t p = first; p < first + n && p < free_.size(); ++p)
+            if (!free_[p]) { free_[p] = true; reported_now_++; }
+          ranges_++;
+          reported_bytes_ += s.len;
+        }
+      } else {
+        (q == 0 ? inflates_ : deflates_) += c.readable_bytes() / 4;
+      }
+      PushUsed(q, c.head, 0);
+      any = true;
+    }
+    if (any) SignalUsed();
+  }
+  void SaveDevice(StateWriter& w) const override {
+    w.PutU32(num_pages_);
+    w.PutU32(actual_);
+    std::vector<uint8_t> bits((free_.size() + 7) / 8, 0);
+    for (size_t i = 0; i < free_.size(); ++i) if (free_[i]) bits[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
+    w.PutBytes(bits);
+  }
+  Status RestoreDevice(StateReader& r) override {
+    uint32_t np, act;
+    std::vector<uint8_t> bits;
+    FERRY_ASSIGN(np, r.GetU32());
+    FERRY_ASSIGN(act, r.GetU32());
+    FERRY_ASSIGN(bits, r.GetBytes());
+    if (bits.size() != (free_.size() + 7) / 8) return Errorf(ErrorCode::kCorrupt, "balloon: free-page bitmap size mismatch");
+    num_pages_ = np;
+    actual_ = act;
+    reported_now_ = 0;
+    for (size_t i = 0; i < free_.size(); ++i) {
+      free_[i] = (bits[i / 8] >> (i % 8)) & 1;
+      reported_now_ += free_[i];
+    }
+    return {};
+  }
+  nlohmann::json DeviceMetrics() const override {
+    return {{"free_page_reports", ranges_}, {"reported_bytes", reported_bytes_}, {"reported_free_pages", reported_now_},
+            {"inflated_pages", inflates_}, {"deflated_pages", deflates_}};
+  }
+
+ private:
+  std::vector<bool> free_;
+  uint32_t num_pages_ = 0, actual_ = 0;
+  uint64_t reported_now_ = 0, ranges_ = 0, reported_bytes_ = 0, inflates_ = 0, deflates_ = 0;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Device>> CreateVirtioBlk(const VirtioDeps& deps, const std::string& path, bool read_only) {
+  int fd = open(path.c_str(), (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  if (fd < 0) return ErrnoError("open disk '" + path + "'");
+  struct stat st;
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    close(fd);
+    return Errorf(ErrorCode::kInvalidArgument, "disk '{}' is not a regular file", path);
+  }
+  if (st.st_size % 512) {
+    close(fd);
+    return Errorf(ErrorCode::kInvalidArgument, "disk '{}' size {} is not a multiple of 512", path, st.st_size);
+  }
+  return std::unique_ptr<Device>(new VirtioBlk(deps, fd, static_cast<uint64_t>(st.st_size), read_only, path));
+}
+
+Result<std::unique_ptr<Device>> CreateVirtioNet(const VirtioDeps& deps, const std::string& tap, std::array<uint8_t, 6> mac) {
+  if (tap.empty() || tap.size() >= IFNAMSIZ) return Errorf(ErrorCode::kInvalidArgument, "bad TAP name '{}'", tap);
+  int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) return ErrnoError("open /dev/net/tun");
+  ifreq ifr{};
+  std::strncpy(ifr.ifr_name, tap.c_str(), IFNAMSIZ - 1);
+  ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+  if (ioctl(fd, TUNSETIFF, &ifr) != 0) {
+    auto e = ErrnoError("attach TAP '" + tap + "'");
+    close(fd);
+    return e;
+  }
+  int hdr = 12;
+  if (ioctl(fd, TUNSETVNETHDRSZ, &hdr) != 0) {
+    auto e = ErrnoError("TUNSETVNETHDRSZ on '" + tap + "'");
+    close(fd);
+    return e;
+  }
+  return std::unique_ptr<Device>(new VirtioNet(deps, fd, tap, mac));
+}
+
+Result<std::unique_ptr<Device>> CreateVirtioBalloon(const VirtioDeps& deps) {
+  return std::unique_ptr<Device>(new VirtioBalloon(deps));
+}
+
+FreePageReport* AsFreePageReport(Device* device) { return dynamic_cast<VirtioBalloon*>(device); }
+
+Status AnnounceMac(Device* device) {
+  auto* net = dynamic_cast<VirtioNet*>(device);
+  if (!net) return Errorf(ErrorCode::kInvalidArgument, "device is not virtio-net");
+  return net->Announce();
+}
+
+}  // namespace ferry

@@ -1,0 +1,36 @@
+// HTTP/1.1 + JSON API on a Unix socket (Firecracker / Cloud Hypervisor style):
+//   GET /vm, PUT /vm/pause, PUT /vm/resume, PUT /vm/snapshot {"path"}, PUT /vm/shutdown,
+//   GET /metrics (Prometheus text).
+// Bad requests get a 4xx with {"error": "..."}; the VM is unaffected.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "common/error.h"
+#include "vmm/vm.h"
+
+namespace httplib { class Server; }
+
+namespace ferry {
+
+class ApiServer {
+ public:
+  static Result<std::unique_ptr<ApiServer>> Start(const std::string& socket_path, Vm* vm);
+  ~ApiServer();
+  // Extension point for further endpoints (e.g. migration): registered before Start.
+  httplib::Server& server() { return *server_; }
+
+ private:
+  ApiServer() = default;
+  std::string path_;
+  std::unique_ptr<httplib::Server> server_;
+  std::thread thread_;
+};
+
+// Maps an Error to an HTTP status (400 bad input, 409 wrong state, 500 otherwise).
+int HttpStatusFor(const Error& e);
+
+}  // namespace ferry

@@ -1,0 +1,98 @@
+#include "vmm/cli.h"
+
+#include <sys/stat.h>
+
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+namespace ferry {
+
+Result<uint64_t> ParseSize(const std::string& s) {
+  if (s.empty()) return Errorf(ErrorCode::kInvalidArgument, "empty size");
+  size_t pos = 0;
+  uint64_t n = 0;
+  while (pos < s.size() && std::isdigit(static_cast<unsigned char>(s[pos]))) {
+    if (n > (UINT64_MAX - 9) / 10) return Errorf(ErrorCode::kInvalidArgument, "size '{}' is too large", s);
+    n = n * 10 + static_cast<uint64_t>(s[pos++] - '0');
+  }
+  if (pos == 0) return Errorf(ErrorCode::kInvalidArgument, "size '{}' does not start with a number", s);
+  std::string suffix = s.substr(pos);
+  for (auto& c : suffix) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  uint64_t mul;
+  if (suffix.empty() || suffix == "B") mul = 1;
+  else if (suffix == "K" || suffix == "KIB" || suffix == "KB") mul = 1ull << 10;
+  else if (suffix == "M" || suffix == "MIB" || suffix == "MB") mul = 1ull << 20;
+  else if (suffix == "G" || suffix == "GIB" || suffix == "GB") mul = 1ull << 30;
+  else return Errorf(ErrorCode::kInvalidArgument, "size '{}' has an unknown suffix '{}' (use K, M or G)", s, s.substr(pos));
+  if (n > UINT64_MAX / mul) return Errorf(ErrorCode::kInvalidArgument, "size '{}' is too large", s);
+  return n * mul;
+}
+
+Status ParseNetSpec(const std::string& s, BoardConfig* board) {
+  std::string rest = s;
+  while (!rest.empty()) {
+    size_t comma = rest.find(',');
+    std::string item = rest.substr(0, comma);
+    rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+    size_t eq = item.find('=');
+    if (eq == std::string::npos) return Errorf(ErrorCode::kInvalidArgument, "--net: '{}' is not key=value", item);
+    std::string k = item.substr(0, eq), v = item.substr(eq + 1);
+    if (k == "tap") {
+      if (v.empty() || v.size() > 15) return Errorf(ErrorCode::kInvalidArgument, "--net: bad TAP name '{}'", v);
+      board->tap = v;
+    } else if (k == "mac") {
+      auto m = ParseMac(v);
+      if (!m) return std::unexpected(m.error().WithContext("--net"));
+      board->mac = *m;
+    } else {
+      return Errorf(ErrorCode::kInvalidArgument, "--net: unknown key '{}' (expected tap=NAME[,mac=MAC])", k);
+    }
+  }
+  if (board->tap.empty()) return Errorf(ErrorCode::kInvalidArgument, "--net needs tap=NAME");
+  return {};
+}
+
+Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
+  VmmCommandLine cl;
+  CLI::App app{"ferry-vmm: a VMM with a software RV64GC CPU and the QEMU virt board"};
+  std::string mem = "256M", net, cmdline;
+  app.add_option("--kernel", cl.vm.board.kernel, "Linux RISC-V Image");
+  app.add_option("--initrd", cl.vm.board.initrd, "initramfs (cpio)");
+  app.add_option("--mem", mem, "guest RAM, e.g. 256M or 1G")->capture_default_str();
+  app.add_option("--cmdline", cmdline, "kernel command line (default: console=ttyS0 earlycon=sbi)");
+  app.add_option("--console", cl.vm.console, "stdio | file:PATH | none")->capture_default_str();
+  app.add_option("--api-socket", cl.api_socket, "Unix socket for the HTTP/JSON API");
+  app.add_option("--net", net, "virtio-net on a TAP: tap=NAME[,mac=MAC]");
+  app.add_option("--disk", cl.vm.board.disk, "virtio-blk raw disk image");
+  app.add_flag("--balloon", cl.vm.board.balloon, "virtio-balloon with free page reporting");
+  app.add_option("--restore", cl.restore, "restore a snapshot file instead of booting");
+  app.add_option("--log-level", cl.log_level, "trace|debug|info|warn|error")->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    return Errorf(ErrorCode::kCancelled, "{}", app.help());
+  } catch (const CLI::ParseError& e) {
+    return Errorf(ErrorCode::kInvalidArgument, "{}", e.what());
+  }
+  auto size = ParseSize(mem);
+  if (!size) return std::unexpected(size.error().WithContext("--mem"));
+  cl.vm.board.ram_bytes = *size;
+  if (!cmdline.empty()) cl.vm.board.cmdline = cmdline;
+  if (!net.empty()) FERRY_RETURN_IF_ERROR(ParseNetSpec(net, &cl.vm.board), "command line");
+  if (!cl.restore.empty()) {
+    if (!cl.vm.board.kernel.empty() || !cl.vm.board.initrd.empty() || !cmdline.empty())
+      return Errorf(ErrorCode::kInvalidArgument, "--restore takes the kernel, initrd and cmdline from the snapshot: do not pass --kernel/--initrd/--cmdline");
+  } else if (cl.vm.board.kernel.empty()) {
+    return Errorf(ErrorCode::kInvalidArgument, "--kernel is required (or --restore FILE)");
+  }
+  struct stat st;
+  for (const auto& [flag, path] : {std::pair{"--kernel", cl.vm.board.kernel}, {"--initrd", cl.vm.board.initrd},
+                                   {"--disk", cl.vm.board.disk}, {"--restore", cl.restore}})
+    if (!path.empty() && stat(path.c_str(), &st) != 0)
+      return Errorf(ErrorCode::kNotFound, "{}: '{}' does not exist", flag, path);
+  if (spdlog::level::from_str(cl.log_level) == spdlog::level::off && cl.log_level != "off")
+    return Errorf(ErrorCode::kInvalidArgument, "--log-level: unknown level '{}'", cl.log_level);
+  return cl;
+}
+
+}  // namespace ferry

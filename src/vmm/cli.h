@@ -1,0 +1,26 @@
+// ferry-vmm command line (CLI11) -> VmOptions, with clear errors on bad values.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "vmm/vm.h"
+
+namespace ferry {
+
+struct VmmCommandLine {
+  VmOptions vm;
+  std::string api_socket;
+  std::string restore;
+  std::string log_level = "info";
+};
+
+// Parses "256M", "1G", "512MiB", "268435456" (bytes) into bytes.
+Result<uint64_t> ParseSize(const std::string& s);
+// Parses "tap=NAME[,mac=MAC]".
+Status ParseNetSpec(const std::string& s, BoardConfig* board);
+// Full parse; on --help returns kCancelled with the help text as message.
+Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv);
+
+}  // namespace ferry

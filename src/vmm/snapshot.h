@@ -1,0 +1,43 @@
+// Snapshot file format v1 (Firecracker-like). All integers little-endian.
+//
+//   file header (32 B): magic "FERRYSNP" | u32 version | u32 flags | u32 sections | u32 reserved
+//                       | u32 reserved | u32 crc32c(previous 28 bytes)
+//   section header (24 B): u32 type | u32 flags (bit 0: mandatory) | u64 length
+//                          | u32 crc32c(payload) | u32 crc32c(previous 20 bytes)
+//   sections, in order: CONFIG (JSON, guest-visible board config), VCPU (u32 hart, blob),
+//   DEVICE* (u32 id length, id, blob), RAM (u64 ram bytes, u64 non-zero pages, page bitmap
+//   padded to 8 bytes, the non-zero pages in ascending order), END (empty).
+// Decoding checks every CRC, length and limit and names the section and offset on error.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "memory/guest_memory.h"
+
+namespace ferry {
+
+inline constexpr uint32_t kSnapshotVersion = 1;
+
+enum class SnapshotSection : uint32_t { kConfig = 1, kVcpu = 2, kDevice = 3, kRam = 4, kEnd = 0xffff };
+
+struct SnapshotState {
+  nlohmann::json config;
+  std::vector<uint8_t> vcpu;
+  std::map<std::string, std::vector<uint8_t>> devices;
+};
+
+// Writes state + RAM to `path` atomically (temp file + rename). The VM must be paused.
+Status WriteSnapshot(const std::string& path, const SnapshotState& state, const GuestMemory& ram);
+
+// Reads a snapshot. After the CONFIG section, `make_memory(config)` must return the
+// guest RAM to load into (typically after building the board from the config).
+Result<SnapshotState> ReadSnapshot(const std::string& path,
+                                   const std::function<Result<GuestMemory*>(const nlohmann::json&)>& make_memory);
+
+}  // namespace ferry

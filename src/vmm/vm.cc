@@ -1,0 +1,276 @@
+#include "vmm/vm.h"
+
+#include <sys/epoll.h>
+#include <time.h>
+
+#include <spdlog/spdlog.h>
+
+#include "machine/devices/virtio/virtio_factory.h"
+#include "vmm/snapshot.h"
+
+namespace ferry {
+namespace {
+constexpr uint64_t kSliceInstructions = 1'000'000;
+
+uint64_t NowNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+}  // namespace
+
+std::string_view VmStateName(VmState s) {
+  switch (s) {
+    case VmState::kCreated: return "created";
+    case VmState::kRunning: return "running";
+    case VmState::kPaused: return "paused";
+    case VmState::kShutdown: return "shutdown";
+    case VmState::kError: return "error";
+  }
+  return "unknown";
+}
+
+Result<std::unique_ptr<Vm>> Vm::Create(VmOptions options) {
+  std::unique_ptr<Vm> vm(new Vm());
+  FERRY_RETURN_IF_ERROR(vm->Init(std::move(options), true), "create VM");
+  return vm;
+}
+
+Status Vm::Init(VmOptions options, bool load_kernel) {
+  options_ = std::move(options);
+  auto loop = EventLoop::Create();
+  if (!loop) return std::unexpected(loop.error());
+  loop_ = std::move(*loop);
+  auto console = Console::Create(options_.console);
+  if (!console) return std::unexpected(console.error());
+  console_ = std::move(*console);
+  Console* con = console_.get();
+  options_.board.console_out = [con](std::span<const uint8_t> b) { con->Write(b); };
+  options_.board.loop = loop_.get();
+  auto board = Board::Create(options_.board, load_kernel);
+  if (!board) return std::unexpected(board.error());
+  board_ = std::move(*board);
+  return console_->AttachInput(loop_.get(), &board_->uart());
+}
+
+Result<std::unique_ptr<Vm>> Vm::Restore(VmOptions options, const std::string& snapshot_path) {
+  std::unique_ptr<Vm> vm(new Vm());
+  auto make = [&](const nlohmann::json& config) -> Result<GuestMemory*> {
+    auto s = options.board.ApplyGuestJson(config.value("board", nlohmann::json::object()));
+    if (!s) return std::unexpected(s.error());
+    s = vm->Init(options, false);
+    if (!s) return std::unexpected(s.error());
+    return &vm->board_->memory();
+  };
+  auto st = ReadSnapshot(snapshot_path, make);
+  if (!st) return std::unexpected(st.error().WithContext("restore"));
+  FERRY_RETURN_IF_ERROR(vm->board_->vcpu().RestoreState(st->vcpu), "restore");
+  FERRY_RETURN_IF_ERROR(vm->board_->RestoreDevices(st->devices), "restore");
+  vm->board_->PostRestore();
+  // Everything in RAM is new to this process: a following migration must send it all.
+  vm->board_->memory().dirty_log().MarkAll();
+  return vm;
+}
+
+Vm::~Vm() {
+  if (thread_.joinable()) {
+    stop_.store(true);
+    if (board_) board_->vcpu().RequestExit();
+    loop_->Wake();
+    thread_.join();
+  }
+}
+
+Status Vm::Start(bool start_paused) {
+  if (thread_.joinable()) return Errorf(ErrorCode::kBusy, "VM already started");
+  started_ns_ = NowNs();
+  if (start_paused) {
+    board_->clint().Pause();
+    SetState(VmState::kPaused);
+  } else {
+    SetState(VmState::kRunning);
+  }
+  thread_ = std::thread([this] { MachineLoop(); });
+  return {};
+}
+
+int Vm::Wait() {
+  if (thread_.joinable()) thread_.join();
+  return exit_code_;
+}
+
+void Vm::MachineLoop() {
+  Vcpu& vcpu = board_->vcpu();
+  while (!stop_.load()) {
+    // Commands from other threads.
+    std::deque<std::packaged_task<Status()>> cmds;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      cmds.swap(commands_);
+    }
+    for (auto& c : cmds) c();
+    if (stop_.load()) break;
+
+    if (state() != VmState::kRunning) {
+      console_->Flush();
+      (void)loop_->Poll(-1);  // device backends + wake-ups for commands
+      continue;
+    }
+    VcpuRunResult r = vcpu.Run(kSliceInstructions);
+    (void)loop_->Poll(0);
+    switch (r.reason) {
+      case VcpuExitReason::kBudgetExhausted:
+      case VcpuExitReason::kExitRequested:
+        break;
+      case VcpuExitReason::kWaitForInterrupt: {
+        console_->Flush();
+        uint64_t deadline = vcpu.NextTimerDeadline();
+        uint64_t now = board_->clint().Ticks();
+        int ms = 100;
+        if (deadline != UINT64_MAX) {
+          uint64_t ticks = deadline > now ? deadline - now : 0;
+          ms = static_cast<int>(std::min<uint64_t>(100, (ticks + 9999) / 10000));
+        }
+        if (ms > 0) (void)loop_->Poll(ms);
+        break;
+      }
+      case VcpuExitReason::kShutdown:
+        spdlog::info("vm: guest powered off");
+        SetState(VmState::kShutdown);
+        stop_.store(true);
+        break;
+      case VcpuExitReason::kReset:
+        spdlog::warn("vm: guest requested a reset; treating it as power-off (reset is not supported)");
+        SetState(VmState::kShutdown);
+        stop_.store(true);
+        break;
+      case VcpuExitReason::kFatal:
+      case VcpuExitReason::kHostTrap:
+        spdlog::error("vm: vCPU stopped: {}", r.error);
+        {
+          std::lock_guard<std::mutex> l(mu_);
+          error_ = r.error;
+        }
+        board_->clint().Pause();
+        SetState(VmState::kError);
+        break;
+    }
+  }
+  console_->Flush();
+  // Fail commands that arrived after the loop ended.
+  std::lock_guard<std::mutex> l(mu_);
+  for (auto& c : commands_) c();
+  commands_.clear();
+}
+
+Status Vm::Post(std::function<Status()> fn) {
+  std::packaged_task<Status()> task([this, fn = std::move(fn)]() -> Status {
+    if (state() == VmState::kShutdown) return Errorf(ErrorCode::kBusy, "VM is shut down");
+    return fn();
+  });
+  auto fut = task.get_future();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!thread_.joinable() || (stop_.load() && state() == VmState::kShutdown))
+      return Errorf(ErrorCode::kBusy, "VM is not running (state {})", VmStateName(state()));
+    commands_.push_back(std::move(task));
+  }
+  board_->vcpu().RequestExit();
+  loop_->Wake();
+  return fut.get();
+}
+
+Status Vm::RunOnMachine(std::function<Status(Board&)> fn) {
+  return Post([this, fn = std::move(fn)] { return fn(*board_); });
+}
+
+Status Vm::DoPause() {
+  if (state() == VmState::kPaused) return {};
+  if (state() != VmState::kRunning) return Errorf(ErrorCode::kBusy, "cannot pause a VM in state {}", VmStateName(state()));
+  board_->clint().Pause();
+  SetState(VmState::kPaused);
+  return {};
+}
+
+Status Vm::DoResume() {
+  if (state() == VmState::kRunning) return {};
+  if (state() != VmState::kPaused) return Errorf(ErrorCode::kBusy, "cannot resume a VM in state {}", VmStateName(state()));
+  board_->clint().Resume();
+  SetState(VmState::kRunning);
+  return {};
+}
+
+Status Vm::Pause() { return Post([this] { return DoPause(); }); }
+Status Vm::Resume() { return Post([this] { return DoResume(); }); }
+
+Status Vm::Shutdown() {
+  return Post([this] {
+    SetState(VmState::kShutdown);
+    stop_.store(true);
+    return Status{};
+  });
+}
+
+Status Vm::Snapshot(const std::string& path) {
+  if (path.empty()) return Errorf(ErrorCode::kInvalidArgument, "snapshot path is empty");
+  return Post([this, path]() -> Status {
+    const bool was_running = state() == VmState::kRunning;
+    if (state() != VmState::kRunning && state() != VmState::kPaused)
+      return Errorf(ErrorCode::kBusy, "cannot snapshot a VM in state {}", VmStateName(state()));
+    FERRY_RETURN_IF_ERROR(DoPause(), "snapshot");
+    SnapshotState st;
+    st.config = {{"board", board_->config().GuestJson()}, {"vmm", "ferry-vmm"}};
+    st.vcpu = board_->vcpu().SaveState();
+    for (Device* d : board_->devices()) st.devices[d->id()] = d->SaveState();
+    auto s = WriteSnapshot(path, st, board_->memory());
+    if (was_running) (void)DoResume();
+    return s;
+  });
+}
+
+Result<nlohmann::json> Vm::Info() {
+  nlohmann::json info;
+  auto s = Post([&]() -> Status {
+    VcpuCounters c = board_->vcpu().counters();
+    nlohmann::json devices = nlohmann::json::object();
+    for (Device* d : board_->devices()) devices[d->id()] = d->Metrics();
+    auto& mem = board_->memory();
+    info = {
+        {"state", VmStateName(state())},
+        {"config", board_->config().GuestJson()},
+        {"uptime_s", static_cast<double>(NowNs() - started_ns_) / 1e9},
+        {"guest_time_ticks", board_->clint().Ticks()},
+        {"counters",
+         {{"instructions", c.instructions_retired}, {"exceptions", c.exceptions}, {"interrupts", c.interrupts},
+          {"tlb_misses", c.tlb_misses}, {"mmio_accesses", c.mmio_accesses}, {"wfi_exits", c.wfi_exits},
+          {"dirty_pages", mem.dirty_log().CountDirty()}, {"unhandled_mmio", board_->bus().unhandled_accesses()}}},
+        {"devices", devices},
+    };
+    if (!board_->config().tap.empty()) info["config"]["tap"] = board_->config().tap;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!error_.empty()) info["error"] = error_;
+    }
+    return {};
+  });
+  if (!s) return std::unexpected(s.error());
+  return info;
+}
+
+std::string Vm::Prometheus() {
+  auto info = Info();
+  if (!info) return "";
+  std::string out;
+  const auto& c = (*info)["counters"];
+  auto metric = [&](const char* name, const char* type, const char* help, double v) {
+    out += fmt::format("# HELP {} {}\n# TYPE {} {}\n{} {}\n", name, help, name, type, name, v);
+  };
+  metric("ferry_vm_running", "gauge", "1 if the VM is running", (*info)["state"] == "running" ? 1 : 0);
+  metric("ferry_vcpu_instructions_total", "counter", "Guest instructions retired", c["instructions"].get<double>());
+  metric("ferry_vcpu_exceptions_total", "counter", "Guest exceptions taken", c["exceptions"].get<double>());
+  metric("ferry_vcpu_interrupts_total", "counter", "Guest interrupts taken", c["interrupts"].get<double>());
+  metric("ferry_vm_dirty_pages", "gauge", "Pages marked dirty since the last harvest", c["dirty_pages"].get<double>());
+  return out;
+}
+
+}  // namespace ferry
