@@ -1,0 +1,297 @@
+#include "gateway/conn.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace ferry::gateway {
+
+std::string OpenSslErrors() {
+  std::string s;
+  unsigned long e;
+  while ((e = ERR_get_error()) != 0) {
+    char buf[256];
+    ERR_error_string_n(e, buf, sizeof buf);
+    if (!s.empty()) s += "; ";
+    s += buf;
+  }
+  return s.empty() ? "unknown TLS error" : s;
+}
+
+Result<std::shared_ptr<TlsContext>> TlsContext::Create(bool server, const TlsFiles& f) {
+  if (f.cert.empty() || f.key.empty() || f.ca.empty())
+    return Errorf(ErrorCode::kInvalidArgument, "TLS needs --cert, --key and --ca (or --insecure)");
+  SSL_CTX* ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+  if (!ctx) return Errorf(ErrorCode::kInternal, "SSL_CTX_new: {}", OpenSslErrors());
+  std::shared_ptr<TlsContext> holder(new TlsContext(ctx));
+  SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+  if (SSL_CTX_use_certificate_chain_file(ctx, f.cert.c_str()) != 1)
+    return Errorf(ErrorCode::kInvalidArgument, "load cert {}: {}", f.cert, OpenSslErrors());
+  if (SSL_CTX_use_PrivateKey_file(ctx, f.key.c_str(), SSL_FILETYPE_PEM) != 1)
+    return Errorf(ErrorCode::kInvalidArgument, "load key {}: {}", f.key, OpenSslErrors());
+  if (SSL_CTX_check_private_key(ctx) != 1)
+    return Errorf(ErrorCode::kInvalidArgument, "key does not match cert: {}", OpenSslErrors());
+  if (SSL_CTX_load_verify_locations(ctx, f.ca.c_str(), nullptr) != 1)
+    return Errorf(ErrorCode::kInvalidArgument, "load CA {}: {}", f.ca, OpenSslErrors());
+  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nullptr);
+  SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+  SSL_CTX_set_num_tickets(ctx, 0);
+  return holder;
+}
+
+TlsContext::~TlsContext() {
+  if (ctx_) SSL_CTX_free(ctx_);
+}
+
+Conn::~Conn() {
+  if (ssl_) SSL_free(ssl_);
+  if (fd_ >= 0) close(fd_);
+}
+
+Result<std::pair<std::string, uint16_t>> SplitHostPort(const std::string& s) {
+  auto colon = s.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == s.size())
+    return Errorf(ErrorCode::kInvalidArgument, "address '{}' is not HOST:PORT", s);
+  std::string host = s.substr(0, colon);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  char* end = nullptr;
+  long port = strtol(s.c_str() + colon + 1, &end, 10);
+  if (*end != '\0' || port <= 0 || port > 65535)
+    return Errorf(ErrorCode::kInvalidArgument, "bad port in '{}'", s);
+  return std::make_pair(host, static_cast<uint16_t>(port));
+}
+
+namespace {
+Result<addrinfo*> Resolve(const std::string& hp, bool passive) {
+  auto sp = SplitHostPort(hp);
+  if (!sp) return std::unexpected(sp.error());
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = passive ? AI_PASSIVE : 0;
+  addrinfo* res = nullptr;
+  std::string port = std::to_string(sp->second);
+  int rc = getaddrinfo(sp->first.c_str(), port.c_str(), &hints, &res);
+  if (rc != 0) return Errorf(ErrorCode::kInvalidArgument, "resolve {}: {}", hp, gai_strerror(rc));
+  return res;
+}
+void TuneSocket(int fd) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+Status WaitFd(int fd, short ev, int timeout_ms) {
+  pollfd p{fd, ev, 0};
+  int rc = poll(&p, 1, timeout_ms);
+  if (rc < 0) return ErrnoError("poll");
+  if (rc == 0) return Errorf(ErrorCode::kTimeout, "timed out after {} ms", timeout_ms);
+  return {};
+}
+}  // namespace
+
+Result<int> ListenTcp(const std::string& hp) {
+  auto ai = Resolve(hp, true);
+  if (!ai) return std::unexpected(ai.error());
+  int fd = socket((*ai)->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    freeaddrinfo(*ai);
+    return ErrnoError("socket");
+  }
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (bind(fd, (*ai)->ai_addr, (*ai)->ai_addrlen) < 0 || listen(fd, 128) < 0) {
+    auto e = ErrnoError("listen " + hp);
+    freeaddrinfo(*ai);
+    close(fd);
+    return e;
+  }
+  freeaddrinfo(*ai);
+  return fd;
+}
+
+Result<int> ConnectTcp(const std::string& hp, int timeout_ms) {
+  auto ai = Resolve(hp, false);
+  if (!ai) return std::unexpected(ai.error());
+  int fd = socket((*ai)->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) {
+    freeaddrinfo(*ai);
+    return ErrnoError("socket");
+  }
+  int rc = connect(fd, (*ai)->ai_addr, (*ai)->ai_addrlen);
+  freeaddrinfo(*ai);
+  if (rc < 0 && errno != EINPROGRESS) {
+    auto e = ErrnoError("connect " + hp);
+    close(fd);
+    return e;
+  }
+  if (rc < 0) {
+    auto w = WaitFd(fd, POLLOUT, timeout_ms);
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (w) getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    if (!w || err != 0) {
+      close(fd);
+      if (!w) return std::unexpected(w.error().WithContext("connect " + hp));
+      return Errorf(ErrorCode::kIo, "connect {}: {}", hp, strerror(err));
+    }
+  }
+  TuneSocket(fd);
+  int fl = fcntl(fd, F_GETFL);
+  fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+  return fd;
+}
+
+static void SetTimeouts(int fd, int ms) {
+  timeval tv{ms / 1000, (ms % 1000) * 1000};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+Result<std::unique_ptr<Conn>> Conn::Connect(const std::string& hp, const TlsContext& tls, int timeout_ms) {
+  auto fd = ConnectTcp(hp, timeout_ms);
+  if (!fd) return std::unexpected(fd.error());
+  SetTimeouts(*fd, timeout_ms);
+  if (!tls.ctx()) return std::unique_ptr<Conn>(new Conn(*fd, nullptr));
+  SSL* ssl = SSL_new(tls.ctx());
+  std::unique_ptr<Conn> c(new Conn(*fd, ssl));
+  SSL_set_fd(ssl, *fd);
+  ERR_clear_error();
+  if (SSL_connect(ssl) != 1) return Errorf(ErrorCode::kIo, "TLS handshake with {}: {}", hp, OpenSslErrors());
+  return c;
+}
+
+Result<std::unique_ptr<Conn>> Conn::Accept(int fd, const TlsContext& tls, int timeout_ms) {
+  TuneSocket(fd);
+  SetTimeouts(fd, timeout_ms);
+  if (!tls.ctx()) return std::unique_ptr<Conn>(new Conn(fd, nullptr));
+  SSL* ssl = SSL_new(tls.ctx());
+  std::unique_ptr<Conn> c(new Conn(fd, ssl));
+  SSL_set_fd(ssl, fd);
+  ERR_clear_error();
+  if (SSL_accept(ssl) != 1) return Errorf(ErrorCode::kIo, "TLS accept: {}", OpenSslErrors());
+  return c;
+}
+
+Status Conn::WriteFrameBlocking(FrameType t, std::span<const uint8_t> payload) {
+  std::vector<uint8_t> buf;
+  EncodeFrame(t, 0, payload, &buf);
+  size_t off = 0;
+  while (off < buf.size()) {
+    int n;
+    if (ssl_) {
+      ERR_clear_error();
+      n = SSL_write(ssl_, buf.data() + off, static_cast<int>(buf.size() - off));
+      if (n <= 0) return Errorf(ErrorCode::kIo, "TLS write: {}", OpenSslErrors());
+    } else {
+      n = static_cast<int>(::send(fd_, buf.data() + off, buf.size() - off, MSG_NOSIGNAL));
+      if (n < 0) return ErrnoError("send");
+    }
+    off += n;
+  }
+  return {};
+}
+
+Result<Frame> Conn::ReadFrameBlocking() {
+  for (;;) {
+    size_t used = 0;
+    auto f = DecodeFrame(in, &used);
+    if (!f) return std::unexpected(f.error());
+    if (f->has_value()) {
+      in.erase(in.begin(), in.begin() + used);
+      return std::move(**f);
+    }
+    // Read only what the header asks for so little extra is buffered.
+    uint8_t buf[4096];
+    size_t want = sizeof buf;
+    if (in.size() >= kHeaderSize) {
+      uint32_t len = in[8] | (in[9] << 8) | (in[10] << 16) | (uint32_t(in[11]) << 24);
+      want = std::min(want, kHeaderSize + len - in.size());
+    } else {
+      want = kHeaderSize - in.size();
+    }
+    int n;
+    if (ssl_) {
+      ERR_clear_error();
+      n = SSL_read(ssl_, buf, static_cast<int>(want));
+      if (n <= 0) {
+        int err = SSL_get_error(ssl_, n);
+        if (err == SSL_ERROR_ZERO_RETURN) return Errorf(ErrorCode::kIo, "peer closed");
+        return Errorf(ErrorCode::kIo, "TLS read: {}", OpenSslErrors());
+      }
+    } else {
+      n = static_cast<int>(::recv(fd_, buf, want, 0));
+      if (n == 0) return Errorf(ErrorCode::kIo, "peer closed");
+      if (n < 0) return ErrnoError("recv");
+    }
+    in.insert(in.end(), buf, buf + n);
+  }
+}
+
+Status Conn::SetNonBlocking() {
+  SetTimeouts(fd_, 0);
+  int fl = fcntl(fd_, F_GETFL);
+  if (fcntl(fd_, F_SETFL, fl | O_NONBLOCK) < 0) return ErrnoError("fcntl");
+  return {};
+}
+
+bool Conn::HasPending() const { return ssl_ && SSL_pending(ssl_) > 0; }
+
+Conn::IoResult Conn::Read(uint8_t* buf, size_t cap, size_t* n) {
+  *n = 0;
+  if (!ssl_) {
+    ssize_t r = ::recv(fd_, buf, cap, 0);
+    if (r > 0) {
+      *n = r;
+      return IoResult::kOk;
+    }
+    if (r == 0) return IoResult::kClosed;
+    if (errno == EAGAIN || errno == EINTR) return IoResult::kWouldBlock;
+    last_error_ = strerror(errno);
+    return IoResult::kError;
+  }
+  ERR_clear_error();
+  int r = SSL_read(ssl_, buf, static_cast<int>(cap));
+  if (r > 0) {
+    *n = r;
+    return IoResult::kOk;
+  }
+  int err = SSL_get_error(ssl_, r);
+  if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) return IoResult::kWouldBlock;
+  if (err == SSL_ERROR_ZERO_RETURN) return IoResult::kClosed;
+  last_error_ = err == SSL_ERROR_SYSCALL ? std::string("connection lost") : OpenSslErrors();
+  return IoResult::kError;
+}
+
+Conn::IoResult Conn::Write(const uint8_t* buf, size_t len, size_t* n) {
+  *n = 0;
+  if (!ssl_) {
+    ssize_t r = ::send(fd_, buf, len, MSG_NOSIGNAL);
+    if (r >= 0) {
+      *n = r;
+      return IoResult::kOk;
+    }
+    if (errno == EAGAIN || errno == EINTR) return IoResult::kWouldBlock;
+    last_error_ = strerror(errno);
+    return IoResult::kError;
+  }
+  ERR_clear_error();
+  int r = SSL_write(ssl_, buf, static_cast<int>(len));
+  if (r > 0) {
+    *n = r;
+    return IoResult::kOk;
+  }
+  int err = SSL_get_error(ssl_, r);
+  if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) return IoResult::kWouldBlock;
+  last_error_ = err == SSL_ERROR_SYSCALL ? std::string("connection lost") : OpenSslErrors();
+  return IoResult::kError;
+}
+
+}  // namespace ferry::gateway

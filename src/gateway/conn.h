@@ -1,0 +1,77 @@
+// A gateway-to-gateway connection: a TCP socket, optionally wrapped in TLS 1.3
+// with mutual authentication. Used by one thread at a time (the handshake
+// thread, then the owning session thread).
+#pragma once
+
+#include <openssl/ssl.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "gateway/protocol.h"
+
+namespace ferry::gateway {
+
+struct TlsFiles {
+  std::string cert, key, ca;
+};
+
+// Owns an SSL_CTX. Null ctx == insecure (plain TCP).
+class TlsContext {
+ public:
+  static Result<std::shared_ptr<TlsContext>> Create(bool server, const TlsFiles& files);
+  static std::shared_ptr<TlsContext> Insecure() { return std::shared_ptr<TlsContext>(new TlsContext(nullptr)); }
+  ~TlsContext();
+  SSL_CTX* ctx() const { return ctx_; }
+
+ private:
+  explicit TlsContext(SSL_CTX* c) : ctx_(c) {}
+  SSL_CTX* ctx_;
+};
+
+class Conn {
+ public:
+  enum class IoResult { kOk, kWouldBlock, kClosed, kError };
+  ~Conn();
+  // Blocking connect (with timeout) + TLS client handshake.
+  static Result<std::unique_ptr<Conn>> Connect(const std::string& host_port, const TlsContext& tls,
+                                               int timeout_ms);
+  // Takes ownership of an accepted fd and runs the TLS server handshake (blocking, timeout).
+  static Result<std::unique_ptr<Conn>> Accept(int fd, const TlsContext& tls, int timeout_ms);
+
+  // Blocking frame I/O, used during setup only.
+  Status WriteFrameBlocking(FrameType t, std::span<const uint8_t> payload);
+  Result<Frame> ReadFrameBlocking();
+
+  Status SetNonBlocking();
+  int fd() const { return fd_; }
+  bool HasPending() const;  // TLS has buffered plaintext (poll() won't show it)
+
+  // Nonblocking I/O. *n = bytes moved on kOk.
+  IoResult Read(uint8_t* buf, size_t cap, size_t* n);
+  IoResult Write(const uint8_t* buf, size_t len, size_t* n);
+  std::string last_error() const { return last_error_; }
+
+  // Buffers owned by the session thread.
+  std::vector<uint8_t> in;   // received, not yet decoded
+  std::vector<uint8_t> out;  // encoded, not yet written
+  size_t out_off = 0;
+  size_t last_write_len = 0;  // TLS retry must repeat the same length
+
+ private:
+  Conn(int fd, SSL* ssl) : fd_(fd), ssl_(ssl) {}
+  int fd_;
+  SSL* ssl_;
+  std::string last_error_;
+};
+
+// "host:port" -> sockaddr; "[v6]:port" accepted too.
+Result<std::pair<std::string, uint16_t>> SplitHostPort(const std::string& s);
+Result<int> ListenTcp(const std::string& host_port);
+Result<int> ConnectTcp(const std::string& host_port, int timeout_ms);
+std::string OpenSslErrors();
+
+}  // namespace ferry::gateway

@@ -1,0 +1,574 @@
+#include "gateway/session.h"
+
+#include <lz4.h>
+#include <poll.h>
+#include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace ferry::gateway {
+namespace {
+constexpr size_t kConnOutLimit = 512u << 10;  // per data conn queued bytes before we stop feeding it
+constexpr size_t kReadBuf = 256u << 10;
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
+Session::Session(Gateway* gw, uint64_t id, int local_fd, std::unique_ptr<Conn> ctrl, size_t window)
+    : gw_(gw), ctr_(gw->counters()), id_(id), local_fd_(local_fd), ctrl_(std::move(ctrl)),
+      window_(window), wake_fd_(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)),
+      forward_(gw->options().role == Role::kForward) {
+  scratch_.resize(kReadBuf);
+}
+
+Session::~Session() {
+  if (local_fd_ >= 0) close(local_fd_);
+  if (wake_fd_ >= 0) close(wake_fd_);
+}
+
+void Session::Wake() {
+  uint64_t one = 1;
+  [[maybe_unused]] auto r = write(wake_fd_, &one, sizeof one);
+}
+
+void Session::AddDataConn(std::unique_ptr<Conn> c, uint16_t index) {
+  {
+    std::lock_guard lk(inbox_mu_);
+    inbox_.push_back(DataConn{std::move(c), index});
+  }
+  Wake();
+}
+
+std::string Session::StatusJsonFields() const {
+  return fmt::format(R"({{"id":"{:016x}","bytes_sent":{},"bytes_received":{},"data_conns":{}}})", id_,
+                     st_sent_.load(), st_received_.load(), st_data_conns_.load());
+}
+
+bool Session::ConnectDataConn(uint16_t index) {
+  auto c = Conn::Connect(gw_->options().via, gw_->tls(), gw_->options().connect_timeout_ms);
+  if (!c) {
+    spdlog::warn("session {:016x}: data connection {}: {}", id_, index, c.error().ToString());
+    return false;
+  }
+  PayloadWriter w;
+  w.U64(id_).U16(index);
+  if (!(*c)->WriteFrameBlocking(FrameType::kJoin, w.data()) || !(*c)->SetNonBlocking()) return false;
+  data_.push_back(DataConn{std::move(*c), index});
+  ctr_.data_conns_active++;
+  return true;
+}
+
+void Session::TakeInbox() {
+  std::lock_guard lk(inbox_mu_);
+  for (auto& d : inbox_) {
+    if (!d.c->SetNonBlocking()) continue;
+    data_.push_back(std::move(d));
+    ctr_.data_conns_active++;
+  }
+  inbox_.clear();
+}
+
+void Session::Run() {
+  last_ctrl_rx_ = last_ping_ = last_ack_time_ = Clock::now();
+  if (!ctrl_->SetNonBlocking()) {
+    Fail("control connection setup", false);
+  } else {
+    if (forward_) {
+      for (int i = 0; i < gw_->options().streams; i++) ConnectDataConn(static_cast<uint16_t>(i));
+      if (data_.empty()) Fail("no data connection could be established", true);
+    }
+    if (end_ == End::kNone) Loop();
+  }
+  ctr_.data_conns_active -= data_.size();
+  data_.clear();
+  if (end_ == End::kFailed) ctr_.sessions_failed++;
+  spdlog::info("session {:016x} ended ({}): sent {} B, received {} B", id_,
+               end_ == End::kClean ? "clean" : "failed", st_sent_.load(), st_received_.load());
+}
+
+void Session::SendCtrl(FrameType t, std::span<const uint8_t> p) { EncodeFrame(t, 0, p, &ctrl_->out); }
+
+void Session::ResetLocal() {
+  if (local_fd_ < 0) return;
+  linger lg{1, 0};
+  setsockopt(local_fd_, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+  close(local_fd_);
+  local_fd_ = -1;
+}
+
+void Session::Fail(const std::string& why, bool tell_peer) {
+  if (end_ != End::kNone) return;
+  spdlog::warn("session {:016x} failed: {}", id_, why);
+  end_ = End::kFailed;
+  ResetLocal();
+  if (tell_peer && ctrl_) {
+    PayloadWriter w;
+    w.Str(why);
+    SendCtrl(FrameType::kReset, w.data());
+    // Best effort: give the reset a moment to leave.
+    for (int i = 0; i < 20 && ctrl_->out.size() > ctrl_->out_off; i++) {
+      if (!FlushConn(*ctrl_)) break;
+      if (ctrl_->out.size() > ctrl_->out_off) {
+        pollfd p{ctrl_->fd(), POLLOUT, 0};
+        poll(&p, 1, 10);
+      }
+    }
+  }
+}
+
+void Session::ProtocolError(const std::string& why) {
+  ctr_.protocol_errors++;
+  if (ctrl_) {
+    PayloadWriter w;
+    w.U32(1).Str(why);
+    SendCtrl(FrameType::kError, w.data());
+  }
+  Fail("protocol error: " + why, true);
+}
+
+std::vector<uint8_t> Session::MakeDataFrame(uint64_t seq, const uint8_t* p, size_t n) {
+  PayloadWriter w;
+  w.U64(seq).U32(static_cast<uint32_t>(n));
+  uint16_t flags = 0;
+  Codec codec = gw_->options().codec;
+  if (codec != Codec::kNone && skip_compress_ == 0) {
+    std::vector<uint8_t> tmp;
+    size_t clen = 0;
+    if (codec == Codec::kLz4) {
+      tmp.resize(LZ4_compressBound(static_cast<int>(n)));
+      int r = LZ4_compress_default(reinterpret_cast<const char*>(p), reinterpret_cast<char*>(tmp.data()),
+                                   static_cast<int>(n), static_cast<int>(tmp.size()));
+      clen = r > 0 ? r : 0;
+    } else {
+      tmp.resize(ZSTD_compressBound(n));
+      size_t r = ZSTD_compress(tmp.data(), tmp.size(), p, n, 1);
+      clen = ZSTD_isError(r) ? 0 : r;
+    }
+    if (clen > 0 && clen < n - n / 8) {  // pays: saves >= 12.5%
+      flags = kFlagCompressed | (codec == Codec::kZstd ? kFlagCodecZstd : kFlagCodecLz4);
+      w.Bytes({tmp.data(), clen});
+      ctr_.chunks_compressed++;
+      ctr_.compressed_saved_bytes += n - clen;
+    } else {
+      skip_compress_ = 16;  // incompressible: don't waste CPU on the next chunks
+    }
+  } else if (skip_compress_ > 0) {
+    skip_compress_--;
+  }
+  if (!(flags & kFlagCompressed)) w.Bytes({p, n});
+  std::vector<uint8_t> out;
+  EncodeFrame(FrameType::kData, flags, w.data(), &out);
+  return out;
+}
+
+Session::DataConn* Session::PickConn() {
+  DataConn* best = nullptr;
+  size_t best_q = SIZE_MAX;
+  for (auto& d : data_) {
+    size_t q = d.c->out.size() - d.c->out_off;
+    if (q < best_q) {
+      best_q = q;
+      best = &d;
+    }
+  }
+  return best;
+}
+
+void Session::ReadLocal() {
+  size_t chunk = gw_->options().chunk;
+  for (int iter = 0; iter < 64; iter++) {
+    if (local_fd_ < 0 || local_eof_) return;
+    if (unacked_bytes_ >= window_) send_paused_ = true;
+    if (send_paused_ && unacked_bytes_ <= window_ * 3 / 4) send_paused_ = false;
+    if (send_paused_) return;
+    DataConn* d = PickConn();
+    if (!d || d->c->out.size() - d->c->out_off >= kConnOutLimit) return;
+    ssize_t n = recv(local_fd_, scratch_.data(), std::min(chunk, scratch_.size()), 0);
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EINTR) return;
+      Fail(fmt::format("local connection: {}", strerror(errno)), true);
+      return;
+    }
+    if (n == 0) {
+      local_eof_ = true;
+      return;
+    }
+    uint64_t seq = next_seq_++;
+    Chunk c{MakeDataFrame(seq, scratch_.data(), n), d->index, static_cast<size_t>(n)};
+    d->c->out.insert(d->c->out.end(), c.frame.begin(), c.frame.end());
+    unacked_bytes_ += n;
+    unacked_.emplace(seq, std::move(c));
+    ctr_.bytes_from_local += n;
+    ctr_.chunks_sent++;
+    st_sent_ += n;
+  }
+}
+
+void Session::WriteLocal() {
+  while (local_fd_ >= 0) {
+    if (deliver_off_ == deliver_.size()) {
+      auto it = reorder_.find(next_expected_);
+      if (it == reorder_.end()) break;
+      reorder_bytes_ -= it->second.size();
+      deliver_ = std::move(it->second);
+      deliver_off_ = 0;
+      reorder_.erase(it);
+      next_expected_++;
+    }
+    ssize_t n = send(local_fd_, deliver_.data() + deliver_off_, deliver_.size() - deliver_off_, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EINTR) break;
+      Fail(fmt::format("local connection: {}", strerror(errno)), true);
+      return;
+    }
+    deliver_off_ += n;
+    ctr_.bytes_to_local += n;
+    st_received_ += n;
+  }
+  if (local_fd_ >= 0 && !local_wr_shut_ && peer_fin_ && next_expected_ == *peer_fin_ &&
+      deliver_off_ == deliver_.size()) {
+    shutdown(local_fd_, SHUT_WR);
+    local_wr_shut_ = true;
+  }
+  MaybeAck(false);
+}
+
+void Session::MaybeAck(bool force) {
+  // The ACK is cumulative: "all chunks below next_expected_ are delivered".
+  // Acknowledging only delivered chunks makes it the credit for the window.
+  uint64_t delivered = next_expected_ - (deliver_off_ < deliver_.size() ? 1 : 0);
+  if (delivered == last_ack_sent_) return;
+  auto now = Clock::now();
+  if (!force && delivered - last_ack_sent_ < 8 && now - last_ack_time_ < std::chrono::milliseconds(5)) return;
+  PayloadWriter w;
+  w.U64(delivered);
+  SendCtrl(FrameType::kAck, w.data());
+  last_ack_sent_ = delivered;
+  last_ack_time_ = now;
+}
+
+void Session::HandleDataFrame(const Frame& f) {
+  if (f.type != FrameType::kData) return ProtocolError(fmt::format("{} frame on data connection", FrameTypeName(f.type)));
+  PayloadReader r(f.payload);
+  auto seq = r.U64();
+  auto raw = r.U32();
+  if (!seq || !raw) return ProtocolError("truncated DATA frame");
+  if (*raw == 0 || *raw > (1u << 20)) return ProtocolError(fmt::format("bad DATA raw length {}", *raw));
+  auto body = r.Rest();
+  if (*seq < next_expected_ || reorder_.count(*seq)) {
+    ctr_.chunks_duplicate++;
+    return;
+  }
+  if (peer_fin_ && *seq >= *peer_fin_) return ProtocolError("DATA after FIN");
+  std::vector<uint8_t> data;
+  if (f.flags & kFlagCompressed) {
+    data.resize(*raw);
+    if ((f.flags & kFlagCodecZstd) != 0) {
+      size_t r2 = ZSTD_decompress(data.data(), data.size(), body.data(), body.size());
+      if (ZSTD_isError(r2) || r2 != *raw) return ProtocolError("bad zstd chunk");
+    } else {
+      int r2 = LZ4_decompress_safe(reinterpret_cast<const char*>(body.data()), reinterpret_cast<char*>(data.data()),
+                                   static_cast<int>(body.size()), static_cast<int>(data.size()));
+      if (r2 < 0 || static_cast<uint32_t>(r2) != *raw) return ProtocolError("bad lz4 chunk");
+    }
+  } else {
+    if (body.size() != *raw) return ProtocolError("DATA length mismatch");
+    data.assign(body.begin(), body.end());
+  }
+  reorder_bytes_ += data.size();
+  // The peer may not exceed our window; allow slack for chunk granularity.
+  if (reorder_bytes_ > window_ + (4u << 20)) return ProtocolError("peer exceeded the window");
+  reorder_.emplace(*seq, std::move(data));
+}
+
+void Session::HandleCtrlFrame(const Frame& f) {
+  PayloadReader r(f.payload);
+  switch (f.type) {
+    case FrameType::kAck: {
+      auto a = r.U64();
+      if (!a || !r.ExpectEnd()) return ProtocolError("bad ACK");
+      if (*a > next_seq_) return ProtocolError(fmt::format("ACK {} beyond sent {}", *a, next_seq_));
+      while (!unacked_.empty() && unacked_.begin()->first < *a) {
+        unacked_bytes_ -= unacked_.begin()->second.raw_len;
+        unacked_.erase(unacked_.begin());
+      }
+      return;
+    }
+    case FrameType::kFin: {
+      auto e = r.U64();
+      if (!e || !r.ExpectEnd()) return ProtocolError("bad FIN");
+      if (peer_fin_ || *e < next_expected_) return ProtocolError("unexpected FIN");
+      peer_fin_ = *e;
+      return;
+    }
+    case FrameType::kReset:
+    case FrameType::kError: {
+      spdlog::info("session {:016x}: peer sent {}", id_, FrameTypeName(f.type));
+      Fail(fmt::format("peer {}", FrameTypeName(f.type)), false);
+      return;
+    }
+    case FrameType::kPing: {
+      auto t = r.U64();
+      if (!t || !r.ExpectEnd()) return ProtocolError("bad PING");
+      PayloadWriter w;
+      w.U64(*t);
+      SendCtrl(FrameType::kPong, w.data());
+      return;
+    }
+    case FrameType::kPong: {
+      auto t = r.U64();
+      if (!t || !r.ExpectEnd()) return ProtocolError("bad PONG");
+      int64_t d = NowNs() - static_cast<int64_t>(*t);
+      if (d > 0) ctr_.rtt_us = d / 1000;
+      return;
+    }
+    case FrameType::kStats:
+      return;
+    case FrameType::kClose:
+      if (!r.ExpectEnd()) return ProtocolError("bad CLOSE");
+      peer_closed_ = true;
+      return;
+    default:
+      return ProtocolError(fmt::format("{} frame on control connection", FrameTypeName(f.type)));
+  }
+}
+
+// Reads and decodes frames from conn `c` into handler. Returns false if the connection died.
+template <typename Handler>
+static Conn::IoResult Pump(Conn& c, size_t& off, std::vector<uint8_t>& scratch, GatewayCounters& ctr,
+                           Handler&& h, std::string* err, bool* bad) {
+  Conn::IoResult last = Conn::IoResult::kWouldBlock;
+  for (int iter = 0; iter < 32; iter++) {
+    size_t n = 0;
+    last = c.Read(scratch.data(), scratch.size(), &n);
+    if (last != Conn::IoResult::kOk) break;
+    ctr.wire_bytes_received += n;
+    c.in.insert(c.in.end(), scratch.begin(), scratch.begin() + n);
+    for (;;) {
+      size_t used = 0;
+      auto f = DecodeFrame(std::span<const uint8_t>(c.in).subspan(off), &used);
+      if (!f) {
+        *err = f.error().ToString();
+        *bad = true;
+        return Conn::IoResult::kError;
+      }
+      if (!f->has_value()) break;
+      off += used;
+      if (!h(**f)) return Conn::IoResult::kWouldBlock;
+    }
+    if (off == c.in.size()) {
+      c.in.clear();
+      off = 0;
+    } else if (off > (1u << 20)) {
+      c.in.erase(c.in.begin(), c.in.begin() + off);
+      off = 0;
+    }
+  }
+  if (last == Conn::IoResult::kError) *err = c.last_error();
+  return last;
+}
+
+void Session::ReadCtrl() {
+  std::string err;
+  bool bad = false;
+  auto r = Pump(*ctrl_, ctrl_in_off_, scratch_, ctr_, [&](const Frame& f) {
+    last_ctrl_rx_ = Clock::now();
+    HandleCtrlFrame(f);
+    return end_ == End::kNone;
+  }, &err, &bad);
+  if (end_ != End::kNone) return;
+  if (bad) return ProtocolError("control: " + err);
+  if (r == Conn::IoResult::kClosed || r == Conn::IoResult::kError) {
+    if (peer_closed_) {
+      CheckDone();
+      if (end_ == End::kNone) Fail("peer closed before the session completed", false);
+      return;
+    }
+    Fail("control connection lost: " + (err.empty() ? std::string("closed") : err), false);
+  }
+}
+
+void Session::ReadData(DataConn& d) {
+  std::string err;
+  bool bad = false;
+  auto r = Pump(*d.c, d.in_off, scratch_, ctr_, [&](const Frame& f) {
+    HandleDataFrame(f);
+    return end_ == End::kNone;
+  }, &err, &bad);
+  if (end_ != End::kNone) return;
+  if (bad) return ProtocolError("data: " + err);
+  if (r == Conn::IoResult::kClosed || r == Conn::IoResult::kError) {
+    for (size_t i = 0; i < data_.size(); i++)
+      if (&data_[i] == &d) return LoseDataConn(i, err.empty() ? "closed" : err);
+  }
+}
+
+bool Session::FlushConn(Conn& c) {
+  for (int iter = 0; iter < 64 && c.out_off < c.out.size(); iter++) {
+    size_t len = c.last_write_len ? c.last_write_len : std::min<size_t>(c.out.size() - c.out_off, 256u << 10);
+    size_t n = 0;
+    auto r = c.Write(c.out.data() + c.out_off, len, &n);
+    if (r == Conn::IoResult::kWouldBlock) {
+      c.last_write_len = len;
+      break;
+    }
+    if (r != Conn::IoResult::kOk) return false;
+    c.last_write_len = 0;
+    c.out_off += n;
+    ctr_.wire_bytes_sent += n;
+  }
+  if (c.out_off == c.out.size()) {
+    c.out.clear();
+    c.out_off = 0;
+  } else if (c.out_off > (4u << 20) && c.last_write_len == 0) {
+    c.out.erase(c.out.begin(), c.out.begin() + c.out_off);
+    c.out_off = 0;
+  }
+  return true;
+}
+
+void Session::LoseDataConn(size_t i, const std::string& why) {
+  uint16_t index = data_[i].index;
+  spdlog::warn("session {:016x}: data connection {} lost: {}", id_, index, why);
+  data_.erase(data_.begin() + i);
+  ctr_.data_conns_active--;
+  ctr_.data_conns_lost++;
+  if (forward_ && end_ == End::kNone) reconnect_.push_back(index);
+  if (data_.empty()) {
+    if (!have_no_data_since_) no_data_since_ = Clock::now();
+    have_no_data_since_ = true;
+  }
+  // Re-send every unacknowledged chunk that was carried by the lost connection.
+  // The receiver drops duplicates by sequence number.
+  for (auto& [seq, c] : unacked_) {
+    if (c.slot != index) continue;
+    DataConn* d = PickConn();
+    if (!d) break;  // re-sent when a connection comes back (see Loop)
+    c.slot = d->index;
+    d->c->out.insert(d->c->out.end(), c.frame.begin(), c.frame.end());
+    ctr_.chunks_retransmitted++;
+  }
+}
+
+void Session::CheckDone() {
+  if (end_ != End::kNone) return;
+  bool send_done = fin_sent_ && unacked_.empty();
+  bool recv_done = local_wr_shut_;
+  if (send_done && recv_done) {
+    if (!sent_close_) {
+      SendCtrl(FrameType::kClose, {});
+      sent_close_ = true;
+      FlushConn(*ctrl_);
+    }
+    // Both sides wait for the other's CLOSE, so neither closes with unread
+    // bytes in its socket (which would turn the close into a TCP reset).
+    if (peer_closed_) {
+      for (int i = 0; i < 50 && ctrl_->out_off < ctrl_->out.size(); i++) {
+        if (!FlushConn(*ctrl_)) break;
+        pollfd p{ctrl_->fd(), POLLOUT, 0};
+        poll(&p, 1, 10);
+      }
+      end_ = End::kClean;
+    }
+  }
+}
+
+void Session::Loop() {
+  const auto& o = gw_->options();
+  std::vector<pollfd> pfds;
+  while (end_ == End::kNone) {
+    if (gw_->stopping()) return Fail("gateway stopping", true);
+    TakeInbox();
+    if (!data_.empty()) {
+      have_no_data_since_ = false;
+      // Chunks whose connection died while no other was up.
+      for (auto& [seq, c] : unacked_) {
+        bool live = false;
+        for (auto& d : data_) live |= d.index == c.slot;
+        if (live) continue;
+        DataConn* d = PickConn();
+        c.slot = d->index;
+        d->c->out.insert(d->c->out.end(), c.frame.begin(), c.frame.end());
+        ctr_.chunks_retransmitted++;
+      }
+    }
+    if (forward_ && !reconnect_.empty() && reconnect_attempts_ < 8) {
+      uint16_t idx = reconnect_.back();
+      reconnect_.pop_back();
+      reconnect_attempts_++;
+      if (!ConnectDataConn(idx)) reconnect_.push_back(idx);
+      continue;
+    }
+    auto now = Clock::now();
+    if (have_no_data_since_ && now - no_data_since_ > std::chrono::milliseconds(o.rejoin_timeout_ms))
+      return Fail("all data connections lost", true);
+    if (now - last_ctrl_rx_ > std::chrono::milliseconds(o.keepalive_timeout_ms))
+      return Fail("keepalive timeout", true);
+    if (!sent_close_ && now - last_ping_ > std::chrono::seconds(1)) {
+      PayloadWriter w;
+      w.U64(static_cast<uint64_t>(NowNs()));
+      SendCtrl(FrameType::kPing, w.data());
+      last_ping_ = now;
+    }
+    st_data_conns_ = data_.size();
+    if (!data_.empty() && gw_->TakeKillRequest()) shutdown(data_[0].c->fd(), SHUT_RDWR);
+
+    pfds.clear();
+    pfds.push_back({wake_fd_, POLLIN, 0});
+    pfds.push_back({ctrl_->fd(), static_cast<short>(POLLIN | (ctrl_->out.size() > ctrl_->out_off ? POLLOUT : 0)), 0});
+    short lev = 0;
+    if (local_fd_ >= 0) {
+      if (!local_eof_ && !send_paused_ && unacked_bytes_ < window_) lev |= POLLIN;
+      if (deliver_off_ < deliver_.size() || reorder_.count(next_expected_)) lev |= POLLOUT;
+    }
+    pfds.push_back({local_fd_, lev, 0});
+    for (auto& d : data_)
+      pfds.push_back({d.c->fd(), static_cast<short>(POLLIN | (d.c->out.size() > d.c->out_off ? POLLOUT : 0)), 0});
+    bool pending = ctrl_->HasPending();
+    for (auto& d : data_) pending |= d.c->HasPending();
+    int timeout = pending ? 0 : (last_ack_sent_ != next_expected_ ? 5 : 200);
+    if (poll(pfds.data(), pfds.size(), timeout) < 0 && errno != EINTR) return Fail("poll failed", true);
+    if (pfds[0].revents & POLLIN) {
+      uint64_t v;
+      [[maybe_unused]] auto r = read(wake_fd_, &v, sizeof v);
+    }
+    // Data connections: read everything (the window bounds memory).
+    for (size_t i = 0; i < data_.size() && end_ == End::kNone;) {
+      size_t before = data_.size();
+      ReadData(data_[i]);
+      if (data_.size() == before) i++;
+    }
+    if (end_ != End::kNone) return;
+    ReadCtrl();
+    if (end_ != End::kNone) return;
+    WriteLocal();
+    if (end_ != End::kNone) return;
+    ReadLocal();
+    if (end_ != End::kNone) return;
+    if (local_eof_ && !fin_sent_) {
+      PayloadWriter w;
+      w.U64(next_seq_);
+      SendCtrl(FrameType::kFin, w.data());
+      fin_sent_ = true;
+    }
+    MaybeAck(false);
+    for (size_t i = 0; i < data_.size();) {
+      if (!FlushConn(*data_[i].c)) {
+        LoseDataConn(i, data_[i].c->last_error());
+      } else {
+        i++;
+      }
+    }
+    if (!FlushConn(*ctrl_)) return Fail("control connection lost: " + ctrl_->last_error(), false);
+    CheckDone();
+  }
+}
+
+}  // namespace ferry::gateway
