@@ -66,7 +66,7 @@ Result<std::pair<std::string, uint16_t>> SplitHostPort(const std::string& s) {
   if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
   char* end = nullptr;
   long port = strtol(s.c_str() + colon + 1, &end, 10);
-  if (*end != '\0' || port <= 0 || port > 65535)
+  if (*end != '\0' || port < 0 || port > 65535)
     return Errorf(ErrorCode::kInvalidArgument, "bad port in '{}'", s);
   return std::make_pair(host, static_cast<uint16_t>(port));
 }

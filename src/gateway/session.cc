@@ -436,6 +436,11 @@ bool Session::FlushConn(Conn& c) {
 
 void Session::LoseDataConn(size_t i, const std::string& why) {
   uint16_t index = data_[i].index;
+  if (sent_close_ && unacked_.empty()) {  // finished: the peer is just closing
+    data_.erase(data_.begin() + i);
+    ctr_.data_conns_active--;
+    return;
+  }
   spdlog::warn("session {:016x}: data connection {} lost: {}", id_, index, why);
   data_.erase(data_.begin() + i);
   ctr_.data_conns_active--;

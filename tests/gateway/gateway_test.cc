@@ -1,0 +1,474 @@
+// Integration tests for ferry-gateway over loopback: real TLS, real sockets.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "gateway/gateway.h"
+#include "gateway/protocol.h"
+
+namespace ferry::gateway {
+namespace {
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+int Sh(const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()); }
+
+// Test PKI generated at test time (never committed).
+struct Pki {
+  fs::path dir;
+  Pki() {
+    char tmpl[] = "/tmp/ferry-gw-pki-XXXXXX";
+    dir = mkdtemp(tmpl);
+    auto d = dir.string();
+    auto mk = [&](const std::string& name, const std::string& ca, const std::string& cn) {
+      EXPECT_EQ(0, Sh("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout " + d + "/" + name +
+                      ".key -out " + d + "/" + name + ".csr -subj /CN=" + cn));
+      EXPECT_EQ(0, Sh("openssl x509 -req -in " + d + "/" + name + ".csr -CA " + d + "/" + ca + ".crt -CAkey " + d +
+                      "/" + ca + ".key -CAcreateserial -days 2 -out " + d + "/" + name + ".crt"));
+    };
+    for (std::string ca : {"ca", "rogue"})
+      EXPECT_EQ(0, Sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -keyout " + d +
+                      "/" + ca + ".key -out " + d + "/" + ca + ".crt -subj /CN=" + ca));
+    mk("server", "ca", "server");
+    mk("client", "ca", "client");
+    mk("evil", "rogue", "client");
+  }
+  ~Pki() { fs::remove_all(dir); }
+  TlsFiles Files(const std::string& name, const std::string& ca = "ca") const {
+    auto d = dir.string();
+    return {d + "/" + name + ".crt", d + "/" + name + ".key", d + "/" + ca + ".crt"};
+  }
+};
+
+// Destination: echoes every byte back; optional delay before reading.
+class EchoServer {
+ public:
+  explicit EchoServer(std::chrono::milliseconds read_delay = 0ms) : delay_(read_delay) {
+    fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a);
+    listen(fd_, 64);
+    socklen_t len = sizeof a;
+    getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len);
+    port_ = ntohs(a.sin_port);
+    thread_ = std::thread([this] {
+      for (;;) {
+        int c = accept(fd_, nullptr, nullptr);
+        if (c < 0) return;
+        conns_.emplace_back([this, c] {
+          std::this_thread::sleep_for(delay_);
+          std::vector<char> buf(1 << 16);
+          for (;;) {
+            ssize_t n = recv(c, buf.data(), buf.size(), 0);
+            if (n <= 0) break;
+            received_ += n;
+            for (ssize_t off = 0; off < n;) {
+              ssize_t w = send(c, buf.data() + off, n - off, MSG_NOSIGNAL);
+              if (w <= 0) {
+                close(c);
+                return;
+              }
+              off += w;
+            }
+          }
+          shutdown(c, SHUT_WR);
+          close(c);
+        });
+      }
+    });
+  }
+  ~EchoServer() {
+    shutdown(fd_, SHUT_RDWR);
+    close(fd_);
+    thread_.join();
+    for (auto& t : conns_) t.join();
+  }
+  uint16_t port() const { return port_; }
+  std::atomic<uint64_t> received_{0};
+
+ private:
+  int fd_;
+  uint16_t port_;
+  std::chrono::milliseconds delay_;
+  std::thread thread_;
+  std::vector<std::thread> conns_;
+};
+
+int Dial(uint16_t port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) < 0) {
+    close(fd);
+    return -1;
+  }
+  timeval tv{20, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  return fd;
+}
+
+// Sends `size` random bytes through the tunnel to the echo server and checks
+// the echo is byte-exact, then half-closes and expects EOF.
+// Returns "" on success, else a description.
+std::string EchoTransfer(uint16_t port, size_t size, uint32_t seed) {
+  int fd = Dial(port);
+  if (fd < 0) return "connect failed";
+  std::vector<uint8_t> data(size);
+  std::mt19937 rng(seed);
+  for (auto& b : data) b = static_cast<uint8_t>(rng());
+  std::thread writer([&] {
+    for (size_t off = 0; off < size;) {
+      ssize_t n = send(fd, data.data() + off, std::min<size_t>(size - off, 100000), MSG_NOSIGNAL);
+      if (n <= 0) return;
+      off += n;
+    }
+    shutdown(fd, SHUT_WR);
+  });
+  std::vector<uint8_t> got;
+  got.reserve(size);
+  std::vector<uint8_t> buf(1 << 16);
+  std::string err;
+  for (;;) {
+    ssize_t n = recv(fd, buf.data(), buf.size(), 0);
+    if (n < 0) {
+      err = std::string("recv: ") + strerror(errno);
+      break;
+    }
+    if (n == 0) break;
+    got.insert(got.end(), buf.begin(), buf.begin() + n);
+  }
+  writer.join();
+  close(fd);
+  if (!err.empty()) return err;
+  if (got.size() != size) return "got " + std::to_string(got.size()) + " of " + std::to_string(size) + " bytes";
+  if (got != data) return "data mismatch";
+  return "";
+}
+
+struct Pair {
+  std::unique_ptr<Gateway> serve, fwd;
+};
+
+Pair MakePair(const Pki* pki, uint16_t dest_port, int streams, Codec codec = Codec::kNone,
+              size_t window = 64u << 20, TlsFiles client_files = {}) {
+  GatewayOptions s;
+  s.role = Role::kServe;
+  s.listen = "127.0.0.1:0";
+  s.window = window;
+  if (pki) s.tls = pki->Files("server"); else s.insecure = true;
+  auto serve = Gateway::Create(s);
+  EXPECT_TRUE(serve.has_value()) << serve.error().ToString();
+  GatewayOptions f;
+  f.role = Role::kForward;
+  f.listen = "127.0.0.1:0";
+  f.via = "127.0.0.1:" + std::to_string((*serve)->port());
+  f.to = "127.0.0.1:" + std::to_string(dest_port);
+  f.streams = streams;
+  f.codec = codec;
+  f.window = window;
+  f.connect_timeout_ms = 3000;
+  if (pki) f.tls = client_files.cert.empty() ? pki->Files("client") : client_files; else f.insecure = true;
+  auto fwd = Gateway::Create(f);
+  EXPECT_TRUE(fwd.has_value()) << fwd.error().ToString();
+  return {std::move(*serve), std::move(*fwd)};
+}
+
+class GatewayTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    signal(SIGPIPE, SIG_IGN);
+    pki_ = new Pki();
+  }
+  static void TearDownTestSuite() { delete pki_; }
+  static Pki* pki_;
+};
+Pki* GatewayTest::pki_ = nullptr;
+
+TEST_F(GatewayTest, ManyConcurrentSessionsByteExactBothDirections) {
+  EchoServer echo;
+  auto p = MakePair(pki_, echo.port(), 4);
+  std::vector<std::thread> ts;
+  std::vector<std::string> errs(12);
+  for (int i = 0; i < 12; i++)
+    ts.emplace_back([&, i] { errs[i] = EchoTransfer(p.fwd->port(), (3u << 20) + i * 7919, i); });
+  for (auto& t : ts) t.join();
+  for (int i = 0; i < 12; i++) EXPECT_EQ(errs[i], "") << "session " << i;
+  EXPECT_EQ(p.fwd->counters().sessions_failed.load(), 0u);
+  EXPECT_NE(p.serve->MetricsText().find("ferry_gateway_sessions_total 12"), std::string::npos);
+  EXPECT_NE(p.fwd->StatusJson().find("\"role\":\"forward\""), std::string::npos);
+}
+
+TEST_F(GatewayTest, InsecureCompressedAndSmallTransfers) {
+  EchoServer echo;
+  for (Codec c : {Codec::kLz4, Codec::kZstd}) {
+    auto p = MakePair(nullptr, echo.port(), 2, c);
+    EXPECT_EQ(EchoTransfer(p.fwd->port(), 1, 1), "");
+    EXPECT_EQ(EchoTransfer(p.fwd->port(), 0, 1), "");
+    // Compressible data: zero-heavy.
+    int fd = Dial(p.fwd->port());
+    std::vector<uint8_t> data(4u << 20, 0);
+    for (size_t i = 0; i < data.size(); i += 4096) data[i] = static_cast<uint8_t>(i >> 12);
+    std::thread w([&] {
+      for (size_t off = 0; off < data.size();) off += send(fd, data.data() + off, data.size() - off, 0);
+      shutdown(fd, SHUT_WR);
+    });
+    std::vector<uint8_t> got, buf(1 << 16);
+    for (ssize_t n; (n = recv(fd, buf.data(), buf.size(), 0)) > 0;) got.insert(got.end(), buf.begin(), buf.begin() + n);
+    w.join();
+    close(fd);
+    EXPECT_EQ(got, data);
+    EXPECT_GT(p.fwd->counters().chunks_compressed.load(), 0u);
+  }
+}
+
+TEST_F(GatewayTest, LostDataConnectionIsRecoveredWithoutCorruption) {
+  EchoServer echo;
+  auto p = MakePair(pki_, echo.port(), 4);
+  std::string err;
+  std::thread t([&] { err = EchoTransfer(p.fwd->port(), 48u << 20, 42); });
+  std::this_thread::sleep_for(300ms);
+  p.fwd->KillOneDataConnectionForTest();
+  std::this_thread::sleep_for(300ms);
+  p.serve->KillOneDataConnectionForTest();
+  t.join();
+  EXPECT_EQ(err, "");
+  EXPECT_GE(p.fwd->counters().data_conns_lost.load() + p.serve->counters().data_conns_lost.load(), 2u);
+}
+
+TEST_F(GatewayTest, KilledRemoteGatewayResetsClient) {
+  EchoServer echo;
+  auto bin = std::string(getenv("FERRY_BUILD_DIR") ? getenv("FERRY_BUILD_DIR") : ".") + "/bin/ferry-gateway";
+  ASSERT_TRUE(fs::exists(bin)) << bin;
+  // Pick a free port for the remote gateway.
+  int probe = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(probe, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  getsockname(probe, reinterpret_cast<sockaddr*>(&a), &len);
+  std::string port = std::to_string(ntohs(a.sin_port));
+  close(probe);
+  auto files = pki_->Files("server");
+  pid_t pid = fork();
+  if (pid == 0) {
+    execl(bin.c_str(), bin.c_str(), "serve", "--listen", ("127.0.0.1:" + port).c_str(), "--cert", files.cert.c_str(),
+          "--key", files.key.c_str(), "--ca", files.ca.c_str(), "--log-level", "warn", nullptr);
+    _exit(127);
+  }
+  GatewayOptions f;
+  f.role = Role::kForward;
+  f.listen = "127.0.0.1:0";
+  f.via = "127.0.0.1:" + port;
+  f.to = "127.0.0.1:" + std::to_string(echo.port());
+  f.streams = 4;
+  f.tls = pki_->Files("client");
+  auto fwd = Gateway::Create(f);
+  ASSERT_TRUE(fwd.has_value());
+  // Wait for the child to listen: a full echo round trip proves it.
+  std::string first = "x";
+  for (int i = 0; i < 50 && (first = EchoTransfer((*fwd)->port(), 1000, 1)) != ""; i++) std::this_thread::sleep_for(100ms);
+  ASSERT_EQ(first, "");
+  int fd = Dial((*fwd)->port());
+  std::vector<uint8_t> buf(1 << 16, 7);
+  ASSERT_GT(send(fd, buf.data(), buf.size(), 0), 0);
+  ASSERT_GT(recv(fd, buf.data(), buf.size(), 0), 0);
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  auto start = std::chrono::steady_clock::now();
+  int err = 0;
+  for (;;) {
+    ssize_t n = recv(fd, buf.data(), buf.size(), 0);
+    if (n < 0) {
+      err = errno;
+      break;
+    }
+    if (n == 0) break;
+  }
+  EXPECT_EQ(err, ECONNRESET) << "client must see a reset";
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 10s);
+  close(fd);
+}
+
+TEST_F(GatewayTest, WrongClientCertificateRefused) {
+  EchoServer echo;
+  auto p = MakePair(pki_, echo.port(), 2, Codec::kNone, 64u << 20, pki_->Files("evil", "ca"));
+  int fd = Dial(p.fwd->port());
+  uint8_t b[16] = {};
+  send(fd, b, sizeof b, MSG_NOSIGNAL);
+  ssize_t n = recv(fd, b, sizeof b, 0);
+  EXPECT_LT(n, 0);
+  EXPECT_EQ(errno, ECONNRESET);
+  close(fd);
+  EXPECT_GE(p.serve->counters().handshake_failures.load(), 1u);
+  EXPECT_EQ(echo.received_.load(), 0u);
+}
+
+TEST_F(GatewayTest, MissingClientCertificateRefused) {
+  EchoServer echo;
+  auto p = MakePair(pki_, echo.port(), 1);
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  SSL_CTX_load_verify_locations(ctx, pki_->Files("server").ca.c_str(), nullptr);
+  int fd = Dial(p.serve->port());
+  SSL* ssl = SSL_new(ctx);
+  SSL_set_fd(ssl, fd);
+  int hs = SSL_connect(ssl);  // TLS 1.3: the client learns of the refusal on its first read
+  bool refused = hs != 1;
+  if (!refused) {
+    PayloadWriter w;
+    w.U64(1).U16(1).U32(65536).Str("127.0.0.1:" + std::to_string(echo.port()));
+    std::vector<uint8_t> frame;
+    EncodeFrame(FrameType::kHello, 0, w.data(), &frame);
+    SSL_write(ssl, frame.data(), static_cast<int>(frame.size()));
+    uint8_t buf[64];
+    refused = SSL_read(ssl, buf, sizeof buf) <= 0;
+  }
+  EXPECT_TRUE(refused);
+  SSL_free(ssl);
+  SSL_CTX_free(ctx);
+  close(fd);
+  EXPECT_EQ(echo.received_.load(), 0u);
+  EXPECT_EQ(p.serve->counters().sessions_total.load(), 0u);
+}
+
+TEST_F(GatewayTest, MalformedControlFramesCloseSessionOthersContinue) {
+  EchoServer echo;
+  auto p = MakePair(pki_, echo.port(), 2);
+  auto tls = TlsContext::Create(false, pki_->Files("client"));
+  ASSERT_TRUE(tls.has_value());
+  std::string via = "127.0.0.1:" + std::to_string(p.serve->port());
+  // A healthy session runs across the attacks.
+  std::string healthy_err = "x";
+  std::thread healthy([&] { healthy_err = EchoTransfer(p.fwd->port(), 16u << 20, 5); });
+  // 1. Garbage instead of HELLO.
+  {
+    auto c = Conn::Connect(via, **tls, 3000);
+    ASSERT_TRUE(c.has_value());
+    std::string junk = "GET / HTTP/1.1\r\n\r\n";
+    size_t n = 0;
+    (*c)->Write(reinterpret_cast<const uint8_t*>(junk.data()), junk.size(), &n);
+    EXPECT_FALSE((*c)->ReadFrameBlocking().has_value());
+  }
+  // 2. Valid session, then a frame with a bad CRC, then a well-formed frame of the wrong type.
+  for (int variant = 0; variant < 3; variant++) {
+    auto c = Conn::Connect(via, **tls, 3000);
+    ASSERT_TRUE(c.has_value());
+    PayloadWriter w;
+    w.U64(1000 + variant).U16(1).U32(65536).Str("127.0.0.1:" + std::to_string(echo.port()));
+    ASSERT_TRUE((*c)->WriteFrameBlocking(FrameType::kHello, w.data()));
+    auto ok = (*c)->ReadFrameBlocking();
+    ASSERT_TRUE(ok.has_value());
+    EXPECT_EQ(ok->type, FrameType::kHelloOk);
+    std::vector<uint8_t> bad;
+    PayloadWriter a;
+    a.U64(0);
+    if (variant == 0) {
+      EncodeFrame(FrameType::kAck, 0, a.data(), &bad);
+      bad.back() ^= 0x55;  // CRC
+    } else if (variant == 1) {
+      EncodeFrame(FrameType::kJoin, 0, a.data(), &bad);  // JOIN on control
+    } else {
+      a.U64(99);
+      EncodeFrame(FrameType::kAck, 0, a.data(), &bad);  // ACK payload too long
+    }
+    size_t n = 0;
+    (*c)->Write(bad.data(), bad.size(), &n);
+    bool got_error = false;
+    for (;;) {
+      auto f = (*c)->ReadFrameBlocking();
+      if (!f) break;
+      if (f->type == FrameType::kError) got_error = true;
+    }
+    EXPECT_TRUE(got_error) << "variant " << variant;
+  }
+  healthy.join();
+  EXPECT_EQ(healthy_err, "");
+  EXPECT_GE(p.serve->counters().protocol_errors.load(), 4u);
+  // And the gateway still serves new sessions.
+  EXPECT_EQ(EchoTransfer(p.fwd->port(), 1u << 20, 9), "");
+}
+
+uint64_t RssKiB() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoull(line.substr(6));
+  return 0;
+}
+
+TEST_F(GatewayTest, SlowReaderMemoryBounded) {
+  // The echo server starts reading only after 3 s; the client pushes as fast as it can.
+  EchoServer echo(3000ms);
+  const size_t window = 8u << 20;
+  auto p = MakePair(pki_, echo.port(), 4, Codec::kNone, window);
+  int fd = Dial(p.fwd->port());
+  fcntl(fd, F_SETFL, O_NONBLOCK);
+  uint64_t rss0 = RssKiB();
+  std::vector<uint8_t> buf(1 << 20, 0xab);
+  size_t sent = 0;
+  auto start = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - start < 2s) {
+    ssize_t n = send(fd, buf.data(), buf.size(), MSG_NOSIGNAL);
+    if (n > 0) sent += n; else std::this_thread::sleep_for(5ms);
+  }
+  uint64_t rss1 = RssKiB();
+  // Without back-pressure 2 s on loopback would push several GiB.
+  EXPECT_LT(sent, window * 2 + (48u << 20)) << "sent " << sent;
+  EXPECT_LT(p.fwd->counters().bytes_from_local.load(), window * 2 + (16u << 20));
+  EXPECT_LT(rss1 > rss0 ? rss1 - rss0 : 0, 200u * 1024) << "RSS grew too much";
+  // Then everything arrives (and comes back) once the reader wakes up.
+  shutdown(fd, SHUT_WR);
+  size_t echoed = 0;
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (std::chrono::steady_clock::now() < deadline) {
+    ssize_t n = recv(fd, buf.data(), buf.size(), 0);
+    if (n == 0) break;
+    if (n > 0) echoed += n; else if (errno == EAGAIN) std::this_thread::sleep_for(2ms); else break;
+  }
+  close(fd);
+  EXPECT_EQ(echo.received_.load(), sent);
+  EXPECT_EQ(echoed, sent);
+}
+
+TEST(GatewayOptionsTest, BadOptionsAreErrors) {
+  GatewayOptions o;
+  o.role = Role::kForward;
+  o.listen = "127.0.0.1:0";
+  o.via = "nope";
+  o.to = "127.0.0.1:1";
+  o.insecure = true;
+  EXPECT_FALSE(Gateway::Create(o).has_value());
+  o.via = "127.0.0.1:1";
+  o.streams = 0;
+  EXPECT_FALSE(Gateway::Create(o).has_value());
+  o.streams = 2;
+  o.insecure = false;
+  o.tls = {"/nonexistent.crt", "/nonexistent.key", "/nonexistent.ca"};
+  EXPECT_FALSE(Gateway::Create(o).has_value());
+  EXPECT_FALSE(ParseCodec("gzip").has_value());
+}
+
+}  // namespace
+}  // namespace ferry::gateway
