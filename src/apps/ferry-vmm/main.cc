@@ -44,6 +44,7 @@ int main(int argc, char** argv) {
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGUSR2);  // used below to stop the signal thread
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   auto s = (*vm)->Start();
   if (!s) {
@@ -56,8 +57,7 @@ int main(int argc, char** argv) {
   });
   int code = (*vm)->Wait();
   pthread_kill(sig.native_handle(), SIGUSR2);
-  sigaddset(&set, SIGUSR2);
-  sig.detach();
+  sig.join();
   api.reset();
   return code;
 }

@@ -51,6 +51,9 @@ void RiscvCpu::SetBootState(uint64_t pc, uint64_t a0, uint64_t a1, int privilege
     medeleg_ = 0xb3ff;
     mideleg_ = (1ull << 1) | (1ull << 5) | (1ull << 9);
     mcounteren_ = 7;
+    // Linux 6.1 without a PMU driver never writes scounteren; the vDSO reads `time` from
+    // U-mode, so (like firmware on real boards) leave cycle/time/instret readable.
+    scounteren_ = 7;
   }
   FlushTlb();
 }
