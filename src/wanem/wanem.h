@@ -1,0 +1,60 @@
+// ferry-wanem: user-space WAN link emulator. Two TAP devices (one in each of
+// two network namespaces) are bridged by this process, which forwards frames
+// in both directions with one-way delay, jitter, a rate limit (serialisation
+// at the configured bit rate with a bounded tail-drop queue) and random loss.
+// The kernel here has no netem qdisc, hence user space.
+//
+// Threading: Run() is single-threaded (ppoll loop); Stop() may be called from
+// any thread.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "common/error.h"
+
+namespace ferry::wanem {
+
+struct LinkParams {
+  double delay_ms = 0;      // one-way, each direction
+  double jitter_ms = 0;     // uniform +-jitter, never reorders
+  double rate_mbit = 0;     // 0 = unlimited
+  double loss = 0;          // probability per (MTU-sized) packet, 0..1
+  size_t queue_bytes = 0;   // 0 = auto: max(1 MiB, 2 x rate x delay)
+};
+
+struct Options {
+  std::string ns_a, ns_b;        // namespace names (/var/run/netns/NAME); empty = current
+  std::string dev_a = "wan0", dev_b = "wan0";
+  std::string addr_a, addr_b;    // optional CIDR to configure, e.g. 10.77.0.1/24
+  int mtu = 1500;
+  bool gso = true;               // TSO/GSO super-frames through the TAPs (much faster)
+  LinkParams link;
+  uint64_t seed = 1;
+};
+
+struct Stats {
+  std::atomic<uint64_t> frames[2]{}, bytes[2]{}, dropped_loss[2]{}, dropped_queue[2]{};
+};
+
+class Emulator {
+ public:
+  static Result<std::unique_ptr<Emulator>> Create(const Options& o);
+  ~Emulator();
+  Status Run();  // until Stop()
+  void Stop();
+  const Stats& stats() const { return stats_; }
+  std::string StatsJson() const;
+
+ private:
+  explicit Emulator(const Options& o) : opts_(o) {}
+  Options opts_;
+  int tap_[2] = {-1, -1};
+  int stop_fd_ = -1;
+  Stats stats_;
+};
+
+Status ValidateLink(const LinkParams& p);
+
+}  // namespace ferry::wanem
