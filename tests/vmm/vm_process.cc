@@ -1,0 +1,206 @@
+#include "vm_process.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <httplib.h>
+
+namespace ferry::test {
+
+std::string BuildDir() {
+  const char* d = getenv("FERRY_BUILD_DIR");
+  return d ? d : "build";
+}
+static std::string GuestDir() {
+  const char* g = getenv("FERRY_GUEST_DIR");
+  if (g) return g;
+  const char* s = getenv("FERRY_SOURCE_DIR");
+  return std::string(s ? s : ".") + "/build/guest";
+}
+std::string GuestImage() { return GuestDir() + "/Image"; }
+std::string GuestInitrd() { return GuestDir() + "/initramfs.cpio"; }
+
+std::string MakeTempDir(const std::string& tag) {
+  std::string t = "/tmp/ferry-" + tag + "-XXXXXX";
+  std::vector<char> buf(t.begin(), t.end());
+  buf.push_back(0);
+  return mkdtemp(buf.data());
+}
+
+void RemoveTree(const std::string& dir) {
+  if (dir.rfind("/tmp/ferry-", 0) == 0) Sh("rm -rf '" + dir + "'");
+}
+
+int Sh(const std::string& cmd, std::string* out) {
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  if (!p) return -1;
+  char buf[4096];
+  std::string o;
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) o.append(buf, n);
+  int st = pclose(p);
+  if (out) *out = o;
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+VmProcess::VmProcess(std::vector<std::string> args, const std::string& workdir, const std::string& netns)
+    : args_(std::move(args)), workdir_(workdir), netns_(netns) {
+  static int counter = 0;
+  ++counter;
+  socket_ = workdir_ + "/api" + std::to_string(counter) + ".sock";
+  console_ = workdir_ + "/console" + std::to_string(counter) + ".log";
+  stderr_ = workdir_ + "/stderr" + std::to_string(counter) + ".log";
+}
+
+VmProcess::~VmProcess() { Kill(); }
+
+bool VmProcess::Start() {
+  int in[2];
+  if (pipe(in) != 0) return false;
+  pid_ = fork();
+  if (pid_ < 0) return false;
+  if (pid_ == 0) {
+    dup2(in[0], 0);
+    int out = open(console_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int err = open(stderr_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(out, 1);
+    dup2(err, 2);
+    close(in[1]);
+    std::vector<std::string> argv;
+    if (!netns_.empty()) argv = {"ip", "netns", "exec", netns_};
+    argv.push_back(BuildDir() + "/bin/ferry-vmm");
+    argv.insert(argv.end(), args_.begin(), args_.end());
+    argv.push_back("--console");
+    argv.push_back("stdio");
+    argv.push_back("--api-socket");
+    argv.push_back(socket_);
+    std::vector<char*> cargv;
+    for (auto& a : argv) cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    execvp(cargv[0], cargv.data());
+    _exit(127);
+  }
+  close(in[0]);
+  stdin_fd_ = in[1];
+  return true;
+}
+
+std::string VmProcess::Console() const {
+  std::ifstream f(console_);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+size_t VmProcess::ConsoleSize() const { return Console().size(); }
+std::string VmProcess::Stderr() const {
+  std::ifstream f(stderr_);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+bool VmProcess::WaitConsole(const std::string& needle, std::chrono::milliseconds timeout, size_t from) {
+  auto end = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < end) {
+    std::string c = Console();
+    if (c.size() > from && c.find(needle, from) != std::string::npos) return true;
+    int st;
+    if (pid_ > 0 && waitpid(pid_, &st, WNOHANG) == pid_) { pid_ = -1; return Console().find(needle, from) != std::string::npos; }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return false;
+}
+
+void VmProcess::SendConsole(const std::string& line) {
+  std::string l = line + "\n";
+  if (stdin_fd_ >= 0) [[maybe_unused]] auto n = write(stdin_fd_, l.data(), l.size());
+}
+
+int VmProcess::Api(const std::string& method, const std::string& path, const std::string& body, std::string* out) {
+  for (int i = 0; i < 100; ++i) {
+    struct stat st;
+    if (stat(socket_.c_str(), &st) == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  httplib::Client cli(socket_);
+  cli.set_address_family(AF_UNIX);
+  cli.set_read_timeout(60, 0);
+  httplib::Result r = method == "GET" ? cli.Get(path.c_str()) : cli.Put(path.c_str(), body, "application/json");
+  if (!r) return -1;
+  if (out) *out = r->body;
+  return r->status;
+}
+
+nlohmann::json VmProcess::Get(const std::string& path) {
+  std::string body;
+  if (Api("GET", path, "", &body) != 200) return nullptr;
+  return nlohmann::json::parse(body, nullptr, false);
+}
+
+int VmProcess::Wait(std::chrono::milliseconds timeout) {
+  if (pid_ <= 0) return -1;
+  auto end = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < end) {
+    int st;
+    if (waitpid(pid_, &st, WNOHANG) == pid_) {
+      pid_ = -1;
+      if (stdin_fd_ >= 0) close(stdin_fd_), stdin_fd_ = -1;
+      return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return -1;
+}
+
+void VmProcess::Kill() {
+  if (pid_ > 0) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+  if (stdin_fd_ >= 0) close(stdin_fd_), stdin_fd_ = -1;
+}
+
+NetNs::NetNs(const std::string& name) : name_(name) {
+  Sh("ip netns del " + name_ + " 2>/dev/null");
+  ok_ = Sh("ip netns add " + name_) == 0 &&
+        Sh("ip netns exec " + name_ + " ip link set lo up") == 0 &&
+        Sh("ip netns exec " + name_ + " ip link add br0 type bridge") == 0 &&
+        Sh("ip netns exec " + name_ + " ip addr add 10.77.0.1/24 dev br0") == 0 &&
+        Sh("ip netns exec " + name_ + " ip link set br0 up") == 0;
+}
+
+NetNs::~NetNs() { Sh("ip netns del " + name_); }
+
+bool NetNs::AddTap(const std::string& tap) {
+  return Sh("ip netns exec " + name_ + " ip tuntap add dev " + tap + " mode tap vnet_hdr") == 0 &&
+         Sh("ip netns exec " + name_ + " ip link set " + tap + " master br0") == 0 &&
+         Sh("ip netns exec " + name_ + " ip link set " + tap + " up") == 0;
+}
+
+int NetNs::UdpEcho(const std::string& ip, int port, int count, int timeout_ms) {
+  // A tiny python client inside the namespace: sends `count` datagrams, counts replies.
+  std::string py =
+      "import socket,sys\n"
+      "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(" + std::to_string(timeout_ms / 1000.0) + ")\n"
+      "n=0\n"
+      "for i in range(" + std::to_string(count) + "):\n"
+      "  m=('ferry-%d'%i).encode(); s.sendto(m,('" + ip + "'," + std::to_string(port) + "))\n"
+      "  try:\n"
+      "    d,_=s.recvfrom(2048); n+= d==m\n"
+      "  except Exception: pass\n"
+      "print(n)\n";
+  std::string out;
+  if (Sh("ip netns exec " + name_ + " python3 -c \"" + py + "\"", &out) != 0) return -1;
+  return std::atoi(out.c_str());
+}
+
+}  // namespace ferry::test

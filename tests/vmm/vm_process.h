@@ -1,0 +1,70 @@
+// Test helpers: run ferry-vmm as a child process, read its console, talk to its API,
+// and create/remove network namespaces with a bridge + TAP for network tests.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace ferry::test {
+
+std::string BuildDir();    // $FERRY_BUILD_DIR
+std::string GuestImage();  // build/guest/Image
+std::string GuestInitrd(); // build/guest/initramfs.cpio
+std::string MakeTempDir(const std::string& tag);
+void RemoveTree(const std::string& dir);
+
+// Runs a shell command; returns its exit status (and output if requested).
+int Sh(const std::string& cmd, std::string* out = nullptr);
+
+class VmProcess {
+ public:
+  // args: ferry-vmm arguments after the binary; console goes to a file we read.
+  // netns: if set, the VMM runs inside that network namespace.
+  VmProcess(std::vector<std::string> args, const std::string& workdir, const std::string& netns = "");
+  ~VmProcess();
+  bool Start();
+  // Waits for a console line containing `needle` that appears after byte offset `from`.
+  bool WaitConsole(const std::string& needle, std::chrono::milliseconds timeout, size_t from = 0);
+  std::string Console() const;
+  size_t ConsoleSize() const;
+  void SendConsole(const std::string& line);  // types a line into the guest console
+  // API (PUT with a JSON body, GET). Returns HTTP status; body in *out.
+  int Api(const std::string& method, const std::string& path, const std::string& body = "", std::string* out = nullptr);
+  nlohmann::json Get(const std::string& path);
+  int Wait(std::chrono::milliseconds timeout);  // exit code, -1 on timeout
+  void Kill();
+  pid_t pid() const { return pid_; }
+  const std::string& socket() const { return socket_; }
+  std::string Stderr() const;
+
+ private:
+  std::vector<std::string> args_;
+  std::string workdir_, netns_, socket_, console_, stderr_;
+  pid_t pid_ = -1;
+  int stdin_fd_ = -1;
+};
+
+// A network namespace with a bridge, a host-side veth-free address on the bridge and
+// TAP devices attached to it. Everything is removed in the destructor.
+class NetNs {
+ public:
+  explicit NetNs(const std::string& name);
+  ~NetNs();
+  bool ok() const { return ok_; }
+  const std::string& name() const { return name_; }
+  bool AddTap(const std::string& tap);
+  // Sends UDP datagrams from inside the namespace; returns replies count.
+  int UdpEcho(const std::string& ip, int port, int count, int timeout_ms);
+
+ private:
+  std::string name_;
+  bool ok_ = false;
+};
+
+}  // namespace ferry::test
