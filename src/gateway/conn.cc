@@ -87,6 +87,10 @@ Result<addrinfo*> Resolve(const std::string& hp, bool passive) {
 void TuneSocket(int fd) {
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  // Keep little *unsent* data in the kernel: a stream that slows down (loss
+  // recovery) must not hoard chunks that every other stream then waits for.
+  int lowat = 128 << 10;
+  setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
 }
 Status WaitFd(int fd, short ev, int timeout_ms) {
   pollfd p{fd, ev, 0};

@@ -249,7 +249,7 @@ void Gateway::HandleIncoming(int fd) {
     return;
   }
   size_t win = std::max<size_t>(size_t(*window) << 10, opts_.window);
-  auto s = std::make_shared<Session>(this, *id, *dfd, std::move(*conn), win);
+  auto s = std::make_shared<Session>(this, *id, *dfd, std::move(*conn), win, *streams);
   RegisterSession(s);
   spdlog::info("session {:016x}: {} data streams to {}", *id, *streams, *dest);
   s->Run();
@@ -289,7 +289,7 @@ void Gateway::HandleLocal(int fd) {
   fcntl(fd, F_SETFL, fl | O_NONBLOCK);
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  auto s = std::make_shared<Session>(this, id, fd, std::move(*ctrl), opts_.window);
+  auto s = std::make_shared<Session>(this, id, fd, std::move(*ctrl), opts_.window, opts_.streams);
   RegisterSession(s);
   s->Run();
   UnregisterSession(id);

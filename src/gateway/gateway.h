@@ -39,6 +39,7 @@ struct GatewayOptions {
   size_t window = 64u << 20;   // max unacknowledged bytes per direction per session
   size_t chunk = 256u << 10;   // chunk size (<= 1 MiB)
   std::string metrics;         // "ADDR:PORT" or "unix:/path"; empty = off
+  double max_rate_mbit = 0;    // WAN rate: each data conn is paced to 1.25 x rate / streams (0 = off)
   int connect_timeout_ms = 10000;
   int keepalive_timeout_ms = 15000;
   int rejoin_timeout_ms = 10000;  // session fails if no data connection for this long

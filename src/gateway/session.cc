@@ -13,7 +13,7 @@
 
 namespace ferry::gateway {
 namespace {
-constexpr size_t kConnOutLimit = 512u << 10;  // per data conn queued bytes before we stop feeding it
+constexpr size_t kConnOutLimit = 256u << 10;  // per data conn queued bytes before we stop feeding it
 constexpr size_t kReadBuf = 256u << 10;
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -21,10 +21,10 @@ int64_t NowNs() {
 }
 }  // namespace
 
-Session::Session(Gateway* gw, uint64_t id, int local_fd, std::unique_ptr<Conn> ctrl, size_t window)
+Session::Session(Gateway* gw, uint64_t id, int local_fd, std::unique_ptr<Conn> ctrl, size_t window, int streams)
     : gw_(gw), ctr_(gw->counters()), id_(id), local_fd_(local_fd), ctrl_(std::move(ctrl)),
       window_(window), wake_fd_(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)),
-      forward_(gw->options().role == Role::kForward) {
+      forward_(gw->options().role == Role::kForward), streams_(streams) {
   scratch_.resize(kReadBuf);
 }
 
@@ -51,6 +51,15 @@ std::string Session::StatusJsonFields() const {
                      st_sent_.load(), st_received_.load(), st_data_conns_.load());
 }
 
+void Session::Pace(int fd) const {
+  double mbit = gw_->options().max_rate_mbit;
+  if (mbit <= 0) return;
+  // Pacing keeps N streams in slow start from overrunning the WAN bottleneck queue together.
+  double bytes = mbit * 1e6 / 8 * 1.25 / std::max(1, streams_);
+  unsigned rate = bytes > 4e9 ? ~0u : static_cast<unsigned>(bytes);
+  setsockopt(fd, SOL_SOCKET, SO_MAX_PACING_RATE, &rate, sizeof rate);
+}
+
 bool Session::ConnectDataConn(uint16_t index) {
   auto c = Conn::Connect(gw_->options().via, gw_->tls(), gw_->options().connect_timeout_ms);
   if (!c) {
@@ -60,6 +69,7 @@ bool Session::ConnectDataConn(uint16_t index) {
   PayloadWriter w;
   w.U64(id_).U16(index);
   if (!(*c)->WriteFrameBlocking(FrameType::kJoin, w.data()) || !(*c)->SetNonBlocking()) return false;
+  Pace((*c)->fd());
   data_.push_back(DataConn{std::move(*c), index});
   ctr_.data_conns_active++;
   return true;
@@ -69,6 +79,7 @@ void Session::TakeInbox() {
   std::lock_guard lk(inbox_mu_);
   for (auto& d : inbox_) {
     if (!d.c->SetNonBlocking()) continue;
+    Pace(d.c->fd());
     data_.push_back(std::move(d));
     ctr_.data_conns_active++;
   }
@@ -544,10 +555,12 @@ void Session::Loop() {
       uint64_t v;
       [[maybe_unused]] auto r = read(wake_fd_, &v, sizeof v);
     }
-    // Data connections: read everything (the window bounds memory).
+    for (size_t i = 0; i < data_.size(); i++)
+      data_[i].ready = (pfds[3 + i].revents & (POLLIN | POLLERR | POLLHUP)) || data_[i].c->HasPending();
+    // Data connections: read everything that is ready (the window bounds memory).
     for (size_t i = 0; i < data_.size() && end_ == End::kNone;) {
       size_t before = data_.size();
-      ReadData(data_[i]);
+      if (data_[i].ready) ReadData(data_[i]);
       if (data_.size() == before) i++;
     }
     if (end_ != End::kNone) return;

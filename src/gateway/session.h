@@ -20,7 +20,7 @@ class Session {
  public:
   using Clock = std::chrono::steady_clock;
   // local_fd: the plain TCP socket (client on forward side, destination on serve side).
-  Session(Gateway* gw, uint64_t id, int local_fd, std::unique_ptr<Conn> ctrl, size_t window);
+  Session(Gateway* gw, uint64_t id, int local_fd, std::unique_ptr<Conn> ctrl, size_t window, int streams);
   ~Session();
   uint64_t id() const { return id_; }
   // Runs until the session ends. Forward side connects data connections itself.
@@ -36,6 +36,7 @@ class Session {
     std::unique_ptr<Conn> c;
     uint16_t index;
     size_t in_off = 0;
+    bool ready = false;  // poll() reported it readable this iteration
   };
   struct Chunk {
     std::vector<uint8_t> frame;
@@ -73,6 +74,8 @@ class Session {
   const size_t window_;
   int wake_fd_;
   bool forward_;
+  int streams_;
+  void Pace(int fd) const;
 
   std::mutex inbox_mu_;  // guards inbox_
   std::vector<DataConn> inbox_;

@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
     c->add_option("--window-mib", window_mib, "max unacknowledged MiB per direction per session");
     c->add_option("--chunk-kib", chunk_kib, "chunk size in KiB");
     c->add_option("--metrics", o.metrics, "HTTP /metrics and /status on ADDR:PORT or unix:/path");
+    c->add_option("--max-rate-mbit", o.max_rate_mbit, "WAN link rate; data connections are paced to share it");
     c->add_option("--log-level", log_level, "trace|debug|info|warn|error");
   };
   auto* serve = app.add_subcommand("serve", "destination side: accept gateway sessions");
