@@ -242,15 +242,17 @@ void Gateway::HandleIncoming(int fd) {
   }
   int fl = fcntl(*dfd, F_GETFL);
   fcntl(*dfd, F_SETFL, fl | O_NONBLOCK);
-  PayloadWriter ok;
-  ok.U64(*id);
-  if (!(*conn)->WriteFrameBlocking(FrameType::kHelloOk, ok.data())) {
-    close(*dfd);
-    return;
-  }
+  // Register before HELLO_OK so that JOINs, which follow it, find the session.
+  Conn* ctrl = conn->get();
   size_t win = std::max<size_t>(size_t(*window) << 10, opts_.window);
   auto s = std::make_shared<Session>(this, *id, *dfd, std::move(*conn), win, *streams);
   RegisterSession(s);
+  PayloadWriter ok;
+  ok.U64(*id);
+  if (!ctrl->WriteFrameBlocking(FrameType::kHelloOk, ok.data())) {
+    UnregisterSession(*id);
+    return;
+  }
   spdlog::info("session {:016x}: {} data streams to {}", *id, *streams, *dest);
   s->Run();
   UnregisterSession(*id);

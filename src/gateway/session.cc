@@ -10,6 +10,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <thread>
 
 namespace ferry::gateway {
 namespace {
@@ -91,11 +92,29 @@ void Session::Run() {
   if (!ctrl_->SetNonBlocking()) {
     Fail("control connection setup", false);
   } else {
+    std::vector<std::thread> connectors;
     if (forward_) {
-      for (int i = 0; i < gw_->options().streams; i++) ConnectDataConn(static_cast<uint16_t>(i));
-      if (data_.empty()) Fail("no data connection could be established", true);
+      // Connect the data connections in parallel (each costs a TCP + TLS round
+      // trip); they arrive through the inbox, the loop starts right away.
+      have_no_data_since_ = true;
+      no_data_since_ = Clock::now();
+      for (int i = 0; i < gw_->options().streams; i++) {
+        connectors.emplace_back([this, i] {
+          auto c = Conn::Connect(gw_->options().via, gw_->tls(), gw_->options().connect_timeout_ms);
+          if (!c) {
+            spdlog::warn("session {:016x}: data connection {}: {}", id_, i, c.error().ToString());
+            return;
+          }
+          PayloadWriter w;
+          w.U64(id_).U16(static_cast<uint16_t>(i));
+          if (!(*c)->WriteFrameBlocking(FrameType::kJoin, w.data())) return;
+          AddDataConn(std::move(*c), static_cast<uint16_t>(i));
+        });
+      }
     }
     if (end_ == End::kNone) Loop();
+    for (auto& t : connectors) t.join();
+    TakeInbox();
   }
   ctr_.data_conns_active -= data_.size();
   data_.clear();
