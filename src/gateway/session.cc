@@ -485,7 +485,10 @@ void Session::LoseDataConn(size_t i, const std::string& why) {
   for (auto& [seq, c] : unacked_) {
     if (c.slot != index) continue;
     DataConn* d = PickConn();
-    if (!d) break;  // re-sent when a connection comes back (see Loop)
+    if (!d) {  // re-sent when a connection comes back (see Loop)
+      orphans_ = true;
+      break;
+    }
     c.slot = d->index;
     d->c->out.insert(d->c->out.end(), c.frame.begin(), c.frame.end());
     ctr_.chunks_retransmitted++;
@@ -521,8 +524,9 @@ void Session::Loop() {
   while (end_ == End::kNone) {
     if (gw_->stopping()) return Fail("gateway stopping", true);
     TakeInbox();
-    if (!data_.empty()) {
-      have_no_data_since_ = false;
+    if (!data_.empty()) have_no_data_since_ = false;
+    if (!data_.empty() && orphans_) {
+      orphans_ = false;
       // Chunks whose connection died while no other was up.
       for (auto& [seq, c] : unacked_) {
         bool live = false;

@@ -83,6 +83,7 @@ class Session {
   std::vector<DataConn> data_;
   std::vector<uint16_t> reconnect_;  // forward: indexes to re-establish
   int reconnect_attempts_ = 0;
+  bool orphans_ = false;  // unacked chunks whose connection is gone and not yet re-queued
   Clock::time_point no_data_since_;
   bool have_no_data_since_ = false;
 
