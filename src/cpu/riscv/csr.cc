@@ -156,6 +156,7 @@ void RiscvCpu::TakeTrap(uint64_t cause, uint64_t tval, bool interrupt) {
   else counters_.exceptions++;
   if (host_trap_mode_ && !interrupt) {
     host_trap_taken_ = true;
+    attention_.store(true, std::memory_order_relaxed);
     last_trap_cause_ = cause;
     last_trap_tval_ = tval;
     last_trap_pc_ = pc_;

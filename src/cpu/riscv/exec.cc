@@ -1,6 +1,7 @@
 // Instruction fetch, RV64IMA + Zicsr + Zifencei + privileged instruction execution,
 // and C-extension expansion. Every handler either advances pc_ or has taken a trap.
 #include <cstring>
+#include <vector>
 
 #include "cpu/riscv/mem_inline.h"
 
@@ -38,7 +39,7 @@ void RiscvCpu::Step() {
     return;
   }
   if (len == 2) {
-    uint32_t x = ExpandCompressed(static_cast<uint16_t>(insn));
+    uint32_t x = compressed_table_[insn & 0xffff];
     if (x == 0) {
       RaiseException(kCauseIllegal, insn & 0xffff);
       return;
@@ -242,6 +243,7 @@ void RiscvCpu::Execute32(uint32_t insn) {
         if (insn == 0x10500073) {  // WFI
           if (priv_ == kUser || (priv_ == kSupervisor && (mstatus_ & kMstatusTW))) ILLEGAL();
           wfi_ = true;
+          attention_.store(true, std::memory_order_relaxed);
           pc_ = next;
           return;
         }
@@ -371,6 +373,16 @@ inline uint32_t EncJ(uint32_t rd, int32_t imm) {
 inline uint32_t Bits(uint32_t v, int hi, int lo) { return (v >> lo) & ((1u << (hi - lo + 1)) - 1); }
 inline int32_t SextN(uint32_t v, int bits) { return static_cast<int32_t>(v << (32 - bits)) >> (32 - bits); }
 }  // namespace
+
+const uint32_t* RiscvCpu::CompressedTable() {
+  static const std::vector<uint32_t> table = [] {
+    std::vector<uint32_t> t(65536, 0);
+    for (uint32_t c = 0; c < 65536; ++c)
+      if ((c & 3) != 3) t[c] = ExpandCompressed(static_cast<uint16_t>(c));
+    return t;
+  }();
+  return table.data();
+}
 
 uint32_t RiscvCpu::ExpandCompressed(uint16_t c) {
   const uint32_t op = c & 3, f3 = c >> 13;

@@ -81,7 +81,10 @@ class RiscvCpu final : public Vcpu {
   void Execute32(uint32_t insn);      // pc_ points at the instruction; advances pc_ itself
   void ExecuteFp(uint32_t insn);      // OP-FP and fused ops (exec_fp.cc)
   bool ExecuteAmo(uint32_t insn);
-  uint32_t ExpandCompressed(uint16_t c);  // 0 = illegal
+  static uint32_t ExpandCompressed(uint16_t c);  // 0 = illegal
+  // Expansion of every 16-bit encoding, computed once per process (read-only).
+  static const uint32_t* CompressedTable();
+  const uint32_t* compressed_table_ = CompressedTable();
   bool FetchSlow(uint64_t pc, uint32_t* insn, int* len);
 
   // --- memory (mmu.cc) ---

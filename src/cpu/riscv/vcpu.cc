@@ -119,7 +119,8 @@ VcpuRunResult RiscvCpu::Run(uint64_t max_instructions) {
       if (__builtin_expect(trace_ != nullptr, 0)) fprintf(trace_, "%d %016llx\n", priv_, static_cast<unsigned long long>(pc_));
       Step();
       ++i;
-      if (__builtin_expect(wfi_ || host_trap_taken_ || attention_.load(std::memory_order_relaxed), 0)) break;
+      // WFI, host traps, CSR writes that change interrupt state and other threads all raise attention_.
+      if (__builtin_expect(attention_.load(std::memory_order_relaxed), 0)) break;
     }
     executed += i;
     instret_ += i;
