@@ -10,6 +10,14 @@ namespace {
 constexpr uint64_t kPteV = 1, kPteR = 2, kPteW = 4, kPteX = 8, kPteU = 16, kPteA = 64, kPteD = 128;
 }
 
+void RiscvCpu::FillTlb(TlbEntry* tlb, uint64_t va, uint64_t pa, int priv) {
+  if (pa < ram_base_ || pa - ram_base_ >= ram_size_) return;  // MMIO is never cached
+  const uint64_t vpn = va >> 12;
+  TlbEntry& e = tlb[vpn & (kTlbSize - 1)];
+  e.tag = (vpn << 2) | static_cast<uint64_t>(priv);
+  e.addend = reinterpret_cast<uintptr_t>(ram_host_ + ((pa & ~0xfffull) - ram_base_)) - (va & ~0xfffull);
+}
+
 void RiscvCpu::FlushTlb() {
   for (int i = 0; i < kTlbSize; ++i) tlb_read_[i].tag = tlb_write_[i].tag = tlb_code_[i].tag = ~0ull;
 }
@@ -119,12 +127,7 @@ bool RiscvCpu::LoadSlow(uint64_t va, unsigned size, uint64_t* out) {
     RaiseException(kCauseLoadAccess, va);
     return false;
   }
-  if (pa >= ram_base_ && pa - ram_base_ < ram_size_) {
-    uint64_t vpn = va >> 12;
-    TlbEntry& e = tlb_read_[vpn & (kTlbSize - 1)];
-    e.tag = (vpn << 2) | static_cast<uint64_t>(EffectivePriv(Access::kRead));
-    e.addend = reinterpret_cast<uintptr_t>(ram_host_ + ((pa & ~0xfffull) - ram_base_)) - (va & ~0xfffull);
-  }
+  FillTlb(tlb_read_, va, pa, EffectivePriv(Access::kRead));
   // Sign/zero extension is done by the caller via the template type.
   return true;
 }
@@ -148,13 +151,8 @@ bool RiscvCpu::StoreSlow(uint64_t va, unsigned size, uint64_t v) {
     RaiseException(kCauseStoreAccess, va);
     return false;
   }
-  if (pa >= ram_base_ && pa - ram_base_ < ram_size_) {
-    // The page is marked dirty (PhysWrite); until the next harvest, writes may skip marking.
-    uint64_t vpn = va >> 12;
-    TlbEntry& e = tlb_write_[vpn & (kTlbSize - 1)];
-    e.tag = (vpn << 2) | static_cast<uint64_t>(EffectivePriv(Access::kWrite));
-    e.addend = reinterpret_cast<uintptr_t>(ram_host_ + ((pa & ~0xfffull) - ram_base_)) - (va & ~0xfffull);
-  }
+  // The page is marked dirty (PhysWrite); until the next harvest, writes may skip marking.
+  FillTlb(tlb_write_, va, pa, EffectivePriv(Access::kWrite));
   return true;
 }
 
@@ -168,12 +166,7 @@ bool RiscvCpu::FetchSlow(uint64_t pc, uint32_t* insn, int* len) {
       return false;
     }
     *out = static_cast<uint16_t>(v);
-    if (pa >= ram_base_ && pa - ram_base_ < ram_size_) {
-      uint64_t vpn = va >> 12;
-      TlbEntry& e = tlb_code_[vpn & (kTlbSize - 1)];
-      e.tag = (vpn << 2) | static_cast<uint64_t>(priv_);
-      e.addend = reinterpret_cast<uintptr_t>(ram_host_ + ((pa & ~0xfffull) - ram_base_)) - (va & ~0xfffull);
-    }
+    FillTlb(tlb_code_, va, pa, priv_);
     return true;
   };
   uint16_t lo;

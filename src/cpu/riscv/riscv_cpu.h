@@ -98,6 +98,8 @@ class RiscvCpu final : public Vcpu {
   bool PhysRead(uint64_t pa, unsigned size, uint64_t* v, Access acc);
   bool PhysWrite(uint64_t pa, unsigned size, uint64_t v);
   void FlushWriteTlb();
+  // Caches va -> host pointer for a RAM page (no-op for MMIO).
+  void FillTlb(TlbEntry* tlb, uint64_t va, uint64_t pa, int priv);
   void ServiceHarvestRequest();
 
   // --- CSRs, traps, interrupts (csr.cc) ---
