@@ -1,5 +1,6 @@
 #include "common/event_loop.h"
 
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -80,6 +81,17 @@ Result<int> EventLoop::Poll(int timeout_ms) {
     ++ran;
   }
   return ran;
+}
+
+Status EventLoop::WaitForWake(int timeout_ms) {
+  pollfd p{wakefd_, POLLIN, 0};
+  int n = poll(&p, 1, timeout_ms);
+  if (n < 0 && errno != EINTR) return ErrnoError("poll wake fd");
+  if (n > 0) {
+    uint64_t v;
+    [[maybe_unused]] ssize_t r = read(wakefd_, &v, sizeof v);
+  }
+  return {};
 }
 
 void EventLoop::Wake() {

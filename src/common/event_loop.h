@@ -27,7 +27,10 @@ class EventLoop {
   // Dispatches ready callbacks. timeout_ms: 0 = don't block, -1 = forever.
   // Returns the number of callbacks run.
   Result<int> Poll(int timeout_ms);
-  // Interrupts a blocking Poll from any thread.
+  // Blocks until Wake() (or timeout) without running any callback: used while the VM
+  // is paused so device backends cannot touch guest memory or device state.
+  Status WaitForWake(int timeout_ms);
+  // Interrupts a blocking Poll/WaitForWake from any thread.
   void Wake();
 
  private:

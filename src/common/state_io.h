@@ -45,6 +45,9 @@ class StateWriter {
     buf_.insert(buf_.end(), p, p + a.size_bytes());
   }
 
+  // Appends bytes without a length prefix (wire formats with their own framing).
+  void PutRaw(std::span<const uint8_t> b) { buf_.insert(buf_.end(), b.begin(), b.end()); }
+
   const std::vector<uint8_t>& data() const { return buf_; }
   std::vector<uint8_t> Take() { return std::move(buf_); }
 
@@ -92,6 +95,14 @@ class StateReader {
     auto b = GetBytes();
     if (!b) return std::unexpected(b.error());
     return std::string(b->begin(), b->end());
+  }
+  // Returns a view of the next n bytes (no length prefix) and skips them.
+  Result<std::span<const uint8_t>> GetRaw(size_t n) {
+    if (data_.size() - pos_ < n)
+      return Errorf(ErrorCode::kCorrupt, "truncated at offset {} (need {} bytes, have {})", pos_, n, data_.size() - pos_);
+    auto v = data_.subspan(pos_, n);
+    pos_ += n;
+    return v;
   }
   // Reads an array written by PutArray; its element count must be exactly `expected`
   // (pass SIZE_MAX to accept any count up to max_blob bytes).

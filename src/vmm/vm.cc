@@ -113,7 +113,9 @@ void Vm::MachineLoop() {
 
     if (state() != VmState::kRunning) {
       console_->Flush();
-      (void)loop_->Poll(-1);  // device backends + wake-ups for commands
+      // Only wake-ups for commands: device backends (TAP rx, console input) must not
+      // change guest memory or device state while paused (snapshot, migration).
+      (void)loop_->WaitForWake(-1);
       continue;
     }
     VcpuRunResult r = vcpu.Run(kSliceInstructions);

@@ -1,0 +1,403 @@
+#include "migration/protocol/wire.h"
+
+#include <fcntl.h>
+#include <sys/random.h>
+
+#include <cstring>
+
+#include "common/crc32c.h"
+#include "common/state_io.h"
+
+namespace ferry::migration {
+namespace {
+
+template <typename T>
+void PutLe(uint8_t* p, T v) {
+  std::memcpy(p, &v, sizeof(T));  // host is little endian (x86-64, checked in CMake)
+}
+template <typename T>
+T GetLe(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+Result<Uuid> GetUuid(StateReader& r) {
+  auto raw = r.GetRaw(16);
+  if (!raw) return std::unexpected(raw.error());
+  Uuid u;
+  std::memcpy(u.data(), raw->data(), 16);
+  return u;
+}
+
+Result<std::string> GetShortString(StateReader& r, size_t max, std::string_view what) {
+  auto n = r.GetU16();
+  if (!n) return std::unexpected(n.error());
+  if (*n > max) return Errorf(ErrorCode::kCorrupt, "{} of {} bytes exceeds the limit of {}", what, *n, max);
+  auto raw = r.GetRaw(*n);
+  if (!raw) return std::unexpected(raw.error());
+  return std::string(raw->begin(), raw->end());
+}
+
+void PutShortString(StateWriter& w, std::string_view s, size_t max) {
+  s = s.substr(0, max);
+  w.PutU16(static_cast<uint16_t>(s.size()));
+  w.PutRaw({reinterpret_cast<const uint8_t*>(s.data()), s.size()});
+}
+
+Status Finish(const StateReader& r, std::string_view what) {
+  if (r.remaining() != 0) return Errorf(ErrorCode::kCorrupt, "{}: {} trailing bytes", what, r.remaining());
+  return {};
+}
+
+#define FERRY_WIRE_GET(lhs, expr, what)                                          \
+  do {                                                                           \
+    auto ferry_v_ = (expr);                                                      \
+    if (!ferry_v_) return std::unexpected(ferry_v_.error().WithContext(what));   \
+    lhs = *ferry_v_;                                                             \
+  } while (0)
+
+}  // namespace
+
+std::string_view RecordTypeName(RecordType t) {
+  switch (t) {
+    case RecordType::kHello: return "HELLO";
+    case RecordType::kHelloAck: return "HELLO_ACK";
+    case RecordType::kDataHello: return "DATA_HELLO";
+    case RecordType::kConfig: return "CONFIG";
+    case RecordType::kConfigAck: return "CONFIG_ACK";
+    case RecordType::kPages: return "PAGES";
+    case RecordType::kState: return "STATE";
+    case RecordType::kEnd: return "END";
+    case RecordType::kReady: return "READY";
+    case RecordType::kGo: return "GO";
+    case RecordType::kResumed: return "RESUMED";
+    case RecordType::kError: return "ERROR";
+    case RecordType::kCancel: return "CANCEL";
+    case RecordType::kProgress: return "PROGRESS";
+  }
+  return "UNKNOWN";
+}
+
+bool IsKnownRecordType(uint16_t t) { return t >= 1 && t <= 14; }
+
+Uuid NewUuid() {
+  Uuid u{};
+  size_t got = 0;
+  while (got < u.size()) {
+    ssize_t n = getrandom(u.data() + got, u.size() - got, 0);
+    if (n > 0) got += static_cast<size_t>(n);
+  }
+  u[6] = static_cast<uint8_t>((u[6] & 0x0f) | 0x40);  // version 4
+  u[8] = static_cast<uint8_t>((u[8] & 0x3f) | 0x80);  // variant
+  return u;
+}
+
+std::string FormatUuid(const Uuid& u) {
+  std::string s;
+  for (size_t i = 0; i < u.size(); ++i) {
+    if (i == 4 || i == 6 || i == 8 || i == 10) s += '-';
+    s += fmt::format("{:02x}", u[i]);
+  }
+  return s;
+}
+
+std::array<uint8_t, kPreambleSize> EncodePreamble(Role role) {
+  std::array<uint8_t, kPreambleSize> b{};
+  std::memcpy(b.data(), kMagic, 8);
+  PutLe<uint32_t>(b.data() + 8, kProtocolVersion);
+  PutLe<uint32_t>(b.data() + 12, static_cast<uint32_t>(role));
+  return b;
+}
+
+Result<Role> DecodePreamble(std::span<const uint8_t> b) {
+  if (b.size() != kPreambleSize) return Errorf(ErrorCode::kCorrupt, "preamble: {} bytes, expected {}", b.size(), kPreambleSize);
+  if (std::memcmp(b.data(), kMagic, 8) != 0) return Errorf(ErrorCode::kCorrupt, "preamble: bad magic (not a Ferry migration stream)");
+  uint32_t version = GetLe<uint32_t>(b.data() + 8);
+  if (version != kProtocolVersion)
+    return Errorf(ErrorCode::kVersionMismatch, "preamble: protocol version {} is not supported (this side speaks {})", version,
+                  kProtocolVersion);
+  uint32_t role = GetLe<uint32_t>(b.data() + 12);
+  if (role > 1) return Errorf(ErrorCode::kCorrupt, "preamble: unknown connection role {}", role);
+  return static_cast<Role>(role);
+}
+
+Result<RecordHeader> DecodeRecordHeader(std::span<const uint8_t> b) {
+  if (b.size() != kRecordHeaderSize) return Errorf(ErrorCode::kCorrupt, "record header: {} bytes", b.size());
+  RecordHeader h;
+  h.type = GetLe<uint16_t>(b.data());
+  h.flags = GetLe<uint16_t>(b.data() + 2);
+  h.length = GetLe<uint32_t>(b.data() + 4);
+  h.crc = GetLe<uint32_t>(b.data() + 8);
+  uint32_t reserved = GetLe<uint32_t>(b.data() + 12);
+  if (h.type == 0) return Errorf(ErrorCode::kCorrupt, "record header: type 0 is invalid");
+  if (h.flags & ~kFlagMandatory) return Errorf(ErrorCode::kCorrupt, "record header: reserved flag bits {:#x} set", h.flags);
+  if (reserved != 0) return Errorf(ErrorCode::kCorrupt, "record header: reserved field is {:#x}, must be 0", reserved);
+  if (h.length > kMaxRecordPayload)
+    return Errorf(ErrorCode::kCorrupt, "record header: payload length {} exceeds the limit of {}", h.length, kMaxRecordPayload);
+  return h;
+}
+
+Status VerifyRecord(std::span<const uint8_t> header_bytes, std::span<const uint8_t> payload) {
+  uint32_t want = GetLe<uint32_t>(header_bytes.data() + 8);
+  uint32_t got = Crc32c(payload, Crc32c(header_bytes.first(8)));
+  if (got != want) {
+    uint16_t type = GetLe<uint16_t>(header_bytes.data());
+    return Errorf(ErrorCode::kCorrupt, "record {} ({} bytes): CRC mismatch (stored {:#010x}, computed {:#010x})",
+                  IsKnownRecordType(type) ? RecordTypeName(static_cast<RecordType>(type)) : "?", payload.size(), want, got);
+  }
+  return {};
+}
+
+void SealRecord(RecordType type, std::vector<uint8_t>* rec, bool mandatory) {
+  uint8_t* h = rec->data();
+  const uint32_t len = static_cast<uint32_t>(rec->size() - kRecordHeaderSize);
+  PutLe<uint16_t>(h, static_cast<uint16_t>(type));
+  PutLe<uint16_t>(h + 2, mandatory ? kFlagMandatory : 0);
+  PutLe<uint32_t>(h + 4, len);
+  PutLe<uint32_t>(h + 12, 0);
+  uint32_t crc = Crc32c(std::span<const uint8_t>(h + kRecordHeaderSize, len), Crc32c(h, 8));
+  PutLe<uint32_t>(h + 8, crc);
+}
+
+std::vector<uint8_t> EncodeRecord(RecordType type, std::span<const uint8_t> payload, bool mandatory) {
+  std::vector<uint8_t> rec(kRecordHeaderSize + payload.size());
+  if (!payload.empty()) std::memcpy(rec.data() + kRecordHeaderSize, payload.data(), payload.size());
+  SealRecord(type, &rec, mandatory);
+  return rec;
+}
+
+// --- typed payloads ---
+
+std::vector<uint8_t> Encode(const Hello& m) {
+  StateWriter w;
+  w.PutRaw(m.uuid);
+  w.PutU64(m.capabilities);
+  w.PutU32(m.channels);
+  w.PutU32(m.page_size);
+  return w.Take();
+}
+
+Result<Hello> DecodeHello(std::span<const uint8_t> p) {
+  StateReader r(p);
+  Hello m;
+  FERRY_WIRE_GET(m.uuid, GetUuid(r), "HELLO");
+  FERRY_WIRE_GET(m.capabilities, r.GetU64(), "HELLO");
+  FERRY_WIRE_GET(m.channels, r.GetU32(), "HELLO");
+  FERRY_WIRE_GET(m.page_size, r.GetU32(), "HELLO");
+  FERRY_RETURN_IF_ERROR(Finish(r, "HELLO"), "decode");
+  if (m.channels < 1 || m.channels > kMaxChannels)
+    return Errorf(ErrorCode::kCorrupt, "HELLO: {} data channels (allowed 1..{})", m.channels, kMaxChannels);
+  if (m.page_size != kWirePageSize)
+    return Errorf(ErrorCode::kUnsupported, "HELLO: page size {} (only {} is supported)", m.page_size, kWirePageSize);
+  return m;
+}
+
+std::vector<uint8_t> Encode(const HelloAck& m) {
+  StateWriter w;
+  w.PutRaw(m.uuid);
+  w.PutU64(m.capabilities);
+  return w.Take();
+}
+
+Result<HelloAck> DecodeHelloAck(std::span<const uint8_t> p) {
+  StateReader r(p);
+  HelloAck m;
+  FERRY_WIRE_GET(m.uuid, GetUuid(r), "HELLO_ACK");
+  FERRY_WIRE_GET(m.capabilities, r.GetU64(), "HELLO_ACK");
+  FERRY_RETURN_IF_ERROR(Finish(r, "HELLO_ACK"), "decode");
+  return m;
+}
+
+std::vector<uint8_t> Encode(const DataHello& m) {
+  StateWriter w;
+  w.PutRaw(m.uuid);
+  w.PutU32(m.channel);
+  return w.Take();
+}
+
+Result<DataHello> DecodeDataHello(std::span<const uint8_t> p) {
+  StateReader r(p);
+  DataHello m;
+  FERRY_WIRE_GET(m.uuid, GetUuid(r), "DATA_HELLO");
+  FERRY_WIRE_GET(m.channel, r.GetU32(), "DATA_HELLO");
+  FERRY_RETURN_IF_ERROR(Finish(r, "DATA_HELLO"), "decode");
+  if (m.channel >= kMaxChannels) return Errorf(ErrorCode::kCorrupt, "DATA_HELLO: channel index {} out of range", m.channel);
+  return m;
+}
+
+std::vector<uint8_t> EncodeConfig(const nlohmann::json& config) {
+  std::string s = config.dump();
+  return {s.begin(), s.end()};
+}
+
+Result<nlohmann::json> DecodeConfig(std::span<const uint8_t> p) {
+  if (p.size() > kMaxConfigBytes) return Errorf(ErrorCode::kCorrupt, "CONFIG: {} bytes exceeds the limit of {}", p.size(), kMaxConfigBytes);
+  auto j = nlohmann::json::parse(p.begin(), p.end(), nullptr, false);
+  if (j.is_discarded()) return Errorf(ErrorCode::kCorrupt, "CONFIG: not valid JSON");
+  if (!j.is_object()) return Errorf(ErrorCode::kCorrupt, "CONFIG: not a JSON object");
+  return j;
+}
+
+std::vector<uint8_t> Encode(const StateRecord& m) {
+  StateWriter w;
+  PutShortString(w, m.id, kMaxStateIdBytes);
+  w.PutRaw(m.blob);
+  return w.Take();
+}
+
+Result<StateRecord> DecodeState(std::span<const uint8_t> p) {
+  StateReader r(p);
+  StateRecord m;
+  FERRY_WIRE_GET(m.id, GetShortString(r, kMaxStateIdBytes, "STATE id"), "STATE");
+  if (m.id.empty()) return Errorf(ErrorCode::kCorrupt, "STATE: empty id");
+  auto rest = r.GetRaw(r.remaining());
+  m.blob.assign(rest->begin(), rest->end());
+  return m;
+}
+
+std::vector<uint8_t> Encode(const End& m) {
+  StateWriter w;
+  w.PutU64(m.batches);
+  w.PutU64(m.pages);
+  return w.Take();
+}
+
+Result<End> DecodeEnd(std::span<const uint8_t> p) {
+  StateReader r(p);
+  End m;
+  FERRY_WIRE_GET(m.batches, r.GetU64(), "END");
+  FERRY_WIRE_GET(m.pages, r.GetU64(), "END");
+  FERRY_RETURN_IF_ERROR(Finish(r, "END"), "decode");
+  return m;
+}
+
+std::vector<uint8_t> EncodeU64(uint64_t v) {
+  StateWriter w;
+  w.PutU64(v);
+  return w.Take();
+}
+
+Result<uint64_t> DecodeU64(std::span<const uint8_t> p, std::string_view what) {
+  if (p.size() != 8) return Errorf(ErrorCode::kCorrupt, "{}: payload of {} bytes, expected 8", what, p.size());
+  return GetLe<uint64_t>(p.data());
+}
+
+std::vector<uint8_t> Encode(const ErrorMsg& m) {
+  StateWriter w;
+  w.PutU32(m.code);
+  PutShortString(w, m.message, kMaxMessageBytes);
+  return w.Take();
+}
+
+Result<ErrorMsg> DecodeError(std::span<const uint8_t> p) {
+  StateReader r(p);
+  ErrorMsg m;
+  FERRY_WIRE_GET(m.code, r.GetU32(), "ERROR");
+  FERRY_WIRE_GET(m.message, GetShortString(r, kMaxMessageBytes, "ERROR message"), "ERROR");
+  FERRY_RETURN_IF_ERROR(Finish(r, "ERROR"), "decode");
+  return m;
+}
+
+Error ToError(const ErrorMsg& m) {
+  ErrorCode code = m.code <= static_cast<uint32_t>(ErrorCode::kInternal) ? static_cast<ErrorCode>(m.code) : ErrorCode::kInternal;
+  return Error(code, "peer: " + m.message);
+}
+
+std::vector<uint8_t> EncodeCancel(std::string_view reason) {
+  StateWriter w;
+  PutShortString(w, reason, kMaxMessageBytes);
+  return w.Take();
+}
+
+Result<std::string> DecodeCancel(std::span<const uint8_t> p) {
+  StateReader r(p);
+  std::string reason;
+  FERRY_WIRE_GET(reason, GetShortString(r, kMaxMessageBytes, "CANCEL reason"), "CANCEL");
+  FERRY_RETURN_IF_ERROR(Finish(r, "CANCEL"), "decode");
+  return reason;
+}
+
+std::vector<uint8_t> Encode(const Progress& m) {
+  StateWriter w;
+  w.PutU64(m.batches);
+  w.PutU64(m.bytes);
+  return w.Take();
+}
+
+Result<Progress> DecodeProgress(std::span<const uint8_t> p) {
+  StateReader r(p);
+  Progress m;
+  FERRY_WIRE_GET(m.batches, r.GetU64(), "PROGRESS");
+  FERRY_WIRE_GET(m.bytes, r.GetU64(), "PROGRESS");
+  FERRY_RETURN_IF_ERROR(Finish(r, "PROGRESS"), "decode");
+  return m;
+}
+
+// --- PAGES ---
+
+void PagesBuilder::Reset(uint64_t seq) {
+  buf_.resize(kRecordHeaderSize + 16);
+  PutLe<uint64_t>(buf_.data() + kRecordHeaderSize, seq);
+  PutLe<uint32_t>(buf_.data() + kRecordHeaderSize + 8, 0);
+  PutLe<uint32_t>(buf_.data() + kRecordHeaderSize + 12, 0);
+  count_ = 0;
+}
+
+void PagesBuilder::AddZero(uint64_t gfn) {
+  uint8_t e[8];
+  PutLe<uint64_t>(e, (gfn & kGfnMask) | (uint64_t{static_cast<uint8_t>(PageKind::kZero)} << 60));
+  buf_.insert(buf_.end(), e, e + 8);
+  ++count_;
+}
+
+void PagesBuilder::AddRaw(uint64_t gfn, const uint8_t* page) {
+  uint8_t e[8];
+  PutLe<uint64_t>(e, (gfn & kGfnMask) | (uint64_t{static_cast<uint8_t>(PageKind::kRaw)} << 60));
+  size_t at = buf_.size();
+  buf_.resize(at + 8 + kWirePageSize);
+  std::memcpy(buf_.data() + at, e, 8);
+  std::memcpy(buf_.data() + at + 8, page, kWirePageSize);
+  ++count_;
+}
+
+std::span<const uint8_t> PagesBuilder::Finish() {
+  PutLe<uint32_t>(buf_.data() + kRecordHeaderSize + 8, count_);
+  SealRecord(RecordType::kPages, &buf_);
+  return buf_;
+}
+
+Result<PagesView> DecodePages(std::span<const uint8_t> p, uint64_t ram_pages) {
+  StateReader r(p);
+  PagesView v;
+  uint32_t count, reserved;
+  FERRY_WIRE_GET(v.seq, r.GetU64(), "PAGES");
+  FERRY_WIRE_GET(count, r.GetU32(), "PAGES");
+  FERRY_WIRE_GET(reserved, r.GetU32(), "PAGES");
+  if (reserved != 0) return Errorf(ErrorCode::kCorrupt, "PAGES: reserved field is {:#x}", reserved);
+  if (count == 0 || count > kMaxPagesPerRecord)
+    return Errorf(ErrorCode::kCorrupt, "PAGES: {} entries (allowed 1..{})", count, kMaxPagesPerRecord);
+  v.entries.reserve(count);
+  for (uint32_t i = 0; i < count; ++i) {
+    uint64_t word;
+    FERRY_WIRE_GET(word, r.GetU64(), fmt::format("PAGES entry {}", i));
+    const uint64_t gfn = word & kGfnMask;
+    const uint64_t kind = word >> 60;
+    if ((word >> 52) & 0xff) return Errorf(ErrorCode::kCorrupt, "PAGES entry {}: reserved bits set", i);
+    if (gfn >= ram_pages)
+      return Errorf(ErrorCode::kCorrupt, "PAGES entry {}: page {} is outside guest RAM ({} pages)", i, gfn, ram_pages);
+    if (kind == static_cast<uint64_t>(PageKind::kZero)) {
+      v.entries.push_back({gfn, PageKind::kZero, {}});
+    } else if (kind == static_cast<uint64_t>(PageKind::kRaw)) {
+      std::span<const uint8_t> data;
+      FERRY_WIRE_GET(data, r.GetRaw(kWirePageSize), fmt::format("PAGES entry {} (page {})", i, gfn));
+      v.entries.push_back({gfn, PageKind::kRaw, data});
+    } else {
+      return Errorf(ErrorCode::kCorrupt, "PAGES entry {}: unknown page kind {}", i, kind);
+    }
+  }
+  FERRY_RETURN_IF_ERROR(Finish(r, "PAGES"), "decode");
+  return v;
+}
+
+}  // namespace ferry::migration

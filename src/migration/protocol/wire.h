@@ -1,0 +1,171 @@
+// Ferry migration protocol v1: typed wire structs, strict encode/decode.
+// The specification is docs/protocol.md; keep the two in step (reject tests in
+// wire_test.cc cover every malformed form listed there).
+//
+// Pure functions, no I/O, no threads.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+
+namespace ferry::migration {
+
+inline constexpr char kMagic[8] = {'F', 'E', 'R', 'R', 'Y', 'M', 'I', 'G'};
+inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr size_t kPreambleSize = 16;
+inline constexpr size_t kRecordHeaderSize = 16;
+inline constexpr uint32_t kMaxRecordPayload = 8u << 20;
+inline constexpr uint32_t kMaxPagesPerRecord = 64;
+inline constexpr uint32_t kWirePageSize = 4096;
+inline constexpr uint32_t kMaxChannels = 16;
+inline constexpr size_t kMaxConfigBytes = 1u << 20;
+inline constexpr size_t kMaxMessageBytes = 4096;
+inline constexpr size_t kMaxStateIdBytes = 255;
+inline constexpr uint16_t kFlagMandatory = 1;
+inline constexpr uint64_t kGfnMask = (1ull << 52) - 1;
+
+enum class Role : uint32_t { kControl = 0, kData = 1 };
+
+enum class RecordType : uint16_t {
+  kHello = 1, kHelloAck = 2, kDataHello = 3, kConfig = 4, kConfigAck = 5, kPages = 6, kState = 7,
+  kEnd = 8, kReady = 9, kGo = 10, kResumed = 11, kError = 12, kCancel = 13, kProgress = 14,
+};
+std::string_view RecordTypeName(RecordType t);
+bool IsKnownRecordType(uint16_t t);
+
+enum class PageKind : uint8_t { kZero = 0, kRaw = 1 };
+
+using Uuid = std::array<uint8_t, 16>;
+Uuid NewUuid();
+std::string FormatUuid(const Uuid& u);
+
+// --- connection preamble ---
+std::array<uint8_t, kPreambleSize> EncodePreamble(Role role);
+// kVersionMismatch for another version, kCorrupt for a bad magic or role.
+Result<Role> DecodePreamble(std::span<const uint8_t> bytes);
+
+// --- record framing ---
+struct RecordHeader {
+  uint16_t type = 0;
+  uint16_t flags = 0;
+  uint32_t length = 0;
+  uint32_t crc = 0;
+  bool mandatory() const { return flags & kFlagMandatory; }
+};
+// Checks reserved bits/fields and the length limit (not the CRC: the payload is needed).
+Result<RecordHeader> DecodeRecordHeader(std::span<const uint8_t> bytes);
+// Checks the CRC of header bytes 0..7 + payload.
+Status VerifyRecord(std::span<const uint8_t> header_bytes, std::span<const uint8_t> payload);
+// Header + payload, ready to write.
+std::vector<uint8_t> EncodeRecord(RecordType type, std::span<const uint8_t> payload, bool mandatory = true);
+// Fills the 16 header bytes at the front of `record` (whose payload follows them).
+void SealRecord(RecordType type, std::vector<uint8_t>* record, bool mandatory = true);
+
+struct Record {
+  RecordHeader header;
+  std::vector<uint8_t> payload;
+  RecordType type() const { return static_cast<RecordType>(header.type); }
+};
+
+// --- typed payloads ---
+struct Hello {
+  Uuid uuid{};
+  uint64_t capabilities = 0;
+  uint32_t channels = 0;
+  uint32_t page_size = kWirePageSize;
+};
+std::vector<uint8_t> Encode(const Hello& m);
+Result<Hello> DecodeHello(std::span<const uint8_t> p);
+
+struct HelloAck {
+  Uuid uuid{};
+  uint64_t capabilities = 0;
+};
+std::vector<uint8_t> Encode(const HelloAck& m);
+Result<HelloAck> DecodeHelloAck(std::span<const uint8_t> p);
+
+struct DataHello {
+  Uuid uuid{};
+  uint32_t channel = 0;
+};
+std::vector<uint8_t> Encode(const DataHello& m);
+Result<DataHello> DecodeDataHello(std::span<const uint8_t> p);
+
+std::vector<uint8_t> EncodeConfig(const nlohmann::json& config);
+Result<nlohmann::json> DecodeConfig(std::span<const uint8_t> p);
+
+struct StateRecord {
+  std::string id;
+  std::vector<uint8_t> blob;
+};
+std::vector<uint8_t> Encode(const StateRecord& m);
+Result<StateRecord> DecodeState(std::span<const uint8_t> p);
+
+struct End {
+  uint64_t batches = 0;
+  uint64_t pages = 0;
+};
+std::vector<uint8_t> Encode(const End& m);
+Result<End> DecodeEnd(std::span<const uint8_t> p);
+
+// READY (restore_us) and RESUMED (resume_us): one u64 each.
+std::vector<uint8_t> EncodeU64(uint64_t v);
+Result<uint64_t> DecodeU64(std::span<const uint8_t> p, std::string_view what);
+
+struct ErrorMsg {
+  uint32_t code = 0;  // ferry::ErrorCode
+  std::string message;
+};
+std::vector<uint8_t> Encode(const ErrorMsg& m);
+Result<ErrorMsg> DecodeError(std::span<const uint8_t> p);
+// The error the peer reported, as a local Error.
+Error ToError(const ErrorMsg& m);
+
+std::vector<uint8_t> EncodeCancel(std::string_view reason);
+Result<std::string> DecodeCancel(std::span<const uint8_t> p);
+
+struct Progress {
+  uint64_t batches = 0;
+  uint64_t bytes = 0;
+};
+std::vector<uint8_t> Encode(const Progress& m);
+Result<Progress> DecodeProgress(std::span<const uint8_t> p);
+
+// --- PAGES ---
+// Builds one PAGES record in place (header space reserved, payload appended).
+class PagesBuilder {
+ public:
+  void Reset(uint64_t seq);
+  void AddZero(uint64_t gfn);
+  void AddRaw(uint64_t gfn, const uint8_t* page);  // copies kWirePageSize bytes
+  uint32_t count() const { return count_; }
+  bool full() const { return count_ >= kMaxPagesPerRecord; }
+  // Seals and returns the record bytes (valid until the next Reset).
+  std::span<const uint8_t> Finish();
+
+ private:
+  std::vector<uint8_t> buf_;
+  uint32_t count_ = 0;
+};
+
+struct PageEntry {
+  uint64_t gfn;
+  PageKind kind;
+  std::span<const uint8_t> data;  // empty for zero pages
+};
+struct PagesView {
+  uint64_t seq = 0;
+  std::vector<PageEntry> entries;
+};
+// ram_pages bounds every gfn.
+Result<PagesView> DecodePages(std::span<const uint8_t> p, uint64_t ram_pages);
+
+}  // namespace ferry::migration

@@ -1,0 +1,257 @@
+#include "migration/transport/tcp.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+#include <thread>
+
+namespace ferry::migration {
+namespace {
+
+void TuneSocket(int fd) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  int buf = 4 << 20;
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);
+}
+
+std::string AddrString(const sockaddr_storage& ss) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  uint16_t port = 0;
+  if (ss.ss_family == AF_INET) {
+    auto* a = reinterpret_cast<const sockaddr_in*>(&ss);
+    inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+    port = ntohs(a->sin_port);
+  } else if (ss.ss_family == AF_INET6) {
+    auto* a = reinterpret_cast<const sockaddr_in6*>(&ss);
+    inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+    port = ntohs(a->sin6_port);
+  }
+  return fmt::format("{}:{}", host, port);
+}
+
+// Waits for `events` on fd; kTimeout after timeout_ms (< 0: forever).
+Status WaitFd(int fd, short events, int timeout_ms, std::string_view what) {
+  pollfd p{fd, events, 0};
+  for (;;) {
+    int n = poll(&p, 1, timeout_ms);
+    if (n > 0) return {};
+    if (n == 0) return Errorf(ErrorCode::kTimeout, "{}: timed out after {} ms", what, timeout_ms);
+    if (errno != EINTR) return ErrnoError(what);
+  }
+}
+
+}  // namespace
+
+std::string Endpoint::ToString() const { return fmt::format("tcp:{}:{}", host, port); }
+
+Result<Endpoint> ParseEndpoint(std::string_view s) {
+  if (!s.starts_with("tcp:")) return Errorf(ErrorCode::kInvalidArgument, "endpoint '{}' must look like tcp:HOST:PORT", s);
+  std::string_view rest = s.substr(4);
+  size_t colon = rest.rfind(':');
+  if (colon == std::string_view::npos) return Errorf(ErrorCode::kInvalidArgument, "endpoint '{}' has no port (tcp:HOST:PORT)", s);
+  Endpoint ep;
+  ep.host = std::string(rest.substr(0, colon));
+  if (ep.host.size() >= 2 && ep.host.front() == '[' && ep.host.back() == ']') ep.host = ep.host.substr(1, ep.host.size() - 2);
+  std::string_view port = rest.substr(colon + 1);
+  unsigned v = 0;
+  auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), v);
+  if (ec != std::errc() || p != port.data() + port.size() || v > 65535 || port.empty())
+    return Errorf(ErrorCode::kInvalidArgument, "endpoint '{}': bad port '{}'", s, port);
+  ep.port = static_cast<uint16_t>(v);
+  return ep;
+}
+
+Socket::Socket(int fd) : fd_(fd) {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) == 0) peer_ = AddrString(ss);
+}
+
+Socket::~Socket() {
+  if (fd_ >= 0) close(fd_);
+}
+
+Result<std::unique_ptr<Socket>> Socket::Connect(const Endpoint& ep, int timeout_ms) {
+  if (ep.port == 0) return Errorf(ErrorCode::kInvalidArgument, "connect {}: port 0", ep.ToString());
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  std::string port = std::to_string(ep.port);
+  int rc = getaddrinfo(ep.host.empty() ? "127.0.0.1" : ep.host.c_str(), port.c_str(), &hints, &res);
+  if (rc != 0) return Errorf(ErrorCode::kInvalidArgument, "connect {}: cannot resolve host: {}", ep.ToString(), gai_strerror(rc));
+  Error last(ErrorCode::kIo, "no address");
+  for (addrinfo* ai = res; ai; ai = ai->ai_next) {
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) continue;
+    TuneSocket(fd);
+    int r = connect(fd, ai->ai_addr, ai->ai_addrlen);
+    if (r != 0 && errno == EINPROGRESS) {
+      auto w = WaitFd(fd, POLLOUT, timeout_ms, "connect");
+      if (w) {
+        int err = 0;
+        socklen_t l = sizeof err;
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l);
+        if (err == 0) r = 0;
+        else errno = err;
+      } else {
+        last = w.error();
+        close(fd);
+        continue;
+      }
+    }
+    if (r == 0) {
+      fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+      freeaddrinfo(res);
+      return std::make_unique<Socket>(fd);
+    }
+    last = Error(ErrorCode::kIo, strerror(errno));
+    close(fd);
+  }
+  freeaddrinfo(res);
+  return std::unexpected(last.WithContext(fmt::format("connect to {}", ep.ToString())));
+}
+
+Status Socket::WriteAll(std::span<const uint8_t> data) {
+  std::lock_guard<std::mutex> l(write_mu_);
+  size_t off = 0;
+  while (off < data.size()) {
+    ssize_t n = send(fd_, data.data() + off, data.size() - off, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError(fmt::format("send to {}", peer_));
+    }
+    off += static_cast<size_t>(n);
+  }
+  bytes_written_.fetch_add(data.size(), std::memory_order_relaxed);
+  return {};
+}
+
+Status Socket::ReadExact(std::span<uint8_t> buf, int timeout_ms) {
+  size_t off = 0;
+  while (off < buf.size()) {
+    if (timeout_ms >= 0) FERRY_RETURN_IF_ERROR(WaitFd(fd_, POLLIN, timeout_ms, fmt::format("receive from {}", peer_)), "read");
+    ssize_t n = recv(fd_, buf.data() + off, buf.size() - off, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError(fmt::format("receive from {}", peer_));
+    }
+    if (n == 0)
+      return Errorf(ErrorCode::kIo, "connection from {} closed{}", peer_,
+                    off ? fmt::format(" in the middle of a message ({} of {} bytes)", off, buf.size()) : "");
+    off += static_cast<size_t>(n);
+  }
+  return {};
+}
+
+void Socket::Shutdown() { shutdown(fd_, SHUT_RDWR); }
+
+Result<std::unique_ptr<Listener>> Listener::Listen(const Endpoint& ep) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* res = nullptr;
+  std::string port = std::to_string(ep.port);
+  int rc = getaddrinfo(ep.host.empty() ? nullptr : ep.host.c_str(), port.c_str(), &hints, &res);
+  if (rc != 0) return Errorf(ErrorCode::kInvalidArgument, "listen {}: cannot resolve: {}", ep.ToString(), gai_strerror(rc));
+  int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    freeaddrinfo(res);
+    return ErrnoError("socket");
+  }
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  int buf = 4 << 20;
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);
+  if (bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, 32) != 0) {
+    auto e = ErrnoError(fmt::format("listen on {}", ep.ToString()));
+    freeaddrinfo(res);
+    close(fd);
+    return e;
+  }
+  freeaddrinfo(res);
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len);
+  uint16_t bound = ss.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port)
+                                            : ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+  return std::unique_ptr<Listener>(new Listener(fd, bound));
+}
+
+Listener::~Listener() { close(fd_); }
+
+Result<std::unique_ptr<Socket>> Listener::Accept(int timeout_ms) {
+  FERRY_RETURN_IF_ERROR(WaitFd(fd_, POLLIN, timeout_ms, "accept"), "listener");
+  int fd = accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+  if (fd < 0) return ErrnoError("accept");
+  TuneSocket(fd);
+  return std::make_unique<Socket>(fd);
+}
+
+void Listener::Shutdown() { shutdown(fd_, SHUT_RDWR); }
+
+Status WritePreamble(Socket& s, Role role) {
+  auto p = EncodePreamble(role);
+  return s.WriteAll(p);
+}
+
+Result<Role> ReadPreamble(Socket& s, int timeout_ms) {
+  std::array<uint8_t, kPreambleSize> b;
+  FERRY_RETURN_IF_ERROR(s.ReadExact(b, timeout_ms), "preamble");
+  return DecodePreamble(b);
+}
+
+Status WriteRecord(Socket& s, RecordType type, std::span<const uint8_t> payload, bool mandatory) {
+  auto rec = EncodeRecord(type, payload, mandatory);
+  FERRY_RETURN_IF_ERROR(s.WriteAll(rec), RecordTypeName(type));
+  return {};
+}
+
+Result<Record> ReadRecord(Socket& s, int timeout_ms) {
+  std::array<uint8_t, kRecordHeaderSize> hb;
+  FERRY_RETURN_IF_ERROR(s.ReadExact(hb, timeout_ms), "record header");
+  auto h = DecodeRecordHeader(hb);
+  if (!h) return std::unexpected(h.error());
+  Record r;
+  r.header = *h;
+  r.payload.resize(h->length);
+  FERRY_RETURN_IF_ERROR(s.ReadExact(r.payload, timeout_ms < 0 ? -1 : std::max(timeout_ms, 30000)),
+                        IsKnownRecordType(h->type) ? RecordTypeName(r.type()) : "record payload");
+  FERRY_RETURN_IF_ERROR(VerifyRecord(hb, r.payload), "read");
+  return r;
+}
+
+void SendError(Socket& s, const Error& e) {
+  (void)WriteRecord(s, RecordType::kError, Encode(ErrorMsg{static_cast<uint32_t>(e.code()), e.message()}));
+}
+
+bool RateLimiter::Acquire(uint64_t bytes, const std::atomic<bool>& cancelled) {
+  if (rate_ == 0) return !cancelled.load();
+  using namespace std::chrono;
+  steady_clock::time_point start;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto now = steady_clock::now();
+    // Allow a burst of at most 50 ms worth of credit.
+    if (next_ < now - milliseconds(50)) next_ = now - milliseconds(50);
+    start = next_;
+    next_ += nanoseconds(bytes * 1'000'000'000ull / rate_);
+  }
+  while (steady_clock::now() < start) {
+    if (cancelled.load()) return false;
+    std::this_thread::sleep_for(std::min<steady_clock::duration>(start - steady_clock::now(), milliseconds(20)));
+  }
+  return !cancelled.load();
+}
+
+}  // namespace ferry::migration

@@ -1,0 +1,93 @@
+// TCP transport for migration streams: endpoints ("tcp:HOST:PORT"), sockets with
+// timeouts and thread-safe shutdown, record framing on top (wire.h), and a shared
+// token-bucket rate limiter for `max_bandwidth`.
+//
+// Threading: one reader per Socket at a time; WriteAll() is serialized by the
+// socket's own mutex (whole records never interleave); Shutdown() may be called from
+// any thread and makes blocked reads/writes fail promptly (used by cancel).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "common/error.h"
+#include "migration/protocol/wire.h"
+
+namespace ferry::migration {
+
+struct Endpoint {
+  std::string host;
+  uint16_t port = 0;
+  std::string ToString() const;
+};
+// "tcp:HOST:PORT" (HOST may be empty for listening on every address).
+Result<Endpoint> ParseEndpoint(std::string_view s);
+
+class Socket {
+ public:
+  explicit Socket(int fd);
+  ~Socket();
+  Socket(const Socket&) = delete;
+  Socket& operator=(const Socket&) = delete;
+
+  static Result<std::unique_ptr<Socket>> Connect(const Endpoint& ep, int timeout_ms);
+  int fd() const { return fd_; }
+  std::string peer() const { return peer_; }
+
+  Status WriteAll(std::span<const uint8_t> data);
+  // timeout_ms < 0: no timeout. EOF before `buf` is full is an error (kIo).
+  Status ReadExact(std::span<uint8_t> buf, int timeout_ms);
+  void Shutdown();
+  uint64_t bytes_written() const { return bytes_written_.load(std::memory_order_relaxed); }
+
+ private:
+  int fd_;
+  std::string peer_;
+  std::mutex write_mu_;
+  std::atomic<uint64_t> bytes_written_{0};
+};
+
+class Listener {
+ public:
+  static Result<std::unique_ptr<Listener>> Listen(const Endpoint& ep);
+  ~Listener();
+  uint16_t port() const { return port_; }
+  // timeout_ms < 0: wait forever (until Shutdown()).
+  Result<std::unique_ptr<Socket>> Accept(int timeout_ms);
+  void Shutdown();
+
+ private:
+  explicit Listener(int fd, uint16_t port) : fd_(fd), port_(port) {}
+  int fd_;
+  uint16_t port_;
+};
+
+Status WritePreamble(Socket& s, Role role);
+Result<Role> ReadPreamble(Socket& s, int timeout_ms);
+Status WriteRecord(Socket& s, RecordType type, std::span<const uint8_t> payload, bool mandatory = true);
+// Reads, validates (header, limits, CRC) and returns one record.
+Result<Record> ReadRecord(Socket& s, int timeout_ms);
+// Sends an ERROR record (best effort: the connection may already be gone).
+void SendError(Socket& s, const Error& e);
+
+// Token bucket shared by all data channels of a migration (bytes per second, 0 = off).
+class RateLimiter {
+ public:
+  explicit RateLimiter(uint64_t bytes_per_second) : rate_(bytes_per_second) {}
+  // Blocks until `bytes` may be sent; returns false if `cancelled` became true.
+  bool Acquire(uint64_t bytes, const std::atomic<bool>& cancelled);
+  uint64_t rate() const { return rate_; }
+
+ private:
+  uint64_t rate_;
+  std::mutex mu_;
+  std::chrono::steady_clock::time_point next_{};  // GUARDED_BY(mu_)
+};
+
+}  // namespace ferry::migration
