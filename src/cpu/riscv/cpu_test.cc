@@ -323,5 +323,136 @@ TEST_F(CpuTest, StoresAfterHarvestAreMarkedAgainWithConcurrentHarvester) {
   EXPECT_FALSE(log.IsDirty(page));
 }
 
+
+// --- Decoded-instruction cache: self-modifying code, precise traps, device writes ---
+
+constexpr uint32_t kFenceI = 0x0000100f;
+uint32_t Sw(uint32_t rs2, uint32_t rs1, int32_t imm) { return S(imm, rs2, rs1, 2); }
+uint32_t Jal(uint32_t rd, int32_t imm) {
+  uint32_t u = static_cast<uint32_t>(imm);
+  return (((u >> 20) & 1) << 31) | (((u >> 1) & 0x3ff) << 21) | (((u >> 11) & 1) << 20) | (((u >> 12) & 0xff) << 12) |
+         (rd << 7) | 0x6f;
+}
+
+TEST_F(CpuTest, StoreOverAnExecutedInstructionThenFenceIRunsTheNewInstruction) {
+  cpu_->SetBootState(kBase, 0, 0, kMachine);
+  cpu_->set_x(5, kBase);
+  cpu_->set_x(6, Addi(10, 0, 100));
+  Put(kBase, {Addi(10, 0, 1),   // T: replaced below
+              Sw(6, 5, 0),      // T := x6
+              kFenceI,
+              Jal(0, -12)});    // back to T
+  Steps(4);
+  EXPECT_EQ(cpu_->x(10), 1u) << "first pass runs the original T";
+  Steps(1);
+  EXPECT_EQ(cpu_->x(10), 100u) << "after sw + fence.i the new T runs";
+  // Second modification of the same, re-executed page: the store must not slip through a
+  // cached write permission taken by the first store.
+  cpu_->set_x(6, Addi(10, 0, 7));
+  Steps(4);  // sw, fence.i, jal, T
+  EXPECT_EQ(cpu_->x(10), 7u);
+  // An instruction ahead of the store in the same straight-line run, decoded by an earlier pass.
+  Put(kBase + 0x100, {Sw(6, 5, 8), kFenceI, Addi(11, 0, 1), Jal(0, 0)});
+  cpu_->set_x(5, kBase + 0x100);
+  cpu_->set_x(6, Addi(11, 0, 1));  // first pass: rewrite with the same word
+  cpu_->set_pc(kBase + 0x100);
+  Steps(3);
+  EXPECT_EQ(cpu_->x(11), 1u);
+  cpu_->set_x(6, Addi(11, 0, 2));
+  cpu_->set_x(11, 0);
+  cpu_->set_pc(kBase + 0x100);
+  Steps(3);
+  EXPECT_EQ(cpu_->x(11), 2u);
+}
+
+TEST_F(CpuTest, TrapInTheMiddleOfADecodedBlockIsPrecise) {
+  cpu_->SetBootState(kBase, 0, 0, kMachine);
+  cpu_->WriteCsrForTest(0x305, kBase + 0x800);  // mtvec
+  Put(kBase + 0x800, {Jal0()});
+  Put64(kBase + 0x2000, 0x1234);
+  // c.li a0,1; c.li a1,2 | ld a2,0(t0) | c.li a3,3; c.nop | jal x0,0
+  Put(kBase, {0x45894505u, Ld(12, 5, 0), 0x0001468du, Jal0()});
+  cpu_->set_x(5, kBase + 0x2000);
+  auto r = cpu_->Run(6);  // whole block once: it is decoded now
+  EXPECT_EQ(r.instructions, 6u);
+  EXPECT_EQ(cpu_->x(12), 0x1234u);
+  EXPECT_EQ(cpu_->x(13), 3u);
+  for (int i : {10, 11, 12, 13}) cpu_->set_x(i, 0);
+  cpu_->set_x(5, 0x40000000);  // nothing there: load access fault
+  cpu_->set_pc(kBase);
+  r = cpu_->Run(3);  // c.li, c.li, ld (faults)
+  EXPECT_EQ(r.instructions, 3u);
+  EXPECT_EQ(cpu_->pc(), kBase + 0x800);
+  EXPECT_EQ(cpu_->ReadCsrForTest(0x342), kCauseLoadAccess);
+  EXPECT_EQ(cpu_->ReadCsrForTest(0x341), kBase + 4) << "mepc is the faulting ld";
+  EXPECT_EQ(cpu_->ReadCsrForTest(0x343), 0x40000000u);
+  EXPECT_EQ(cpu_->x(10), 1u);
+  EXPECT_EQ(cpu_->x(11), 2u);
+  EXPECT_EQ(cpu_->x(13), 0u) << "nothing after the fault ran";
+
+  // Same in S-mode (delegated): sepc, and an illegal instruction after a compressed one.
+  cpu_->SetBootState(kBase + 0x1000, 0, 0, kSupervisor);
+  cpu_->WriteCsrForTest(0x105, kBase + 0x800);  // stvec
+  Put(kBase + 0x1000, {Addi(10, 0, 5), 0x00004505u /* c.li a0,1 ; illegal c.unimp */, Addi(11, 0, 9)});
+  r = cpu_->Run(3);
+  EXPECT_EQ(r.instructions, 3u);
+  EXPECT_EQ(cpu_->priv(), kSupervisor);
+  EXPECT_EQ(cpu_->pc(), kBase + 0x800);
+  EXPECT_EQ(cpu_->ReadCsrForTest(0x142), kCauseIllegal);
+  EXPECT_EQ(cpu_->ReadCsrForTest(0x141), kBase + 0x1006) << "sepc is the 16-bit illegal instruction";
+  EXPECT_EQ(cpu_->x(10), 1u);
+  EXPECT_EQ(cpu_->x(11), 0u);
+}
+
+// An MMIO device that, like a virtio device completing a request, writes guest RAM
+// through GuestMemory while the CPU's store to its register is being executed.
+class DmaDevice : public MmioDevice {
+ public:
+  explicit DmaDevice(GuestMemory* m) : mem_(m) {}
+  bool MmioRead(uint64_t, unsigned, uint64_t* v) override { *v = 0; return true; }
+  bool MmioWrite(uint64_t, unsigned, uint64_t) override {
+    if (armed) {
+      EXPECT_TRUE(mem_->Write(target, &word, 4));
+    }
+    return true;
+  }
+  bool armed = false;
+  uint64_t target = 0;
+  uint32_t word = 0;
+
+ private:
+  GuestMemory* mem_;
+};
+
+TEST_F(CpuTest, CodeOverwrittenByADeviceWriteIsExecutedFresh) {
+  DmaDevice dev(mem_.get());
+  ASSERT_TRUE(bus_.Register(0x10000000, 0x1000, &dev, "dma"));
+  cpu_->SetBootState(kBase, 0, 0, kMachine);
+  // Between runs: the VMM (loader, a device on the machine thread) rewrites executed code.
+  Put(kBase, {Addi(10, 0, 1), Jal0()});
+  Steps(2);
+  EXPECT_EQ(cpu_->x(10), 1u);
+  Put(kBase, {Addi(10, 0, 2)});
+  cpu_->set_pc(kBase);
+  Steps(1);
+  EXPECT_EQ(cpu_->x(10), 2u);
+
+  // During a run: a store to the device's register makes it overwrite an instruction
+  // further down the page that is executing (already decoded by a first pass).
+  cpu_->set_x(5, 0x10000000);
+  Put(kBase + 0x200, {Addi(11, 0, 1), Sw(0, 5, 0), Addi(0, 0, 0), Addi(12, 0, 1), Jal0()});
+  cpu_->set_pc(kBase + 0x200);
+  Steps(5);
+  EXPECT_EQ(cpu_->x(12), 1u);
+  dev.armed = true;
+  dev.target = kBase + 0x20c;
+  dev.word = Addi(12, 0, 2);
+  cpu_->set_x(12, 0);
+  cpu_->set_pc(kBase + 0x200);
+  Steps(4);
+  EXPECT_EQ(cpu_->x(12), 2u);
+  EXPECT_EQ(cpu_->pc(), kBase + 0x210);
+}
+
 }  // namespace
 }  // namespace ferry::riscv
