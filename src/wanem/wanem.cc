@@ -22,12 +22,97 @@
 namespace ferry::wanem {
 namespace {
 
-// struct virtio_net_hdr (the TAP's IFF_VNET_HDR prefix).
-struct VnetHdr {
-  uint8_t flags, gso_type;
-  uint16_t hdr_len, gso_size, csum_start, csum_offset;
-};
-static_assert(sizeof(VnetHdr) == 10);
+
+constexpr uint8_t kVnetNeedsCsum = 1;
+constexpr uint8_t kGsoTcp4 = 1, kGsoTcp6 = 4, kGsoEcn = 0x80;
+
+uint16_t Get16(const uint8_t* p) { return static_cast<uint16_t>(p[0] << 8 | p[1]); }
+uint32_t Get32(const uint8_t* p) { return uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3]; }
+void Put16(uint8_t* p, uint16_t v) {
+  p[0] = static_cast<uint8_t>(v >> 8);
+  p[1] = static_cast<uint8_t>(v);
+}
+void Put32(uint8_t* p, uint32_t v) {
+  Put16(p, static_cast<uint16_t>(v >> 16));
+  Put16(p + 2, static_cast<uint16_t>(v));
+}
+uint32_t SumWords(const uint8_t* p, size_t n, uint32_t sum) {
+  for (size_t i = 0; i + 1 < n; i += 2) sum += Get16(p + i);
+  if (n & 1) sum += uint32_t(p[n - 1]) << 8;
+  return sum;
+}
+uint16_t Fold(uint32_t sum) {
+  while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+  return static_cast<uint16_t>(sum);
+}
+
+}  // namespace
+
+bool ParseTso(const uint8_t* f, size_t n, TsoInfo* t) {
+  VnetHdr h;
+  memcpy(&h, f, sizeof h);
+  uint8_t type = h.gso_type & ~kGsoEcn;
+  if ((type != kGsoTcp4 && type != kGsoTcp6) || h.gso_size == 0 || !(h.flags & kVnetNeedsCsum)) return false;
+  const uint8_t* e = f + sizeof h;
+  size_t len = n - sizeof h;
+  if (len < 14 + 40 + 20) return false;
+  uint16_t et = Get16(e + 12);
+  t->l3 = 14;
+  if (et == 0x0800 && type == kGsoTcp4) {
+    size_t ihl = (e[14] & 15u) * 4;
+    if (ihl < 20 || e[14 + 9] != 6) return false;
+    t->l4 = 14 + ihl;
+    t->v6 = false;
+  } else if (et == 0x86dd && type == kGsoTcp6) {
+    if (e[14 + 6] != 6) return false;  // extension headers: not split
+    t->l4 = 14 + 40;
+    t->v6 = true;
+  } else {
+    return false;
+  }
+  if (len < t->l4 + 20) return false;
+  size_t doff = (e[t->l4 + 12] >> 4) * 4u;
+  t->hdrs = t->l4 + doff;
+  if (doff < 20 || len < t->hdrs) return false;
+  t->payload = len - t->hdrs;
+  t->mss = h.gso_size;
+  t->segs = std::max<size_t>(1, (t->payload + t->mss - 1) / t->mss);
+  return true;
+}
+
+size_t MakeSegment(const uint8_t* f, const TsoInfo& t, size_t k, uint8_t* out) {
+  const size_t vh = sizeof(VnetHdr);
+  size_t off = k * t.mss, plen = std::min(t.mss, t.payload - off);
+  VnetHdr h{};
+  h.flags = kVnetNeedsCsum;
+  h.csum_start = static_cast<uint16_t>(t.l4);
+  h.csum_offset = 16;
+  memcpy(out, &h, vh);
+  uint8_t* e = out + vh;
+  memcpy(e, f + vh, t.hdrs);
+  memcpy(e + t.hdrs, f + vh + t.hdrs + off, plen);
+  uint8_t* ip = e + t.l3;
+  uint8_t* tcp = e + t.l4;
+  size_t tcp_len = t.hdrs - t.l4 + plen;
+  uint32_t pseudo = 6 + static_cast<uint32_t>(tcp_len);
+  if (!t.v6) {
+    Put16(ip + 2, static_cast<uint16_t>(t.hdrs - t.l3 + plen));
+    Put16(ip + 4, static_cast<uint16_t>(Get16(ip + 4) + k));  // IP ID increments per segment, as in the kernel
+    Put16(ip + 10, 0);
+    Put16(ip + 10, static_cast<uint16_t>(~Fold(SumWords(ip, t.l4 - t.l3, 0))));
+    pseudo = SumWords(ip + 12, 8, pseudo);
+  } else {
+    Put16(ip + 4, static_cast<uint16_t>(tcp_len));
+    pseudo = SumWords(ip + 8, 32, pseudo);
+  }
+  Put32(tcp + 4, Get32(tcp + 4) + static_cast<uint32_t>(off));
+  if (k + 1 < t.segs) tcp[13] &= static_cast<uint8_t>(~0x09);  // FIN, PSH only on the last
+  if (k > 0) tcp[13] &= static_cast<uint8_t>(~0x80);            // CWR only on the first
+  Put16(tcp + 16, Fold(pseudo));  // partial checksum: pseudo header, completed by the kernel
+  return vh + t.hdrs + plen;
+}
+
+namespace {
 
 int64_t NowNs() {
   timespec ts;
@@ -169,10 +254,11 @@ void Emulator::Stop() {
 
 std::string Emulator::StatsJson() const {
   return fmt::format(
-      R"({{"a_to_b":{{"frames":{},"bytes":{},"dropped_loss":{},"dropped_queue":{}}},)"
-      R"("b_to_a":{{"frames":{},"bytes":{},"dropped_loss":{},"dropped_queue":{}}}}})",
+      R"({{"a_to_b":{{"frames":{},"bytes":{},"dropped_loss":{},"dropped_queue":{},"split_frames":{}}},)"
+      R"("b_to_a":{{"frames":{},"bytes":{},"dropped_loss":{},"dropped_queue":{},"split_frames":{}}}}})",
       stats_.frames[0].load(), stats_.bytes[0].load(), stats_.dropped_loss[0].load(), stats_.dropped_queue[0].load(),
-      stats_.frames[1].load(), stats_.bytes[1].load(), stats_.dropped_loss[1].load(), stats_.dropped_queue[1].load());
+      stats_.split_frames[0].load(), stats_.frames[1].load(), stats_.bytes[1].load(), stats_.dropped_loss[1].load(),
+      stats_.dropped_queue[1].load(), stats_.split_frames[1].load());
 }
 
 Status Emulator::Run() {
@@ -195,6 +281,24 @@ Status Emulator::Run() {
     pool.pop_back();
     b.resize(65536 + 256);
     return b;
+  };
+  std::vector<uint8_t> lost_mask;
+  // Serialisation at the link rate behind a bounded tail-drop queue, then the delay.
+  auto enqueue = [&](int d, std::vector<uint8_t> buf, size_t wire, size_t segs, int64_t now) {
+    int64_t start = std::max(now, tx_free[d]);
+    if (ns_per_byte > 0 && (start - now) / ns_per_byte > static_cast<double>(qlimit)) {
+      stats_.dropped_queue[d] += segs;
+      pool.push_back(std::move(buf));
+      return;
+    }
+    int64_t done = start + static_cast<int64_t>(wire * ns_per_byte);
+    tx_free[d] = done;
+    int64_t jit = jitter_ns ? static_cast<int64_t>((uni(rng) * 2 - 1) * jitter_ns) : 0;
+    int64_t due = std::max(done + delay_ns + jit, last_due[d]);
+    last_due[d] = due;
+    stats_.frames[d] += segs;
+    stats_.bytes[d] += wire;
+    q[d].push_back(Packet{std::move(buf), due});
   };
   for (;;) {
     int64_t now = NowNs();
@@ -233,37 +337,41 @@ Status Emulator::Run() {
         }
         buf.resize(n);
         // Frames on the wire this super-frame stands for (TSO/GSO).
+        TsoInfo tso;
         size_t segs = 1, wire = n - vh;
-        if (vh && static_cast<size_t>(n) > vh) {
-          VnetHdr h;
-          memcpy(&h, buf.data(), sizeof h);
-          if (h.gso_type != 0 && h.gso_size > 0) {
-            constexpr size_t kHdr = 66;  // eth + ip + tcp with timestamps
-            size_t payload = wire > kHdr ? wire - kHdr : 0;
-            segs = std::max<size_t>(1, (payload + h.gso_size - 1) / h.gso_size);
-            wire = payload + segs * kHdr;
+        if (vh && static_cast<size_t>(n) > vh && ParseTso(buf.data(), n, &tso)) {
+          segs = tso.segs;
+          wire = tso.payload + segs * tso.hdrs;
+        }
+        size_t lost = 0;
+        if (L.loss > 0) {
+          // Loss is drawn per wire packet, also inside a super-frame.
+          lost_mask.assign(segs, 0);
+          for (size_t k = 0; k < segs; k++)
+            if (uni(rng) < L.loss) {
+              lost_mask[k] = 1;
+              lost++;
+            }
+        }
+        if (lost == 0) {
+          enqueue(d, std::move(buf), wire, segs, now);
+        } else if (lost == segs) {
+          stats_.dropped_loss[d] += segs;
+          pool.push_back(std::move(buf));
+        } else {
+          // Some packets of a super-frame are lost: split it into wire-sized
+          // frames in software and drop exactly those.
+          stats_.dropped_loss[d] += lost;
+          stats_.split_frames[d]++;
+          for (size_t k = 0; k < segs; k++) {
+            if (lost_mask[k]) continue;
+            auto seg = take();
+            size_t len = MakeSegment(buf.data(), tso, k, seg.data());
+            seg.resize(len);
+            enqueue(d, std::move(seg), len - vh, 1, now);
           }
-        }
-        double p_drop = L.loss > 0 ? 1 - std::pow(1 - L.loss, static_cast<double>(segs)) : 0;
-        if (p_drop > 0 && uni(rng) < p_drop) {
-          stats_.dropped_loss[d]++;
           pool.push_back(std::move(buf));
-          continue;
         }
-        int64_t start = std::max(now, tx_free[d]);
-        if (ns_per_byte > 0 && (start - now) / ns_per_byte > static_cast<double>(qlimit)) {
-          stats_.dropped_queue[d]++;
-          pool.push_back(std::move(buf));
-          continue;
-        }
-        int64_t done = start + static_cast<int64_t>(wire * ns_per_byte);
-        tx_free[d] = done;
-        int64_t jit = jitter_ns ? static_cast<int64_t>((uni(rng) * 2 - 1) * jitter_ns) : 0;
-        int64_t due = std::max(done + delay_ns + jit, last_due[d]);
-        last_due[d] = due;
-        stats_.frames[d] += segs;
-        stats_.bytes[d] += wire;
-        q[d].push_back(Packet{std::move(buf), due});
       }
     }
   }

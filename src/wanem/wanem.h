@@ -35,7 +35,9 @@ struct Options {
 };
 
 struct Stats {
+  // Counted in wire packets (a TSO super-frame counts as its segments).
   std::atomic<uint64_t> frames[2]{}, bytes[2]{}, dropped_loss[2]{}, dropped_queue[2]{};
+  std::atomic<uint64_t> split_frames[2]{};  // super-frames split because some of their packets were lost
 };
 
 class Emulator {
@@ -56,5 +58,28 @@ class Emulator {
 };
 
 Status ValidateLink(const LinkParams& p);
+
+// struct virtio_net_hdr (the TAP's IFF_VNET_HDR prefix).
+struct VnetHdr {
+  uint8_t flags, gso_type;
+  uint16_t hdr_len, gso_size, csum_start, csum_offset;
+};
+static_assert(sizeof(VnetHdr) == 10);
+
+// A TCP TSO super-frame read from a TAP with a virtio-net header. Loss is
+// applied per wire packet: when some packets of a super-frame are lost, the
+// emulator splits it with MakeSegment and drops exactly those.
+struct TsoInfo {
+  size_t l3 = 0, l4 = 0, hdrs = 0;  // offsets of the IP and TCP headers, length of all headers (no vnet)
+  bool v6 = false;
+  size_t payload = 0, mss = 0, segs = 1;
+};
+// f = vnet header + Ethernet frame, n bytes. True for a TCP/IPv4 or TCP/IPv6 TSO frame.
+bool ParseTso(const uint8_t* f, size_t n, TsoInfo* t);
+// Writes wire packet k of super-frame f as vnet header + Ethernet frame into out
+// (room for sizeof(VnetHdr) + hdrs + mss): IP length/ID/checksum and TCP sequence
+// and flags adjusted, TCP checksum left to the kernel (NEEDS_CSUM, pseudo header
+// sum in the field, as for any frame from the local stack). Returns its length.
+size_t MakeSegment(const uint8_t* f, const TsoInfo& t, size_t k, uint8_t* out);
 
 }  // namespace ferry::wanem
