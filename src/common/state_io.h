@@ -22,8 +22,7 @@ class StateWriter {
   template <typename T>
     requires std::is_trivially_copyable_v<T>
   void Put(const T& v) {
-    const auto* p = reinterpret_cast<const uint8_t*>(&v);
-    buf_.insert(buf_.end(), p, p + sizeof(T));
+    Append(&v, sizeof(T));
   }
   void PutU8(uint8_t v) { Put(v); }
   void PutU16(uint16_t v) { Put(v); }
@@ -32,7 +31,7 @@ class StateWriter {
   void PutBool(bool v) { PutU8(v ? 1 : 0); }
   void PutBytes(std::span<const uint8_t> b) {
     PutU32(static_cast<uint32_t>(b.size()));
-    buf_.insert(buf_.end(), b.begin(), b.end());
+    Append(b.data(), b.size());
   }
   void PutString(std::string_view s) {
     PutBytes(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(s.data()), s.size()));
@@ -41,17 +40,24 @@ class StateWriter {
     requires std::is_trivially_copyable_v<T>
   void PutArray(std::span<const T> a) {
     PutU32(static_cast<uint32_t>(a.size()));
-    const auto* p = reinterpret_cast<const uint8_t*>(a.data());
-    buf_.insert(buf_.end(), p, p + a.size_bytes());
+    Append(a.data(), a.size_bytes());
   }
 
   // Appends bytes without a length prefix (wire formats with their own framing).
-  void PutRaw(std::span<const uint8_t> b) { buf_.insert(buf_.end(), b.begin(), b.end()); }
+  void PutRaw(std::span<const uint8_t> b) { Append(b.data(), b.size()); }
 
   const std::vector<uint8_t>& data() const { return buf_; }
   std::vector<uint8_t> Take() { return std::move(buf_); }
 
  private:
+  // resize + memcpy (vector::insert of a few bytes trips a GCC 12 -Wstringop-overflow
+  // false positive at -O3).
+  void Append(const void* p, size_t n) {
+    if (n == 0) return;
+    size_t at = buf_.size();
+    buf_.resize(at + n);
+    std::memcpy(buf_.data() + at, p, n);
+  }
   std::vector<uint8_t> buf_;
 };
 

@@ -30,7 +30,7 @@ void ReplyStatus(httplib::Response& res, const Status& s) {
 }
 }  // namespace
 
-Result<std::unique_ptr<ApiServer>> ApiServer::Start(const std::string& path, Vm* vm) {
+Result<std::unique_ptr<ApiServer>> ApiServer::Start(const std::string& path, Vm* vm, VmMigrationManager* mig) {
   if (path.empty() || path.size() >= sizeof(sockaddr_un::sun_path))
     return Errorf(ErrorCode::kInvalidArgument, "API socket path '{}' is empty or too long", path);
   struct stat st;
@@ -52,10 +52,23 @@ Result<std::unique_ptr<ApiServer>> ApiServer::Start(const std::string& path, Vm*
   svr.Get("/metrics", [vm](const httplib::Request&, httplib::Response& res) {
     res.set_content(vm->Prometheus(), "text/plain; version=0.0.4");
   });
-  svr.Put("/vm/pause", [vm](const httplib::Request&, httplib::Response& res) { ReplyStatus(res, vm->Pause()); });
-  svr.Put("/vm/resume", [vm](const httplib::Request&, httplib::Response& res) { ReplyStatus(res, vm->Resume()); });
+  // While a migration runs, the engine owns pause/resume of the VM.
+  auto migrating = [mig](httplib::Response& res) {
+    if (mig && mig->active()) {
+      ReplyError(res, 409, "a migration is in progress (PUT /vm/migration/cancel first)");
+      return true;
+    }
+    return false;
+  };
+  svr.Put("/vm/pause", [vm, migrating](const httplib::Request&, httplib::Response& res) {
+    if (!migrating(res)) ReplyStatus(res, vm->Pause());
+  });
+  svr.Put("/vm/resume", [vm, migrating](const httplib::Request&, httplib::Response& res) {
+    if (!migrating(res)) ReplyStatus(res, vm->Resume());
+  });
   svr.Put("/vm/shutdown", [vm](const httplib::Request&, httplib::Response& res) { ReplyStatus(res, vm->Shutdown()); });
-  svr.Put("/vm/snapshot", [vm](const httplib::Request& req, httplib::Response& res) {
+  svr.Put("/vm/snapshot", [vm, migrating](const httplib::Request& req, httplib::Response& res) {
+    if (migrating(res)) return;
     auto body = nlohmann::json::parse(req.body, nullptr, false);
     if (body.is_discarded() || !body.is_object()) return ReplyError(res, 400, "request body must be a JSON object");
     if (!body.contains("path") || !body["path"].is_string() || body["path"].get<std::string>().empty())
@@ -64,6 +77,21 @@ Result<std::unique_ptr<ApiServer>> ApiServer::Start(const std::string& path, Vm*
       if (k != "path") return ReplyError(res, 400, "unknown field \"" + k + "\"");
     ReplyStatus(res, vm->Snapshot(body["path"].get<std::string>()));
   });
+  if (mig) {
+    svr.Put("/vm/migrate", [mig](const httplib::Request& req, httplib::Response& res) {
+      auto body = nlohmann::json::parse(req.body, nullptr, false);
+      if (body.is_discarded() || !body.is_object()) return ReplyError(res, 400, "request body must be a JSON object");
+      auto s = mig->Start(body);
+      if (!s) return ReplyError(res, HttpStatusFor(s.error()), s.error().message());
+      Reply(res, 202, {{"ok", true}, {"status", "setup"}});
+    });
+    svr.Get("/vm/migration", [mig](const httplib::Request&, httplib::Response& res) {
+      auto st = mig->Stats();
+      if (!st) ReplyError(res, HttpStatusFor(st.error()), st.error().message());
+      else Reply(res, 200, *st);
+    });
+    svr.Put("/vm/migration/cancel", [mig](const httplib::Request&, httplib::Response& res) { ReplyStatus(res, mig->Cancel()); });
+  }
   svr.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
     if (res.status == 404) ReplyError(res, 404, "no such endpoint: " + req.method + " " + req.path);
     else if (res.status == 405) ReplyError(res, 405, "method not allowed: " + req.method + " " + req.path);

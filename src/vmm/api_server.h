@@ -1,6 +1,8 @@
 // HTTP/1.1 + JSON API on a Unix socket (Firecracker / Cloud Hypervisor style):
 //   GET /vm, PUT /vm/pause, PUT /vm/resume, PUT /vm/snapshot {"path"}, PUT /vm/shutdown,
-//   GET /metrics (Prometheus text).
+//   GET /metrics (Prometheus text); migration (source side): PUT /vm/migrate
+//   {"to", "channels", "downtime_ms", "max_bandwidth", "converge_policy", "max_iterations",
+//   "stall_rounds"}, GET /vm/migration, PUT /vm/migration/cancel.
 // Bad requests get a 4xx with {"error": "..."}; the VM is unaffected.
 #pragma once
 
@@ -10,6 +12,7 @@
 #include <thread>
 
 #include "common/error.h"
+#include "vmm/migration.h"
 #include "vmm/vm.h"
 
 namespace httplib { class Server; }
@@ -18,7 +21,8 @@ namespace ferry {
 
 class ApiServer {
  public:
-  static Result<std::unique_ptr<ApiServer>> Start(const std::string& socket_path, Vm* vm);
+  static Result<std::unique_ptr<ApiServer>> Start(const std::string& socket_path, Vm* vm,
+                                                  VmMigrationManager* migrations = nullptr);
   ~ApiServer();
   // Extension point for further endpoints (e.g. migration): registered before Start.
   httplib::Server& server() { return *server_; }

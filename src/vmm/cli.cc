@@ -66,6 +66,7 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
   app.add_option("--disk", cl.vm.board.disk, "virtio-blk raw disk image");
   app.add_flag("--balloon", cl.vm.board.balloon, "virtio-balloon with free page reporting");
   app.add_option("--restore", cl.restore, "restore a snapshot file instead of booting");
+  app.add_option("--incoming", cl.incoming, "wait for a live migration on tcp:ADDR:PORT instead of booting");
   app.add_option("--log-level", cl.log_level, "trace|debug|info|warn|error")->capture_default_str();
   try {
     app.parse(argc, argv);
@@ -79,7 +80,12 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
   cl.vm.board.ram_bytes = *size;
   if (!cmdline.empty()) cl.vm.board.cmdline = cmdline;
   if (!net.empty()) FERRY_RETURN_IF_ERROR(ParseNetSpec(net, &cl.vm.board), "command line");
-  if (!cl.restore.empty()) {
+  if (!cl.incoming.empty()) {
+    if (!cl.restore.empty() || !cl.vm.board.kernel.empty() || !cl.vm.board.initrd.empty() || !cmdline.empty() || mem != "256M")
+      return Errorf(ErrorCode::kInvalidArgument, "--incoming takes the VM configuration from the migration stream: do not pass --kernel/--initrd/--cmdline/--mem/--restore");
+    if (!cl.incoming.starts_with("tcp:"))
+      return Errorf(ErrorCode::kInvalidArgument, "--incoming: '{}' must look like tcp:ADDR:PORT", cl.incoming);
+  } else if (!cl.restore.empty()) {
     if (!cl.vm.board.kernel.empty() || !cl.vm.board.initrd.empty() || !cmdline.empty())
       return Errorf(ErrorCode::kInvalidArgument, "--restore takes the kernel, initrd and cmdline from the snapshot: do not pass --kernel/--initrd/--cmdline");
   } else if (cl.vm.board.kernel.empty()) {

@@ -13,6 +13,7 @@ struct VmmCommandLine {
   VmOptions vm;
   std::string api_socket;
   std::string restore;
+  std::string incoming;  // tcp:ADDR:PORT
   std::string log_level = "info";
 };
 

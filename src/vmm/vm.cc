@@ -26,6 +26,7 @@ std::string_view VmStateName(VmState s) {
     case VmState::kPaused: return "paused";
     case VmState::kShutdown: return "shutdown";
     case VmState::kError: return "error";
+    case VmState::kMigrated: return "migrated";
   }
   return "unknown";
 }
@@ -51,6 +52,66 @@ Status Vm::Init(VmOptions options, bool load_kernel) {
   if (!board) return std::unexpected(board.error());
   board_ = std::move(*board);
   return console_->AttachInput(loop_.get(), &board_->uart());
+}
+
+Result<std::unique_ptr<Vm>> Vm::CreateIncoming(VmOptions options) {
+  std::unique_ptr<Vm> vm(new Vm());
+  FERRY_RETURN_IF_ERROR(vm->Init(std::move(options), false), "prepare VM for incoming migration");
+  return vm;
+}
+
+Result<std::vector<migration::StateRecord>> Vm::SaveStateRecords() {
+  std::vector<migration::StateRecord> out;
+  auto s = Post([&]() -> Status {
+    if (state() != VmState::kPaused) return Errorf(ErrorCode::kBusy, "state can only be saved while paused (state {})", VmStateName(state()));
+    out.push_back({"vcpu:0", board_->vcpu().SaveState()});
+    for (Device* d : board_->devices()) out.push_back({"dev:" + d->id(), d->SaveState()});
+    return {};
+  });
+  if (!s) return std::unexpected(s.error());
+  return out;
+}
+
+Status Vm::RestoreStateRecords(const std::vector<migration::StateRecord>& records) {
+  if (thread_.joinable()) return Errorf(ErrorCode::kBusy, "cannot restore state into a started VM");
+  const std::vector<uint8_t>* vcpu = nullptr;
+  std::map<std::string, std::vector<uint8_t>> devices;
+  for (const auto& r : records) {
+    if (r.id == "vcpu:0") {
+      if (vcpu) return Errorf(ErrorCode::kCorrupt, "state record vcpu:0 appears twice");
+      vcpu = &r.blob;
+    } else if (r.id.starts_with("dev:")) {
+      if (!devices.emplace(r.id.substr(4), r.blob).second) return Errorf(ErrorCode::kCorrupt, "state record {} appears twice", r.id);
+    } else {
+      return Errorf(ErrorCode::kCorrupt, "unknown state record '{}' (this VMM has one hart)", r.id);
+    }
+  }
+  if (!vcpu) return Errorf(ErrorCode::kCorrupt, "no vcpu:0 state record");
+  FERRY_RETURN_IF_ERROR(board_->vcpu().RestoreState(*vcpu), "restore");
+  FERRY_RETURN_IF_ERROR(board_->RestoreDevices(devices), "restore");
+  board_->PostRestore();
+  // Everything in RAM is new to this process: a following migration must send it all.
+  board_->memory().dirty_log().MarkAll();
+  return {};
+}
+
+Status Vm::MarkMigrated(const std::string& destination) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    migrated_to_ = destination;
+  }
+  return Post([this]() -> Status {
+    board_->clint().Pause();
+    SetState(VmState::kMigrated);
+    return {};
+  });
+}
+
+Status Vm::AnnounceNetwork() {
+  return Post([this]() -> Status {
+    if (!board_->net_device()) return {};
+    return AnnounceMac(board_->net_device());
+  });
 }
 
 Result<std::unique_ptr<Vm>> Vm::Restore(VmOptions options, const std::string& snapshot_path) {
@@ -196,6 +257,10 @@ Status Vm::DoPause() {
 
 Status Vm::DoResume() {
   if (state() == VmState::kRunning) return {};
+  if (state() == VmState::kMigrated) {
+    std::lock_guard<std::mutex> l(mu_);
+    return Errorf(ErrorCode::kBusy, "the VM was migrated to {}; this copy can never run again", migrated_to_);
+  }
   if (state() != VmState::kPaused) return Errorf(ErrorCode::kBusy, "cannot resume a VM in state {}", VmStateName(state()));
   board_->clint().Resume();
   SetState(VmState::kRunning);
@@ -252,6 +317,7 @@ Result<nlohmann::json> Vm::Info() {
     {
       std::lock_guard<std::mutex> l(mu_);
       if (!error_.empty()) info["error"] = error_;
+      if (!migrated_to_.empty()) info["migrated_to"] = migrated_to_;
     }
     return {};
   });

@@ -22,11 +22,14 @@
 #include "common/error.h"
 #include "common/event_loop.h"
 #include "machine/board.h"
+#include "migration/protocol/wire.h"
 #include "vmm/console.h"
 
 namespace ferry {
 
-enum class VmState { kCreated, kRunning, kPaused, kShutdown, kError };
+// kMigrated: the guest now runs on a migration destination; this copy stays paused
+// and can never run again.
+enum class VmState { kCreated, kRunning, kPaused, kShutdown, kError, kMigrated };
 std::string_view VmStateName(VmState s);
 
 struct VmOptions {
@@ -41,6 +44,9 @@ class Vm {
   // Restores a VM from a snapshot file; host-side options (console, disk path, TAP)
   // come from `options`, everything guest-visible from the snapshot.
   static Result<std::unique_ptr<Vm>> Restore(VmOptions options, const std::string& snapshot_path);
+  // Builds the machine for an incoming migration (nothing loaded; RAM and state
+  // arrive from the stream). `options.board` must already carry the guest config.
+  static Result<std::unique_ptr<Vm>> CreateIncoming(VmOptions options);
   ~Vm();
 
   // Starts the machine thread; the VM runs (or stays paused if start_paused).
@@ -58,6 +64,17 @@ class Vm {
   // Runs fn on the machine thread with the board (VM state is whatever it is).
   Status RunOnMachine(std::function<Status(Board&)> fn);
   VmState state() const { return state_.load(); }
+
+  // Migration support (src/vmm/migration.h).
+  GuestMemory& memory() { return board_->memory(); }  // the object is stable for the VM's life
+  // CPU + device state as named records ("vcpu:N", "dev:ID"); the VM must be paused.
+  Result<std::vector<migration::StateRecord>> SaveStateRecords();
+  // Before Start(): restores every record; all-or-nothing per component.
+  Status RestoreStateRecords(const std::vector<migration::StateRecord>& records);
+  // The guest runs elsewhere now: stay paused forever.
+  Status MarkMigrated(const std::string& destination);
+  // Sends a gratuitous RARP for the guest MAC (after a migration), if it has a NIC.
+  Status AnnounceNetwork();
   std::string Prometheus();
 
  private:
@@ -78,6 +95,7 @@ class Vm {
   std::atomic<bool> stop_{false};
   int exit_code_ = 0;
   std::string error_;  // machine thread; copied under mu_ for Info
+  std::string migrated_to_;  // GUARDED_BY(mu_)
   uint64_t started_ns_ = 0;
 
   std::mutex mu_;

@@ -2,12 +2,18 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <thread>
 
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include "vmm/api_server.h"
+#include "migration/engine/destination.h"
 #include "vmm/cli.h"
+#include "vmm/migration.h"
 #include "vmm/vm.h"
 
 int main(int argc, char** argv) {
@@ -25,39 +31,85 @@ int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::from_str(cl->log_level));
   signal(SIGPIPE, SIG_IGN);
 
-  auto vm = cl->restore.empty() ? ferry::Vm::Create(cl->vm) : ferry::Vm::Restore(cl->vm, cl->restore);
-  if (!vm) {
-    std::fprintf(stderr, "ferry-vmm: %s\n", vm.error().message().c_str());
-    return 1;
-  }
-  std::unique_ptr<ferry::ApiServer> api;
-  if (!cl->api_socket.empty()) {
-    auto a = ferry::ApiServer::Start(cl->api_socket, vm->get());
-    if (!a) {
-      std::fprintf(stderr, "ferry-vmm: %s\n", a.error().message().c_str());
-      return 1;
-    }
-    api = std::move(*a);
-  }
-  // SIGINT/SIGTERM: orderly shutdown through the machine thread.
+  // Block the shutdown signals before any thread starts (they are taken by sigwait below).
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGUSR2);  // used below to stop the signal thread
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  auto s = (*vm)->Start();
+
+  // SIGINT/SIGTERM: abort an incoming migration while waiting for it, later an orderly
+  // shutdown through the machine thread.
+  std::mutex on_signal_mu;
+  std::function<void()> on_signal = [] { std::exit(1); };
+  auto set_on_signal = [&](std::function<void()> f) {
+    std::lock_guard<std::mutex> l(on_signal_mu);
+    on_signal = std::move(f);
+  };
+  std::thread sig([&] {
+    int signo;
+    if (sigwait(&set, &signo) == 0 && signo != SIGUSR2) {
+      std::lock_guard<std::mutex> l(on_signal_mu);
+      on_signal();
+    }
+  });
+  struct JoinSig {
+    std::thread& t;
+    ~JoinSig() {
+      pthread_kill(t.native_handle(), SIGUSR2);
+      t.join();
+    }
+  } join_sig{sig};
+
+  ferry::Result<std::unique_ptr<ferry::Vm>> vm = std::unexpected(ferry::Error(ferry::ErrorCode::kInternal, "no VM"));
+  bool started = false;
+  if (!cl->incoming.empty()) {
+    // Destination of a live migration: the VM is built from the stream and runs on GO.
+    auto in = ferry::migration::IncomingMigration::Listen(cl->incoming);
+    if (!in) {
+      std::fprintf(stderr, "ferry-vmm: %s\n", in.error().message().c_str());
+      return 1;
+    }
+    spdlog::info("waiting for an incoming migration on {} (port {})", cl->incoming, (*in)->port());
+    ferry::VmMigrationTarget target(cl->vm);
+    set_on_signal([inc = in->get()] { inc->Abort(); });
+    auto r = (*in)->Run(&target);
+    set_on_signal([] { std::exit(1); });
+    if (!r) {
+      // The prepared machine (if any) is torn down with `target`.
+      std::fprintf(stderr, "ferry-vmm: %s\n", r.error().message().c_str());
+      return 1;
+    }
+    spdlog::info("incoming migration {} from {}: {} pages in {} batches, restore {:.2f} ms, resume {:.2f} ms, total {:.0f} ms",
+                 r->uuid, r->source, r->pages, r->batches, r->restore_ms, r->resume_ms, r->total_ms);
+    vm = target.TakeVm();
+    started = true;
+  } else {
+    vm = cl->restore.empty() ? ferry::Vm::Create(cl->vm) : ferry::Vm::Restore(cl->vm, cl->restore);
+  }
+  if (!vm) {
+    std::fprintf(stderr, "ferry-vmm: %s\n", vm.error().message().c_str());
+    return 1;
+  }
+  ferry::VmMigrationManager migrations(vm->get());
+  std::unique_ptr<ferry::ApiServer> api;
+  if (!cl->api_socket.empty()) {
+    auto a = ferry::ApiServer::Start(cl->api_socket, vm->get(), &migrations);
+    if (!a) {
+      std::fprintf(stderr, "ferry-vmm: %s\n", a.error().message().c_str());
+      return 1;
+    }
+    api = std::move(*a);
+  }
+  auto s = started ? ferry::Status{} : (*vm)->Start();
   if (!s) {
     std::fprintf(stderr, "ferry-vmm: %s\n", s.error().message().c_str());
     return 1;
   }
-  std::thread sig([&] {
-    int signo;
-    if (sigwait(&set, &signo) == 0 && signo != SIGUSR2) (void)(*vm)->Shutdown();
-  });
+  set_on_signal([&] { (void)(*vm)->Shutdown(); });
   int code = (*vm)->Wait();
-  pthread_kill(sig.native_handle(), SIGUSR2);
-  sig.join();
+  set_on_signal([] {});
   api.reset();
   return code;
 }

@@ -30,6 +30,14 @@ Result<std::unique_ptr<IncomingMigration>> IncomingMigration::Listen(const std::
 
 IncomingMigration::~IncomingMigration() { Cleanup(); }
 
+void IncomingMigration::Abort() {
+  aborted_.store(true);
+  listener_->Shutdown();
+  std::lock_guard<std::mutex> l(mu_);
+  for (auto& d : data_) d->Shutdown();
+  if (control_) control_->Shutdown();
+}
+
 void IncomingMigration::Cleanup() {
   stopping_.store(true);
   listener_->Shutdown();
@@ -41,12 +49,15 @@ void IncomingMigration::Cleanup() {
     readers.swap(readers_);
   }
   if (control_) control_->Shutdown();
+  cv_.notify_all();
+  if (progress_.joinable()) progress_.join();
   for (auto& t : readers) t.join();
 }
 
 Status IncomingMigration::AcceptControl(const IncomingParams& params) {
   for (;;) {
     auto s = listener_->Accept(-1);
+    if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
     if (!s) return std::unexpected(s.error());
     auto sock = std::move(*s);
     auto role = ReadPreamble(*sock, params.handshake_timeout_ms);
@@ -70,8 +81,12 @@ Status IncomingMigration::AcceptControl(const IncomingParams& params) {
       continue;
     }
     hello_ = *hello;
-    FERRY_RETURN_IF_ERROR(WriteRecord(*sock, RecordType::kHelloAck, Encode(HelloAck{hello_.uuid, 0})), "handshake");
-    control_ = std::move(sock);
+    FERRY_RETURN_IF_ERROR(WriteRecord(*sock, RecordType::kHelloAck, Encode(HelloAck{hello_.uuid, hello_.capabilities & kCapsSupported})), "handshake");
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      control_ = std::move(sock);
+    }
+    if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
     spdlog::info("incoming: migration {} from {} with {} data channels", FormatUuid(hello_.uuid), control_->peer(),
                  hello_.channels);
     std::lock_guard<std::mutex> l(mu_);
@@ -152,6 +167,23 @@ void IncomingMigration::DataReader(Socket* sock, uint32_t channel) {
   }
 }
 
+void IncomingMigration::ProgressLoop() {
+  uint64_t sent = 0;
+  std::unique_lock<std::mutex> l(mu_);
+  while (!stopping_) {
+    cv_.wait_for(l, std::chrono::milliseconds(50), [&] { return stopping_ || batches_applied_ != sent || data_error_; });
+    if (stopping_ || data_error_) return;
+    if (batches_applied_ == sent) continue;
+    sent = batches_applied_;
+    l.unlock();
+    auto s = WriteRecord(*control_, RecordType::kProgress, Encode(Progress{sent, bytes_received_.load()}), false);
+    // Coalesce: at most one PROGRESS per millisecond; the next loop reports what arrived meanwhile.
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    l.lock();
+    if (!s) return;  // the control loop sees the broken connection
+  }
+}
+
 Status IncomingMigration::ApplyPages(const Record& rec) {
   if (!ram_ready_.load(std::memory_order_acquire)) return Errorf(ErrorCode::kCorrupt, "PAGES before the configuration was accepted");
   auto v = DecodePages(rec.payload, ram_pages_);
@@ -180,7 +212,9 @@ Result<IncomingResult> IncomingMigration::Run(DestinationVm* vm, const IncomingP
   out.uuid = FormatUuid(hello_.uuid);
   out.source = control_->peer();
   acceptor_ = std::thread([this, params] { AcceptLoop(params); });
+  if (hello_.capabilities & kCapProgress) progress_ = std::thread([this] { ProgressLoop(); });
   auto s = ControlLoop(vm, params, &out);
+  if (!s && aborted_) s = Errorf(ErrorCode::kCancelled, "interrupted by the operator");
   if (!s) {
     // Prefer the root cause from a data channel over the control read it interrupted.
     Error e = s.error();
@@ -241,6 +275,7 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
       auto e = DecodeEnd(r->payload);
       if (!e) return std::unexpected(e.error());
       end = *e;
+      t_end_ = NowNs();
       break;
     } else {
       return Errorf(ErrorCode::kCorrupt, "unexpected {} on the control channel", TypeName(*r));
@@ -260,6 +295,7 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   const uint64_t t_restore = NowNs();
   FERRY_RETURN_IF_ERROR(vm->Restore(state), "restore state");
   out->restore_ms = Ms(NowNs() - t_restore);
+  spdlog::info("incoming: END -> all pages applied {:.2f} ms, restore {:.2f} ms", Ms(t_restore - t_end_), out->restore_ms);
   FERRY_RETURN_IF_ERROR(WriteRecord(*control_, RecordType::kReady, EncodeU64(static_cast<uint64_t>(out->restore_ms * 1000))),
                         "send READY");
   auto go = next();

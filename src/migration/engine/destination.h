@@ -49,6 +49,8 @@ class IncomingMigration {
   // Runs one migration. On success the guest runs (DestinationVm::Start was called).
   // On failure the caller must tear the prepared VM down.
   Result<IncomingResult> Run(DestinationVm* vm, const IncomingParams& params = {});
+  // Thread-safe: makes Run() fail promptly (operator interrupt).
+  void Abort();
 
  private:
   explicit IncomingMigration(std::unique_ptr<Listener> l) : listener_(std::move(l)) {}
@@ -56,16 +58,20 @@ class IncomingMigration {
   void AcceptLoop(const IncomingParams& params);
   void DataReader(Socket* sock, uint32_t channel);
   Status ApplyPages(const Record& rec);
+  void ProgressLoop();
   Status ControlLoop(DestinationVm* vm, const IncomingParams& params, IncomingResult* out);
   void DataFailed(const Error& e);
   Status CheckDataError();
   void Cleanup();
 
   std::unique_ptr<Listener> listener_;
-  std::unique_ptr<Socket> control_;
+  std::unique_ptr<Socket> control_;  // set once under mu_, then read by the owner thread
   Hello hello_;
   std::thread acceptor_;
+  std::thread progress_;  // PROGRESS sender (kCapProgress)
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> aborted_{false};
+  uint64_t t_end_ = 0;  // END received (control thread only; for the downtime log)
 
   std::mutex mu_;
   std::condition_variable cv_;

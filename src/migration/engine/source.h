@@ -83,6 +83,8 @@ class SourceMigration {
   void ControlReader();
   void Fail(const Error& e);
   void ShutdownSockets();
+  // With kCapProgress: waits until the destination applied every PAGES record sent so far.
+  Status WaitDrained();
   void SetStatus(MigrationStatus s);
 
   SourceVm* vm_;
@@ -107,6 +109,8 @@ class SourceMigration {
   std::condition_variable ctl_cv_;
   std::deque<Record> ctl_queue_;         // GUARDED_BY(ctl_mu_)
   std::optional<Error> ctl_error_;       // GUARDED_BY(ctl_mu_)
+  uint64_t caps_ = 0;                    // accepted capabilities (set during setup)
+  uint64_t dest_applied_ = 0;            // GUARDED_BY(ctl_mu_): PAGES records applied (PROGRESS)
 
   // Cancel vs commit: once GO is sent the migration can no longer be cancelled.
   std::mutex commit_mu_;

@@ -132,6 +132,13 @@ Error ToError(const ErrorMsg& m);
 std::vector<uint8_t> EncodeCancel(std::string_view reason);
 Result<std::string> DecodeCancel(std::span<const uint8_t> p);
 
+// Capability bits (HELLO / HELLO_ACK).
+// kCapProgress: the destination sends PROGRESS while it applies PAGES records (at most every
+// millisecond, and once more after the last record it applied), so the source can wait until the
+// destination has caught up before it measures a round or pauses the VM.
+inline constexpr uint64_t kCapProgress = 1ull << 0;
+inline constexpr uint64_t kCapsSupported = kCapProgress;
+
 struct Progress {
   uint64_t batches = 0;
   uint64_t bytes = 0;

@@ -1,0 +1,207 @@
+#include "ctl/commands.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "ctl/api_client.h"
+#include "ctl/progress.h"
+
+namespace ferry::ctl {
+namespace {
+
+std::atomic<bool> g_interrupted{false};  // set by SIGINT/SIGTERM during `ferry migrate`
+extern "C" void OnInterrupt(int) { g_interrupted.store(true); }
+
+bool IsFinal(const std::string& s) {
+  return s == "completed" || s == "failed" || s == "cancelled" || s == "failed-unknown";
+}
+
+int Fail(const Error& e) {
+  std::fprintf(stderr, "ferry: %s\n", e.message().c_str());
+  return 1;
+}
+
+void PrintJson(const nlohmann::json& j) { std::printf("%s\n", j.dump(2).c_str()); }
+
+struct MigrateOptions {
+  std::string to;
+  uint32_t channels = 0;        // 0: server default
+  uint32_t downtime_ms = 0;     // 0: server default
+  std::string max_bandwidth;    // bytes/s with k/M/G suffix; empty: unlimited
+  std::string converge_policy;  // empty: server default
+  uint32_t max_iterations = 0;
+  bool keep_source = false;
+  bool no_progress = false;
+  double poll_s = 0.2;
+};
+
+int Migrate(const ApiClient& api, const MigrateOptions& o, bool json) {
+  nlohmann::json body = {{"to", o.to}};
+  if (o.channels) body["channels"] = o.channels;
+  if (o.downtime_ms) body["downtime_ms"] = o.downtime_ms;
+  if (!o.max_bandwidth.empty()) {
+    auto bw = ParseByteSize(o.max_bandwidth);
+    if (!bw) return Fail(bw.error().WithContext("--max-bandwidth"));
+    body["max_bandwidth"] = *bw;
+  }
+  if (!o.converge_policy.empty()) body["converge_policy"] = o.converge_policy;
+  if (o.max_iterations) body["max_iterations"] = o.max_iterations;
+  if (auto r = api.Put("/vm/migrate", body); !r) return Fail(r.error());
+
+  // Ctrl-C asks the source to cancel; we keep polling until it reports a final status.
+  struct sigaction sa = {};
+  sa.sa_handler = OnInterrupt;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  const bool tty = isatty(STDERR_FILENO) == 1;
+  const bool progress = !o.no_progress;
+  bool cancel_sent = false;
+  auto last_line = std::chrono::steady_clock::now() - std::chrono::hours(1);
+  nlohmann::json st;
+  int poll_errors = 0;
+  for (;;) {
+    if (g_interrupted.load() && !cancel_sent) {
+      cancel_sent = true;
+      std::fprintf(stderr, "%sferry: interrupted, cancelling the migration\n", tty && progress ? "\n" : "");
+      if (auto r = api.Put("/vm/migration/cancel"); !r) std::fprintf(stderr, "ferry: %s\n", r.error().message().c_str());
+    }
+    auto r = api.Get("/vm/migration");
+    if (!r) {
+      // The source VMM is the authority; a few transient failures are tolerated.
+      if (++poll_errors >= 25) return Fail(r.error().WithContext("lost the source VMM"));
+    } else {
+      poll_errors = 0;
+      st = std::move(*r);
+      const std::string status = st.value("status", "");
+      auto now = std::chrono::steady_clock::now();
+      if (progress && (tty || now - last_line >= std::chrono::seconds(2) || IsFinal(status))) {
+        if (tty) std::fprintf(stderr, "\r\033[K%s", FormatProgressLine(st).c_str());
+        else std::fprintf(stderr, "%s\n", FormatProgressLine(st).c_str());
+        last_line = now;
+      }
+      if (IsFinal(status)) break;
+    }
+    std::this_thread::sleep_for(std::chrono::duration<double>(o.poll_s));
+  }
+  if (progress && tty) std::fprintf(stderr, "\n");
+  const bool ok = st.value("status", "") == "completed";
+  if (ok && !o.keep_source) {
+    // The source VM is paused in state "migrated"; its process has no more work.
+    if (auto r = api.Put("/vm/shutdown"); !r)
+      std::fprintf(stderr, "ferry: warning: could not shut the source down: %s\n", r.error().message().c_str());
+  }
+  if (json) PrintJson(st);
+  else std::printf("%s", FormatSummary(st).c_str());
+  if (!ok) {
+    std::fprintf(stderr, "ferry: migration %s%s%s\n", st.value("status", "?").c_str(),
+                 st.contains("error") ? ": " : "", st.value("error", "").c_str());
+    if (st.value("status", "") == "failed-unknown")
+      std::fprintf(stderr,
+                   "ferry: the destination may or may not be running the VM; the source stays paused "
+                   "(check the destination, then `ferry resume` the source only if it is not running there)\n");
+  }
+  return ok ? 0 : 1;
+}
+
+int Status(const ApiClient& api, bool json) {
+  auto vm = api.Get("/vm");
+  if (!vm) return Fail(vm.error());
+  auto mig = api.Get("/vm/migration");
+  if (json) {
+    nlohmann::json out = {{"vm", *vm}};
+    out["migration"] = mig ? *mig : nlohmann::json(nullptr);
+    PrintJson(out);
+    return 0;
+  }
+  std::printf("vm: %s\n", vm->value("state", "?").c_str());
+  if (vm->contains("config") && (*vm)["config"].is_object()) {
+    const auto& c = (*vm)["config"];
+    if (c.contains("mem_mib")) std::printf("  memory: %s MiB\n", c["mem_mib"].dump().c_str());
+  }
+  if (mig) {
+    const std::string s = mig->value("status", "");
+    if (IsFinal(s)) std::printf("%s", FormatSummary(*mig).c_str());
+    else std::printf("%s\n", FormatProgressLine(*mig).c_str());
+  } else if (mig.error().code() == ErrorCode::kNotFound) {
+    std::printf("migration: none\n");
+  } else {
+    std::printf("migration: %s\n", mig.error().message().c_str());
+  }
+  return 0;
+}
+
+int Simple(const ApiClient& api, const std::string& target, const nlohmann::json& body, bool json) {
+  auto r = api.Put(target, body);
+  if (!r) return Fail(r.error());
+  if (json) PrintJson(*r);
+  return 0;
+}
+
+}  // namespace
+
+int RunCli(int argc, char** argv) {
+  CLI::App app{"ferry: operate Ferry VMs (live migration, status, lifecycle)"};
+  app.require_subcommand(1);
+  std::string socket;
+  bool json = false;
+  int timeout_ms = 5000;
+  auto add_common = [&](CLI::App* c) {
+    c->add_option("--api-socket", socket, "the VMM's API socket (ferry-vmm --api-socket)")->required();
+    c->add_flag("--json", json, "machine-readable output on stdout");
+    c->add_option("--timeout-ms", timeout_ms, "per-request timeout")->check(CLI::Range(100, 600000));
+  };
+
+  MigrateOptions mo;
+  auto* migrate = app.add_subcommand("migrate", "live-migrate the VM to a destination started with --incoming");
+  add_common(migrate);
+  migrate->add_option("--to", mo.to, "destination, tcp:HOST:PORT")->required();
+  migrate->add_option("--channels", mo.channels, "parallel data channels (default 4)")->check(CLI::Range(1, 16));
+  migrate->add_option("--downtime-ms", mo.downtime_ms, "downtime target (default 300)")->check(CLI::Range(1, 600000));
+  migrate->add_option("--max-bandwidth", mo.max_bandwidth, "rate limit in bytes/s (k/M/G suffixes; default unlimited)");
+  migrate->add_option("--converge-policy", mo.converge_policy, "when pre-copy does not converge: force|fail|continue")
+      ->check(CLI::IsMember({"force", "fail", "continue"}));
+  migrate->add_option("--max-iterations", mo.max_iterations, "cap on pre-copy rounds")->check(CLI::Range(1, 100000));
+  migrate->add_flag("--keep-source", mo.keep_source, "leave the (paused, migrated) source process running after success");
+  migrate->add_flag("--no-progress", mo.no_progress, "no progress output on stderr");
+
+  auto* status = app.add_subcommand("status", "show the VM state and the current/last migration");
+  add_common(status);
+  auto* cancel = app.add_subcommand("cancel", "cancel the running migration (the source keeps running)");
+  add_common(cancel);
+  auto* pause = app.add_subcommand("pause", "pause the VM");
+  add_common(pause);
+  auto* resume = app.add_subcommand("resume", "resume the VM");
+  add_common(resume);
+  auto* shutdown = app.add_subcommand("shutdown", "stop the VM and its VMM process");
+  add_common(shutdown);
+  std::string snap_path;
+  auto* snapshot = app.add_subcommand("snapshot", "write the VM's state and RAM to a file");
+  add_common(snapshot);
+  snapshot->add_option("--path", snap_path, "snapshot file")->required();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  ApiClient api(socket, timeout_ms);
+  if (migrate->parsed()) return Migrate(api, mo, json);
+  if (status->parsed()) return Status(api, json);
+  if (cancel->parsed()) return Simple(api, "/vm/migration/cancel", nlohmann::json::object(), json);
+  if (pause->parsed()) return Simple(api, "/vm/pause", nlohmann::json::object(), json);
+  if (resume->parsed()) return Simple(api, "/vm/resume", nlohmann::json::object(), json);
+  if (shutdown->parsed()) return Simple(api, "/vm/shutdown", nlohmann::json::object(), json);
+  if (snapshot->parsed()) return Simple(api, "/vm/snapshot", {{"path", snap_path}}, json);
+  return 2;
+}
+
+}  // namespace ferry::ctl

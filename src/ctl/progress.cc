@@ -1,0 +1,91 @@
+#include "ctl/progress.h"
+
+#include <algorithm>
+#include <cmath>
+#include <charconv>
+
+#include <fmt/format.h>
+
+namespace ferry::ctl {
+namespace {
+double Num(const nlohmann::json& j, const char* key) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_number() ? it->get<double>() : 0.0;
+}
+std::string Str(const nlohmann::json& j, const char* key) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+}  // namespace
+
+Result<uint64_t> ParseByteSize(std::string_view s) {
+  if (s.empty()) return Errorf(ErrorCode::kInvalidArgument, "empty size");
+  uint64_t v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc() || p == s.data())
+    return Errorf(ErrorCode::kInvalidArgument, "bad size \"{}\" (expected e.g. 4096, 64k, 100M, 1G)", s);
+  std::string_view rest(p, s.data() + s.size() - p);
+  int shift = 0;
+  if (rest == "k" || rest == "K") shift = 10;
+  else if (rest == "m" || rest == "M") shift = 20;
+  else if (rest == "g" || rest == "G") shift = 30;
+  else if (!rest.empty())
+    return Errorf(ErrorCode::kInvalidArgument, "bad size suffix in \"{}\" (use k, M or G)", s);
+  if (shift && v > (UINT64_MAX >> shift)) return Errorf(ErrorCode::kInvalidArgument, "size \"{}\" is too large", s);
+  return v << shift;
+}
+
+std::string FormatBytes(double b) {
+  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024 && u < 4) {
+    b /= 1024;
+    ++u;
+  }
+  return u == 0 ? fmt::format("{:.0f} B", b) : fmt::format("{:.1f} {}", b, kUnits[u]);
+}
+
+std::string FormatProgressLine(const nlohmann::json& st, int bar_width) {
+  double done = 0, of = 0;
+  if (auto rp = st.find("round_progress"); rp != st.end() && rp->is_object()) {
+    done = Num(*rp, "pages");
+    of = Num(*rp, "of");
+  }
+  const std::string status = Str(st, "status");
+  double frac = of > 0 ? std::clamp(done / of, 0.0, 1.0) : 0.0;
+  if (status == "completed") frac = 1.0;
+  const int filled = static_cast<int>(std::lround(frac * bar_width));
+  std::string bar(static_cast<size_t>(filled), '#');
+  bar.append(static_cast<size_t>(bar_width - filled), '.');
+  const double rate = Num(st, "dirty_pages_rate");
+  std::string line = fmt::format("[{}] {:3.0f}% {:<9} iter {:<3} sent {:>10}  remaining {:>10}  dirty {:>7} pg/s  {:6.0f} Mbit/s",
+                                 bar, frac * 100, status, static_cast<int64_t>(Num(st, "iterations")),
+                                 FormatBytes(Num(st, "transferred_bytes")), FormatBytes(Num(st, "remaining_bytes")),
+                                 rate >= 1000 ? fmt::format("{:.1f}k", rate / 1000) : fmt::format("{:.0f}", rate),
+                                 Num(st, "mbps"));
+  if (double exp = Num(st, "expected_downtime_ms"); exp > 0 && status != "completed")
+    line += fmt::format("  expected downtime {:.0f} ms", exp);
+  return line;
+}
+
+std::string FormatSummary(const nlohmann::json& st) {
+  std::string s = fmt::format("migration {} to {}: {}\n", Str(st, "uuid"), Str(st, "to"), Str(st, "status"));
+  s += fmt::format("  total {:.0f} ms (setup {:.1f} ms), {} iterations, {}\n", Num(st, "total_ms"), Num(st, "setup_ms"),
+                   static_cast<int64_t>(Num(st, "iterations")),
+                   st.value("converged", false) ? "converged" : "did not converge");
+  if (st.contains("downtime_ms")) {
+    s += fmt::format("  VMM downtime {:.1f} ms", Num(st, "downtime_ms"));
+    if (auto ph = st.find("downtime_phases"); ph != st.end() && ph->is_object())
+      s += fmt::format(" (final pages {:.1f} ms, state {:.1f} ms, resume {:.1f} ms)", Num(*ph, "final_pages_ms"),
+                       Num(*ph, "state_ms"), Num(*ph, "resume_ms"));
+    s += "\n";
+  }
+  s += fmt::format("  sent {} for {} of RAM ({} zero pages, {} normal pages), {:.0f} Mbit/s\n",
+                   FormatBytes(Num(st, "transferred_bytes")), FormatBytes(Num(st, "total_ram_bytes")),
+                   static_cast<uint64_t>(Num(st, "zero_pages")), static_cast<uint64_t>(Num(st, "normal_pages")),
+                   Num(st, "mbps"));
+  if (auto e = Str(st, "error"); !e.empty()) s += fmt::format("  error: {}\n", e);
+  return s;
+}
+
+}  // namespace ferry::ctl

@@ -1,0 +1,26 @@
+// Human-readable rendering of migration stats (GET /vm/migration) for the `ferry` CLI.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+
+namespace ferry::ctl {
+
+// "1.5G", "100M", "64k", "4096" (bytes; k/M/G are powers of 1024). 0 means unlimited.
+Result<uint64_t> ParseByteSize(std::string_view s);
+std::string FormatBytes(double bytes);  // "12.3 MiB"
+
+// One status line with a bar of `bar_width` cells, e.g.
+// "[#######.....]  58% active  iter 2  312.0 MiB sent  remaining 4.2 MiB  dirty 19.8k pg/s  940 Mbit/s"
+// The bar shows the current round (the first round is the whole RAM).
+std::string FormatProgressLine(const nlohmann::json& stats, int bar_width = 24);
+
+// Multi-line summary of a finished migration (times, downtime phases, bytes).
+std::string FormatSummary(const nlohmann::json& stats);
+
+}  // namespace ferry::ctl

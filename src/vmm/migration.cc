@@ -1,0 +1,108 @@
+#include "vmm/migration.h"
+
+#include <spdlog/spdlog.h>
+
+namespace ferry {
+
+VmMigrationManager::~VmMigrationManager() {
+  std::unique_ptr<migration::SourceMigration> m;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    m = std::move(current_);
+  }
+  m.reset();  // cancels if still running, joins
+}
+
+Status VmMigrationManager::Start(const nlohmann::json& body) {
+  auto params = migration::ParseSourceParams(body);
+  if (!params) return std::unexpected(params.error());
+  std::lock_guard<std::mutex> l(mu_);
+  if (current_ && !migration::IsFinal(current_->status()))
+    return Errorf(ErrorCode::kBusy, "a migration is already in progress (status {})", migration::MigrationStatusName(current_->status()));
+  const VmState st = vm_->state();
+  if (st != VmState::kRunning && st != VmState::kPaused)
+    return Errorf(ErrorCode::kBusy, "cannot migrate a VM in state {}", VmStateName(st));
+  if (current_) current_.reset();  // joins the finished one
+  current_ = migration::SourceMigration::Start(this, std::move(*params));
+  return {};
+}
+
+Result<nlohmann::json> VmMigrationManager::Stats() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (!current_) return Errorf(ErrorCode::kNotFound, "no migration has been started");
+  return current_->Stats();
+}
+
+Status VmMigrationManager::Cancel() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (!current_) return Errorf(ErrorCode::kNotFound, "no migration has been started");
+  return current_->Cancel();
+}
+
+bool VmMigrationManager::active() {
+  std::lock_guard<std::mutex> l(mu_);
+  return current_ && !migration::IsFinal(current_->status());
+}
+
+migration::RamView VmMigrationManager::Ram() {
+  GuestMemory& m = vm_->memory();
+  return {m.host(), m.size(), &m.dirty_log(), m.memfd()};
+}
+
+Result<nlohmann::json> VmMigrationManager::Config() {
+  auto info = vm_->Info();
+  if (!info) return std::unexpected(info.error());
+  nlohmann::json board = (*info)["config"];
+  board.erase("tap");  // host-side detail
+  return nlohmann::json{{"board", board}, {"vmm", "ferry-vmm"}};
+}
+
+Status VmMigrationManager::Pause() {
+  if (vm_->state() == VmState::kPaused) return {};  // the operator paused it: leave it so afterwards
+  FERRY_RETURN_IF_ERROR(vm_->Pause(), "pause");
+  paused_by_migration_ = true;
+  return {};
+}
+
+Status VmMigrationManager::Resume() {
+  if (!paused_by_migration_) return {};
+  paused_by_migration_ = false;
+  return vm_->Resume();
+}
+
+Result<std::vector<migration::StateRecord>> VmMigrationManager::SaveState() { return vm_->SaveStateRecords(); }
+
+void VmMigrationManager::OnMigrated(const std::string& destination) {
+  auto s = vm_->MarkMigrated(destination);
+  if (!s) spdlog::error("migration: cannot mark the VM migrated: {}", s.error().message());
+}
+
+Result<migration::RamView> VmMigrationTarget::Prepare(const nlohmann::json& config) {
+  if (vm_) return Errorf(ErrorCode::kBusy, "configuration received twice");
+  if (!config.contains("board") || !config["board"].is_object())
+    return Errorf(ErrorCode::kCorrupt, "configuration has no \"board\" object");
+  VmOptions opts = options_;
+  FERRY_RETURN_IF_ERROR(opts.board.ApplyGuestJson(config["board"]), "guest configuration");
+  auto vm = Vm::CreateIncoming(opts);
+  if (!vm) return std::unexpected(vm.error());
+  vm_ = std::move(*vm);
+  GuestMemory& m = vm_->memory();
+  spdlog::info("incoming: machine prepared: {} MiB RAM, cmdline '{}'", m.size() >> 20, opts.board.cmdline);
+  return migration::RamView{m.host(), m.size(), nullptr, -1};
+}
+
+Status VmMigrationTarget::Restore(const std::vector<migration::StateRecord>& state) {
+  if (!vm_) return Errorf(ErrorCode::kBusy, "state before configuration");
+  return vm_->RestoreStateRecords(state);
+}
+
+Status VmMigrationTarget::Start() {
+  if (!vm_) return Errorf(ErrorCode::kBusy, "start before configuration");
+  FERRY_RETURN_IF_ERROR(vm_->Start(false), "start");
+  // Tell the bridge where the guest's MAC lives now (the guest keeps MAC and IP).
+  auto s = vm_->AnnounceNetwork();
+  if (!s) spdlog::warn("incoming: MAC announcement failed: {}", s.error().message());
+  return {};
+}
+
+}  // namespace ferry

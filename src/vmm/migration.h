@@ -1,0 +1,60 @@
+// ferry-vmm's side of live migration: adapters from Vm to the VMM-neutral engine
+// (src/migration/engine/vm_interface.h) and the source's migration manager behind
+// PUT /vm/migrate, GET /vm/migration, PUT /vm/migration/cancel.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "migration/engine/destination.h"
+#include "migration/engine/source.h"
+#include "vmm/vm.h"
+
+namespace ferry {
+
+// Source: one migration at a time; the last one's stats stay readable.
+class VmMigrationManager : public migration::SourceVm {
+ public:
+  explicit VmMigrationManager(Vm* vm) : vm_(vm) {}
+  ~VmMigrationManager() override;
+
+  Status Start(const nlohmann::json& body);
+  Result<nlohmann::json> Stats();
+  Status Cancel();
+  // True while a migration is between setup and its final status (the API refuses
+  // pause/resume/snapshot then).
+  bool active();
+
+  // migration::SourceVm
+  migration::RamView Ram() override;
+  Result<nlohmann::json> Config() override;
+  Status Pause() override;
+  Status Resume() override;
+  Result<std::vector<migration::StateRecord>> SaveState() override;
+  void OnMigrated(const std::string& destination) override;
+
+ private:
+  Vm* vm_;
+  std::mutex mu_;
+  std::unique_ptr<migration::SourceMigration> current_;  // GUARDED_BY(mu_)
+  bool paused_by_migration_ = false;                      // migration thread only
+};
+
+// Destination: builds the Vm when the configuration arrives.
+class VmMigrationTarget : public migration::DestinationVm {
+ public:
+  explicit VmMigrationTarget(VmOptions options) : options_(std::move(options)) {}
+  Result<migration::RamView> Prepare(const nlohmann::json& config) override;
+  Status Restore(const std::vector<migration::StateRecord>& state) override;
+  Status Start() override;
+  std::unique_ptr<Vm> TakeVm() { return std::move(vm_); }
+
+ private:
+  VmOptions options_;
+  std::unique_ptr<Vm> vm_;
+};
+
+}  // namespace ferry
