@@ -164,7 +164,11 @@ Status SourceMigration::Cancel() {
   }
   {
     std::lock_guard<std::mutex> l(ctl_mu_);
-    for (auto& d : data_) d->Shutdown();  // unblocks senders; control stays up for CANCEL
+    // Tell the destination why before its data connections close under it, so it reports
+    // "cancelled" rather than a lost connection (the migration thread sends CANCEL again
+    // when it unwinds; a second one is harmless).
+    if (control_ && hello_sent_.load()) (void)WriteRecord(*control_, RecordType::kCancel, EncodeCancel("cancelled by operator"));
+    for (auto& d : data_) d->Shutdown();  // unblocks senders
   }
   ctl_cv_.notify_all();
   return {};
@@ -236,6 +240,7 @@ Status SourceMigration::Setup() {
   FERRY_RETURN_IF_ERROR(WritePreamble(*control_, Role::kControl), "control channel");
   FERRY_RETURN_IF_ERROR(
       WriteRecord(*control_, RecordType::kHello, Encode(Hello{uuid_, kCapsSupported, params_.channels, kWirePageSize})), "control channel");
+  hello_sent_.store(true);
   control_reader_ = std::thread([this] { ControlReader(); });
   auto ack = AwaitControl(RecordType::kHelloAck, params_.connect_timeout_ms * 2);
   if (!ack) return std::unexpected(ack.error().WithContext("handshake"));

@@ -109,6 +109,7 @@ class SourceMigration {
   std::condition_variable ctl_cv_;
   std::deque<Record> ctl_queue_;         // GUARDED_BY(ctl_mu_)
   std::optional<Error> ctl_error_;       // GUARDED_BY(ctl_mu_)
+  std::atomic<bool> hello_sent_{false};  // CANCEL may be sent on the control channel
   uint64_t caps_ = 0;                    // accepted capabilities (set during setup)
   uint64_t dest_applied_ = 0;            // GUARDED_BY(ctl_mu_): PAGES records applied (PROGRESS)
 
