@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -71,8 +72,9 @@ int main(int argc, char** argv) {
       if (next_send < now - 1.0) next_send = now;  // we were descheduled: do not burst
     }
     pollfd p{fd, POLLIN, 0};
-    int wait_ms = static_cast<int>(std::max(0.0, (next_send - Now()) * 1000));
-    if (poll(&p, 1, std::min(wait_ms, 100)) > 0) {
+    const double wait_s = std::clamp(next_send - Now(), 0.0, 0.1);
+    timespec ts{0, static_cast<long>(wait_s * 1e9)};
+    if (ppoll(&p, 1, &ts, nullptr) > 0) {
       char r[64];
       while (recv(fd, r, sizeof r, MSG_DONTWAIT) > 0) {
         double t = Now();
