@@ -145,17 +145,28 @@ TEST_F(MigrationTest, IdleGuestSendsLittleMoreThanItsNonZeroRam) {
 // --- 10 round trips A -> B -> A, memory verified at the end ---
 TEST_F(MigrationTest, TenRoundTrips) {
   auto vm = BootSource(Memdirty(20000));
+  // Guest time (CLINT, 10 MHz) must follow wall time across the moves: no jump forward, and
+  // behind only by the time the guest was paused.
+  const auto wall0 = std::chrono::steady_clock::now();
+  const double guest0 = vm->Get("/vm")["guest_time_ticks"].get<double>() / 1e7;
+  double paused_s = 0;
   for (int leg = 0; leg < 20; ++leg) {
     const int port = FreePort();
     auto next = Incoming(port);
     auto r = Ferry("migrate --api-socket " + vm->socket() + " --to tcp:127.0.0.1:" + std::to_string(port) + " --json --no-progress");
     ASSERT_EQ(r.rc, 0) << "leg " << leg << ": " << r.out << vm->Stderr() << next->Stderr();
+    paused_s += r.json["downtime_ms"].get<double>() / 1e3;
     ASSERT_EQ(vm->Wait(10s), 0) << "leg " << leg << ": source did not exit: " << vm->Stderr();
     vm = std::move(next);
     auto info = vm->Get("/vm");
     ASSERT_TRUE(info.is_object()) << vm->Stderr();
     ASSERT_EQ(info["state"], "running");
   }
+  const double guest1 = vm->Get("/vm")["guest_time_ticks"].get<double>() / 1e7;
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
+  std::printf("20 legs: wall %.3f s, guest clock %.3f s, paused %.3f s\n", wall, guest1 - guest0, paused_s);
+  EXPECT_LE(guest1 - guest0, wall + 0.05) << "guest clock jumped forward";
+  EXPECT_GE(guest1 - guest0, wall - paused_s - 0.5) << "guest clock lost more than the paused time";
   ASSERT_TRUE(MemverifyOk(*vm, kPages)) << vm->Console() << vm->Stderr();
   EXPECT_EQ(vm->Console().find("FAIL"), std::string::npos);
   EXPECT_EQ(vm->Api("PUT", "/vm/shutdown", "{}"), 200);
