@@ -288,6 +288,7 @@ class VirtioBalloon final : public VirtioMmioDevice, public FreePageReport {
     FERRY_ASSIGN(act, r.GetU32());
     FERRY_ASSIGN(bits, r.GetBytes());
     if (bits.size() != (free_.size() + 7) / 8) return Errorf(ErrorCode::kCorrupt, "balloon: free-page bitmap size mismatch");
+    FERRY_RETURN_IF_ERROR(r.ExpectEnd(kind()), "balloon");  // before changing anything
     num_pages_ = np;
     actual_ = act;
     reported_now_ = 0;

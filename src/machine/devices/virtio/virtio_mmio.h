@@ -53,6 +53,7 @@ class VirtioMmioDevice : public Device {
   virtual bool ReadConfig(uint64_t offset, unsigned size, uint64_t* value) = 0;
   virtual bool WriteConfig(uint64_t, unsigned, uint64_t) { return true; }
   virtual void SaveDevice(StateWriter&) const {}
+  // Must validate all of its bytes (including that none are left over) before changing anything.
   virtual Status RestoreDevice(StateReader&) { return {}; }
   virtual nlohmann::json DeviceMetrics() const { return nlohmann::json::object(); }
   virtual std::string kind() const = 0;
