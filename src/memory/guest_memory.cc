@@ -9,15 +9,21 @@
 namespace ferry {
 
 DirtyLog::DirtyLog(uint64_t num_pages)
-    : num_pages_(num_pages), marks_(new std::atomic<uint8_t>[num_pages]) {
-  for (uint64_t i = 0; i < num_pages_; ++i) marks_[i].store(0, std::memory_order_relaxed);
+    : num_pages_(num_pages), marks_(new std::atomic<uint8_t>[num_pages]), code_watch_(new std::atomic<uint8_t>[num_pages]) {
+  for (uint64_t i = 0; i < num_pages_; ++i) {
+    marks_[i].store(0, std::memory_order_relaxed);
+    code_watch_[i].store(0, std::memory_order_relaxed);
+  }
 }
 
 void DirtyLog::MarkRange(uint64_t offset, uint64_t len) {
   if (len == 0) return;
   uint64_t first = offset >> kPageShift;
   uint64_t last = (offset + len - 1) >> kPageShift;
-  for (uint64_t p = first; p <= last && p < num_pages_; ++p) marks_[p].store(1, std::memory_order_release);
+  for (uint64_t p = first; p <= last && p < num_pages_; ++p) {
+    marks_[p].store(1, std::memory_order_release);
+    NoteCodeWrite(p);
+  }
 }
 
 std::vector<uint64_t> DirtyLog::Harvest() {

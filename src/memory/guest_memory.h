@@ -48,13 +48,26 @@ class DirtyLog {
 
   // page index relative to RAM base
   void MarkPage(uint64_t page) {
-    if (page < num_pages_) marks_[page].store(1, std::memory_order_release);
+    if (page < num_pages_) {
+      marks_[page].store(1, std::memory_order_release);
+      NoteCodeWrite(page);
+    }
   }
   void MarkRange(uint64_t offset, uint64_t len);  // byte offset into RAM
   bool IsDirty(uint64_t page) const {
     return page < num_pages_ && marks_[page].load(std::memory_order_acquire) != 0;
   }
   uint8_t* raw_marks() { return reinterpret_cast<uint8_t*>(marks_.get()); }
+
+  // Code-page watch, for a CPU backend that caches decoded instructions (one per VM).
+  // The backend sets raw_code_watch()[page] = 1 while it holds decoded code of that page
+  // and resets it to 0 when it drops that code. Every write path other than the CPU's own
+  // stores marks the log through MarkPage/MarkRange; these turn a 1 into 2 and bump
+  // code_write_generation(). The backend compares the generation wherever device code may
+  // have run (between Run() calls, after an MMIO access) and drops the pages marked 2.
+  // The CPU's own stores check the byte directly.
+  uint8_t* raw_code_watch() { return reinterpret_cast<uint8_t*>(code_watch_.get()); }
+  uint64_t code_write_generation() const { return code_gen_.load(std::memory_order_acquire); }
 
   // Returns a bitmap (bit i of word i/64 = page i) of pages written since the
   // previous harvest, and clears the marks. See protocol above.
@@ -67,8 +80,17 @@ class DirtyLog {
   void RemoveListener(HarvestListener* l);
 
  private:
+  void NoteCodeWrite(uint64_t page) {
+    if (code_watch_[page].load(std::memory_order_relaxed) == 1) {
+      code_watch_[page].store(2, std::memory_order_relaxed);
+      code_gen_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
   uint64_t num_pages_;
   std::unique_ptr<std::atomic<uint8_t>[]> marks_;
+  std::unique_ptr<std::atomic<uint8_t>[]> code_watch_;
+  std::atomic<uint64_t> code_gen_{0};
   std::atomic<bool> enabled_{true};
   std::vector<HarvestListener*> listeners_;
 };
