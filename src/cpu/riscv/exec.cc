@@ -219,7 +219,7 @@ void RiscvCpu::Execute32(uint32_t insn) {
     }
     case 0x0f:
       if (F3(insn) > 1) ILLEGAL();
-      break;  // FENCE / FENCE.I: no decode cache, memory is sequentially consistent for one hart
+      break;  // FENCE / FENCE.I: one hart, and the decode cache is kept coherent by stores (decode.cc)
     case 0x2f:
       if (!ExecuteAmo(insn)) return;
       break;

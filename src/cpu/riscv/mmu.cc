@@ -19,7 +19,7 @@ void RiscvCpu::FillTlb(TlbEntry* tlb, uint64_t va, uint64_t pa, int priv) {
 }
 
 void RiscvCpu::FlushTlb() {
-  for (int i = 0; i < kTlbSize; ++i) tlb_read_[i].tag = tlb_write_[i].tag = tlb_code_[i].tag = ~0ull;
+  for (int i = 0; i < kTlbSize; ++i) tlb_read_[i].tag = tlb_write_[i].tag = tlb_code_[i].tag = code_tlb_[i].tag = ~0ull;
 }
 
 void RiscvCpu::FlushWriteTlb() {
@@ -34,7 +34,9 @@ bool RiscvCpu::PhysRead(uint64_t pa, unsigned size, uint64_t* v, Access acc) {
   }
   if (acc == Access::kFetch) return false;  // no execution from MMIO
   counters_.mmio_accesses++;
-  return env_.bus && env_.bus->Read(pa, size, v);
+  const bool ok = env_.bus && env_.bus->Read(pa, size, v);
+  CheckDeviceCodeWrites();  // the device may have written guest RAM (DMA) synchronously
+  return ok;
 }
 
 bool RiscvCpu::PhysWrite(uint64_t pa, unsigned size, uint64_t v) {
@@ -44,11 +46,17 @@ bool RiscvCpu::PhysWrite(uint64_t pa, unsigned size, uint64_t v) {
     // Mark after the data store (see guest_memory.h).
     __atomic_store_n(&dirty_marks_[off >> 12], 1, __ATOMIC_RELEASE);
     if (((off + size - 1) >> 12) != (off >> 12)) __atomic_store_n(&dirty_marks_[(off + size - 1) >> 12], 1, __ATOMIC_RELEASE);
+    // Self-modifying code: drop decoded instructions of the written page(s). Pages with
+    // decoded code never have write-TLB entries, so every such store comes through here.
+    if (__builtin_expect(code_watch_[off >> 12] != 0, 0)) InvalidateCodePage(off >> 12);
+    if (__builtin_expect(code_watch_[(off + size - 1) >> 12] != 0, 0)) InvalidateCodePage((off + size - 1) >> 12);
     if (pa == reservation_) reservation_ = ~0ull;
     return true;
   }
   counters_.mmio_accesses++;
-  return env_.bus && env_.bus->Write(pa, size, v);
+  const bool ok = env_.bus && env_.bus->Write(pa, size, v);
+  CheckDeviceCodeWrites();  // e.g. a virtio notify completed a request into guest RAM
+  return ok;
 }
 
 bool RiscvCpu::Translate(uint64_t va, Access acc, uint64_t* pa, bool raise) {

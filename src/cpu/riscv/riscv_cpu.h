@@ -10,7 +10,9 @@
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "cpu/vcpu.h"
 
@@ -67,6 +69,8 @@ class RiscvCpu final : public Vcpu {
   uint64_t last_trap_tval() const { return last_trap_tval_; }
   uint64_t last_trap_pc() const { return last_trap_pc_; }
   void FlushTlb();
+  // Decoded pages dropped because their code was written (CPU store, device write).
+  uint64_t code_invalidations() const { return code_invalidations_; }
 
  private:
   struct TlbEntry {
@@ -75,6 +79,40 @@ class RiscvCpu final : public Vcpu {
   };
   static constexpr int kTlbSize = 512;
   enum class Access : uint8_t { kRead, kWrite, kFetch };
+
+  // --- decoded-instruction cache + threaded dispatch (decode.cc) ---
+  // One slot per 16-bit offset of a RAM page, decoded lazily on first execution.
+  struct DecodedInsn {
+    const void* handler;  // label inside RunDecoded()
+    int32_t imm;          // immediate; slot delta for in-page jumps; the 32-bit insn for GENERIC/SYSTEM
+    uint8_t rd, rs1, rs2; // rd = 32 (write sink) where x0 is the destination
+    uint8_t len;          // instruction length in 16-bit slots (1 or 2)
+  };
+  static constexpr int kSlotsPerPage = 2048;
+  struct DecodedPage {
+    DecodedInsn insn[kSlotsPerPage + 1];  // + end-of-page sentinel
+    uint8_t* host = nullptr;              // the RAM page
+    uint64_t ppn = 0;                     // RAM page index (relative to ram_base_)
+  };
+  struct CodeTlbEntry {
+    uint64_t tag = ~0ull;  // (vaddr >> 12) << 2 | privilege
+    DecodedPage* page = nullptr;
+  };
+  static constexpr size_t kMaxDecodedPages = 512;  // then the whole cache is dropped
+  // Runs up to n (> 0) instructions; returns the number executed. Returns early (at a
+  // taken jump, page exit, SYSTEM instruction or trap) once attention_ is set.
+  // n == 0 only publishes the handler table (constructor).
+  uint64_t RunDecoded(uint64_t n);
+  DecodedPage* LookupCodePage(uint64_t pc);  // code-TLB miss: translate, find/alloc; null = trap taken
+  void DecodeSlot(DecodedPage* dp, DecodedInsn* s);
+  void ResetDecodedPage(DecodedPage* dp);
+  void InvalidateCodePage(uint64_t ppn);     // a store hit a page with decoded code
+  void FlushDecodeCache();
+  void DropWrittenCodePages();               // pages written by devices (DirtyLog code watch)
+  void CheckDeviceCodeWrites() {
+    if (dirty_log_ && dirty_log_->code_write_generation() != code_gen_seen_) DropWrittenCodePages();
+  }
+  void PurgeWriteTlbFor(const uint8_t* host_page);
 
   // --- execution (exec.cc) ---
   void Step();                        // one instruction
@@ -124,7 +162,7 @@ class RiscvCpu final : public Vcpu {
   uint64_t ram_size_;
   uint8_t* dirty_marks_;
 
-  uint64_t x_[32] = {};
+  uint64_t x_[33] = {};  // x_[32]: write sink for rd = x0 in decoded instructions (not architectural)
   uint64_t f_[32] = {};
   uint64_t pc_ = 0;
   int priv_ = kMachine;
@@ -168,6 +206,19 @@ class RiscvCpu final : public Vcpu {
 
   VcpuCounters counters_;
   FILE* trace_ = nullptr;
+
+  // Decode cache (not architectural state: dropped on restore/boot, never saved).
+  // Invariant: code_watch_[ppn] != 0  =>  no tlb_write_ entry maps page ppn, so every CPU
+  // store to a page with decoded code takes the slow path (PhysWrite), which drops the code.
+  DirtyLog* dirty_log_ = nullptr;
+  uint8_t* code_watch_ = nullptr;  // DirtyLog::raw_code_watch()
+  uint64_t code_gen_seen_ = 0;
+  std::vector<DecodedPage*> page_of_ppn_;
+  std::vector<std::unique_ptr<DecodedPage>> decoded_pages_;
+  size_t decoded_used_ = 0;
+  uint64_t code_invalidations_ = 0;
+  CodeTlbEntry code_tlb_[kTlbSize];
+  static const void* const* handlers_;  // RunDecoded's label table
 };
 
 }  // namespace ferry::riscv

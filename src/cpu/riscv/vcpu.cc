@@ -29,7 +29,14 @@ RiscvCpu::RiscvCpu(int hart_id, const VcpuEnv& env) : hart_id_(hart_id), env_(en
   ram_size_ = env.memory ? env.memory->size() : 0;
   dirty_marks_ = env.memory ? env.memory->dirty_log().raw_marks() : nullptr;
   misa_ = kMisa;
-  if (env.memory) env.memory->dirty_log().AddListener(this);
+  if (env.memory) {
+    env.memory->dirty_log().AddListener(this);
+    dirty_log_ = &env.memory->dirty_log();
+    code_watch_ = dirty_log_->raw_code_watch();
+    code_gen_seen_ = dirty_log_->code_write_generation();
+    page_of_ppn_.assign(ram_size_ >> 12, nullptr);
+  }
+  RunDecoded(0);  // publishes the handler table
   // Debug aid: FERRY_CPU_TRACE=PATH writes "priv pc" per executed instruction, for
   // diffing against `qemu-system-riscv64 -d exec,nochain -singlestep`.
   if (const char* t = getenv("FERRY_CPU_TRACE"); t && *t) trace_ = fopen(t, "w");
@@ -56,6 +63,7 @@ void RiscvCpu::SetBootState(uint64_t pc, uint64_t a0, uint64_t a1, int privilege
     scounteren_ = 7;
   }
   FlushTlb();
+  FlushDecodeCache();
 }
 
 void RiscvCpu::RequestExit() {
@@ -114,13 +122,19 @@ VcpuRunResult RiscvCpu::Run(uint64_t max_instructions) {
     if (executed >= max_instructions) break;
     const uint64_t n = std::min(kChunk, max_instructions - executed);
     attention_.store(false, std::memory_order_relaxed);
+    CheckDeviceCodeWrites();  // devices ran on this thread between slices
     uint64_t i = 0;
-    while (i < n) {
-      if (__builtin_expect(trace_ != nullptr, 0)) fprintf(trace_, "%d %016llx\n", priv_, static_cast<unsigned long long>(pc_));
-      Step();
-      ++i;
-      // WFI, host traps, CSR writes that change interrupt state and other threads all raise attention_.
-      if (__builtin_expect(attention_.load(std::memory_order_relaxed), 0)) break;
+    if (__builtin_expect(trace_ == nullptr, 1)) {
+      // Decoded fast path; returns early (at block granularity) once attention_ is raised.
+      i = RunDecoded(n);
+    } else {
+      while (i < n) {  // one instruction at a time, decoding each (the reference path)
+        fprintf(trace_, "%d %016llx\n", priv_, static_cast<unsigned long long>(pc_));
+        Step();
+        ++i;
+        // WFI, host traps, CSR writes that change interrupt state and other threads all raise attention_.
+        if (__builtin_expect(attention_.load(std::memory_order_relaxed), 0)) break;
+      }
     }
     executed += i;
     instret_ += i;
@@ -150,7 +164,7 @@ VcpuCounters RiscvCpu::counters() const { return counters_; }
 std::vector<uint8_t> RiscvCpu::SaveState() const {
   StateWriter w;
   w.PutU32(kStateVersion);
-  for (uint64_t v : x_) w.PutU64(v);
+  for (int i = 0; i < 32; ++i) w.PutU64(x_[i]);
   for (uint64_t v : f_) w.PutU64(v);
   w.PutU64(pc_);
   w.PutU8(static_cast<uint8_t>(priv_));
@@ -220,6 +234,7 @@ Status RiscvCpu::RestoreState(std::span<const uint8_t> blob) {
   lines_.store(lines & kHardwareLines);
   reservation_ = ~0ull;
   FlushTlb();
+  FlushDecodeCache();  // RAM may have been replaced under us
   attention_.store(true);
   return {};
 }
