@@ -456,3 +456,63 @@ TEST_F(CpuTest, CodeOverwrittenByADeviceWriteIsExecutedFresh) {
 
 }  // namespace
 }  // namespace ferry::riscv
+
+namespace ferry::riscv {
+namespace {
+
+constexpr uint32_t kSfenceVma = 0x12000073;
+
+TEST_F(MmuTest, DecodedCodeFollowsARemappedPageAfterSfenceVma) {
+  // The same virtual page first maps physical page A, then B; both hold decoded code.
+  const uint64_t a = kPa, b = kPa + 0x1000;
+  Put64(kRoot + 8 * ((kBase >> 30) & 0x1ff), ((kBase >> 12) << 10) | 0xcf);  // stvec and tables
+  Put(a, {Addi(10, 0, 1), kSfenceVma, Jal(0, -8)});
+  Put(b, {Addi(10, 0, 2), kSfenceVma, Jal(0, -8)});
+  MapSv39(0x1 | 0x2 | 0x8 | 0x40);  // V R X A
+  EnterS(kVa);
+  cpu_->WriteCsrForTest(0x180, (8ull << 60) | (kRoot >> 12));
+  Steps(3);  // addi, sfence, jal: page A decoded
+  EXPECT_EQ(cpu_->x(10), 1u);
+  EXPECT_EQ(cpu_->pc(), kVa);
+  Steps(1);  // addi (A)
+  Put64(kL0 + 8 * ((kVa >> 12) & 0x1ff), ((b >> 12) << 10) | 0x1 | 0x2 | 0x8 | 0x40);
+  cpu_->set_x(10, 0);
+  Steps(3);  // sfence (A, or B: same instruction), jal (B), addi (B)
+  EXPECT_EQ(cpu_->x(10), 2u) << "after sfence.vma the new mapping's code runs";
+  EXPECT_EQ(cpu_->pc(), kVa + 4);
+}
+
+TEST_F(MmuTest, CodeDecodedInSupervisorModeStillFaultsWhenFetchedFromUserMode) {
+  Put64(kRoot + 8 * ((kBase >> 30) & 0x1ff), ((kBase >> 12) << 10) | 0xcf);  // S-only RWX superpage
+  Put(kPa, {Addi(10, 10, 1), kSret});
+  Put(kBase + 0x900, {Jal0()});
+  MapSv39(0x1 | 0x2 | 0x8 | 0x40);  // V R X A, no U
+  EnterS(kVa);
+  cpu_->WriteCsrForTest(0x180, (8ull << 60) | (kRoot >> 12));
+  cpu_->WriteCsrForTest(0x141, kVa);  // sepc; sstatus.SPP = 0: sret goes to U
+  Steps(2);
+  EXPECT_EQ(cpu_->priv(), kUser);
+  EXPECT_EQ(cpu_->pc(), kVa);
+  Steps(1);  // U fetches the decoded S page: instruction page fault, delegated to S
+  EXPECT_EQ(cpu_->priv(), kSupervisor);
+  EXPECT_EQ(cpu_->ReadCsrForTest(0x142), kCauseFetchPage);
+  EXPECT_EQ(cpu_->ReadCsrForTest(0x141), kVa);
+  EXPECT_EQ(cpu_->pc(), kBase + 0x900);
+  EXPECT_EQ(cpu_->x(10), 1u) << "the addi did not run in U-mode";
+}
+
+TEST_F(CpuTest, InstretReadInTheMiddleOfARunCountsTheInstructionsBeforeIt) {
+  cpu_->SetBootState(kBase, 0, 0, kMachine);
+  cpu_->WriteCsrForTest(0xB02, 100);  // minstret
+  // 5 x addi, csrr a0, minstret; csrr a1, mcycle (same counter here); jal 0
+  Put(kBase, {Addi(5, 5, 1), Addi(5, 5, 1), Addi(5, 5, 1), Addi(5, 5, 1), Addi(5, 5, 1), Csrrs(10, 0xB02, 0),
+              Csrrs(11, 0xB00, 0), Jal0()});
+  auto r = cpu_->Run(20);
+  EXPECT_EQ(r.instructions, 20u);
+  EXPECT_EQ(cpu_->x(10), 105u);
+  EXPECT_EQ(cpu_->x(11), 106u);
+  EXPECT_EQ(cpu_->ReadCsrForTest(0xB02), 120u);
+}
+
+}  // namespace
+}  // namespace ferry::riscv

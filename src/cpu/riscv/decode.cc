@@ -354,15 +354,24 @@ L_DECODE:
 L_PAGE_END:
   pc_ = page_va + 0x1000;
   goto lookup;
-L_CROSS:
+L_CROSS: {
   pc_ = PC();
+  const uint64_t done = n - left;
+  instret_ += done;  // exact instret/cycle for a CSR read (see L_SYSTEM)
   Step();
+  instret_ -= done;
   TRAPPED();  // not a trap, but pc_ is wherever Step() left it
+}
 L_SYSTEM: {
   pc_ = PC();
   ilen_ = ip->len * 2;
   raw_insn_ = ip->len == 1 ? (ip->rd | (static_cast<uint32_t>(ip->rs1) << 8)) : static_cast<uint32_t>(ip->imm);
+  // Run() adds this run's count to instret_ when it returns; a CSR read of cycle/instret
+  // here must see the instructions retired so far.
+  const uint64_t done = n - left;
+  instret_ += done;
   Execute32(static_cast<uint32_t>(ip->imm));
+  instret_ -= done;
   CheckDeviceCodeWrites();  // an SBI call may have run device code
   TRAPPED();                // re-enter through lookup: privilege, translation or attention may have changed
 }

@@ -130,7 +130,9 @@ VcpuRunResult RiscvCpu::Run(uint64_t max_instructions) {
     } else {
       while (i < n) {  // one instruction at a time, decoding each (the reference path)
         fprintf(trace_, "%d %016llx\n", priv_, static_cast<unsigned long long>(pc_));
+        instret_ += i;  // a CSR read of cycle/instret sees the instructions retired so far
         Step();
+        instret_ -= i;
         ++i;
         // WFI, host traps, CSR writes that change interrupt state and other threads all raise attention_.
         if (__builtin_expect(attention_.load(std::memory_order_relaxed), 0)) break;
