@@ -48,8 +48,9 @@ void Session::AddDataConn(std::unique_ptr<Conn> c, uint16_t index) {
 }
 
 std::string Session::StatusJsonFields() const {
-  return fmt::format(R"({{"id":"{:016x}","bytes_sent":{},"bytes_received":{},"data_conns":{}}})", id_,
-                     st_sent_.load(), st_received_.load(), st_data_conns_.load());
+  return fmt::format(
+      R"({{"id":"{:016x}","bytes_sent":{},"bytes_received":{},"data_conns":{},"unacked_bytes":{},"reorder_bytes":{}}})",
+      id_, st_sent_.load(), st_received_.load(), st_data_conns_.load(), st_unacked_.load(), st_reorder_.load());
 }
 
 void Session::Pace(int fd) const {
@@ -556,7 +557,9 @@ void Session::Loop() {
       SendCtrl(FrameType::kPing, w.data());
       last_ping_ = now;
     }
-    st_data_conns_ = data_.size();
+    st_data_conns_.store(data_.size(), std::memory_order_relaxed);
+    st_unacked_.store(unacked_bytes_, std::memory_order_relaxed);
+    st_reorder_.store(reorder_bytes_, std::memory_order_relaxed);
     if (!data_.empty() && gw_->TakeKillRequest()) shutdown(data_[0].c->fd(), SHUT_RDWR);
 
     pfds.clear();

@@ -116,6 +116,7 @@ class Session {
 
   // Exported (read by the status thread).
   std::atomic<uint64_t> st_sent_{0}, st_received_{0}, st_data_conns_{0};
+  std::atomic<uint64_t> st_unacked_{0}, st_reorder_{0};  // window use: sender's unacked, receiver's reorder bytes
 };
 
 }  // namespace ferry::gateway
