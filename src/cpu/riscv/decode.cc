@@ -64,6 +64,32 @@ inline uint64_t Extend(T v) {
   else return static_cast<uint64_t>(v);
 }
 
+// M-extension division (no traps: RISC-V defines the results of /0 and overflow).
+inline uint64_t DivS64(uint64_t ua, uint64_t ub) {
+  const int64_t a = static_cast<int64_t>(ua), b = static_cast<int64_t>(ub);
+  return b == 0 ? ~0ull : (a == INT64_MIN && b == -1) ? ua : static_cast<uint64_t>(a / b);
+}
+inline uint64_t RemS64(uint64_t ua, uint64_t ub) {
+  const int64_t a = static_cast<int64_t>(ua), b = static_cast<int64_t>(ub);
+  return b == 0 ? ua : (a == INT64_MIN && b == -1) ? 0 : static_cast<uint64_t>(a % b);
+}
+inline uint64_t DivS32(uint64_t ua, uint64_t ub) {
+  const int32_t a = static_cast<int32_t>(ua), b = static_cast<int32_t>(ub);
+  return static_cast<uint64_t>(static_cast<int64_t>(b == 0 ? -1 : (a == INT32_MIN && b == -1) ? a : a / b));
+}
+inline uint64_t DivU32(uint64_t ua, uint64_t ub) {
+  const uint32_t a = static_cast<uint32_t>(ua), b = static_cast<uint32_t>(ub);
+  return static_cast<uint64_t>(Sext32(b == 0 ? ~0u : a / b));
+}
+inline uint64_t RemS32(uint64_t ua, uint64_t ub) {
+  const int32_t a = static_cast<int32_t>(ua), b = static_cast<int32_t>(ub);
+  return static_cast<uint64_t>(static_cast<int64_t>(b == 0 ? a : (a == INT32_MIN && b == -1) ? 0 : a % b));
+}
+inline uint64_t RemU32(uint64_t ua, uint64_t ub) {
+  const uint32_t a = static_cast<uint32_t>(ua), b = static_cast<uint32_t>(ub);
+  return static_cast<uint64_t>(Sext32(b == 0 ? a : a % b));
+}
+
 // Decodes a (possibly expanded) 32-bit instruction at page offset `off` into s (operands
 // and immediate); returns the handler. Anything not covered exactly, including every
 // illegal encoding, becomes GENERIC so Execute32 keeps the single source of truth.
@@ -180,9 +206,9 @@ Op Decode32(uint32_t insn, uint32_t off, uint8_t* rd_out, uint8_t* rs1_out, uint
 // Cache management
 
 void RiscvCpu::ResetDecodedPage(DecodedPage* dp) {
-  const void* decode = handlers_[kDECODE];
+  const void* decode = handlers_[2 * kDECODE];
   for (int i = 0; i < kSlotsPerPage; ++i) dp->insn[i].handler = decode;
-  dp->insn[kSlotsPerPage] = DecodedInsn{handlers_[kPAGE_END], 0, 0, 0, 0, 0};
+  dp->insn[kSlotsPerPage] = DecodedInsn{handlers_[2 * kPAGE_END], 0, 0, 0, 0, 0};
 }
 
 void RiscvCpu::FlushDecodeCache() {
@@ -274,7 +300,7 @@ void RiscvCpu::DecodeSlot(DecodedPage* dp, DecodedInsn* s) {
     op = Decode32(insn, off, &d.rd, &d.rs1, &d.rs2, &d.imm);
     if (op == kGENERIC || op == kSYSTEM) d.imm = static_cast<int32_t>(insn);
   }
-  d.handler = handlers_[op];
+  d.handler = handlers_[2 * op + (d.len - 1)];  // length-specialised variant
   *s = d;
 }
 
@@ -282,7 +308,10 @@ void RiscvCpu::DecodeSlot(DecodedPage* dp, DecodedInsn* s) {
 // The interpreter
 
 uint64_t RiscvCpu::RunDecoded(uint64_t n) {
-#define FERRY_RV_LABEL(name) &&L_##name,
+  // Two labels per op: _1 for a 16-bit (compressed) instruction, _2 for a 32-bit one, so
+  // that every handler advances ip by a constant. (Loading the length from the slot put a
+  // load on the ip -> next-ip dependency chain of every instruction.)
+#define FERRY_RV_LABEL(name) &&L_##name##_1, &&L_##name##_2,
   static const void* const kHandlers[] = {FERRY_RV_OPS(FERRY_RV_LABEL)};
 #undef FERRY_RV_LABEL
   if (n == 0) {
@@ -299,9 +328,9 @@ uint64_t RiscvCpu::RunDecoded(uint64_t n) {
 
 #define PC() (page_va + (static_cast<uint64_t>(ip - base) << 1))
 #define DISPATCH() goto* ip->handler
-#define NEXT()                                             \
+#define NEXT(L)                                            \
   do {                                                     \
-    ip += ip->len;                                         \
+    ip += (L);                                             \
     if (__builtin_expect(--left == 0, 0)) goto out_seq;    \
     DISPATCH();                                            \
   } while (0)
@@ -326,6 +355,7 @@ uint64_t RiscvCpu::RunDecoded(uint64_t n) {
 #define RS2 xr[ip->rs2]
 #define RD xr[ip->rd]
 #define IMM static_cast<int64_t>(ip->imm)
+#define BOTH(H) H(1) H(2)
 
 lookup:
   if (left == 0 || attention_.load(std::memory_order_relaxed)) return n - left;
@@ -348,13 +378,16 @@ out_seq:
   pc_ = PC();
   return n - left;
 
-L_DECODE:
+L_DECODE_1:
+L_DECODE_2:
   DecodeSlot(dp, ip);
   DISPATCH();
-L_PAGE_END:
+L_PAGE_END_1:
+L_PAGE_END_2:
   pc_ = page_va + 0x1000;
   goto lookup;
-L_CROSS: {
+L_CROSS_1:
+L_CROSS_2: {
   pc_ = PC();
   const uint64_t done = n - left;
   instret_ += done;  // exact instret/cycle for a CSR read (see L_SYSTEM)
@@ -362,7 +395,8 @@ L_CROSS: {
   instret_ -= done;
   TRAPPED();  // not a trap, but pc_ is wherever Step() left it
 }
-L_SYSTEM: {
+L_SYSTEM_1:
+L_SYSTEM_2: {
   pc_ = PC();
   ilen_ = ip->len * 2;
   raw_insn_ = ip->len == 1 ? (ip->rd | (static_cast<uint32_t>(ip->rs1) << 8)) : static_cast<uint32_t>(ip->imm);
@@ -375,7 +409,8 @@ L_SYSTEM: {
   CheckDeviceCodeWrites();  // an SBI call may have run device code
   TRAPPED();                // re-enter through lookup: privilege, translation or attention may have changed
 }
-L_GENERIC: {
+L_GENERIC_1:
+L_GENERIC_2: {
   const uint64_t pc = PC();
   const uint64_t exceptions = counters_.exceptions;
   pc_ = pc;
@@ -383,42 +418,60 @@ L_GENERIC: {
   raw_insn_ = ip->len == 1 ? (ip->rd | (static_cast<uint32_t>(ip->rs1) << 8)) : static_cast<uint32_t>(ip->imm);
   Execute32(static_cast<uint32_t>(ip->imm));
   if (__builtin_expect(pc_ != pc + static_cast<uint64_t>(ilen_) || counters_.exceptions != exceptions, 0)) TRAPPED();
-  NEXT();
-}
-L_NOP:
-  NEXT();
-L_LUI:
-  RD = static_cast<uint64_t>(IMM);
-  NEXT();
-L_AUIPC:
-  RD = PC() + static_cast<uint64_t>(IMM);
-  NEXT();
-L_JAL_IN:
-  RD = PC() + (ip->len << 1);
-  JUMP_IN(ip + ip->imm);
-L_JAL_OUT: {
-  const uint64_t pc = PC();
-  RD = pc + (ip->len << 1);
-  JUMP_OUT(pc + static_cast<uint64_t>(IMM));
-}
-L_JALR: {
-  const uint64_t t = (RS1 + static_cast<uint64_t>(IMM)) & ~1ull;
-  RD = PC() + (ip->len << 1);
-  if (((t ^ page_va) >> 12) == 0) JUMP_IN(base + ((t & 0xfff) >> 1));
-  JUMP_OUT(t);
+  ip += ip->len;
+  if (__builtin_expect(--left == 0, 0)) goto out_seq;
+  DISPATCH();
 }
 
-#define BRANCH(name, cond)                                 \
-  L_##name##_IN : {                                        \
+#define H_NOP(L) \
+  L_NOP_##L : NEXT(L);
+#define H_LUI(L)                     \
+  L_LUI_##L : {                      \
+    RD = static_cast<uint64_t>(IMM); \
+    NEXT(L);                         \
+  }
+#define H_AUIPC(L)                           \
+  L_AUIPC_##L : {                            \
+    RD = PC() + static_cast<uint64_t>(IMM);  \
+    NEXT(L);                                 \
+  }
+#define H_JAL_IN(L)         \
+  L_JAL_IN_##L : {          \
+    RD = PC() + 2 * (L);    \
+    JUMP_IN(ip + ip->imm);  \
+  }
+#define H_JAL_OUT(L)                         \
+  L_JAL_OUT_##L : {                          \
+    const uint64_t pc = PC();                \
+    RD = pc + 2 * (L);                       \
+    JUMP_OUT(pc + static_cast<uint64_t>(IMM)); \
+  }
+#define H_JALR(L)                                                        \
+  L_JALR_##L : {                                                         \
+    const uint64_t t = (RS1 + static_cast<uint64_t>(IMM)) & ~1ull;       \
+    RD = PC() + 2 * (L);                                                 \
+    if (((t ^ page_va) >> 12) == 0) JUMP_IN(base + ((t & 0xfff) >> 1)); \
+    JUMP_OUT(t);                                                         \
+  }
+  BOTH(H_NOP)
+  BOTH(H_LUI)
+  BOTH(H_AUIPC)
+  BOTH(H_JAL_IN)
+  BOTH(H_JAL_OUT)
+  BOTH(H_JALR)
+
+#define BRANCH1(L, name, cond)                             \
+  L_##name##_IN_##L : {                                    \
     const uint64_t a = RS1, b = RS2;                       \
     if (cond) JUMP_IN(ip + ip->imm);                       \
-    NEXT();                                                \
+    NEXT(L);                                               \
   }                                                        \
-  L_##name##_OUT : {                                       \
+  L_##name##_OUT_##L : {                                   \
     const uint64_t a = RS1, b = RS2;                       \
     if (cond) JUMP_OUT(PC() + static_cast<uint64_t>(IMM)); \
-    NEXT();                                                \
+    NEXT(L);                                               \
   }
+#define BRANCH(name, cond) BRANCH1(1, name, cond) BRANCH1(2, name, cond)
   BRANCH(BEQ, a == b)
   BRANCH(BNE, a != b)
   BRANCH(BLT, static_cast<int64_t>(a) < static_cast<int64_t>(b))
@@ -426,9 +479,10 @@ L_JALR: {
   BRANCH(BLTU, a < b)
   BRANCH(BGEU, a >= b)
 #undef BRANCH
+#undef BRANCH1
 
-#define LOAD(name, T)                                                                                   \
-  L_##name : {                                                                                          \
+#define LOAD1(L, name, T)                                                                               \
+  L_##name##_##L : {                                                                                    \
     const uint64_t va = RS1 + static_cast<uint64_t>(IMM);                                              \
     const uint64_t vpn = va >> 12;                                                                      \
     const TlbEntry& e = tlb_read_[vpn & (kTlbSize - 1)];                                               \
@@ -442,8 +496,9 @@ L_JALR: {
       v = static_cast<T>(w);                                                                            \
     }                                                                                                   \
     RD = Extend(v);                                                                                     \
-    NEXT();                                                                                             \
+    NEXT(L);                                                                                            \
   }
+#define LOAD(name, T) LOAD1(1, name, T) LOAD1(2, name, T)
   LOAD(LB, int8_t)
   LOAD(LH, int16_t)
   LOAD(LW, int32_t)
@@ -452,9 +507,10 @@ L_JALR: {
   LOAD(LHU, uint16_t)
   LOAD(LWU, uint32_t)
 #undef LOAD
+#undef LOAD1
 
-#define STORE(name, T)                                                                               \
-  L_##name : {                                                                                       \
+#define STORE1(L, name, T)                                                                           \
+  L_##name##_##L : {                                                                                 \
     const uint64_t va = RS1 + static_cast<uint64_t>(IMM);                                           \
     const T v = static_cast<T>(RS2);                                                                 \
     const uint64_t vpn = va >> 12;                                                                   \
@@ -466,19 +522,22 @@ L_JALR: {
       pc_ = PC();                                                                                    \
       if (!StoreSlow(va, sizeof(T), static_cast<uint64_t>(v))) TRAPPED();                            \
     }                                                                                                \
-    NEXT();                                                                                          \
+    NEXT(L);                                                                                         \
   }
+#define STORE(name, T) STORE1(1, name, T) STORE1(2, name, T)
   STORE(SB, uint8_t)
   STORE(SH, uint16_t)
   STORE(SW, uint32_t)
   STORE(SD, uint64_t)
 #undef STORE
+#undef STORE1
 
-#define ALU(name, expr) \
-  L_##name : {          \
-    RD = (expr);        \
-    NEXT();             \
+#define ALU1(L, name, expr) \
+  L_##name##_##L : {        \
+    RD = (expr);            \
+    NEXT(L);                \
   }
+#define ALU(name, expr) ALU1(1, name, expr) ALU1(2, name, expr)
   ALU(ADDI, RS1 + static_cast<uint64_t>(IMM))
   ALU(SLTI, static_cast<int64_t>(RS1) < IMM ? 1 : 0)
   ALU(SLTIU, RS1 < static_cast<uint64_t>(IMM) ? 1 : 0)
@@ -507,53 +566,29 @@ L_JALR: {
   ALU(MULHSU, static_cast<uint64_t>((static_cast<__int128>(static_cast<int64_t>(RS1)) *
                                      static_cast<__int128>(static_cast<unsigned __int128>(RS2))) >> 64))
   ALU(MULHU, static_cast<uint64_t>((static_cast<unsigned __int128>(RS1) * RS2) >> 64))
-  L_DIV: {
-    const int64_t a = static_cast<int64_t>(RS1), b = static_cast<int64_t>(RS2);
-    RD = b == 0 ? ~0ull : (a == INT64_MIN && b == -1) ? static_cast<uint64_t>(a) : static_cast<uint64_t>(a / b);
-    NEXT();
-  }
-  L_DIVU: {
-    const uint64_t a = RS1, b = RS2;
-    RD = b == 0 ? ~0ull : a / b;
-    NEXT();
-  }
-  L_REM: {
-    const int64_t a = static_cast<int64_t>(RS1), b = static_cast<int64_t>(RS2);
-    RD = b == 0 ? static_cast<uint64_t>(a) : (a == INT64_MIN && b == -1) ? 0 : static_cast<uint64_t>(a % b);
-    NEXT();
-  }
-  L_REMU: {
-    const uint64_t a = RS1, b = RS2;
-    RD = b == 0 ? a : a % b;
-    NEXT();
-  }
+  ALU(DIV, DivS64(RS1, RS2))
+  ALU(DIVU, RS2 == 0 ? ~0ull : RS1 / RS2)
+  ALU(REM, RemS64(RS1, RS2))
+  ALU(REMU, RS2 == 0 ? RS1 : RS1 % RS2)
   ALU(ADDW, static_cast<uint64_t>(Sext32(RS1 + RS2)))
   ALU(SUBW, static_cast<uint64_t>(Sext32(RS1 - RS2)))
   ALU(SLLW, static_cast<uint64_t>(Sext32(static_cast<uint32_t>(RS1) << (RS2 & 31))))
   ALU(SRLW, static_cast<uint64_t>(Sext32(static_cast<uint32_t>(RS1) >> (RS2 & 31))))
   ALU(SRAW, static_cast<uint64_t>(static_cast<int64_t>(static_cast<int32_t>(RS1) >> (RS2 & 31))))
   ALU(MULW, static_cast<uint64_t>(Sext32(static_cast<uint32_t>(RS1) * static_cast<uint32_t>(RS2))))
-  L_DIVW: {
-    const int32_t a = static_cast<int32_t>(RS1), b = static_cast<int32_t>(RS2);
-    RD = static_cast<uint64_t>(static_cast<int64_t>(b == 0 ? -1 : (a == INT32_MIN && b == -1) ? a : a / b));
-    NEXT();
-  }
-  L_DIVUW: {
-    const uint32_t a = static_cast<uint32_t>(RS1), b = static_cast<uint32_t>(RS2);
-    RD = static_cast<uint64_t>(Sext32(b == 0 ? ~0u : a / b));
-    NEXT();
-  }
-  L_REMW: {
-    const int32_t a = static_cast<int32_t>(RS1), b = static_cast<int32_t>(RS2);
-    RD = static_cast<uint64_t>(static_cast<int64_t>(b == 0 ? a : (a == INT32_MIN && b == -1) ? 0 : a % b));
-    NEXT();
-  }
-  L_REMUW: {
-    const uint32_t a = static_cast<uint32_t>(RS1), b = static_cast<uint32_t>(RS2);
-    RD = static_cast<uint64_t>(Sext32(b == 0 ? a : a % b));
-    NEXT();
-  }
+  ALU(DIVW, DivS32(RS1, RS2))
+  ALU(DIVUW, DivU32(RS1, RS2))
+  ALU(REMW, RemS32(RS1, RS2))
+  ALU(REMUW, RemU32(RS1, RS2))
 #undef ALU
+#undef ALU1
+#undef H_NOP
+#undef H_LUI
+#undef H_AUIPC
+#undef H_JAL_IN
+#undef H_JAL_OUT
+#undef H_JALR
+#undef BOTH
 #undef RS1
 #undef RS2
 #undef RD
