@@ -125,18 +125,26 @@ void VmProcess::SendConsole(const std::string& line) {
 }
 
 int VmProcess::Api(const std::string& method, const std::string& path, const std::string& body, std::string* out) {
-  for (int i = 0; i < 100; ++i) {
+  // The API socket appears once the VM is built (a restore of a large snapshot on a loaded
+  // machine can take seconds): retry for up to 10 s while nothing accepts connections yet.
+  // Only connection failures are retried, so a request is never delivered twice.
+  auto end = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  for (;;) {
     struct stat st;
-    if (stat(socket_.c_str(), &st) == 0) break;
+    if (stat(socket_.c_str(), &st) == 0) {
+      httplib::Client cli(socket_);
+      cli.set_address_family(AF_UNIX);
+      cli.set_read_timeout(60, 0);
+      httplib::Result r = method == "GET" ? cli.Get(path.c_str()) : cli.Put(path.c_str(), body, "application/json");
+      if (r) {
+        if (out) *out = r->body;
+        return r->status;
+      }
+      if (r.error() != httplib::Error::Connection) return -1;
+    }
+    if (std::chrono::steady_clock::now() > end) return -1;
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  httplib::Client cli(socket_);
-  cli.set_address_family(AF_UNIX);
-  cli.set_read_timeout(60, 0);
-  httplib::Result r = method == "GET" ? cli.Get(path.c_str()) : cli.Put(path.c_str(), body, "application/json");
-  if (!r) return -1;
-  if (out) *out = r->body;
-  return r->status;
 }
 
 nlohmann::json VmProcess::Get(const std::string& path) {
