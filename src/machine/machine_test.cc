@@ -7,32 +7,13 @@
 #include <libfdt.h>
 
 #include "machine/board.h"
+#include "machine/persist_test_util.h"
 #include "machine/devices/virtio/virtio_factory.h"
 
 namespace ferry {
 namespace {
-
-class RecordingIrq : public IrqSink {
- public:
-  void SetIrq(uint32_t irq, bool level) override { levels[irq] = level; }
-  std::map<uint32_t, bool> levels;
-};
-
-// Every blob must round-trip, and every truncation / version bump / trailing byte must be rejected.
-void ExpectPersistContract(Device& a, Device& b) {
-  auto blob = a.SaveState();
-  ASSERT_TRUE(b.RestoreState(blob)) << a.id();
-  EXPECT_EQ(b.SaveState(), blob) << a.id();
-  for (size_t len = 0; len < blob.size(); len += std::max<size_t>(1, blob.size() / 13))
-    EXPECT_FALSE(b.RestoreState(std::span<const uint8_t>(blob.data(), len))) << a.id() << " truncated to " << len;
-  auto v = blob;
-  v[0] = 200;
-  EXPECT_FALSE(b.RestoreState(v)) << a.id() << " newer version";
-  auto t = blob;
-  t.push_back(1);
-  EXPECT_FALSE(b.RestoreState(t)) << a.id() << " trailing byte";
-  EXPECT_EQ(b.SaveState(), blob) << a.id() << ": failed restores must not change the device";
-}
+using test_util::ExpectPersistContract;
+using test_util::RecordingIrq;
 
 TEST(Uart, TransmitReceiveInterruptsAndPersist) {
   RecordingIrq irq;

@@ -11,33 +11,13 @@
 
 #include "common/state_io.h"
 #include "machine/board.h"
+#include "machine/persist_test_util.h"
 #include "machine/devices/virtio/virtio_factory.h"
 
 namespace ferry {
 namespace {
-
-class NullIrq : public IrqSink {
- public:
-  void SetIrq(uint32_t irq, bool level) override { levels[irq] = level; }
-  std::map<uint32_t, bool> levels;
-};
-
-// Same contract as machine_test.cc: every blob round-trips, every truncation / version
-// bump / trailing byte is rejected, and failed restores leave the device as it was.
-void ExpectPersistContract(Device& a, Device& b) {
-  auto blob = a.SaveState();
-  ASSERT_TRUE(b.RestoreState(blob)) << a.id();
-  EXPECT_EQ(b.SaveState(), blob) << a.id();
-  for (size_t len = 0; len < blob.size(); ++len)
-    EXPECT_FALSE(b.RestoreState(std::span<const uint8_t>(blob.data(), len))) << a.id() << " truncated to " << len;
-  auto v = blob;
-  v[0] = 200;
-  EXPECT_FALSE(b.RestoreState(v)) << a.id() << " newer version";
-  auto t = blob;
-  t.push_back(1);
-  EXPECT_FALSE(b.RestoreState(t)) << a.id() << " trailing byte";
-  EXPECT_EQ(b.SaveState(), blob) << a.id() << ": failed restores must not change the device";
-}
+using test_util::ExpectPersistContract;
+using test_util::RecordingIrq;
 
 constexpr uint64_t kDesc = kRamBase + 0x1000, kAvail = kRamBase + 0x2000, kUsed = kRamBase + 0x3000;
 
@@ -86,7 +66,7 @@ class VirtioNetPersist : public ::testing::Test {
     }
   }
   std::unique_ptr<GuestMemory> mem_;
-  NullIrq irq_;
+  RecordingIrq irq_;
   VirtioDeps deps_{nullptr, &irq_, 3, nullptr, kVirtioBase + 0x2000};
   std::array<uint8_t, 6> mac_{0x52, 0x54, 0x00, 0x12, 0x34, 0x56};
   std::unique_ptr<Device> dev_[2];
@@ -151,7 +131,7 @@ TEST_F(VirtioNetPersist, RoundTripsQueueStateAndRejectsBadBlobs) {
 
 TEST(VirtioBalloonPersist, RoundTripsReportedFreePagesAndRejectsBadBlobs) {
   auto mem = std::move(*GuestMemory::Create(kRamBase, 16 << 20));
-  NullIrq irq;
+  RecordingIrq irq;
   VirtioDeps deps{mem.get(), &irq, 4, nullptr, kVirtioBase + 0x3000};
   auto a_dev = CreateVirtioBalloon(deps);
   auto b_dev = CreateVirtioBalloon(deps);
