@@ -7,7 +7,7 @@
 #include <libfdt.h>
 
 #include "machine/board.h"
-#include "machine/persist_test_util.h"
+#include "machine/device_test_util.h"
 #include "machine/devices/virtio/virtio_factory.h"
 
 namespace ferry {
@@ -161,21 +161,8 @@ TEST(Virtio, BlkRejectsBadDescriptorsWithoutCrashingAndPersists) {
   ASSERT_TRUE(d.MmioRead(8, 4, &v));
   EXPECT_EQ(v, 2u);
   // Driver setup: features (VERSION_1), queue 0 at addresses in RAM, DRIVER_OK.
-  d.MmioWrite(0x70, 4, 1 | 2);
-  d.MmioWrite(0x24, 4, 1);
-  d.MmioWrite(0x20, 4, 1);  // VERSION_1 (bit 32)
-  d.MmioWrite(0x70, 4, 1 | 2 | 8);
-  d.MmioWrite(0x30, 4, 0);
-  d.MmioWrite(0x38, 4, 16);
-  const uint64_t desc = kRamBase + 0x1000, avail = kRamBase + 0x2000, used = kRamBase + 0x3000;
-  d.MmioWrite(0x80, 4, desc & 0xffffffff);
-  d.MmioWrite(0x84, 4, desc >> 32);
-  d.MmioWrite(0x90, 4, avail & 0xffffffff);
-  d.MmioWrite(0x94, 4, avail >> 32);
-  d.MmioWrite(0xa0, 4, used & 0xffffffff);
-  d.MmioWrite(0xa4, 4, used >> 32);
-  d.MmioWrite(0x44, 4, 1);
-  d.MmioWrite(0x70, 4, 1 | 2 | 8 | 4);
+  test_util::SetUpQueue(d, 0, 0);
+  const uint64_t desc = test_util::kDesc, avail = test_util::kAvail;
   // A descriptor pointing outside RAM: the device must flag NEEDS_RESET, not crash.
   struct { uint64_t addr; uint32_t len; uint16_t flags, next; } bad{0x1000, 16, 0, 0};
   ASSERT_TRUE(mem->Write(desc, &bad, 16));

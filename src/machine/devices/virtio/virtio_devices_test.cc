@@ -11,7 +11,7 @@
 
 #include "common/state_io.h"
 #include "machine/board.h"
-#include "machine/persist_test_util.h"
+#include "machine/device_test_util.h"
 #include "machine/devices/virtio/virtio_factory.h"
 
 namespace ferry {
@@ -19,28 +19,10 @@ namespace {
 using test_util::ExpectPersistContract;
 using test_util::RecordingIrq;
 
-constexpr uint64_t kDesc = kRamBase + 0x1000, kAvail = kRamBase + 0x2000, kUsed = kRamBase + 0x3000;
-
-// Driver side of virtio-mmio setup: VERSION_1 + `features` (low word), queue `q` at the
-// ring addresses above, DRIVER_OK.
-void SetUpQueue(Device& d, uint32_t features, int q) {
-  d.MmioWrite(0x70, 4, 1 | 2);
-  d.MmioWrite(0x24, 4, 0);
-  d.MmioWrite(0x20, 4, features);
-  d.MmioWrite(0x24, 4, 1);
-  d.MmioWrite(0x20, 4, 1);  // VERSION_1 (bit 32)
-  d.MmioWrite(0x70, 4, 1 | 2 | 8);
-  d.MmioWrite(0x30, 4, static_cast<uint64_t>(q));
-  d.MmioWrite(0x38, 4, 16);
-  d.MmioWrite(0x80, 4, kDesc & 0xffffffff);
-  d.MmioWrite(0x84, 4, kDesc >> 32);
-  d.MmioWrite(0x90, 4, kAvail & 0xffffffff);
-  d.MmioWrite(0x94, 4, kAvail >> 32);
-  d.MmioWrite(0xa0, 4, kUsed & 0xffffffff);
-  d.MmioWrite(0xa4, 4, kUsed >> 32);
-  d.MmioWrite(0x44, 4, 1);
-  d.MmioWrite(0x70, 4, 1 | 2 | 8 | 4);
-}
+using test_util::kAvail;
+using test_util::kDesc;
+using test_util::kUsed;
+using test_util::SetUpQueue;
 
 uint64_t Reg(Device& d, uint64_t off) {
   uint64_t v = 0;
