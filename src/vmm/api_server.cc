@@ -30,14 +30,19 @@ void ReplyStatus(httplib::Response& res, const Status& s) {
 }
 }  // namespace
 
-Result<std::unique_ptr<ApiServer>> ApiServer::Start(const std::string& path, Vm* vm, VmMigrationManager* mig) {
+Status ApiServer::CheckPath(const std::string& path) {
   if (path.empty() || path.size() >= sizeof(sockaddr_un::sun_path))
     return Errorf(ErrorCode::kInvalidArgument, "API socket path '{}' is empty or too long", path);
   struct stat st;
-  if (stat(path.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode)) return Errorf(ErrorCode::kInvalidArgument, "API socket path '{}' exists and is not a socket", path);
-    unlink(path.c_str());  // stale socket from a previous run
-  }
+  if (stat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode))
+    return Errorf(ErrorCode::kInvalidArgument, "API socket path '{}' exists and is not a socket", path);
+  return {};
+}
+
+Result<std::unique_ptr<ApiServer>> ApiServer::Start(const std::string& path, Vm* vm, VmMigrationManager* mig) {
+  if (auto c = CheckPath(path); !c) return std::unexpected(c.error());
+  struct stat st;
+  if (stat(path.c_str(), &st) == 0) unlink(path.c_str());  // stale socket from a previous run
   std::unique_ptr<ApiServer> api(new ApiServer());
   api->path_ = path;
   api->server_ = std::make_unique<httplib::Server>();

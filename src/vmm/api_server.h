@@ -23,6 +23,9 @@ class ApiServer {
  public:
   static Result<std::unique_ptr<ApiServer>> Start(const std::string& socket_path, Vm* vm,
                                                   VmMigrationManager* migrations = nullptr);
+  // The checks Start makes on the path before binding (length; an existing non-socket file),
+  // so a caller can reject a bad path before it boots or receives a VM.
+  static Status CheckPath(const std::string& socket_path);
   ~ApiServer();
   // Extension point for further endpoints (e.g. migration): registered before Start.
   httplib::Server& server() { return *server_; }

@@ -138,9 +138,13 @@ int VmProcess::Api(const std::string& method, const std::string& path, const std
       httplib::Result r = method == "GET" ? cli.Get(path.c_str()) : cli.Put(path.c_str(), body, "application/json");
       if (r) {
         if (out) *out = r->body;
+        if (r->status / 100 != 2) last_api_error_ = method + " " + path + ": HTTP " + std::to_string(r->status) + " " + r->body;
         return r->status;
       }
+      last_api_error_ = method + " " + path + ": " + httplib::to_string(r.error());
       if (r.error() != httplib::Error::Connection) return -1;
+    } else {
+      last_api_error_ = method + " " + path + ": no API socket " + socket_;
     }
     if (std::chrono::steady_clock::now() > end) return -1;
     std::this_thread::sleep_for(std::chrono::milliseconds(20));

@@ -37,6 +37,9 @@ class VmProcess {
   // API (PUT with a JSON body, GET). Returns HTTP status; body in *out.
   int Api(const std::string& method, const std::string& path, const std::string& body = "", std::string* out = nullptr);
   nlohmann::json Get(const std::string& path);
+  // What the last Api/Get call that did not return 2xx saw (status, transport error, body),
+  // for failure messages.
+  const std::string& last_api_error() const { return last_api_error_; }
   int Wait(std::chrono::milliseconds timeout);  // exit code, -1 on timeout
   void Kill();
   pid_t pid() const { return pid_; }
@@ -46,6 +49,7 @@ class VmProcess {
  private:
   std::vector<std::string> args_;
   std::string workdir_, netns_, socket_, console_, stderr_;
+  std::string last_api_error_;
   pid_t pid_ = -1;
   int stdin_fd_ = -1;
 };

@@ -85,6 +85,13 @@ TEST_F(VmmTest, BadCommandLinesGetClearErrors) {
   EXPECT_NE(out.find("RAM size"), std::string::npos) << out;
   EXPECT_EQ(Sh(vmm + " --kernel " + GuestImage() + " --console bogus", &out), 1);
   EXPECT_NE(out.find("--console"), std::string::npos) << out;
+  // A bad API socket path is refused before anything boots.
+  std::string file = dir_ + "/plain-file";
+  Sh("touch " + file);
+  EXPECT_EQ(Sh(vmm + " --kernel " + GuestImage() + " --console none --api-socket " + file, &out), 2);
+  EXPECT_NE(out.find("is not a socket"), std::string::npos) << out;
+  EXPECT_EQ(Sh(vmm + " --kernel " + GuestImage() + " --console none --api-socket /" + std::string(200, 'x'), &out), 2);
+  EXPECT_NE(out.find("too long"), std::string::npos) << out;
 }
 
 // Snapshot -> restore in a new process, 20 times, with memdirty running; then memverify
@@ -103,11 +110,16 @@ TEST_F(VmmTest, SnapshotRestoreCyclesKeepWorkloadAndMemory) {
     ASSERT_EQ(vm->Wait(10s), 0);
     vm = std::make_unique<VmProcess>(std::vector<std::string>{"--restore", snap}, dir_);
     ASSERT_TRUE(vm->Start());
-    // The restored guest keeps running: its clock ticks and the workload makes progress.
-    std::this_thread::sleep_for(300ms);
+    // As soon as the API socket answers, the restored VM is running (no "not started" window).
     auto info = vm->Get("/vm");
-    ASSERT_TRUE(info.is_object()) << "cycle " << cycle << ": " << vm->Stderr();
+    ASSERT_TRUE(info.is_object()) << "cycle " << cycle << ": " << vm->last_api_error() << "\n" << vm->Stderr();
     ASSERT_EQ(info["state"], "running");
+    // The restored guest keeps running: its clock ticks.
+    std::this_thread::sleep_for(300ms);
+    auto later = vm->Get("/vm");
+    ASSERT_TRUE(later.is_object()) << "cycle " << cycle << ": " << vm->last_api_error() << "\n" << vm->Stderr();
+    ASSERT_EQ(later["state"], "running");
+    EXPECT_GT(later["guest_time_ticks"].get<uint64_t>(), info["guest_time_ticks"].get<uint64_t>()) << "cycle " << cycle;
   }
   size_t at = vm->ConsoleSize();
   vm->SendConsole("memverify");

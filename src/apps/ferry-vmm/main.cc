@@ -62,6 +62,13 @@ int main(int argc, char** argv) {
     }
   } join_sig{sig};
 
+  if (!cl->api_socket.empty()) {
+    if (auto c = ferry::ApiServer::CheckPath(cl->api_socket); !c) {
+      std::fprintf(stderr, "ferry-vmm: %s\n", c.error().message().c_str());
+      return 2;
+    }
+  }
+
   ferry::Result<std::unique_ptr<ferry::Vm>> vm = std::unexpected(ferry::Error(ferry::ErrorCode::kInternal, "no VM"));
   bool started = false;
   if (!cl->incoming.empty()) {
@@ -93,19 +100,28 @@ int main(int argc, char** argv) {
     return 1;
   }
   ferry::VmMigrationManager migrations(vm->get());
-  std::unique_ptr<ferry::ApiServer> api;
-  if (!cl->api_socket.empty()) {
-    auto a = ferry::ApiServer::Start(cl->api_socket, vm->get(), &migrations);
-    if (!a) {
-      std::fprintf(stderr, "ferry-vmm: %s\n", a.error().message().c_str());
-      return 1;
-    }
-    api = std::move(*a);
-  }
+  // The machine runs before the API socket appears, so a client that sees the socket always
+  // finds a running VM (never a "not started" window right after boot or restore).
   auto s = started ? ferry::Status{} : (*vm)->Start();
   if (!s) {
     std::fprintf(stderr, "ferry-vmm: %s\n", s.error().message().c_str());
     return 1;
+  }
+  std::unique_ptr<ferry::ApiServer> api;
+  if (!cl->api_socket.empty()) {
+    auto a = ferry::ApiServer::Start(cl->api_socket, vm->get(), &migrations);
+    if (!a && !cl->incoming.empty()) {
+      // This VM is the only copy now (the source has handed it over): keep it running
+      // without an API rather than lose it.
+      spdlog::error("{}; the migrated VM keeps running without an API socket", a.error().message());
+    } else if (!a) {
+      std::fprintf(stderr, "ferry-vmm: %s\n", a.error().message().c_str());
+      (void)(*vm)->Shutdown();
+      (void)(*vm)->Wait();
+      return 1;
+    } else {
+      api = std::move(*a);
+    }
   }
   set_on_signal([&] { (void)(*vm)->Shutdown(); });
   int code = (*vm)->Wait();
