@@ -322,6 +322,7 @@ std::string Gateway::MetricsText() const {
   m("protocol_errors_total", "counter", "Malformed or unexpected frames", c.protocol_errors);
   m("handshake_failures_total", "counter", "TLS handshakes refused", c.handshake_failures);
   m("rtt_microseconds", "gauge", "Last control-channel round trip time", c.rtt_us);
+  m("conn_buffer_peak_bytes", "gauge", "Largest data-connection send buffer held so far", c.conn_buffer_peak_bytes);
   return out;
 }
 

@@ -55,6 +55,9 @@ struct GatewayCounters {
   std::atomic<uint64_t> data_conns_lost{0}, data_conns_active{0};
   std::atomic<uint64_t> protocol_errors{0}, handshake_failures{0};
   std::atomic<uint64_t> rtt_us{0};
+  // Largest send buffer (allocated bytes) any data connection has held: bounded by design
+  // (about 2x the per-connection queue limit plus one chunk, plus the written prefix).
+  std::atomic<uint64_t> conn_buffer_peak_bytes{0};
 };
 
 class Session;

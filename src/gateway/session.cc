@@ -16,6 +16,7 @@ namespace ferry::gateway {
 namespace {
 constexpr size_t kConnOutLimit = 256u << 10;  // per data conn queued bytes before we stop feeding it
 constexpr size_t kReadBuf = 256u << 10;
+constexpr size_t kMaxSpareBufs = 32;
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -164,13 +165,26 @@ void Session::ProtocolError(const std::string& why) {
   Fail("protocol error: " + why, true);
 }
 
+std::vector<uint8_t> Session::TakeBuf() {
+  if (spare_.empty()) return {};
+  std::vector<uint8_t> b = std::move(spare_.back());
+  spare_.pop_back();
+  b.clear();
+  return b;
+}
+
+void Session::GiveBuf(std::vector<uint8_t>&& b) {
+  if (spare_.size() < kMaxSpareBufs && b.capacity() >= (64u << 10)) spare_.push_back(std::move(b));
+}
+
 std::vector<uint8_t> Session::MakeDataFrame(uint64_t seq, const uint8_t* p, size_t n) {
-  PayloadWriter w;
+  PayloadWriter& w = payload_;
+  w.data().clear();
   w.U64(seq).U32(static_cast<uint32_t>(n));
   uint16_t flags = 0;
   Codec codec = gw_->options().codec;
   if (codec != Codec::kNone && skip_compress_ == 0) {
-    std::vector<uint8_t> tmp;
+    std::vector<uint8_t>& tmp = compress_tmp_;
     size_t clen = 0;
     if (codec == Codec::kLz4) {
       tmp.resize(LZ4_compressBound(static_cast<int>(n)));
@@ -194,7 +208,7 @@ std::vector<uint8_t> Session::MakeDataFrame(uint64_t seq, const uint8_t* p, size
     skip_compress_--;
   }
   if (!(flags & kFlagCompressed)) w.Bytes({p, n});
-  std::vector<uint8_t> out;
+  std::vector<uint8_t> out = TakeBuf();
   EncodeFrame(FrameType::kData, flags, w.data(), &out);
   return out;
 }
@@ -248,6 +262,7 @@ void Session::WriteLocal() {
       auto it = reorder_.find(next_expected_);
       if (it == reorder_.end()) break;
       reorder_bytes_ -= it->second.size();
+      GiveBuf(std::move(deliver_));
       deliver_ = std::move(it->second);
       deliver_off_ = 0;
       reorder_.erase(it);
@@ -298,7 +313,7 @@ void Session::HandleDataFrame(const Frame& f) {
     return;
   }
   if (peer_fin_ && *seq >= *peer_fin_) return ProtocolError("DATA after FIN");
-  std::vector<uint8_t> data;
+  std::vector<uint8_t> data = TakeBuf();
   if (f.flags & kFlagCompressed) {
     data.resize(*raw);
     if ((f.flags & kFlagCodecZstd) != 0) {
@@ -328,6 +343,7 @@ void Session::HandleCtrlFrame(const Frame& f) {
       if (*a > next_seq_) return ProtocolError(fmt::format("ACK {} beyond sent {}", *a, next_seq_));
       while (!unacked_.empty() && unacked_.begin()->first < *a) {
         unacked_bytes_ -= unacked_.begin()->second.raw_len;
+        GiveBuf(std::move(unacked_.begin()->second.frame));
         unacked_.erase(unacked_.begin());
       }
       return;
@@ -455,10 +471,18 @@ bool Session::FlushConn(Conn& c) {
     c.out_off += n;
     ctr_.wire_bytes_sent += n;
   }
+  for (uint64_t cap = c.out.capacity(), cur = ctr_.conn_buffer_peak_bytes.load(std::memory_order_relaxed);
+       cap > cur && !ctr_.conn_buffer_peak_bytes.compare_exchange_weak(cur, cap, std::memory_order_relaxed);) {
+  }
   if (c.out_off == c.out.size()) {
     c.out.clear();
     c.out_off = 0;
-  } else if (c.out_off > (4u << 20) && c.last_write_len == 0) {
+  } else if (c.out_off >= (1u << 20) && c.out_off * 2 >= c.out.size()) {
+    // Drop the written prefix once it is at least as large as what is left, so the copy is
+    // paid for by bytes already sent. This must not wait for a TLS retry to finish
+    // (last_write_len): a paced connection almost always has one pending, and the buffer
+    // then grew to tens of MiB per connection, every new byte landing on a freshly faulted
+    // page. Moving the pending bytes is allowed (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER).
     c.out.erase(c.out.begin(), c.out.begin() + c.out_off);
     c.out_off = 0;
   }

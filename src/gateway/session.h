@@ -64,6 +64,11 @@ class Session {
   void CheckDone();
   DataConn* PickConn();
   std::vector<uint8_t> MakeDataFrame(uint64_t seq, const uint8_t* p, size_t n);
+  // Chunk-sized buffers are recycled: without this every 256 KiB chunk (each way) was a
+  // fresh allocation whose pages the kernel zeroes and faults in (~20% of the gateway's CPU
+  // at 1 Gbit/s). At most kMaxSpareBufs are kept.
+  std::vector<uint8_t> TakeBuf();
+  void GiveBuf(std::vector<uint8_t>&& b);
 
   Gateway* gw_;
   GatewayCounters& ctr_;
@@ -113,6 +118,9 @@ class Session {
   bool peer_closed_ = false;
   End end_ = End::kNone;
   std::vector<uint8_t> scratch_;
+  std::vector<std::vector<uint8_t>> spare_;  // see TakeBuf
+  PayloadWriter payload_;                    // DATA payload being built (capacity reused)
+  std::vector<uint8_t> compress_tmp_;
 
   // Exported (read by the status thread).
   std::atomic<uint64_t> st_sent_{0}, st_received_{0}, st_data_conns_{0};

@@ -192,8 +192,12 @@ Result<int> OpenTap(const std::string& ns, const std::string& name, bool gso) {
   return fd;
 }
 
+// Frame buffers are allocated once at full size and recycled; `len` is the frame length
+// (resizing a vector up would zero up to 64 KiB per frame).
+constexpr size_t kFrameBuf = 65536 + 256;
 struct Packet {
-  std::vector<uint8_t> data;
+  std::vector<uint8_t> data;  // kFrameBuf bytes
+  size_t len;
   int64_t due_ns;
 };
 
@@ -276,15 +280,14 @@ Status Emulator::Run() {
   int64_t tx_free[2] = {0, 0}, last_due[2] = {0, 0};
   std::vector<std::vector<uint8_t>> pool;
   auto take = [&] {
-    if (pool.empty()) return std::vector<uint8_t>(65536 + 256);
+    if (pool.empty()) return std::vector<uint8_t>(kFrameBuf);
     auto b = std::move(pool.back());
     pool.pop_back();
-    b.resize(65536 + 256);
     return b;
   };
   std::vector<uint8_t> lost_mask;
   // Serialisation at the link rate behind a bounded tail-drop queue, then the delay.
-  auto enqueue = [&](int d, std::vector<uint8_t> buf, size_t wire, size_t segs, int64_t now) {
+  auto enqueue = [&](int d, std::vector<uint8_t> buf, size_t len, size_t wire, size_t segs, int64_t now) {
     int64_t start = std::max(now, tx_free[d]);
     if (ns_per_byte > 0 && (start - now) / ns_per_byte > static_cast<double>(qlimit)) {
       stats_.dropped_queue[d] += segs;
@@ -298,7 +301,7 @@ Status Emulator::Run() {
     last_due[d] = due;
     stats_.frames[d] += segs;
     stats_.bytes[d] += wire;
-    q[d].push_back(Packet{std::move(buf), due});
+    q[d].push_back(Packet{std::move(buf), len, due});
   };
   for (;;) {
     int64_t now = NowNs();
@@ -306,7 +309,7 @@ Status Emulator::Run() {
     for (int d = 0; d < 2; d++) {
       while (!q[d].empty() && q[d].front().due_ns <= now) {
         auto& p = q[d].front();
-        ssize_t w = write(tap_[1 - d], p.data.data(), p.data.size());
+        ssize_t w = write(tap_[1 - d], p.data.data(), p.len);
         if (w < 0) stats_.dropped_queue[d]++;
         if (pool.size() < 4096) pool.push_back(std::move(p.data));
         q[d].pop_front();
@@ -335,7 +338,6 @@ Status Emulator::Run() {
           pool.push_back(std::move(buf));
           break;
         }
-        buf.resize(n);
         // Frames on the wire this super-frame stands for (TSO/GSO).
         TsoInfo tso;
         size_t segs = 1, wire = n - vh;
@@ -354,7 +356,7 @@ Status Emulator::Run() {
             }
         }
         if (lost == 0) {
-          enqueue(d, std::move(buf), wire, segs, now);
+          enqueue(d, std::move(buf), static_cast<size_t>(n), wire, segs, now);
         } else if (lost == segs) {
           stats_.dropped_loss[d] += segs;
           pool.push_back(std::move(buf));
@@ -367,8 +369,7 @@ Status Emulator::Run() {
             if (lost_mask[k]) continue;
             auto seg = take();
             size_t len = MakeSegment(buf.data(), tso, k, seg.data());
-            seg.resize(len);
-            enqueue(d, std::move(seg), len - vh, 1, now);
+            enqueue(d, std::move(seg), len, len - vh, 1, now);
           }
           pool.push_back(std::move(buf));
         }

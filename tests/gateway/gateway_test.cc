@@ -172,7 +172,7 @@ struct Pair {
 };
 
 Pair MakePair(const Pki* pki, uint16_t dest_port, int streams, Codec codec = Codec::kNone,
-              size_t window = 64u << 20, TlsFiles client_files = {}) {
+              size_t window = 64u << 20, TlsFiles client_files = {}, double max_rate_mbit = 0) {
   GatewayOptions s;
   s.role = Role::kServe;
   s.listen = "127.0.0.1:0";
@@ -189,6 +189,7 @@ Pair MakePair(const Pki* pki, uint16_t dest_port, int streams, Codec codec = Cod
   f.codec = codec;
   f.window = window;
   f.connect_timeout_ms = 3000;
+  s.max_rate_mbit = f.max_rate_mbit = max_rate_mbit;
   if (pki) f.tls = client_files.cert.empty() ? pki->Files("client") : client_files; else f.insecure = true;
   auto fwd = Gateway::Create(f);
   EXPECT_TRUE(fwd.has_value()) << fwd.error().ToString();
@@ -450,6 +451,17 @@ TEST_F(GatewayTest, SlowReaderMemoryBounded) {
   close(fd);
   EXPECT_EQ(echo.received_.load(), sent);
   EXPECT_EQ(echoed, sent);
+}
+
+TEST_F(GatewayTest, PacedTlsTransferKeepsSendBuffersSmall) {
+  // Paced TLS connections nearly always have a write pending; the send buffer must still be
+  // compacted (it once grew to 64 MiB per connection, each new byte on a fresh page).
+  EchoServer echo;
+  auto p = MakePair(pki_, echo.port(), 4, Codec::kNone, 64u << 20, {}, 400);
+  EXPECT_EQ(EchoTransfer(p.fwd->port(), 96u << 20, 77), "");
+  for (Gateway* g : {p.fwd.get(), p.serve.get()})
+    EXPECT_LT(g->counters().conn_buffer_peak_bytes.load(), 4u << 20) << g->MetricsText();
+  EXPECT_NE(p.fwd->MetricsText().find("ferry_gateway_conn_buffer_peak_bytes"), std::string::npos);
 }
 
 TEST(GatewayOptionsTest, BadOptionsAreErrors) {
