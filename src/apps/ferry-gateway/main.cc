@@ -1,7 +1,5 @@
 // ferry-gateway serve|forward — see src/gateway/gateway.h and docs/gateway.md.
 #include <CLI/CLI.hpp>
-#include <malloc.h>
-
 #include <csignal>
 #include <spdlog/spdlog.h>
 
@@ -9,13 +7,6 @@
 
 int main(int argc, char** argv) {
   using namespace ferry::gateway;
-  // Chunks (256 KiB) and stream buffers are allocated and freed at line rate by the session
-  // threads. With glibc's defaults, freed memory at the top of a thread arena is returned to
-  // the kernel (MADV_DONTNEED) and the next chunk faults in freshly zeroed pages: measured
-  // ~18% of the gateway's CPU at 1 Gbit/s. Keep it in the heap instead; memory stays bounded
-  // by the per-session windows (--window-mib).
-  mallopt(M_MMAP_THRESHOLD, 8 << 20);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   CLI::App app{"ferry-gateway: WAN accelerator pair for migration streams"};
   app.require_subcommand(1);
   GatewayOptions o;
