@@ -58,6 +58,41 @@ Conn::~Conn() {
   if (fd_ >= 0) close(fd_);
 }
 
+Result<std::string> OriginalDestination(int fd) {
+  sockaddr_storage orig{}, local{};
+  socklen_t olen = sizeof orig, llen = sizeof local;
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &llen) != 0)
+    return Errorf(ErrorCode::kIo, "getsockname: {}", strerror(errno));
+  // SO_ORIGINAL_DST (80) is the same number for IPv4 (SOL_IP) and IPv6 (SOL_IPV6,
+  // IP6T_SO_ORIGINAL_DST); it answers from the connection-tracking entry.
+  constexpr int kSoOriginalDst = 80;
+  int level = local.ss_family == AF_INET6 ? SOL_IPV6 : SOL_IP;
+  if (getsockopt(fd, level, kSoOriginalDst, &orig, &olen) != 0)
+    return Errorf(ErrorCode::kNotFound, "no original destination (not redirected, or no connection tracking): {}",
+                  strerror(errno));
+  char host[INET6_ADDRSTRLEN] = "";
+  uint16_t port = 0;
+  bool same = false;
+  if (orig.ss_family == AF_INET) {
+    auto* a = reinterpret_cast<sockaddr_in*>(&orig);
+    inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+    port = ntohs(a->sin_port);
+    auto* l = reinterpret_cast<sockaddr_in*>(&local);
+    same = local.ss_family == AF_INET && a->sin_addr.s_addr == l->sin_addr.s_addr && a->sin_port == l->sin_port;
+  } else if (orig.ss_family == AF_INET6) {
+    auto* a = reinterpret_cast<sockaddr_in6*>(&orig);
+    inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+    port = ntohs(a->sin6_port);
+    auto* l = reinterpret_cast<sockaddr_in6*>(&local);
+    same = local.ss_family == AF_INET6 && memcmp(&a->sin6_addr, &l->sin6_addr, sizeof a->sin6_addr) == 0 &&
+           a->sin6_port == l->sin6_port;
+  } else {
+    return Errorf(ErrorCode::kNotFound, "original destination has address family {}", orig.ss_family);
+  }
+  if (same) return Errorf(ErrorCode::kNotFound, "connection was addressed to the gateway itself (not redirected)");
+  return orig.ss_family == AF_INET6 ? fmt::format("[{}]:{}", host, port) : fmt::format("{}:{}", host, port);
+}
+
 Result<std::pair<std::string, uint16_t>> SplitHostPort(const std::string& s) {
   auto colon = s.rfind(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == s.size())

@@ -73,5 +73,8 @@ Result<std::pair<std::string, uint16_t>> SplitHostPort(const std::string& s);
 Result<int> ListenTcp(const std::string& host_port);
 Result<int> ConnectTcp(const std::string& host_port, int timeout_ms);
 std::string OpenSslErrors();
+// The destination an accepted connection was addressed to before a NAT REDIRECT rule sent it
+// to us ("IP:PORT", "[IPv6]:PORT"). kNotFound when the connection was not redirected.
+Result<std::string> OriginalDestination(int fd);
 
 }  // namespace ferry::gateway

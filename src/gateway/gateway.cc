@@ -30,12 +30,14 @@ struct Gateway::Metrics {
 Result<std::unique_ptr<Gateway>> Gateway::Create(GatewayOptions opts) {
   if (opts.listen.empty()) return Errorf(ErrorCode::kInvalidArgument, "--listen is required");
   if (opts.role == Role::kForward) {
-    if (opts.via.empty() || opts.to.empty())
-      return Errorf(ErrorCode::kInvalidArgument, "forward needs --via and --to");
+    if (opts.via.empty() || (opts.to.empty() && !opts.transparent))
+      return Errorf(ErrorCode::kInvalidArgument, "forward needs --via and --to (or --transparent)");
     if (opts.streams < 1 || opts.streams > 64)
       return Errorf(ErrorCode::kInvalidArgument, "--streams must be 1..64, got {}", opts.streams);
     FERRY_RETURN_IF_ERROR(SplitHostPort(opts.via), "--via");
-    FERRY_RETURN_IF_ERROR(SplitHostPort(opts.to), "--to");
+    if (!opts.to.empty()) FERRY_RETURN_IF_ERROR(SplitHostPort(opts.to), "--to");
+  } else if (opts.transparent || !opts.to.empty() || !opts.via.empty()) {
+    return Errorf(ErrorCode::kInvalidArgument, "--to, --via and --transparent are forward options");
   }
   if (opts.chunk < 4096 || opts.chunk > (1u << 20))
     return Errorf(ErrorCode::kInvalidArgument, "chunk size must be 4 KiB..1 MiB");
@@ -261,19 +263,30 @@ void Gateway::HandleIncoming(int fd) {
 void Gateway::HandleLocal(int fd) {
   std::random_device rd;
   uint64_t id = (uint64_t(rd()) << 32) | rd();
-  auto ctrl = Conn::Connect(opts_.via, *tls_, opts_.connect_timeout_ms);
   auto reset = [fd] {
     linger lg{1, 0};
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     close(fd);
   };
+  std::string dest = opts_.to;
+  if (opts_.transparent) {
+    auto orig = OriginalDestination(fd);
+    if (orig) {
+      dest = *orig;
+    } else if (dest.empty()) {
+      counters_.sessions_failed++;
+      spdlog::warn("session {:016x} refused: {} (and no --to fallback)", id, orig.error().message());
+      return reset();
+    }
+  }
+  auto ctrl = Conn::Connect(opts_.via, *tls_, opts_.connect_timeout_ms);
   if (!ctrl) {
     counters_.sessions_failed++;
     spdlog::warn("connect to gateway {}: {}", opts_.via, ctrl.error().ToString());
     return reset();
   }
   PayloadWriter w;
-  w.U64(id).U16(static_cast<uint16_t>(opts_.streams)).U32(static_cast<uint32_t>(opts_.window >> 10)).Str(opts_.to);
+  w.U64(id).U16(static_cast<uint16_t>(opts_.streams)).U32(static_cast<uint32_t>(opts_.window >> 10)).Str(dest);
   if (auto s = (*ctrl)->WriteFrameBlocking(FrameType::kHello, w.data()); !s) return reset();
   auto reply = (*ctrl)->ReadFrameBlocking();
   if (!reply || reply->type != FrameType::kHelloOk) {

@@ -31,7 +31,9 @@ struct GatewayOptions {
   Role role = Role::kServe;
   std::string listen;          // ADDR:PORT (port 0 = pick one)
   std::string via;             // forward: remote gateway ADDR:PORT
-  std::string to;              // forward: final destination ADDR:PORT
+  std::string to;              // forward: final destination ADDR:PORT (with transparent: the fallback)
+  bool transparent = false;    // forward: destination = the connection's original destination before an
+                               // iptables/nftables REDIRECT to --listen (SO_ORIGINAL_DST)
   int streams = 4;             // forward: data connections per session (1..64)
   bool insecure = false;
   TlsFiles tls;

@@ -6,6 +6,7 @@
 #include <openssl/ssl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -15,6 +16,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -57,14 +59,34 @@ struct Pki {
   }
 };
 
-// Destination: echoes every byte back; optional delay before reading.
+// A TCP socket created inside network namespace `ns` (from a thread that joined it; the
+// socket stays in that namespace whichever thread uses it). "" = this namespace. -1 on error.
+int TcpSocketIn(const std::string& ns) {
+  if (ns.empty()) return socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int fd = -1;
+  std::thread t([&] {
+    int nsfd = open(("/var/run/netns/" + ns).c_str(), O_RDONLY | O_CLOEXEC);
+    if (nsfd < 0) return;
+    if (setns(nsfd, CLONE_NEWNET) == 0) fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    close(nsfd);
+  });
+  t.join();
+  return fd;
+}
+
+// Destination: echoes every byte back; optional delay before reading. By default on an
+// ephemeral loopback port; with `netns`, on 0.0.0.0:`port` inside that namespace.
 class EchoServer {
  public:
-  explicit EchoServer(std::chrono::milliseconds read_delay = 0ms) : delay_(read_delay) {
-    fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  explicit EchoServer(std::chrono::milliseconds read_delay = 0ms, const std::string& netns = "", uint16_t port = 0)
+      : delay_(read_delay) {
+    fd_ = TcpSocketIn(netns);
+    int one = 1;
+    setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     sockaddr_in a{};
     a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(netns.empty() ? INADDR_LOOPBACK : INADDR_ANY);
     bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a);
     listen(fd_, 64);
     socklen_t len = sizeof a;
@@ -72,8 +94,16 @@ class EchoServer {
     port_ = ntohs(a.sin_port);
     thread_ = std::thread([this] {
       for (;;) {
-        int c = accept(fd_, nullptr, nullptr);
+        sockaddr_in peer{};
+        socklen_t plen = sizeof peer;
+        int c = accept(fd_, reinterpret_cast<sockaddr*>(&peer), &plen);
         if (c < 0) return;
+        char ip[INET_ADDRSTRLEN] = "";
+        inet_ntop(AF_INET, &peer.sin_addr, ip, sizeof ip);
+        {
+          std::lock_guard lk(mu_);
+          last_peer_ = ip;
+        }
         conns_.emplace_back([this, c] {
           std::this_thread::sleep_for(delay_);
           std::vector<char> buf(1 << 16);
@@ -103,6 +133,10 @@ class EchoServer {
     for (auto& t : conns_) t.join();
   }
   uint16_t port() const { return port_; }
+  std::string last_peer() {
+    std::lock_guard lk(mu_);
+    return last_peer_;
+  }
   std::atomic<uint64_t> received_{0};
 
  private:
@@ -111,14 +145,18 @@ class EchoServer {
   std::chrono::milliseconds delay_;
   std::thread thread_;
   std::vector<std::thread> conns_;
+  std::mutex mu_;
+  std::string last_peer_;  // GUARDED_BY(mu_): address of the last accepted client
 };
 
-int Dial(uint16_t port) {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+// Connects to ip:port from network namespace `netns` ("" = this one); -1 on failure.
+int Dial(uint16_t port, const std::string& ip = "127.0.0.1", const std::string& netns = "") {
+  int fd = TcpSocketIn(netns);
+  if (fd < 0) return -1;
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_port = htons(port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  inet_pton(AF_INET, ip.c_str(), &a.sin_addr);
   if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) < 0) {
     close(fd);
     return -1;
@@ -132,8 +170,9 @@ int Dial(uint16_t port) {
 // Sends `size` random bytes through the tunnel to the echo server and checks
 // the echo is byte-exact, then half-closes and expects EOF.
 // Returns "" on success, else a description.
-std::string EchoTransfer(uint16_t port, size_t size, uint32_t seed) {
-  int fd = Dial(port);
+std::string EchoTransferFd(int fd, size_t size, uint32_t seed);
+std::string EchoTransfer(uint16_t port, size_t size, uint32_t seed) { return EchoTransferFd(Dial(port), size, seed); }
+std::string EchoTransferFd(int fd, size_t size, uint32_t seed) {
   if (fd < 0) return "connect failed";
   std::vector<uint8_t> data(size);
   std::mt19937 rng(seed);
@@ -464,6 +503,82 @@ TEST_F(GatewayTest, PacedTlsTransferKeepsSendBuffersSmall) {
   EXPECT_NE(p.fwd->MetricsText().find("ferry_gateway_conn_buffer_peak_bytes"), std::string::npos);
 }
 
+// Runs `argv` in network namespace `ns` as a child process; returns its pid.
+pid_t SpawnIn(const std::string& ns, std::vector<std::string> argv) {
+  argv.insert(argv.begin(), {"ip", "netns", "exec", ns});
+  pid_t pid = fork();
+  if (pid == 0) {
+    std::vector<char*> a;
+    for (auto& s : argv) a.push_back(s.data());
+    a.push_back(nullptr);
+    execvp(a[0], a.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+TEST_F(GatewayTest, TransparentRedirectTunnelsToTheOriginalDestination) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root (network namespaces, nftables)";
+  ASSERT_EQ(0, Sh("command -v nft")) << "nft is missing: run scripts/setup";
+  auto bin = std::string(getenv("FERRY_BUILD_DIR") ? getenv("FERRY_BUILD_DIR") : ".") + "/bin/ferry-gateway";
+  ASSERT_TRUE(fs::exists(bin)) << bin;
+  // Two sites joined by a veth pair: A (10.79.0.1, client + forward gateway), B (10.79.0.2,
+  // serve gateway + the real destination on port 9000). In A, nftables redirects every
+  // connection to port 9000 to the forward gateway on 127.0.0.1:7001.
+  const std::string tag = std::to_string(getpid() % 100000);
+  const std::string a = "fgt-a" + tag, b = "fgt-b" + tag;
+  struct Cleanup {
+    std::string a, b;
+    std::vector<pid_t> pids;
+    ~Cleanup() {
+      for (pid_t p : pids) {
+        kill(p, SIGTERM);
+        waitpid(p, nullptr, 0);
+      }
+      Sh("ip netns del " + a);
+      Sh("ip netns del " + b);
+    }
+  } cleanup{a, b, {}};
+  for (const std::string& cmd :
+       {"ip netns add " + a, "ip netns add " + b, "ip link add fgta" + tag + " type veth peer name fgtb" + tag,
+        "ip link set fgta" + tag + " netns " + a, "ip link set fgtb" + tag + " netns " + b,
+        "ip -n " + a + " addr add 10.79.0.1/24 dev fgta" + tag, "ip -n " + b + " addr add 10.79.0.2/24 dev fgtb" + tag,
+        "ip -n " + a + " link set fgta" + tag + " up", "ip -n " + b + " link set fgtb" + tag + " up",
+        "ip -n " + a + " link set lo up", "ip -n " + b + " link set lo up",
+        "ip netns exec " + a + " nft add table ip nat",
+        "ip netns exec " + a + " nft 'add chain ip nat output { type nat hook output priority -100 ; }'",
+        "ip netns exec " + a + " nft add rule ip nat output ip daddr 10.79.0.2 tcp dport 9000 redirect to :7001"})
+    ASSERT_EQ(0, Sh(cmd)) << cmd;
+  EchoServer echo(0ms, b, 9000);
+  auto srv = pki_->Files("server"), cli = pki_->Files("client");
+  cleanup.pids.push_back(SpawnIn(b, {bin, "serve", "--listen", "10.79.0.2:7000", "--cert", srv.cert, "--key", srv.key,
+                                     "--ca", srv.ca, "--log-level", "warn"}));
+  cleanup.pids.push_back(SpawnIn(a, {bin, "forward", "--listen", "127.0.0.1:7001", "--via", "10.79.0.2:7000",
+                                     "--transparent", "--streams", "4", "--cert", cli.cert, "--key", cli.key, "--ca",
+                                     cli.ca, "--log-level", "warn"}));
+  // The client simply connects to the destination; the first attempts may find the gateways
+  // still starting.
+  std::string err = "not tried";
+  for (int i = 0; i < 50 && err != ""; i++) {
+    err = EchoTransferFd(Dial(9000, "10.79.0.2", a), 1000, 1);
+    if (err != "") std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_EQ(err, "");
+  EXPECT_EQ(EchoTransferFd(Dial(9000, "10.79.0.2", a), 8u << 20, 21), "");
+  // The destination saw the serve gateway (10.79.0.2), not the client (10.79.0.1): the
+  // connection really went through the tunnel.
+  EXPECT_EQ(echo.last_peer(), "10.79.0.2");
+  // A connection made to the gateway directly has no original destination and there is no
+  // --to fallback: refused (closed, no data), and the gateway keeps serving.
+  int fd = Dial(7001, "127.0.0.1", a);
+  ASSERT_GE(fd, 0);
+  char c;
+  ssize_t n = recv(fd, &c, 1, 0);
+  EXPECT_LE(n, 0) << "a direct connection must be refused";
+  close(fd);
+  EXPECT_EQ(EchoTransferFd(Dial(9000, "10.79.0.2", a), 1u << 20, 22), "");
+}
+
 TEST(GatewayOptionsTest, BadOptionsAreErrors) {
   GatewayOptions o;
   o.role = Role::kForward;
@@ -480,6 +595,20 @@ TEST(GatewayOptionsTest, BadOptionsAreErrors) {
   o.tls = {"/nonexistent.crt", "/nonexistent.key", "/nonexistent.ca"};
   EXPECT_FALSE(Gateway::Create(o).has_value());
   EXPECT_FALSE(ParseCodec("gzip").has_value());
+  // forward needs --to unless --transparent; --to/--via/--transparent are forward-only.
+  GatewayOptions f;
+  f.role = Role::kForward;
+  f.listen = "127.0.0.1:0";
+  f.via = "127.0.0.1:1";
+  f.insecure = true;
+  EXPECT_FALSE(Gateway::Create(f).has_value());
+  f.transparent = true;
+  EXPECT_TRUE(Gateway::Create(f).has_value());
+  GatewayOptions s;
+  s.listen = "127.0.0.1:0";
+  s.insecure = true;
+  s.transparent = true;
+  EXPECT_FALSE(Gateway::Create(s).has_value());
 }
 
 }  // namespace

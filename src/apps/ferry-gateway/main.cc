@@ -31,7 +31,10 @@ int main(int argc, char** argv) {
   auto* fwd = app.add_subcommand("forward", "source side: accept local TCP and tunnel it");
   common(fwd);
   fwd->add_option("--via", o.via, "remote gateway ADDR:PORT")->required();
-  fwd->add_option("--to", o.to, "final destination ADDR:PORT (as seen by the remote gateway)")->required();
+  fwd->add_option("--to", o.to, "final destination ADDR:PORT (as seen by the remote gateway)");
+  fwd->add_flag("--transparent", o.transparent,
+                "tunnel each connection to its original destination (connections sent to --listen by a NAT "
+                "REDIRECT rule); --to is then the fallback for connections made to --listen directly");
   fwd->add_option("--streams", o.streams, "parallel data connections")->check(CLI::Range(1, 64));
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));
