@@ -328,6 +328,9 @@ std::string Gateway::MetricsText() const {
   m("chunks_retransmitted_total", "counter", "Chunks re-sent after a data connection was lost",
     c.chunks_retransmitted);
   m("chunks_duplicate_total", "counter", "Duplicate chunks dropped", c.chunks_duplicate);
+  m("conn_stalls_total", "counter", "Data connections found stuck (no TCP ACK while holding the oldest chunk)",
+    c.conn_stalls);
+  m("chunks_bypassed_total", "counter", "Chunks re-sent on other connections around a stuck one", c.chunks_bypassed);
   m("chunks_compressed_total", "counter", "Chunks sent compressed", c.chunks_compressed);
   m("compression_saved_bytes_total", "counter", "Bytes saved by compression", c.compressed_saved_bytes);
   m("data_streams", "gauge", "Open data connections", c.data_conns_active);

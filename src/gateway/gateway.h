@@ -53,6 +53,7 @@ struct GatewayCounters {
   std::atomic<uint64_t> bytes_from_local{0}, bytes_to_local{0};
   std::atomic<uint64_t> wire_bytes_sent{0}, wire_bytes_received{0};
   std::atomic<uint64_t> chunks_sent{0}, chunks_retransmitted{0}, chunks_duplicate{0};
+  std::atomic<uint64_t> chunks_bypassed{0}, conn_stalls{0};  // re-sent around a stuck data connection
   std::atomic<uint64_t> chunks_compressed{0}, compressed_saved_bytes{0};
   std::atomic<uint64_t> data_conns_lost{0}, data_conns_active{0};
   std::atomic<uint64_t> protocol_errors{0}, handshake_failures{0};

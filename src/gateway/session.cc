@@ -1,9 +1,13 @@
 #include "gateway/session.h"
 
 #include <lz4.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <spdlog/spdlog.h>
+#include <linux/sockios.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include <zstd.h>
@@ -49,9 +53,49 @@ void Session::AddDataConn(std::unique_ptr<Conn> c, uint16_t index) {
 }
 
 std::string Session::StatusJsonFields() const {
+  std::string detail;
+  {
+    std::lock_guard lk(diag_mu_);
+    detail = detail_json_.empty() ? "{}" : detail_json_;
+  }
   return fmt::format(
-      R"({{"id":"{:016x}","bytes_sent":{},"bytes_received":{},"data_conns":{},"unacked_bytes":{},"reorder_bytes":{}}})",
-      id_, st_sent_.load(), st_received_.load(), st_data_conns_.load(), st_unacked_.load(), st_reorder_.load());
+      R"({{"id":"{:016x}","bytes_sent":{},"bytes_received":{},"data_conns":{},"unacked_bytes":{},"reorder_bytes":{},"detail":{}}})",
+      id_, st_sent_.load(), st_received_.load(), st_data_conns_.load(), st_unacked_.load(), st_reorder_.load(), detail);
+}
+
+void Session::UpdateDetail() {
+  // What an operator needs to see where a stream waits: the oldest chunk not yet acknowledged
+  // and which connection carries it, the next chunk the receiver needs, and per connection the
+  // bytes queued in the gateway and in the kernel.
+  std::string conns;
+  for (auto& d : data_) {
+    int outq = 0, inq = 0;
+    ioctl(d.c->fd(), SIOCOUTQ, &outq);
+    ioctl(d.c->fd(), SIOCINQ, &inq);
+    tcp_info ti{};
+    socklen_t len = sizeof ti;
+    getsockopt(d.c->fd(), IPPROTO_TCP, TCP_INFO, &ti, &len);
+    sockaddr_storage la{};
+    socklen_t lal = sizeof la;
+    getsockname(d.c->fd(), reinterpret_cast<sockaddr*>(&la), &lal);
+    uint16_t lport = la.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&la)->sin6_port)
+                                              : ntohs(reinterpret_cast<sockaddr_in*>(&la)->sin_port);
+    conns += fmt::format(
+        R"({}{{"index":{},"local_port":{},"queued":{},"retry_len":{},"in_buffered":{},"kernel_unacked":{},"kernel_unread":{},)"
+        R"("tcp_rtt_us":{},"tcp_rto_us":{},"tcp_backoff":{},"tcp_ca_state":{},"tcp_last_ack_recv_ms":{},"tcp_total_retrans":{}}})",
+        conns.empty() ? "" : ",", d.index, lport, d.c->out.size() - d.c->out_off, d.c->last_write_len, d.c->in.size() - d.in_off,
+        outq, inq, ti.tcpi_rtt, ti.tcpi_rto, ti.tcpi_backoff, ti.tcpi_ca_state, ti.tcpi_last_ack_recv,
+        ti.tcpi_total_retrans);
+  }
+  std::string oldest = unacked_.empty() ? "null"
+                                         : fmt::format(R"({{"seq":{},"conn":{}}})", unacked_.begin()->first,
+                                                       unacked_.begin()->second.slot);
+  std::string first_buffered = reorder_.empty() ? "null" : std::to_string(reorder_.begin()->first);
+  std::string j = fmt::format(
+      R"({{"next_seq":{},"oldest_unacked":{},"send_paused":{},"next_expected":{},"first_buffered":{},"chunks_buffered":{},"conns":[{}]}})",
+      next_seq_, oldest, send_paused_, next_expected_, first_buffered, reorder_.size(), conns);
+  std::lock_guard lk(diag_mu_);
+  detail_json_ = std::move(j);
 }
 
 void Session::Pace(int fd) const {
@@ -213,10 +257,11 @@ std::vector<uint8_t> Session::MakeDataFrame(uint64_t seq, const uint8_t* p, size
   return out;
 }
 
-Session::DataConn* Session::PickConn() {
+Session::DataConn* Session::PickConn(int exclude_index) {
   DataConn* best = nullptr;
   size_t best_q = SIZE_MAX;
   for (auto& d : data_) {
+    if (d.index == exclude_index) continue;
     size_t q = d.c->out.size() - d.c->out_off;
     if (q < best_q) {
       best_q = q;
@@ -249,6 +294,7 @@ void Session::ReadLocal() {
     Chunk c{MakeDataFrame(seq, scratch_.data(), n), d->index, static_cast<size_t>(n)};
     d->c->out.insert(d->c->out.end(), c.frame.begin(), c.frame.end());
     unacked_bytes_ += n;
+    if (unacked_.empty()) ack_progress_ = Clock::now();
     unacked_.emplace(seq, std::move(c));
     ctr_.bytes_from_local += n;
     ctr_.chunks_sent++;
@@ -341,6 +387,7 @@ void Session::HandleCtrlFrame(const Frame& f) {
       auto a = r.U64();
       if (!a || !r.ExpectEnd()) return ProtocolError("bad ACK");
       if (*a > next_seq_) return ProtocolError(fmt::format("ACK {} beyond sent {}", *a, next_seq_));
+      if (!unacked_.empty() && unacked_.begin()->first < *a) ack_progress_ = Clock::now();
       while (!unacked_.empty() && unacked_.begin()->first < *a) {
         unacked_bytes_ -= unacked_.begin()->second.raw_len;
         GiveBuf(std::move(unacked_.begin()->second.frame));
@@ -520,6 +567,50 @@ void Session::LoseDataConn(size_t i, const std::string& why) {
   }
 }
 
+void Session::MaybeBypassStuckConn(Clock::time_point now) {
+  // One TCP connection can stall for a long time while the others run: e.g. a retransmission
+  // lost again at a full bottleneck queue puts it into exponential RTO back-off (seconds to
+  // minutes). Every chunk behind the one it carries then waits, the window fills and the whole
+  // session stops (seen on the emulated 200 ms link: 17 MB unacknowledged in the kernel, no TCP
+  // ACK for > 60 s). When the session's cumulative ACK has not moved for T and the connection
+  // carrying the oldest chunk has data in flight but has received no TCP ACK for T either, its
+  // unacknowledged chunks are re-sent on the other connections (the receiver drops whichever
+  // copy arrives second). Only that connection's state is used, so a slow *reader* (the peer
+  // kernel acknowledges everything, the gateway cannot deliver) never triggers re-sends.
+  using namespace std::chrono;
+  if (unacked_.empty() || data_.size() < 2) return;
+  const milliseconds stall = std::max(milliseconds(1000), milliseconds(3 * ctr_.rtt_us.load() / 1000));
+  if (now - ack_progress_ < stall || now - last_bypass_check_ < milliseconds(100)) return;
+  last_bypass_check_ = now;
+  const uint16_t slot = unacked_.begin()->second.slot;
+  DataConn* stuck = nullptr;
+  for (auto& d : data_)
+    if (d.index == slot) stuck = &d;
+  if (!stuck) return;  // its connection is gone: LoseDataConn / the orphan path re-sends
+  int outq = 0;
+  tcp_info ti{};
+  socklen_t len = sizeof ti;
+  if (ioctl(stuck->c->fd(), SIOCOUTQ, &outq) != 0 || outq <= 0) return;
+  if (getsockopt(stuck->c->fd(), IPPROTO_TCP, TCP_INFO, &ti, &len) != 0) return;
+  if (milliseconds(ti.tcpi_last_ack_recv) < stall) return;
+  size_t n = 0, bytes = 0;
+  for (auto& [seq, c] : unacked_) {
+    if (c.slot != slot) continue;
+    DataConn* d = PickConn(slot);
+    if (!d) return;
+    c.slot = d->index;
+    d->c->out.insert(d->c->out.end(), c.frame.begin(), c.frame.end());
+    n++;
+    bytes += c.raw_len;
+  }
+  ctr_.conn_stalls++;
+  ctr_.chunks_bypassed += n;
+  spdlog::info("session {:016x}: data connection {} stuck ({} bytes in flight, no TCP ACK for {} ms, RTO back-off {}); "
+               "re-sending its {} unacknowledged chunks ({} bytes) on the other connections",
+               id_, slot, outq, ti.tcpi_last_ack_recv, ti.tcpi_backoff, n, bytes);
+  ack_progress_ = now;
+}
+
 void Session::CheckDone() {
   if (end_ != End::kNone) return;
   bool send_done = fin_sent_ && unacked_.empty();
@@ -575,7 +666,9 @@ void Session::Loop() {
       return Fail("all data connections lost", true);
     if (now - last_ctrl_rx_ > std::chrono::milliseconds(o.keepalive_timeout_ms))
       return Fail("keepalive timeout", true);
+    MaybeBypassStuckConn(now);
     if (!sent_close_ && now - last_ping_ > std::chrono::seconds(1)) {
+      UpdateDetail();
       PayloadWriter w;
       w.U64(static_cast<uint64_t>(NowNs()));
       SendCtrl(FrameType::kPing, w.data());

@@ -29,7 +29,7 @@ class Session {
   void AddDataConn(std::unique_ptr<Conn> c, uint16_t index);
   // Thread-safe: wakes the session thread (e.g. gateway stopping).
   void Wake();
-  std::string StatusJsonFields() const;  // reads only atomics
+  std::string StatusJsonFields() const;  // atomics + the detail snapshot (diag_mu_)
 
  private:
   struct DataConn {
@@ -62,7 +62,9 @@ class Session {
   void ResetLocal();
   void MaybeAck(bool force);
   void CheckDone();
-  DataConn* PickConn();
+  DataConn* PickConn(int exclude_index = -1);
+  // Stalled-connection bypass: see docs/gateway.md ("A stuck data connection").
+  void MaybeBypassStuckConn(Clock::time_point now);
   std::vector<uint8_t> MakeDataFrame(uint64_t seq, const uint8_t* p, size_t n);
   // Chunk-sized buffers are recycled: without this every 256 KiB chunk (each way) was a
   // fresh allocation whose pages the kernel zeroes and faults in (~20% of the gateway's CPU
@@ -95,6 +97,8 @@ class Session {
   // Sending direction (local -> peer).
   uint64_t next_seq_ = 0;
   std::map<uint64_t, Chunk> unacked_;
+  Clock::time_point ack_progress_;  // last time the peer's cumulative ACK advanced (or sending began)
+  Clock::time_point last_bypass_check_;
   size_t unacked_bytes_ = 0;
   bool send_paused_ = false;  // high/low watermark hysteresis
   bool local_eof_ = false;
@@ -121,6 +125,10 @@ class Session {
   std::vector<std::vector<uint8_t>> spare_;  // see TakeBuf
   PayloadWriter payload_;                    // DATA payload being built (capacity reused)
   std::vector<uint8_t> compress_tmp_;
+
+  void UpdateDetail();  // session thread, once a second
+  mutable std::mutex diag_mu_;
+  std::string detail_json_;  // GUARDED_BY(diag_mu_): per-connection queues, oldest unacked, next expected
 
   // Exported (read by the status thread).
   std::atomic<uint64_t> st_sent_{0}, st_received_{0}, st_data_conns_{0};

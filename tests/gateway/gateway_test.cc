@@ -21,6 +21,8 @@
 #include <thread>
 
 #include <gtest/gtest.h>
+#include <httplib.h>
+#include <nlohmann/json.hpp>
 
 #include "gateway/gateway.h"
 #include "gateway/protocol.h"
@@ -577,6 +579,79 @@ TEST_F(GatewayTest, TransparentRedirectTunnelsToTheOriginalDestination) {
   EXPECT_LE(n, 0) << "a direct connection must be refused";
   close(fd);
   EXPECT_EQ(EchoTransferFd(Dial(9000, "10.79.0.2", a), 1u << 20, 22), "");
+}
+
+// GET `path` from a gateway's --metrics unix socket ("" on failure).
+std::string MetricsGet(const std::string& sock, const std::string& path) {
+  httplib::Client cli(sock);
+  cli.set_address_family(AF_UNIX);
+  cli.set_read_timeout(5, 0);
+  auto r = cli.Get(path.c_str());
+  return r && r->status == 200 ? r->body : "";
+}
+
+TEST_F(GatewayTest, StuckDataConnectionIsBypassed) {
+  // One data connection stops getting anything through (nftables drops every packet it sends,
+  // so its TCP sees no ACK and backs off for minutes). Without the bypass the echo would stall
+  // until TCP gave up; with it the chunks that connection holds are re-sent on the others.
+  if (geteuid() != 0) GTEST_SKIP() << "needs root (network namespaces, nftables)";
+  ASSERT_EQ(0, Sh("command -v nft")) << "nft is missing: run scripts/setup";
+  auto bin = std::string(getenv("FERRY_BUILD_DIR") ? getenv("FERRY_BUILD_DIR") : ".") + "/bin/ferry-gateway";
+  ASSERT_TRUE(fs::exists(bin)) << bin;
+  const std::string tag = std::to_string(getpid() % 100000);
+  const std::string n = "fgt-s" + tag;
+  const std::string fwd_sock = pki_->dir.string() + "/fwd.sock";
+  struct Cleanup {
+    std::string n;
+    std::vector<pid_t> pids;
+    ~Cleanup() {
+      for (pid_t p : pids) {
+        kill(p, SIGTERM);
+        waitpid(p, nullptr, 0);
+      }
+      Sh("ip netns del " + n);
+    }
+  } cleanup{n, {}};
+  ASSERT_EQ(0, Sh("ip netns add " + n));
+  ASSERT_EQ(0, Sh("ip -n " + n + " link set lo up"));
+  ASSERT_EQ(0, Sh("ip netns exec " + n + " nft add table inet t"));
+  ASSERT_EQ(0, Sh("ip netns exec " + n + " nft 'add chain inet t out { type filter hook output priority 0 ; }'"));
+  EchoServer echo(0ms, n, 9000);
+  auto srv = pki_->Files("server"), cli = pki_->Files("client");
+  // Paced (about 30 MB/s in all) so the transfer is still running when the rule goes in.
+  cleanup.pids.push_back(SpawnIn(n, {bin, "serve", "--listen", "127.0.0.1:7000", "--cert", srv.cert, "--key", srv.key,
+                                     "--ca", srv.ca, "--log-level", "warn", "--max-rate-mbit", "200"}));
+  cleanup.pids.push_back(SpawnIn(n, {bin, "forward", "--listen", "127.0.0.1:7001", "--via", "127.0.0.1:7000", "--to",
+                                     "127.0.0.1:9000", "--streams", "4", "--cert", cli.cert, "--key", cli.key, "--ca",
+                                     cli.ca, "--log-level", "info", "--max-rate-mbit", "200", "--metrics",
+                                     "unix:" + fwd_sock}));
+  std::string err = "not tried";
+  for (int i = 0; i < 50 && err != ""; i++) {
+    err = EchoTransferFd(Dial(7001, "127.0.0.1", n), 1000, 1);
+    if (err != "") std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_EQ(err, "");
+  std::string result = "running";
+  std::thread transfer([&] { result = EchoTransferFd(Dial(7001, "127.0.0.1", n), 96u << 20, 31); });
+  // Wait for the big session's data connections, then black-hole the first one.
+  int port = 0;
+  for (int i = 0; i < 100 && port == 0; i++) {
+    auto st = nlohmann::json::parse(MetricsGet(fwd_sock, "/status"), nullptr, false);
+    if (st.is_object() && st["sessions"].is_array())
+      for (auto& sess : st["sessions"])
+        if (sess["detail"]["conns"].is_array() && sess["detail"]["conns"].size() == 4 && sess["bytes_sent"].get<uint64_t>() > (4u << 20))
+          port = sess["detail"]["conns"][0]["local_port"].get<int>();
+    if (port == 0) std::this_thread::sleep_for(50ms);
+  }
+  EXPECT_NE(port, 0) << "no running session seen in /status";
+  if (port != 0) {
+    EXPECT_EQ(0, Sh("ip netns exec " + n + " nft add rule inet t out tcp sport " + std::to_string(port) + " drop"));
+  }
+  transfer.join();
+  EXPECT_EQ(result, "");
+  std::string metrics = MetricsGet(fwd_sock, "/metrics");
+  EXPECT_EQ(metrics.find("ferry_gateway_conn_stalls_total 0"), std::string::npos) << metrics;
+  EXPECT_EQ(metrics.find("ferry_gateway_chunks_bypassed_total 0"), std::string::npos) << metrics;
 }
 
 TEST(GatewayOptionsTest, BadOptionsAreErrors) {
