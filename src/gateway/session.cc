@@ -605,7 +605,7 @@ void Session::MaybeBypassStuckConn(Clock::time_point now) {
   }
   ctr_.conn_stalls++;
   ctr_.chunks_bypassed += n;
-  spdlog::info("session {:016x}: data connection {} stuck ({} bytes in flight, no TCP ACK for {} ms, RTO back-off {}); "
+  spdlog::warn("session {:016x}: data connection {} stuck ({} bytes in flight, no TCP ACK for {} ms, RTO back-off {}); "
                "re-sending its {} unacknowledged chunks ({} bytes) on the other connections",
                id_, slot, outq, ti.tcpi_last_ack_recv, ti.tcpi_backoff, n, bytes);
   ack_progress_ = now;
