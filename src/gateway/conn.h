@@ -60,6 +60,7 @@ class Conn {
   std::vector<uint8_t> out;  // encoded, not yet written
   size_t out_off = 0;
   size_t last_write_len = 0;  // TLS retry must repeat the same length
+  uint64_t appended = 0;      // bytes ever appended to `out` (stream position of its end)
 
  private:
   Conn(int fd, SSL* ssl) : fd_(fd), ssl_(ssl) {}

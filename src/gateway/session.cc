@@ -257,16 +257,27 @@ std::vector<uint8_t> Session::MakeDataFrame(uint64_t seq, const uint8_t* p, size
   return out;
 }
 
+void Session::QueueChunk(DataConn& d, Chunk& c) {
+  d.c->out.insert(d.c->out.end(), c.frame.begin(), c.frame.end());
+  d.c->appended += c.frame.size();
+  c.slot = d.index;
+  c.end_pos = d.c->appended;
+}
+
 Session::DataConn* Session::PickConn(int exclude_index) {
   DataConn* best = nullptr;
   size_t best_q = SIZE_MAX;
   for (auto& d : data_) {
-    if (d.index == exclude_index) continue;
+    if (d.index == exclude_index || d.stalled) continue;
     size_t q = d.c->out.size() - d.c->out_off;
     if (q < best_q) {
       best_q = q;
       best = &d;
     }
+  }
+  if (!best && exclude_index < 0) {  // every connection is marked stalled: use them anyway
+    for (auto& d : data_) d.stalled = false;
+    return data_.empty() ? nullptr : PickConn();
   }
   return best;
 }
@@ -291,8 +302,8 @@ void Session::ReadLocal() {
       return;
     }
     uint64_t seq = next_seq_++;
-    Chunk c{MakeDataFrame(seq, scratch_.data(), n), d->index, static_cast<size_t>(n)};
-    d->c->out.insert(d->c->out.end(), c.frame.begin(), c.frame.end());
+    Chunk c{MakeDataFrame(seq, scratch_.data(), n), d->index, static_cast<size_t>(n), 0};
+    QueueChunk(*d, c);
     unacked_bytes_ += n;
     if (unacked_.empty()) ack_progress_ = Clock::now();
     unacked_.emplace(seq, std::move(c));
@@ -561,53 +572,74 @@ void Session::LoseDataConn(size_t i, const std::string& why) {
       orphans_ = true;
       break;
     }
-    c.slot = d->index;
-    d->c->out.insert(d->c->out.end(), c.frame.begin(), c.frame.end());
+    QueueChunk(*d, c);
     ctr_.chunks_retransmitted++;
   }
 }
 
 void Session::MaybeBypassStuckConn(Clock::time_point now) {
-  // One TCP connection can stall for a long time while the others run: e.g. a retransmission
-  // lost again at a full bottleneck queue puts it into exponential RTO back-off (seconds to
-  // minutes). Every chunk behind the one it carries then waits, the window fills and the whole
-  // session stops (seen on the emulated 200 ms link: 17 MB unacknowledged in the kernel, no TCP
-  // ACK for > 60 s). When the session's cumulative ACK has not moved for T and the connection
-  // carrying the oldest chunk has data in flight but has received no TCP ACK for T either, its
-  // unacknowledged chunks are re-sent on the other connections (the receiver drops whichever
-  // copy arrives second). Only that connection's state is used, so a slow *reader* (the peer
-  // kernel acknowledges everything, the gateway cannot deliver) never triggers re-sends.
+  // One TCP connection can crawl or stall while the others run: a retransmission lost again at
+  // a full bottleneck queue puts it into exponential RTO back-off, or its congestion control
+  // collapses in a long recovery (seen on the emulated 200 ms link: BBR paced one connection at
+  // 0.1 Mbit/s with 22 MB queued while the other three sat idle). Every chunk behind the one it
+  // carries waits, the window fills and the session stops. So when the session's cumulative
+  // ACK has not moved for T, the oldest unacknowledged chunk has not even reached the peer's
+  // kernel (its connection still holds bytes up to and including it) and another connection is
+  // idle, the chunks on that connection are re-sent on the others; the receiver drops whichever
+  // copy arrives second. A slow *reader* never triggers this: there the chunk has arrived.
   using namespace std::chrono;
+  if (now - last_bypass_check_ < milliseconds(100)) return;
+  last_bypass_check_ = now;
+  for (auto& d : data_) {  // a bypassed connection gets chunks again once it has drained
+    int outq = 0;
+    if (d.stalled && d.c->out.size() == d.c->out_off && ioctl(d.c->fd(), SIOCOUTQ, &outq) == 0 && outq == 0)
+      d.stalled = false;
+  }
   if (unacked_.empty() || data_.size() < 2) return;
   const milliseconds stall = std::max(milliseconds(1000), milliseconds(3 * ctr_.rtt_us.load() / 1000));
-  if (now - ack_progress_ < stall || now - last_bypass_check_ < milliseconds(100)) return;
-  last_bypass_check_ = now;
-  const uint16_t slot = unacked_.begin()->second.slot;
+  if (now - ack_progress_ < stall) return;
+  const Chunk& oldest = unacked_.begin()->second;
+  const uint16_t slot = oldest.slot;
   DataConn* stuck = nullptr;
-  for (auto& d : data_)
-    if (d.index == slot) stuck = &d;
-  if (!stuck) return;  // its connection is gone: LoseDataConn / the orphan path re-sends
-  int outq = 0;
+  bool other_idle = false;
+  int stuck_outq = 0;
+  for (auto& d : data_) {
+    int outq = 0;
+    if (ioctl(d.c->fd(), SIOCOUTQ, &outq) != 0) outq = 0;
+    size_t queued = d.c->out.size() - d.c->out_off;
+    if (d.index == slot) {
+      stuck = &d;
+      stuck_outq = outq;
+    } else if (queued == 0 && outq == 0) {
+      other_idle = true;
+    }
+  }
+  if (!stuck || !other_idle) return;  // gone (LoseDataConn re-sends), or no spare connection
+  // Bytes of this connection the peer's kernel has not acknowledged yet (TLS adds ~0.2% of
+  // record overhead to the kernel's count), against the bytes queued after the oldest chunk.
+  const uint64_t pending = (stuck->c->out.size() - stuck->c->out_off) + static_cast<uint64_t>(stuck_outq) * 500 / 501;
+  const uint64_t after = stuck->c->appended - oldest.end_pos;
+  if (pending <= after + (16u << 10)) return;  // the chunk has arrived: the receiving side is slow
   tcp_info ti{};
   socklen_t len = sizeof ti;
-  if (ioctl(stuck->c->fd(), SIOCOUTQ, &outq) != 0 || outq <= 0) return;
-  if (getsockopt(stuck->c->fd(), IPPROTO_TCP, TCP_INFO, &ti, &len) != 0) return;
-  if (milliseconds(ti.tcpi_last_ack_recv) < stall) return;
+  getsockopt(stuck->c->fd(), IPPROTO_TCP, TCP_INFO, &ti, &len);
+  stuck->stalled = true;
   size_t n = 0, bytes = 0;
   for (auto& [seq, c] : unacked_) {
     if (c.slot != slot) continue;
     DataConn* d = PickConn(slot);
     if (!d) return;
-    c.slot = d->index;
-    d->c->out.insert(d->c->out.end(), c.frame.begin(), c.frame.end());
+    QueueChunk(*d, c);
     n++;
     bytes += c.raw_len;
   }
   ctr_.conn_stalls++;
   ctr_.chunks_bypassed += n;
-  spdlog::warn("session {:016x}: data connection {} stuck ({} bytes in flight, no TCP ACK for {} ms, RTO back-off {}); "
-               "re-sending its {} unacknowledged chunks ({} bytes) on the other connections",
-               id_, slot, outq, ti.tcpi_last_ack_recv, ti.tcpi_backoff, n, bytes);
+  spdlog::warn("session {:016x}: data connection {} stalled ({} bytes not delivered, session ACK stuck for {} ms; "
+               "TCP: state {}, RTO back-off {}, last ACK {} ms ago, cwnd {}); re-sending its {} chunks ({} bytes) on "
+               "the other connections",
+               id_, slot, pending, duration_cast<milliseconds>(now - ack_progress_).count(), ti.tcpi_ca_state,
+               ti.tcpi_backoff, ti.tcpi_last_ack_recv, ti.tcpi_snd_cwnd, n, bytes);
   ack_progress_ = now;
 }
 
@@ -648,9 +680,7 @@ void Session::Loop() {
         bool live = false;
         for (auto& d : data_) live |= d.index == c.slot;
         if (live) continue;
-        DataConn* d = PickConn();
-        c.slot = d->index;
-        d->c->out.insert(d->c->out.end(), c.frame.begin(), c.frame.end());
+        QueueChunk(*PickConn(), c);
         ctr_.chunks_retransmitted++;
       }
     }

@@ -37,11 +37,13 @@ class Session {
     uint16_t index;
     size_t in_off = 0;
     bool ready = false;  // poll() reported it readable this iteration
+    bool stalled = false;  // bypassed as stuck: gets no new chunks until it has drained
   };
   struct Chunk {
     std::vector<uint8_t> frame;
-    uint16_t slot;
+    uint16_t slot;     // data connection (index) it was last queued on
     size_t raw_len;
+    uint64_t end_pos;  // that connection's `appended` right after this frame
   };
   enum class End { kNone, kClean, kFailed };
 
@@ -63,6 +65,7 @@ class Session {
   void MaybeAck(bool force);
   void CheckDone();
   DataConn* PickConn(int exclude_index = -1);
+  void QueueChunk(DataConn& d, Chunk& c);  // appends c's frame to d and records where it ends
   // Stalled-connection bypass: see docs/gateway.md ("A stuck data connection").
   void MaybeBypassStuckConn(Clock::time_point now);
   std::vector<uint8_t> MakeDataFrame(uint64_t seq, const uint8_t* p, size_t n);
