@@ -49,6 +49,7 @@ class Conn {
   Status SetNonBlocking();
   int fd() const { return fd_; }
   bool HasPending() const;  // TLS has buffered plaintext (poll() won't show it)
+  bool tls() const { return ssl_ != nullptr; }
 
   // Nonblocking I/O. *n = bytes moved on kOk.
   IoResult Read(uint8_t* buf, size_t cap, size_t* n);

@@ -615,11 +615,17 @@ void Session::MaybeBypassStuckConn(Clock::time_point now) {
     }
   }
   if (!stuck || !other_idle) return;  // gone (LoseDataConn re-sends), or no spare connection
-  // Bytes of this connection the peer's kernel has not acknowledged yet (TLS adds ~0.2% of
-  // record overhead to the kernel's count), against the bytes queued after the oldest chunk.
-  const uint64_t pending = (stuck->c->out.size() - stuck->c->out_off) + static_cast<uint64_t>(stuck_outq) * 500 / 501;
+  // Frame bytes of this connection the peer's kernel has not acknowledged yet, against the
+  // bytes queued after the oldest chunk. The kernel counts TLS records: at most 22 bytes of
+  // overhead per record, records are 16 KiB except the last of each write (up to 256 KiB).
+  uint64_t outq = static_cast<uint64_t>(stuck_outq);
+  if (stuck->c->tls()) {
+    const uint64_t overhead = 22 * (outq / 16384 + 64);
+    outq = outq > overhead ? outq - overhead : 0;
+  }
+  const uint64_t pending = (stuck->c->out.size() - stuck->c->out_off) + outq;
   const uint64_t after = stuck->c->appended - oldest.end_pos;
-  if (pending <= after + (16u << 10)) return;  // the chunk has arrived: the receiving side is slow
+  if (pending <= after) return;  // the chunk has reached the peer: the receiving side is slow
   tcp_info ti{};
   socklen_t len = sizeof ti;
   getsockopt(stuck->c->fd(), IPPROTO_TCP, TCP_INFO, &ti, &len);

@@ -616,7 +616,41 @@ TEST_F(GatewayTest, StuckDataConnectionIsBypassed) {
   ASSERT_EQ(0, Sh("ip -n " + n + " link set lo up"));
   ASSERT_EQ(0, Sh("ip netns exec " + n + " nft add table inet t"));
   ASSERT_EQ(0, Sh("ip netns exec " + n + " nft 'add chain inet t out { type filter hook output priority 0 ; }'"));
-  EchoServer echo(0ms, n, 9000);
+  // A one-way transfer into a sink that hashes what it gets (a two-way echo also works, but the
+  // two directions then wait on each other and the test would measure that interplay too).
+  int sink_fd = TcpSocketIn(n);
+  ASSERT_GE(sink_fd, 0);
+  {
+    int one = 1;
+    setsockopt(sink_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(9000);
+    ASSERT_EQ(0, bind(sink_fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa));
+    ASSERT_EQ(0, listen(sink_fd, 8));
+  }
+  std::atomic<uint64_t> sink_bytes{0};
+  std::atomic<uint64_t> sink_hash{0};
+  std::thread sink([&] {
+    for (;;) {  // the first (small) connection only checks the path
+      int c = accept(sink_fd, nullptr, nullptr);
+      if (c < 0) return;
+      std::vector<uint8_t> buf(1 << 16);
+      uint64_t h = 1469598103934665603ull, total = 0;
+      for (;;) {
+        ssize_t r = recv(c, buf.data(), buf.size(), 0);
+        if (r <= 0) break;
+        for (ssize_t i = 0; i < r; i++) h = (h ^ buf[i]) * 1099511628211ull;
+        total += r;
+      }
+      close(c);
+      if (total > (1u << 20)) {
+        sink_bytes = total;
+        sink_hash = h;
+        return;
+      }
+    }
+  });
   auto srv = pki_->Files("server"), cli = pki_->Files("client");
   // Paced (about 30 MB/s in all) so the transfer is still running when the rule goes in.
   cleanup.pids.push_back(SpawnIn(n, {bin, "serve", "--listen", "127.0.0.1:7000", "--cert", srv.cert, "--key", srv.key,
@@ -625,14 +659,48 @@ TEST_F(GatewayTest, StuckDataConnectionIsBypassed) {
                                      "127.0.0.1:9000", "--streams", "4", "--cert", cli.cert, "--key", cli.key, "--ca",
                                      cli.ca, "--log-level", "info", "--max-rate-mbit", "200", "--metrics",
                                      "unix:" + fwd_sock}));
-  std::string err = "not tried";
-  for (int i = 0; i < 50 && err != ""; i++) {
-    err = EchoTransferFd(Dial(7001, "127.0.0.1", n), 1000, 1);
-    if (err != "") std::this_thread::sleep_for(100ms);
+  int probe = -1;
+  for (int i = 0; i < 50 && probe < 0; i++) {
+    probe = Dial(7001, "127.0.0.1", n);
+    char x = 1;
+    if (probe >= 0 && send(probe, &x, 1, MSG_NOSIGNAL) == 1) {
+      shutdown(probe, SHUT_WR);
+      recv(probe, &x, 1, 0);  // EOF once the session has ended
+    } else if (probe >= 0) {
+      close(probe);
+      probe = -1;
+    }
+    if (probe < 0) std::this_thread::sleep_for(100ms);
   }
-  ASSERT_EQ(err, "");
+  ASSERT_GE(probe, 0);
+  close(probe);
+  const size_t size = 96u << 20;
+  std::vector<uint8_t> data(size);
+  std::mt19937 rng(31);
+  for (auto& b : data) b = static_cast<uint8_t>(rng());
+  uint64_t want = 1469598103934665603ull;
+  for (uint8_t b : data) want = (want ^ b) * 1099511628211ull;
   std::string result = "running";
-  std::thread transfer([&] { result = EchoTransferFd(Dial(7001, "127.0.0.1", n), 96u << 20, 31); });
+  std::thread transfer([&] {
+    int fd = Dial(7001, "127.0.0.1", n);
+    if (fd < 0) {
+      result = "connect failed";
+      return;
+    }
+    for (size_t off = 0; off < size;) {
+      ssize_t w = send(fd, data.data() + off, std::min<size_t>(size - off, 1 << 20), MSG_NOSIGNAL);
+      if (w <= 0) {
+        result = std::string("send: ") + strerror(errno);
+        close(fd);
+        return;
+      }
+      off += w;
+    }
+    shutdown(fd, SHUT_WR);
+    char x;
+    result = recv(fd, &x, 1, 0) == 0 ? "" : std::string("no clean EOF: ") + strerror(errno);
+    close(fd);
+  });
   // Wait for the big session's data connections, then black-hole the first one.
   int port = 0;
   for (int i = 0; i < 100 && port == 0; i++) {
@@ -648,7 +716,12 @@ TEST_F(GatewayTest, StuckDataConnectionIsBypassed) {
     EXPECT_EQ(0, Sh("ip netns exec " + n + " nft add rule inet t out tcp sport " + std::to_string(port) + " drop"));
   }
   transfer.join();
-  EXPECT_EQ(result, "");
+  EXPECT_EQ(result, "") << MetricsGet(fwd_sock, "/status");
+  shutdown(sink_fd, SHUT_RDWR);
+  close(sink_fd);
+  sink.join();
+  EXPECT_EQ(sink_bytes.load(), size);
+  EXPECT_EQ(sink_hash.load(), want) << "the sink got different bytes";
   std::string metrics = MetricsGet(fwd_sock, "/metrics");
   EXPECT_EQ(metrics.find("ferry_gateway_conn_stalls_total 0"), std::string::npos) << metrics;
   EXPECT_EQ(metrics.find("ferry_gateway_chunks_bypassed_total 0"), std::string::npos) << metrics;
