@@ -2,10 +2,25 @@
 
 #include "common/crc32c.h"
 #include "common/error.h"
+#include "common/size.h"
 #include "common/state_io.h"
 
 namespace ferry {
 namespace {
+
+TEST(Size, ParsesSuffixes) {
+  EXPECT_EQ(*ParseSize("4096"), 4096u);
+  EXPECT_EQ(*ParseSize("64k"), 64u << 10);
+  EXPECT_EQ(*ParseSize("100M"), 100ull << 20);
+  EXPECT_EQ(*ParseSize("512MiB"), 512ull << 20);
+  EXPECT_EQ(*ParseSize("2G"), 2ull << 30);
+  EXPECT_EQ(*ParseSize("0"), 0u);
+}
+
+TEST(Size, RejectsGarbage) {
+  for (const char* bad : {"", "M", "12x", "-5", "1.5G", "99999999999999999999", "17179869184G"})
+    EXPECT_FALSE(ParseSize(bad).has_value()) << bad;
+}
 
 TEST(Crc32c, KnownVector) {
   // RFC 3720 check value for "123456789".

@@ -17,6 +17,21 @@
 
 namespace ferry {
 
+// Fixed-width little-endian stores/loads at a known-valid position (the host is little
+// endian: x86-64; wire and state formats are little endian).
+template <typename T>
+  requires std::is_trivially_copyable_v<T>
+inline void StoreLe(uint8_t* p, T v) {
+  std::memcpy(p, &v, sizeof(T));
+}
+template <typename T>
+  requires std::is_trivially_copyable_v<T>
+inline T LoadLe(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
 class StateWriter {
  public:
   template <typename T>

@@ -15,12 +15,7 @@
 
 namespace ferry::gateway {
 
-Result<Codec> ParseCodec(const std::string& s) {
-  if (s == "none") return Codec::kNone;
-  if (s == "lz4") return Codec::kLz4;
-  if (s == "zstd") return Codec::kZstd;
-  return Errorf(ErrorCode::kInvalidArgument, "unknown compression '{}' (none|lz4|zstd)", s);
-}
+Result<Codec> ParseCodec(const std::string& s) { return ParseCompression(s); }
 
 struct Gateway::Metrics {
   httplib::Server server;

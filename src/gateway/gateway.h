@@ -19,13 +19,14 @@
 #include <thread>
 #include <vector>
 
+#include "common/compress.h"
 #include "common/error.h"
 #include "gateway/conn.h"
 
 namespace ferry::gateway {
 
 enum class Role { kServe, kForward };
-enum class Codec { kNone, kLz4, kZstd };
+using Codec = ferry::Compression;  // per-chunk codec (common/compress.h); the DATA flags carry it, not its value
 
 struct GatewayOptions {
   Role role = Role::kServe;

@@ -1,6 +1,5 @@
 #include "gateway/session.h"
 
-#include <lz4.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -10,21 +9,19 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
-#include <zstd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <thread>
+
+#include "common/clock.h"
 
 namespace ferry::gateway {
 namespace {
 constexpr size_t kConnOutLimit = 256u << 10;  // per data conn queued bytes before we stop feeding it
 constexpr size_t kReadBuf = 256u << 10;
 constexpr size_t kMaxSpareBufs = 32;
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+constexpr int kZstdLevel = 1;
 }  // namespace
 
 Session::Session(Gateway* gw, uint64_t id, int local_fd, std::unique_ptr<Conn> ctrl, size_t window, int streams)
@@ -229,17 +226,7 @@ std::vector<uint8_t> Session::MakeDataFrame(uint64_t seq, const uint8_t* p, size
   Codec codec = gw_->options().codec;
   if (codec != Codec::kNone && skip_compress_ == 0) {
     std::vector<uint8_t>& tmp = compress_tmp_;
-    size_t clen = 0;
-    if (codec == Codec::kLz4) {
-      tmp.resize(LZ4_compressBound(static_cast<int>(n)));
-      int r = LZ4_compress_default(reinterpret_cast<const char*>(p), reinterpret_cast<char*>(tmp.data()),
-                                   static_cast<int>(n), static_cast<int>(tmp.size()));
-      clen = r > 0 ? r : 0;
-    } else {
-      tmp.resize(ZSTD_compressBound(n));
-      size_t r = ZSTD_compress(tmp.data(), tmp.size(), p, n, 1);
-      clen = ZSTD_isError(r) ? 0 : r;
-    }
+    size_t clen = compressor_.Compress(codec, kZstdLevel, {p, n}, &tmp) ? tmp.size() : 0;
     if (clen > 0 && clen < n - n / 8) {  // pays: saves >= 12.5%
       flags = kFlagCompressed | (codec == Codec::kZstd ? kFlagCodecZstd : kFlagCodecLz4);
       w.Bytes({tmp.data(), clen});
@@ -372,15 +359,9 @@ void Session::HandleDataFrame(const Frame& f) {
   if (peer_fin_ && *seq >= *peer_fin_) return ProtocolError("DATA after FIN");
   std::vector<uint8_t> data = TakeBuf();
   if (f.flags & kFlagCompressed) {
-    data.resize(*raw);
-    if ((f.flags & kFlagCodecZstd) != 0) {
-      size_t r2 = ZSTD_decompress(data.data(), data.size(), body.data(), body.size());
-      if (ZSTD_isError(r2) || r2 != *raw) return ProtocolError("bad zstd chunk");
-    } else {
-      int r2 = LZ4_decompress_safe(reinterpret_cast<const char*>(body.data()), reinterpret_cast<char*>(data.data()),
-                                   static_cast<int>(body.size()), static_cast<int>(data.size()));
-      if (r2 < 0 || static_cast<uint32_t>(r2) != *raw) return ProtocolError("bad lz4 chunk");
-    }
+    const Codec codec = (f.flags & kFlagCodecZstd) != 0 ? Codec::kZstd : Codec::kLz4;
+    if (auto s = decompressor_.Decompress(codec, body, *raw, &data); !s)  // *raw is bounded above
+      return ProtocolError(fmt::format("bad {} chunk: {}", CompressionName(codec), s.error().message()));
   } else {
     if (body.size() != *raw) return ProtocolError("DATA length mismatch");
     data.assign(body.begin(), body.end());
@@ -430,7 +411,7 @@ void Session::HandleCtrlFrame(const Frame& f) {
     case FrameType::kPong: {
       auto t = r.U64();
       if (!t || !r.ExpectEnd()) return ProtocolError("bad PONG");
-      int64_t d = NowNs() - static_cast<int64_t>(*t);
+      int64_t d = static_cast<int64_t>(NowNs() - *t);
       if (d > 0) ctr_.rtt_us = d / 1000;
       return;
     }
@@ -706,7 +687,7 @@ void Session::Loop() {
     if (!sent_close_ && now - last_ping_ > std::chrono::seconds(1)) {
       UpdateDetail();
       PayloadWriter w;
-      w.U64(static_cast<uint64_t>(NowNs()));
+      w.U64(NowNs());
       SendCtrl(FrameType::kPing, w.data());
       last_ping_ = now;
     }

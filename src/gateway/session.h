@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "common/compress.h"
 #include "gateway/conn.h"
 #include "gateway/gateway.h"
 
@@ -128,6 +129,8 @@ class Session {
   std::vector<std::vector<uint8_t>> spare_;  // see TakeBuf
   PayloadWriter payload_;                    // DATA payload being built (capacity reused)
   std::vector<uint8_t> compress_tmp_;
+  Compressor compressor_;      // sending direction's lz4/zstd contexts
+  Decompressor decompressor_;  // receiving direction's
 
   void UpdateDetail();  // session thread, once a second
   mutable std::mutex diag_mu_;

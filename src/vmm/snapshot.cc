@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "common/crc32c.h"
+#include "common/zero_page.h"
 
 namespace ferry {
 namespace {
@@ -55,19 +56,13 @@ struct SectionHeader {
   uint32_t payload_crc, header_crc;
 };
 static_assert(sizeof(SectionHeader) == 24);
+static_assert(kPageSize == kZeroCheckPageSize);
 
 Status PutSection(FileWriter& w, SnapshotSection type, const std::vector<uint8_t>& payload) {
   SectionHeader h{static_cast<uint32_t>(type), kMandatory, payload.size(), Crc32c(payload), 0};
   h.header_crc = Crc32c(&h, 20);
   FERRY_RETURN_IF_ERROR(w.Put(&h, sizeof h), "section header");
   return w.Put(payload.data(), payload.size());
-}
-
-bool IsZeroPage(const uint8_t* p) {
-  const auto* q = reinterpret_cast<const uint64_t*>(p);
-  for (size_t i = 0; i < kPageSize / 8; i += 8)
-    if (q[i] | q[i + 1] | q[i + 2] | q[i + 3] | q[i + 4] | q[i + 5] | q[i + 6] | q[i + 7]) return false;
-  return true;
 }
 
 class FileReader {

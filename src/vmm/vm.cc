@@ -5,18 +5,13 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/clock.h"
 #include "machine/devices/virtio/virtio_factory.h"
 #include "vmm/snapshot.h"
 
 namespace ferry {
 namespace {
 constexpr uint64_t kSliceInstructions = 1'000'000;
-
-uint64_t NowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
 }  // namespace
 
 std::string_view VmStateName(VmState s) {

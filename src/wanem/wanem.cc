@@ -19,6 +19,8 @@
 
 #include <fmt/format.h>
 
+#include "common/clock.h"
+
 namespace ferry::wanem {
 namespace {
 
@@ -113,12 +115,6 @@ size_t MakeSegment(const uint8_t* f, const TsoInfo& t, size_t k, uint8_t* out) {
 }
 
 namespace {
-
-int64_t NowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
 
 bool SafeToken(const std::string& s) {
   if (s.empty() || s.size() > 64) return false;
@@ -304,7 +300,7 @@ Status Emulator::Run() {
     q[d].push_back(Packet{std::move(buf), len, due});
   };
   for (;;) {
-    int64_t now = NowNs();
+    int64_t now = static_cast<int64_t>(NowNs());
     // Deliver due frames.
     for (int d = 0; d < 2; d++) {
       while (!q[d].empty() && q[d].front().due_ns <= now) {
@@ -328,7 +324,7 @@ Status Emulator::Run() {
     }
     if (ppoll(pf, 3, tsp, nullptr) < 0 && errno != EINTR) return ErrnoError("ppoll");
     if (pf[2].revents & POLLIN) return {};
-    now = NowNs();
+    now = static_cast<int64_t>(NowNs());
     for (int d = 0; d < 2; d++) {
       if (!(pf[d].revents & POLLIN)) continue;
       for (int burst = 0; burst < 64; burst++) {
