@@ -1,10 +1,15 @@
 #include "memory/guest_memory.h"
 
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
+
+#include <spdlog/spdlog.h>
 
 namespace ferry {
 
@@ -21,29 +26,57 @@ void DirtyLog::MarkRange(uint64_t offset, uint64_t len) {
   uint64_t first = offset >> kPageShift;
   uint64_t last = (offset + len - 1) >> kPageShift;
   for (uint64_t p = first; p <= last && p < num_pages_; ++p) {
-    marks_[p].store(1, std::memory_order_release);
+    marks_[p].store(kMarkWritten, std::memory_order_release);
     NoteCodeWrite(p);
   }
 }
 
-std::vector<uint64_t> DirtyLog::Harvest() {
-  std::vector<uint64_t> bitmap((num_pages_ + 63) / 64, 0);
-  for (uint64_t i = 0; i < num_pages_; ++i) {
-    // Cheap pre-check avoids dirtying cache lines of clean pages.
-    if (marks_[i].load(std::memory_order_relaxed) && marks_[i].exchange(0, std::memory_order_acq_rel))
-      bitmap[i / 64] |= 1ull << (i % 64);
+void DirtyLog::MarkFreed(uint64_t first_page, uint64_t count) {
+  if (first_page >= num_pages_ || count == 0) return;
+  const uint64_t end = first_page + std::min(count, num_pages_ - first_page);
+  for (uint64_t p = first_page; p < end; ++p) {
+    marks_[p].store(kMarkFreed, std::memory_order_release);
+    NoteCodeWrite(p);  // decoded code of a discarded page is stale (it reads as zero now)
   }
+  // Revoke cached write permissions: a CPU write-TLB entry taken before the report would
+  // otherwise let a later write skip storing 1, leaving a stale 2 over live data.
   for (HarvestListener* l : listeners_) l->OnDirtyLogHarvest();
+}
+
+std::vector<uint64_t> DirtyLog::Harvest() {
+  std::vector<uint64_t> bitmap;
+  Harvest(&bitmap, nullptr);
   return bitmap;
 }
 
+void DirtyLog::Harvest(std::vector<uint64_t>* dirty, std::vector<uint64_t>* freed) {
+  const size_t words = (num_pages_ + 63) / 64;
+  dirty->assign(words, 0);
+  if (freed) freed->assign(words, 0);
+  for (uint64_t i = 0; i < num_pages_; ++i) {
+    // Cheap pre-check avoids dirtying cache lines of clean pages.
+    if (marks_[i].load(std::memory_order_relaxed) == kMarkClean) continue;
+    const uint8_t m = marks_[i].exchange(kMarkClean, std::memory_order_acq_rel);
+    if (m == kMarkClean) continue;
+    (*dirty)[i / 64] |= 1ull << (i % 64);
+    if (m == kMarkFreed && freed) (*freed)[i / 64] |= 1ull << (i % 64);
+  }
+  for (HarvestListener* l : listeners_) l->OnDirtyLogHarvest();
+}
+
 void DirtyLog::MarkAll() {
-  for (uint64_t i = 0; i < num_pages_; ++i) marks_[i].store(1, std::memory_order_release);
+  for (uint64_t i = 0; i < num_pages_; ++i) marks_[i].store(kMarkWritten, std::memory_order_release);
 }
 
 uint64_t DirtyLog::CountDirty() const {
   uint64_t n = 0;
-  for (uint64_t i = 0; i < num_pages_; ++i) n += marks_[i].load(std::memory_order_relaxed) != 0;
+  for (uint64_t i = 0; i < num_pages_; ++i) n += marks_[i].load(std::memory_order_relaxed) != kMarkClean;
+  return n;
+}
+
+uint64_t DirtyLog::CountFreed() const {
+  uint64_t n = 0;
+  for (uint64_t i = 0; i < num_pages_; ++i) n += marks_[i].load(std::memory_order_relaxed) == kMarkFreed;
   return n;
 }
 
@@ -90,6 +123,36 @@ Status GuestMemory::Write(uint64_t gpa, const void* src, uint64_t len) {
   if (!p) return Errorf(ErrorCode::kInvalidArgument, "guest write [{:#x}, +{:#x}) outside RAM", gpa, len);
   std::memcpy(p, src, len);
   dirty_log_.MarkRange(gpa - base_, len);
+  return {};
+}
+
+Status GuestMemory::Discard(uint64_t gpa, uint64_t len) {
+  if (!Contains(gpa, len))
+    return Errorf(ErrorCode::kInvalidArgument, "discard [{:#x}, +{:#x}) outside RAM [{:#x}, +{:#x})", gpa, len, base_, size_);
+  // Whole pages only: offsets relative to RAM start (itself page-aligned in the board, but
+  // do not rely on it for the memfd offsets).
+  const uint64_t off = gpa - base_;
+  const uint64_t first = (off + kPageSize - 1) >> kPageShift;
+  const uint64_t end = (off + len) >> kPageShift;
+  if (first >= end) return {};
+  const uint64_t start = first << kPageShift, bytes = (end - first) << kPageShift;
+  bool punched = false;
+  if (!punch_unsupported_.load(std::memory_order_relaxed)) {
+    if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(start), static_cast<off_t>(bytes)) == 0) {
+      punched = true;
+    } else if (errno == EOPNOTSUPP || errno == ENOSYS) {
+      if (!punch_unsupported_.exchange(true))
+        spdlog::warn("guest memory: fallocate(PUNCH_HOLE) not supported ({}); discarded pages are zeroed instead "
+                     "and stay resident", std::strerror(errno));
+    } else {
+      const int e = errno;
+      return Errorf(ErrorCode::kIo, "discard guest RAM [{:#x}, +{:#x}): fallocate(PUNCH_HOLE): {}", base_ + start, bytes,
+                    std::strerror(e));
+    }
+  }
+  if (!punched) std::memset(host_ + start, 0, bytes);
+  // Contents are gone; only now may the marks say so (see the free invariant in the header).
+  dirty_log_.MarkFreed(first, end - first);
   return {};
 }
 

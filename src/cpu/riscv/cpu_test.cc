@@ -1,7 +1,10 @@
 // Spec-based unit tests of the RV64 hart: executor edge cases, traps, interrupts, MMU,
 // faults, WFI, save/restore and dirty tracking. Programs are hand-encoded.
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <thread>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -452,6 +455,100 @@ TEST_F(CpuTest, CodeOverwrittenByADeviceWriteIsExecutedFresh) {
   Steps(4);
   EXPECT_EQ(cpu_->x(12), 2u);
   EXPECT_EQ(cpu_->pc(), kBase + 0x210);
+}
+
+// Like the balloon processing a free page report on the store to its notify register:
+// discards guest pages (DirtyLog::MarkFreed -> OnDirtyLogHarvest) from inside Run(), on
+// the vCPU's own thread.
+class FreeingDevice : public MmioDevice {
+ public:
+  explicit FreeingDevice(GuestMemory* m) : mem_(m) {}
+  bool MmioRead(uint64_t, unsigned, uint64_t* v) override { *v = 0; return true; }
+  bool MmioWrite(uint64_t, unsigned, uint64_t) override {
+    calls++;
+    EXPECT_TRUE(mem_->Discard(target, 4096));
+    return true;
+  }
+  std::atomic<int> calls{0};
+  uint64_t target = 0;
+
+ private:
+  GuestMemory* mem_;
+};
+
+// Runs `fn` on another thread and fails (instead of hanging) if it does not finish.
+template <typename F>
+void WithoutDeadlock(F fn) {
+  std::atomic<bool> done{false};
+  std::thread t([&] { fn(); done.store(true); });
+  for (int i = 0; i < 20000 && !done.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  if (!done.load()) {
+    fprintf(stderr, "deadlock: a free report from inside Run() did not return\n");
+    std::_Exit(1);
+  }
+  t.join();
+}
+
+TEST_F(CpuTest, PagesFreedFromInsideRunAreMarkedWrittenByTheNextStoreEvenInTheSameBlock) {
+  FreeingDevice dev(mem_.get());
+  ASSERT_TRUE(bus_.Register(0x10000000, 0x1000, &dev, "freeing"));
+  const uint64_t page_va = kBase + 0x5000, page = 5;
+  dev.target = page_va;
+  auto& log = mem_->dirty_log();
+  cpu_->SetBootState(kBase, 0, 0, kMachine);
+  cpu_->set_x(5, page_va);
+  cpu_->set_x(6, 0x1122334455667788ull);
+  cpu_->set_x(7, 0x10000000);
+  // First pass: the page is written (slow path, then through the write TLB), then freed by
+  // the device while Run() executes the store to its register; nothing writes it afterwards.
+  Put(kBase, {Sd(6, 5, 0), Sd(6, 5, 8), Sw(0, 7, 0), Jal0()});
+  WithoutDeadlock([&] { cpu_->Run(4); });
+  EXPECT_EQ(dev.calls.load(), 1);
+  EXPECT_TRUE(log.IsFreed(page)) << "freed after the last write: 2";
+  EXPECT_EQ(Get64(page_va), 0u) << "contents discarded";
+
+  // Second pass: written through the (re-filled) write TLB, freed, then written again by the
+  // very next instruction of the same straight-line block: the mark must end up 1.
+  (void)log.Harvest();
+  Put(kBase + 0x100, {Sd(6, 5, 0), Sd(6, 5, 16), Sw(0, 7, 0), Sd(6, 5, 24), Jal0()});
+  cpu_->set_pc(kBase + 0x100);
+  WithoutDeadlock([&] { cpu_->Run(5); });
+  EXPECT_EQ(dev.calls.load(), 2);
+  EXPECT_TRUE(log.IsDirty(page));
+  EXPECT_FALSE(log.IsFreed(page)) << "a write after the free report must store 1";
+  EXPECT_EQ(Get64(page_va + 24), 0x1122334455667788ull);
+  EXPECT_EQ(Get64(page_va), 0u);
+  std::vector<uint64_t> dirty, freed;
+  log.Harvest(&dirty, &freed);
+  EXPECT_TRUE((dirty[0] >> page) & 1);
+  EXPECT_FALSE((freed[0] >> page) & 1);
+}
+
+TEST_F(CpuTest, FreeReportsInsideRunAndAConcurrentHarvesterDoNotDeadlock) {
+  FreeingDevice dev(mem_.get());
+  ASSERT_TRUE(bus_.Register(0x10000000, 0x1000, &dev, "freeing"));
+  dev.target = kBase + 0x6000;
+  cpu_->SetBootState(kBase, 0, 0, kMachine);
+  cpu_->set_x(5, kBase + 0x6000);
+  cpu_->set_x(7, 0x10000000);
+  // Loop: write the page, free it, write it again.
+  Put(kBase, {Sd(6, 5, 0), Sw(0, 7, 0), Sd(6, 5, 8), Addi(6, 6, 1), Jal(0, -16)});
+  std::atomic<bool> stop{false};
+  std::thread harvester([&] {
+    std::vector<uint64_t> dirty, freed;
+    while (!stop.load()) mem_->dirty_log().Harvest(&dirty, &freed);
+  });
+  WithoutDeadlock([&] {
+    for (int i = 0; i < 200; ++i) cpu_->Run(5000);
+  });
+  stop.store(true);
+  harvester.join();
+  EXPECT_GT(dev.calls.load(), 1000);
+  // The loop always ends an iteration with a write after the free: once the harvester stopped,
+  // one more iteration leaves the page written.
+  cpu_->Run(5);
+  EXPECT_TRUE(mem_->dirty_log().IsDirty(6));
+  EXPECT_FALSE(mem_->dirty_log().IsFreed(6));
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Address translation (Sv39/Sv48, hardware A/D update), physical access (RAM or MMIO),
 // the slow paths of loads/stores/fetches, and the dirty-log harvest handshake.
 #include <cstring>
+#include <thread>
 
 #include "cpu/riscv/mem_inline.h"
 
@@ -200,6 +201,24 @@ void RiscvCpu::OnDirtyLogHarvest() {
   std::unique_lock<std::mutex> lock(harvest_mu_);
   if (!in_run_) {
     FlushWriteTlb();  // Run() is not executing and cannot start while we hold the mutex
+    return;
+  }
+  if (run_thread_ == std::this_thread::get_id()) {
+    // Called from inside our own Run(): a device handler reached through an MMIO access or
+    // an SBI call, e.g. the balloon processing a free page report (DirtyLog::MarkFreed) on
+    // the store to its notify register. Waiting for Run() to service a request would
+    // deadlock (Run() is this thread), so flush right here. That is safe because the TLBs
+    // are only ever touched by this thread and nothing holds a TLB entry across a bus
+    // access: every fast-path store looks its entry up afresh (Store(), the decoded
+    // STOREs), and StoreSlow's FillTlb after the access is a no-op for MMIO. The very next
+    // store -- even later in the same straight-line block -- therefore takes the slow path
+    // and stores 1. (Only requesting the flush, harvest_pending_ + attention_, would leave
+    // the rest of the block, up to the next taken jump or page end, running on the stale
+    // write entries: harmless for free page reporting, since the guest cannot reuse a
+    // reported page before its driver has processed the used ring, many taken jumps later,
+    // but needlessly dependent on that.) A request pending from another thread is left to
+    // Run()'s loop as usual.
+    FlushWriteTlb();
     return;
   }
   uint64_t ticket = ++harvest_requested_;

@@ -4,6 +4,9 @@
 //
 // Threading: Run() and all register accessors on the machine thread. RequestExit(),
 // SetInterruptLine(), SetTimerDeadline() and OnDirtyLogHarvest() are thread-safe.
+// OnDirtyLogHarvest() from another thread waits until a running Run() dropped its write
+// TLB; from the thread executing Run() (a device handler calling DirtyLog::MarkFreed
+// during an MMIO access) it drops it at once and never waits.
 #pragma once
 
 #include <atomic>
@@ -12,6 +15,7 @@
 #include <mutex>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cpu/vcpu.h"
@@ -191,6 +195,7 @@ class RiscvCpu final : public Vcpu {
   std::mutex harvest_mu_;
   std::condition_variable harvest_cv_;
   bool in_run_ = false;                 // GUARDED_BY(harvest_mu_)
+  std::thread::id run_thread_;          // GUARDED_BY(harvest_mu_); the thread in Run() while in_run_
   uint64_t harvest_requested_ = 0;      // GUARDED_BY(harvest_mu_)
   uint64_t harvest_done_ = 0;           // GUARDED_BY(harvest_mu_)
   std::atomic<bool> harvest_pending_{false};

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <thread>
 
 #include "common/state_io.h"
 #include "cpu/riscv/mem_inline.h"
@@ -97,6 +98,7 @@ VcpuRunResult RiscvCpu::Run(uint64_t max_instructions) {
   {
     std::lock_guard<std::mutex> lock(harvest_mu_);
     in_run_ = true;
+    run_thread_ = std::this_thread::get_id();
   }
   VcpuRunResult res{VcpuExitReason::kBudgetExhausted, 0, {}};
   uint64_t executed = 0;

@@ -1,4 +1,5 @@
-// virtio-blk (raw file), virtio-net (TAP) and virtio-balloon (free page reporting).
+// virtio-blk (raw file), virtio-net (TAP) and virtio-balloon (free page reporting, discarding
+// the reported pages).
 #include <fcntl.h>
 #include <linux/if.h>
 #include <linux/if_tun.h>
@@ -7,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include <spdlog/spdlog.h>
@@ -235,17 +237,33 @@ class VirtioNet final : public VirtioMmioDevice {
 };
 
 // ---------------------------------------------------------------- virtio-balloon
+// Free page reporting (queue 2): every device-writable descriptor of a report is a range
+// the guest's buddy allocator holds free (chunks of at least pageblock order). The device
+// discards the host memory of each range (GuestMemory::Discard: punched out of the memfd,
+// reads as zero) and marks its pages freed in the dirty log, before handing the buffer
+// back; only then may the guest allocate those pages again, and its first write turns the
+// mark back into "written". The dirty log is therefore the only record of which pages are
+// free: the device keeps no bitmap of its own.
+//
+// Blob (device bytes after the virtio-mmio transport fields):
+//   version 2: u32 num_pages, u32 actual.
+//   version 1: u32 num_pages, u32 actual, free-page bitmap (u32 length + bytes). Still
+//     restored; the bitmap's size must match this VM's RAM but its contents are ignored
+//     (it was never cleared when the guest reused a page, so it is not trustworthy; the
+//     restored pages simply count as data).
 class VirtioBalloon final : public VirtioMmioDevice, public FreePageReport {
  public:
   static constexpr uint64_t kFReporting = 1ull << 5;
-  explicit VirtioBalloon(const VirtioDeps& d)
-      : VirtioMmioDevice(d, 5, 3, kFReporting), free_(d.memory->num_pages(), false) {}
-  uint64_t reported_pages() const override { return reported_now_; }
-  bool IsReportedFree(uint64_t page) const override { return page < free_.size() && free_[page]; }
+  static constexpr int kReportingQueue = 2;
+  explicit VirtioBalloon(const VirtioDeps& d) : VirtioMmioDevice(d, 5, 3, kFReporting) {}
   uint64_t total_reports() const override { return ranges_; }
+  uint64_t reported_bytes() const override { return reported_bytes_; }
+  uint64_t discarded_bytes() const override { return discarded_bytes_; }
+  uint64_t rejected_ranges() const override { return rejected_ranges_ + discard_errors_; }
 
  protected:
   std::string kind() const override { return "virtio-balloon"; }
+  uint32_t state_version() const override { return 2; }
   bool ReadConfig(uint64_t off, unsigned size, uint64_t* v) override {
     uint32_t cfg[4] = {num_pages_, actual_, 0, 0};
     return ReadConfigBytes(cfg, sizeof cfg, off, size, v);
@@ -258,18 +276,12 @@ class VirtioBalloon final : public VirtioMmioDevice, public FreePageReport {
     VirtioChain c;
     bool any = false;
     while (PopChain(q, &c)) {
-      if (q == 2) {  // free page reporting: each writable descriptor is a free range
-        for (const auto& s : c.segs) {
-          uint64_t first = (s.gpa - memory()->base()) >> kPageShift, n = s.len >> kPageShift;
-          for (uint64_t p = first; p < first + n && p < free_.size(); ++p)
-            if (!free_[p]) { free_[p] = true; reported_now_++; }
-          ranges_++;
-          reported_bytes_ += s.len;
-        }
+      if (q == kReportingQueue) {
+        for (const auto& s : c.segs) ReportFree(s);
       } else {
         (q == 0 ? inflates_ : deflates_) += c.readable_bytes() / 4;
       }
-      PushUsed(q, c.head, 0);
+      PushUsed(q, c.head, 0);  // after the discard: the guest may reuse the pages from here on
       any = true;
     }
     if (any) SignalUsed();
@@ -277,36 +289,56 @@ class VirtioBalloon final : public VirtioMmioDevice, public FreePageReport {
   void SaveDevice(StateWriter& w) const override {
     w.PutU32(num_pages_);
     w.PutU32(actual_);
-    std::vector<uint8_t> bits((free_.size() + 7) / 8, 0);
-    for (size_t i = 0; i < free_.size(); ++i) if (free_[i]) bits[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
-    w.PutBytes(bits);
   }
-  Status RestoreDevice(StateReader& r) override {
+  Status RestoreDevice(StateReader& r, uint32_t version) override {
     uint32_t np, act;
-    std::vector<uint8_t> bits;
     FERRY_ASSIGN(np, r.GetU32());
     FERRY_ASSIGN(act, r.GetU32());
-    FERRY_ASSIGN(bits, r.GetBytes());
-    if (bits.size() != (free_.size() + 7) / 8) return Errorf(ErrorCode::kCorrupt, "balloon: free-page bitmap size mismatch");
+    if (version == 1) {
+      std::vector<uint8_t> bits;  // ignored (see the blob comment above)
+      FERRY_ASSIGN(bits, r.GetBytes());
+      if (bits.size() != (memory()->num_pages() + 7) / 8)
+        return Errorf(ErrorCode::kCorrupt, "balloon: version 1 free-page bitmap has {} bytes, RAM needs {}", bits.size(),
+                      (memory()->num_pages() + 7) / 8);
+    }
     FERRY_RETURN_IF_ERROR(r.ExpectEnd(kind()), "balloon");  // before changing anything
     num_pages_ = np;
     actual_ = act;
-    reported_now_ = 0;
-    for (size_t i = 0; i < free_.size(); ++i) {
-      free_[i] = (bits[i / 8] >> (i % 8)) & 1;
-      reported_now_ += free_[i];
-    }
     return {};
   }
   nlohmann::json DeviceMetrics() const override {
-    return {{"free_page_reports", ranges_}, {"reported_bytes", reported_bytes_}, {"reported_free_pages", reported_now_},
+    return {{"free_page_reports", ranges_}, {"reported_bytes", reported_bytes_}, {"discarded_bytes", discarded_bytes_},
+            {"rejected_ranges", rejected_ranges_}, {"discard_errors", discard_errors_},
             {"inflated_pages", inflates_}, {"deflated_pages", deflates_}};
   }
 
  private:
-  std::vector<bool> free_;
+  // One reported range: clipped to RAM (a range outside RAM is counted, never fatal), whole
+  // pages discarded. PopChain already rejects descriptors outside RAM (DEVICE_NEEDS_RESET),
+  // so the clipping is defence in depth.
+  void ReportFree(const VirtioSeg& s) {
+    ranges_++;
+    reported_bytes_ += s.len;
+    GuestMemory* m = memory();
+    if (!s.writable) {  // the driver hands reported pages over as device-writable buffers
+      rejected_ranges_++;
+      return;
+    }
+    const uint64_t end = s.gpa > UINT64_MAX - s.len ? UINT64_MAX : s.gpa + s.len;
+    const uint64_t lo = std::max(s.gpa, m->base()), hi = std::min(end, m->base() + m->size());
+    if (lo != s.gpa || hi != end) rejected_ranges_++;
+    if (lo >= hi) return;
+    if (auto st = m->Discard(lo, hi - lo); !st) {
+      if (discard_errors_++ < 4) spdlog::warn("{} ({}): free page report: {}", id(), kind(), st.error().ToString());
+      return;
+    }
+    const uint64_t first_page = (lo - m->base() + kPageSize - 1) >> kPageShift, end_page = (hi - m->base()) >> kPageShift;
+    if (end_page > first_page) discarded_bytes_ += (end_page - first_page) << kPageShift;  // what Discard released
+  }
+
   uint32_t num_pages_ = 0, actual_ = 0;
-  uint64_t reported_now_ = 0, ranges_ = 0, reported_bytes_ = 0, inflates_ = 0, deflates_ = 0;
+  uint64_t ranges_ = 0, reported_bytes_ = 0, discarded_bytes_ = 0, rejected_ranges_ = 0, discard_errors_ = 0,
+           inflates_ = 0, deflates_ = 0;
 };
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Save/restore of virtio-net and virtio-balloon (virtio-blk's is in machine_test.cc):
 // round trip with live queue state, and rejection of truncated, corrupt, newer-version,
-// trailing-byte and foreign blobs without changing the device.
+// trailing-byte and foreign blobs without changing the device; the balloon's free page
+// reporting (discard + dirty-log marks) and its version 1 blobs.
 #include <unistd.h>
 
 #include <array>
@@ -111,7 +112,90 @@ TEST_F(VirtioNetPersist, RoundTripsQueueStateAndRejectsBadBlobs) {
   EXPECT_EQ(b.SaveState(), before) << "failed restores must not change the device";
 }
 
-TEST(VirtioBalloonPersist, RoundTripsReportedFreePagesAndRejectsBadBlobs) {
+// Free page reporting: each reported range is discarded (reads as zero) and its pages are
+// marked freed in the dirty log before the buffer is handed back; the device keeps only
+// counters, so its blob (version 2) is small; version 1 blobs (with the old, ignored
+// free-page bitmap) still restore.
+TEST(VirtioBalloon, FreePageReportDiscardsRangesAndMarksThemFreed) {
+  auto mem = std::move(*GuestMemory::Create(kRamBase, 16 << 20));
+  RecordingIrq irq;
+  VirtioDeps deps{mem.get(), &irq, 4, nullptr, kVirtioBase + 0x3000};
+  auto dev = CreateVirtioBalloon(deps);
+  ASSERT_TRUE(dev);
+  Device& a = **dev;
+  SetUpQueue(a, 1u << 5 /* FREE_PAGE_REPORTING */, 2);
+  // Guest data on pages 256..259 and 512, then a harvest (marks clean).
+  std::vector<uint8_t> junk(4 * 4096, 0x77);
+  ASSERT_TRUE(mem->Write(kRamBase + (1 << 20), junk.data(), junk.size()));
+  ASSERT_TRUE(mem->Write(kRamBase + (2 << 20), junk.data(), 4096));
+  (void)mem->dirty_log().Harvest();
+  // One report: two writable descriptors, 3 pages at 1 MiB and 1 page at 2 MiB.
+  struct Desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
+  Desc d[2] = {{kRamBase + (1 << 20), 3 * 4096, 2 | 1, 1}, {kRamBase + (2 << 20), 4096, 2, 0}};
+  ASSERT_TRUE(mem->Write(kDesc, d, sizeof d));
+  uint16_t ring[3] = {0, 1, 0};
+  ASSERT_TRUE(mem->Write(kAvail, ring, 6));
+  a.MmioWrite(0x50, 4, 2);
+  EXPECT_EQ(Reg(a, 0x70) & 0x40, 0u) << "no DEVICE_NEEDS_RESET";
+  uint16_t used_idx = 0;
+  ASSERT_TRUE(mem->Read(kUsed + 2, &used_idx, 2));
+  EXPECT_EQ(used_idx, 1u) << "the report was handed back";
+  FreePageReport* r = AsFreePageReport(&a);
+  ASSERT_NE(r, nullptr);
+  EXPECT_EQ(r->total_reports(), 2u);
+  EXPECT_EQ(r->reported_bytes(), 4u * 4096);
+  EXPECT_EQ(r->discarded_bytes(), 4u * 4096);
+  EXPECT_EQ(r->rejected_ranges(), 0u);
+  DirtyLog& log = mem->dirty_log();
+  for (uint64_t p : {256u, 257u, 258u, 512u}) EXPECT_TRUE(log.IsFreed(p)) << p;
+  EXPECT_FALSE(log.IsDirty(259)) << "not reported";
+  EXPECT_EQ(mem->host()[(1 << 20) + 3 * 4096], 0x77) << "page 259 keeps its data";
+  for (uint64_t off : {1u << 20, (1u << 20) + 2 * 4096 + 4095, 2u << 20}) EXPECT_EQ(mem->host()[off], 0) << off;
+  // The guest reuses page 257: written again.
+  uint32_t v = 1;
+  ASSERT_TRUE(mem->Write(kRamBase + (1 << 20) + 4096, &v, 4));
+  EXPECT_FALSE(log.IsFreed(257));
+  EXPECT_TRUE(log.IsDirty(257));
+  std::vector<uint64_t> dirty, freed;
+  log.Harvest(&dirty, &freed);
+  EXPECT_EQ(freed[256 / 64] >> (256 % 64) & 7, 0b101u) << "256 and 258 freed, 257 written";
+  EXPECT_EQ(dirty[256 / 64] >> (256 % 64) & 7, 0b111u);
+
+  // A device-readable range in a report is not a free range: counted, nothing discarded.
+  Desc ro{kRamBase + (1 << 20) + 3 * 4096, 4096, 0, 0};
+  ASSERT_TRUE(mem->Write(kDesc, &ro, sizeof ro));
+  ring[1] = 2;
+  ring[2] = 0;
+  uint16_t slot1 = 0;
+  ASSERT_TRUE(mem->Write(kAvail + 4 + 2, &slot1, 2));
+  ASSERT_TRUE(mem->Write(kAvail + 2, &ring[1], 2));
+  a.MmioWrite(0x50, 4, 2);
+  ASSERT_TRUE(mem->Read(kUsed + 2, &used_idx, 2));
+  EXPECT_EQ(used_idx, 2u);
+  EXPECT_EQ(r->rejected_ranges(), 1u);
+  EXPECT_EQ(r->discarded_bytes(), 4u * 4096);
+  EXPECT_FALSE(log.IsDirty(259));
+  EXPECT_EQ(mem->host()[(1 << 20) + 3 * 4096], 0x77);
+  auto m = a.Metrics();
+  EXPECT_EQ(m["free_page_reports"], 3u);
+  EXPECT_EQ(m["reported_bytes"], 5u * 4096);
+  EXPECT_EQ(m["discarded_bytes"], 4u * 4096);
+  EXPECT_EQ(m["rejected_ranges"], 1u);
+  EXPECT_EQ(m["discard_errors"], 0u);
+  EXPECT_FALSE(m.contains("reported_free_pages")) << "no device-side free bitmap any more";
+
+  // A range outside RAM never reaches the balloon: the transport refuses the descriptor.
+  Desc out{kRamBase + (16 << 20), 4096, 2, 0};
+  ASSERT_TRUE(mem->Write(kDesc, &out, sizeof out));
+  uint16_t slot2 = 0, idx3 = 3;
+  ASSERT_TRUE(mem->Write(kAvail + 4 + 4, &slot2, 2));
+  ASSERT_TRUE(mem->Write(kAvail + 2, &idx3, 2));
+  a.MmioWrite(0x50, 4, 2);
+  EXPECT_EQ(Reg(a, 0x70) & 0x40, 0x40u) << "DEVICE_NEEDS_RESET";
+  EXPECT_EQ(r->total_reports(), 3u);
+}
+
+TEST(VirtioBalloonPersist, RoundTripsAndRestoresVersion1BlobsAndRejectsBadBlobs) {
   auto mem = std::move(*GuestMemory::Create(kRamBase, 16 << 20));
   RecordingIrq irq;
   VirtioDeps deps{mem.get(), &irq, 4, nullptr, kVirtioBase + 0x3000};
@@ -123,34 +207,28 @@ TEST(VirtioBalloonPersist, RoundTripsReportedFreePagesAndRejectsBadBlobs) {
   EXPECT_EQ(Reg(a, 8), 5u) << "device id: balloon";
   SetUpQueue(a, 1u << 5 /* FREE_PAGE_REPORTING */, 2);
   a.MmioWrite(0x100 + 4, 4, 7);  // config: actual = 7 pages
-  // One report: two writable descriptors, 3 pages at 1 MiB and 1 page at 2 MiB.
   struct Desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
-  Desc d[2] = {{kRamBase + (1 << 20), 3 * 4096, 2 | 1, 1}, {kRamBase + (2 << 20), 4096, 2, 0}};
-  ASSERT_TRUE(mem->Write(kDesc, d, sizeof d));
+  Desc d{kRamBase + (1 << 20), 3 * 4096, 2, 0};
+  ASSERT_TRUE(mem->Write(kDesc, &d, sizeof d));
   uint16_t ring[3] = {0, 1, 0};
   ASSERT_TRUE(mem->Write(kAvail, ring, 6));
   a.MmioWrite(0x50, 4, 2);
-  FreePageReport* ra = AsFreePageReport(&a);
-  ASSERT_NE(ra, nullptr);
-  EXPECT_EQ(ra->reported_pages(), 4u);
   EXPECT_EQ(Reg(a, 0x70) & 0x40, 0u) << "no DEVICE_NEEDS_RESET";
 
   ExpectPersistContract(a, b);
-  FreePageReport* rb = AsFreePageReport(&b);
-  EXPECT_EQ(rb->reported_pages(), 4u);
-  for (uint64_t p : {256u, 257u, 258u, 512u}) EXPECT_TRUE(rb->IsReportedFree(p)) << p;
-  EXPECT_FALSE(rb->IsReportedFree(259));
-  EXPECT_FALSE(rb->IsReportedFree(0));
   uint64_t actual = 0;
   ASSERT_TRUE(b.MmioRead(0x100 + 4, 4, &actual));
   EXPECT_EQ(actual, 7u) << "config 'actual' travels";
 
   const auto blob = a.SaveState();
-  const auto before = b.SaveState();
-  // Device bytes: u32 length, then u32 num_pages, u32 actual, bitmap (u32 length + bytes).
+  uint32_t version;
+  std::memcpy(&version, blob.data(), 4);
+  EXPECT_EQ(version, 2u);
+  // Device bytes: u32 length, then u32 num_pages, u32 actual.
   const size_t dev_at = DeviceBytesOffset(3);
   uint32_t dev_len;
   std::memcpy(&dev_len, blob.data() + dev_at, 4);
+  ASSERT_EQ(dev_len, 8u);
   ASSERT_EQ(dev_at + 4 + dev_len, blob.size());
   // Trailing byte inside the device-specific part (outer lengths kept consistent).
   auto bad = blob;
@@ -162,17 +240,40 @@ TEST(VirtioBalloonPersist, RoundTripsReportedFreePagesAndRejectsBadBlobs) {
   const auto fresh_state = (*fresh)->SaveState();
   EXPECT_FALSE((*fresh)->RestoreState(bad)) << "trailing byte in the device part";
   EXPECT_EQ((*fresh)->SaveState(), fresh_state) << "a rejected device part must not be half-applied";
-  EXPECT_EQ(AsFreePageReport(fresh->get())->reported_pages(), 0u);
-  // Free-page bitmap of the wrong size (a VM with a different RAM size).
-  auto other_mem = std::move(*GuestMemory::Create(kRamBase, 32 << 20));
-  VirtioDeps other = deps;
-  other.memory = other_mem.get();
-  auto bigger = CreateVirtioBalloon(other);
-  ASSERT_TRUE(bigger);
-  EXPECT_FALSE(b.RestoreState((*bigger)->SaveState())) << "bitmap for 32 MiB into a 16 MiB VM";
-  EXPECT_FALSE((*bigger)->RestoreState(blob)) << "bitmap for 16 MiB into a 32 MiB VM";
-  EXPECT_EQ(b.SaveState(), before);
-  EXPECT_EQ(rb->reported_pages(), 4u);
+
+  // A version 1 blob (what the previous release saved): same transport fields, device bytes
+  // u32 num_pages, u32 actual, then the free-page bitmap (u32 length + 1 bit per RAM page).
+  auto v1_for = [&](size_t ram_pages, bool trailing) {
+    std::vector<uint8_t> v1(blob.begin(), blob.begin() + static_cast<std::ptrdiff_t>(dev_at));
+    const uint32_t one = 1;
+    std::memcpy(v1.data(), &one, 4);
+    StateWriter dev;
+    dev.PutU32(0);  // num_pages
+    dev.PutU32(7);  // actual
+    std::vector<uint8_t> bits((ram_pages + 7) / 8, 0);
+    bits[256 / 8] = 0x07;  // pages 256..258 "reported free": ignored
+    dev.PutBytes(bits);
+    if (trailing) dev.PutU8(0);
+    StateWriter out;
+    out.PutRaw(v1);
+    out.PutBytes(dev.data());
+    return out.Take();
+  };
+  const auto v1 = v1_for(4096, false);
+  ASSERT_TRUE((*fresh)->RestoreState(v1)) << "version 1 blob";
+  EXPECT_EQ((*fresh)->SaveState(), blob) << "restored from version 1, saved as version 2";
+  EXPECT_EQ(mem->dirty_log().CountFreed(), 3u) << "the report above, not the restore, marked pages";
+  auto other = CreateVirtioBalloon(deps);
+  ASSERT_TRUE(other);
+  const auto other_state = (*other)->SaveState();
+  EXPECT_FALSE((*other)->RestoreState(v1_for(8192, false))) << "version 1 bitmap for 32 MiB into a 16 MiB VM";
+  EXPECT_FALSE((*other)->RestoreState(v1_for(4096, true))) << "version 1 with a trailing byte";
+  for (size_t len = 0; len < v1.size(); ++len)
+    EXPECT_FALSE((*other)->RestoreState(std::span<const uint8_t>(v1.data(), len))) << "version 1 truncated to " << len;
+  auto v3 = blob;
+  v3[0] = 3;
+  EXPECT_FALSE((*other)->RestoreState(v3)) << "version 3";
+  EXPECT_EQ((*other)->SaveState(), other_state) << "failed restores must not change the device";
 }
 
 }  // namespace

@@ -29,18 +29,22 @@ Result<std::unique_ptr<Device>> CreateVirtioBlk(const VirtioDeps& deps, const st
 // TAP backend (existing TAP interface `tap_name`, opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR as needed).
 Result<std::unique_ptr<Device>> CreateVirtioNet(const VirtioDeps& deps, const std::string& tap_name,
                                                 std::array<uint8_t, 6> mac);
-// Balloon with free page reporting (VIRTIO_BALLOON_F_FREE_PAGE_REPORTING).
+// Balloon with free page reporting (VIRTIO_BALLOON_F_FREE_PAGE_REPORTING): reported pages
+// are discarded and marked freed in the dirty log. Runs on the machine thread, possibly
+// inside the vCPU's Run() (notify register store): see DirtyLog::MarkFreed.
 Result<std::unique_ptr<Device>> CreateVirtioBalloon(const VirtioDeps& deps);
 
-// Pages the guest reported free through the balloon (guest-physical page frame
-// numbers relative to RAM base). A page stays "free now" until the guest writes it
-// again (checked against the dirty log by the caller).
+// Cumulative free page reporting statistics of a balloon. Which pages are free right now
+// is not kept here: the balloon discards every reported range (GuestMemory::Discard), and
+// the dirty log's "freed" marks (guest_memory.h) are the record: a page's mark says freed
+// from its report until the guest writes it again or a harvest collects it.
 class FreePageReport {
  public:
   virtual ~FreePageReport() = default;
-  virtual uint64_t reported_pages() const = 0;        // currently reported-free
-  virtual bool IsReportedFree(uint64_t page) const = 0;
-  virtual uint64_t total_reports() const = 0;         // ranges ever reported
+  virtual uint64_t total_reports() const = 0;    // ranges ever reported
+  virtual uint64_t reported_bytes() const = 0;   // their total length
+  virtual uint64_t discarded_bytes() const = 0;  // whole pages released
+  virtual uint64_t rejected_ranges() const = 0;  // ranges (partly) outside RAM, not writable, or not discarded
 };
 
 // Returns the FreePageReport view of a device made by CreateVirtioBalloon, or null.

@@ -9,7 +9,6 @@
 namespace ferry {
 namespace {
 constexpr uint32_t kMagic = 0x74726976, kVendor = 0x554d4551;
-constexpr uint32_t kStateVersion = 1;
 constexpr uint16_t kDescNext = 1, kDescWrite = 2, kDescIndirect = 4;
 constexpr size_t kMaxChain = 1024;
 }  // namespace
@@ -221,7 +220,7 @@ bool VirtioMmioDevice::WriteChain(const VirtioChain& c, uint64_t at, const void*
 
 std::vector<uint8_t> VirtioMmioDevice::SaveState() const {
   StateWriter w;
-  w.PutU32(kStateVersion);
+  w.PutU32(state_version());
   w.PutU32(device_id_);
   w.PutU64(driver_features_);
   for (uint32_t v : {device_features_sel_, driver_features_sel_, queue_sel_, status_, interrupt_status_, config_generation_})
@@ -244,7 +243,9 @@ std::vector<uint8_t> VirtioMmioDevice::SaveState() const {
 
 Status VirtioMmioDevice::RestoreState(std::span<const uint8_t> blob) {
   StateReader r(blob);
-  FERRY_RETURN_IF_ERROR(r.ExpectVersion(kind(), kStateVersion), id());
+  FERRY_RETURN_IF_ERROR(r.ExpectVersion(kind(), state_version()), id());
+  uint32_t version;
+  std::memcpy(&version, blob.data(), sizeof version);  // present and in 1..state_version(): checked above
   uint32_t dev_id, regs[6], nq;
   uint64_t drv;
   FERRY_ASSIGN(dev_id, r.GetU32());
@@ -269,7 +270,7 @@ Status VirtioMmioDevice::RestoreState(std::span<const uint8_t> blob) {
   FERRY_RETURN_IF_ERROR(r.ExpectEnd(kind()), id());
   if (drv & ~device_features_) return Errorf(ErrorCode::kCorrupt, "{}: saved features {:#x} not offered", id(), drv);
   StateReader dr(dev);
-  FERRY_RETURN_IF_ERROR(RestoreDevice(dr), id());
+  FERRY_RETURN_IF_ERROR(RestoreDevice(dr, version), id());
   FERRY_RETURN_IF_ERROR(dr.ExpectEnd(kind()), id());
   driver_features_ = drv;
   device_features_sel_ = regs[0]; driver_features_sel_ = regs[1]; queue_sel_ = regs[2];

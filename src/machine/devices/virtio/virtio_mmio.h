@@ -53,8 +53,12 @@ class VirtioMmioDevice : public Device {
   virtual bool ReadConfig(uint64_t offset, unsigned size, uint64_t* value) = 0;
   virtual bool WriteConfig(uint64_t, unsigned, uint64_t) { return true; }
   virtual void SaveDevice(StateWriter&) const {}
+  // Version of this device's blob (transport fields + device bytes): 1 until a device
+  // changes its device bytes. SaveState writes it; RestoreState accepts 1..state_version()
+  // and passes the blob's version to RestoreDevice, so older blobs keep restoring.
+  virtual uint32_t state_version() const { return 1; }
   // Must validate all of its bytes (including that none are left over) before changing anything.
-  virtual Status RestoreDevice(StateReader&) { return {}; }
+  virtual Status RestoreDevice(StateReader&, uint32_t /*version*/) { return {}; }
   virtual nlohmann::json DeviceMetrics() const { return nlohmann::json::object(); }
   virtual std::string kind() const = 0;
 
