@@ -12,6 +12,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "common/size.h"
 #include "ctl/api_client.h"
 #include "ctl/progress.h"
 
@@ -39,6 +40,10 @@ struct MigrateOptions {
   std::string max_bandwidth;    // bytes/s with k/M/G suffix; empty: unlimited
   std::string converge_policy;  // empty: server default
   uint32_t max_iterations = 0;
+  std::string compress;     // auto|none|lz4|zstd[:LEVEL]; empty: server default (auto)
+  std::string delta_cache;  // SIZE, 0 = off; empty: server default
+  std::string layering;     // on|off; empty: server default (on)
+  uint32_t protocol_version = 0;
   bool keep_source = false;
   bool no_progress = false;
   double poll_s = 0.2;
@@ -49,12 +54,20 @@ int Migrate(const ApiClient& api, const MigrateOptions& o, bool json) {
   if (o.channels) body["channels"] = o.channels;
   if (o.downtime_ms) body["downtime_ms"] = o.downtime_ms;
   if (!o.max_bandwidth.empty()) {
-    auto bw = ParseByteSize(o.max_bandwidth);
+    auto bw = ParseSize(o.max_bandwidth);
     if (!bw) return Fail(bw.error().WithContext("--max-bandwidth"));
     body["max_bandwidth"] = *bw;
   }
   if (!o.converge_policy.empty()) body["converge_policy"] = o.converge_policy;
   if (o.max_iterations) body["max_iterations"] = o.max_iterations;
+  if (!o.compress.empty()) body["compress"] = o.compress;
+  if (!o.delta_cache.empty()) {
+    auto sz = ParseSize(o.delta_cache);
+    if (!sz) return Fail(sz.error().WithContext("--delta-cache"));
+    body["delta_cache"] = *sz;
+  }
+  if (!o.layering.empty()) body["layering"] = o.layering;
+  if (o.protocol_version) body["protocol_version"] = o.protocol_version;
   if (auto r = api.Put("/vm/migrate", body); !r) return Fail(r.error());
 
   // Ctrl-C asks the source to cancel; we keep polling until it reports a final status.
@@ -170,6 +183,13 @@ int RunCli(int argc, char** argv) {
   migrate->add_option("--converge-policy", mo.converge_policy, "when pre-copy does not converge: force|fail|continue")
       ->check(CLI::IsMember({"force", "fail", "continue"}));
   migrate->add_option("--max-iterations", mo.max_iterations, "cap on pre-copy rounds")->check(CLI::Range(1, 100000));
+  migrate->add_option("--compress", mo.compress, "page compression: auto (default: chosen per batch from link and CPU), none, lz4, zstd[:LEVEL]");
+  migrate->add_option("--delta-cache", mo.delta_cache,
+                      "cache of sent pages for delta encoding of re-sent pages, e.g. 64M; 0 = off (default: 1/4 of guest RAM, at most 256M)");
+  migrate->add_option("--layering", mo.layering, "hold back pages that keep being dirtied until the final round: on (default) | off")
+      ->check(CLI::IsMember({"on", "off"}));
+  migrate->add_option("--protocol-version", mo.protocol_version, "speak at most this migration protocol version (default: the newest)")
+      ->check(CLI::Range(1, 2));
   migrate->add_flag("--keep-source", mo.keep_source, "leave the (paused, migrated) source process running after success");
   migrate->add_flag("--no-progress", mo.no_progress, "no progress output on stderr");
 

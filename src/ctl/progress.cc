@@ -18,23 +18,6 @@ std::string Str(const nlohmann::json& j, const char* key) {
 }
 }  // namespace
 
-Result<uint64_t> ParseByteSize(std::string_view s) {
-  if (s.empty()) return Errorf(ErrorCode::kInvalidArgument, "empty size");
-  uint64_t v = 0;
-  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-  if (ec != std::errc() || p == s.data())
-    return Errorf(ErrorCode::kInvalidArgument, "bad size \"{}\" (expected e.g. 4096, 64k, 100M, 1G)", s);
-  std::string_view rest(p, s.data() + s.size() - p);
-  int shift = 0;
-  if (rest == "k" || rest == "K") shift = 10;
-  else if (rest == "m" || rest == "M") shift = 20;
-  else if (rest == "g" || rest == "G") shift = 30;
-  else if (!rest.empty())
-    return Errorf(ErrorCode::kInvalidArgument, "bad size suffix in \"{}\" (use k, M or G)", s);
-  if (shift && v > (UINT64_MAX >> shift)) return Errorf(ErrorCode::kInvalidArgument, "size \"{}\" is too large", s);
-  return v << shift;
-}
-
 std::string FormatBytes(double b) {
   static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int u = 0;
@@ -84,6 +67,12 @@ std::string FormatSummary(const nlohmann::json& st) {
                    FormatBytes(Num(st, "transferred_bytes")), FormatBytes(Num(st, "total_ram_bytes")),
                    static_cast<uint64_t>(Num(st, "zero_pages")), static_cast<uint64_t>(Num(st, "normal_pages")),
                    Num(st, "mbps"));
+  if (auto pe = st.find("pages_by_encoding"); pe != st.end() && pe->is_object()) {
+    s += "  pages by encoding:";
+    for (const char* k : {"zero", "free", "raw", "lz4", "zstd", "delta", "held_back"})
+      s += fmt::format(" {} {}", k, static_cast<uint64_t>(Num(*pe, k)));
+    s += fmt::format("; re-sent {}, source CPU {:.0f} ms\n", FormatBytes(Num(st, "resent_bytes")), Num(st, "source_cpu_ms"));
+  }
   if (auto e = Str(st, "error"); !e.empty()) s += fmt::format("  error: {}\n", e);
   return s;
 }

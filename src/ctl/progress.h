@@ -11,8 +11,6 @@
 
 namespace ferry::ctl {
 
-// "1.5G", "100M", "64k", "4096" (bytes; k/M/G are powers of 1024). 0 means unlimited.
-Result<uint64_t> ParseByteSize(std::string_view s);
 std::string FormatBytes(double bytes);  // "12.3 MiB"
 
 // One status line with a bar of `bar_width` cells, e.g.

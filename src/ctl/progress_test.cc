@@ -5,19 +5,6 @@
 namespace ferry::ctl {
 namespace {
 
-TEST(ByteSize, ParsesSuffixes) {
-  EXPECT_EQ(*ParseByteSize("4096"), 4096u);
-  EXPECT_EQ(*ParseByteSize("64k"), 64u << 10);
-  EXPECT_EQ(*ParseByteSize("100M"), 100ull << 20);
-  EXPECT_EQ(*ParseByteSize("2G"), 2ull << 30);
-  EXPECT_EQ(*ParseByteSize("0"), 0u);
-}
-
-TEST(ByteSize, RejectsGarbage) {
-  for (const char* bad : {"", "M", "12x", "-5", "1.5G", "99999999999999999999", "17179869184G"})
-    EXPECT_FALSE(ParseByteSize(bad).has_value()) << bad;
-}
-
 TEST(Progress, BarFollowsTheRound) {
   nlohmann::json st = {{"status", "active"},        {"iterations", 1},     {"transferred_bytes", 1 << 20},
                        {"remaining_bytes", 2 << 20}, {"dirty_pages_rate", 19800.0}, {"mbps", 940.0},
@@ -43,6 +30,17 @@ TEST(Progress, SummaryShowsDowntimePhases) {
   std::string s = FormatSummary(st);
   EXPECT_NE(s.find("VMM downtime 12.5 ms"), std::string::npos) << s;
   EXPECT_NE(s.find("resume 8.0 ms"), std::string::npos) << s;
+}
+
+TEST(Progress, SummaryShowsPagesByEncoding) {
+  nlohmann::json st = {{"status", "completed"},
+                       {"pages_by_encoding", {{"zero", 10}, {"raw", 2}, {"zstd", 300}, {"delta", 44}, {"free", 7}, {"held_back", 5}}},
+                       {"resent_bytes", 2 << 20},
+                       {"source_cpu_ms", 123.0}};
+  std::string s = FormatSummary(st);
+  EXPECT_NE(s.find("zstd 300 delta 44 held_back 5"), std::string::npos) << s;
+  EXPECT_NE(s.find("free 7"), std::string::npos) << s;
+  EXPECT_NE(s.find("source CPU 123 ms"), std::string::npos) << s;
 }
 
 }  // namespace

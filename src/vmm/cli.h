@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/size.h"
 #include "vmm/vm.h"
 
 namespace ferry {
@@ -17,8 +18,6 @@ struct VmmCommandLine {
   std::string log_level = "info";
 };
 
-// Parses "256M", "1G", "512MiB", "268435456" (bytes) into bytes.
-Result<uint64_t> ParseSize(const std::string& s);
 // Parses "tap=NAME[,mac=MAC]".
 Status ParseNetSpec(const std::string& s, BoardConfig* board);
 // Full parse; on --help returns kCancelled with the help text as message.

@@ -46,7 +46,7 @@ bool VmMigrationManager::active() {
 
 migration::RamView VmMigrationManager::Ram() {
   GuestMemory& m = vm_->memory();
-  return {m.host(), m.size(), &m.dirty_log(), m.memfd()};
+  return {m.host(), m.size(), &tracker_, m.memfd(), {}};
 }
 
 Result<nlohmann::json> VmMigrationManager::Config() {
@@ -72,6 +72,13 @@ Status VmMigrationManager::Resume() {
 
 Result<std::vector<migration::StateRecord>> VmMigrationManager::SaveState() { return vm_->SaveStateRecords(); }
 
+uint64_t VmMigrationManager::EstimateStateBytes() {
+  auto n = vm_->StateBytes();
+  return n ? *n : 0;
+}
+
+Status VmMigrationManager::SetCpuShare(double fraction) { return vm_->SetCpuShare(fraction); }
+
 void VmMigrationManager::OnMigrated(const std::string& destination) {
   auto s = vm_->MarkMigrated(destination);
   if (!s) spdlog::error("migration: cannot mark the VM migrated: {}", s.error().message());
@@ -88,7 +95,10 @@ Result<migration::RamView> VmMigrationTarget::Prepare(const nlohmann::json& conf
   vm_ = std::move(*vm);
   GuestMemory& m = vm_->memory();
   spdlog::info("incoming: machine prepared: {} MiB RAM, cmdline '{}'", m.size() >> 20, opts.board.cmdline);
-  return migration::RamView{m.host(), m.size(), nullptr, -1};
+  // Free pages: release their memory here too, and remember them as free (a later migration of
+  // this VM then skips them as well).
+  auto discard = [&m](uint64_t first, uint64_t count) { return m.Discard(m.base() + first * kPageSize, count * kPageSize); };
+  return migration::RamView{m.host(), m.size(), nullptr, m.memfd(), discard};
 }
 
 Status VmMigrationTarget::Restore(const std::vector<migration::StateRecord>& state) {

@@ -15,10 +15,21 @@
 
 namespace ferry {
 
+// The engine's view of a VM's dirty log (the CPU's code watch and the marks' encoding stay here).
+class DirtyLogTracker final : public migration::DirtyTracker {
+ public:
+  explicit DirtyLogTracker(DirtyLog* log) : log_(log) {}
+  void Harvest(migration::PageBitmap* dirty, migration::PageBitmap* freed) override { log_->Harvest(dirty, freed); }
+  uint64_t CountDirty() const override { return log_->CountDirty(); }
+
+ private:
+  DirtyLog* log_;
+};
+
 // Source: one migration at a time; the last one's stats stay readable.
 class VmMigrationManager : public migration::SourceVm {
  public:
-  explicit VmMigrationManager(Vm* vm) : vm_(vm) {}
+  explicit VmMigrationManager(Vm* vm) : vm_(vm), tracker_(&vm->memory().dirty_log()) {}
   ~VmMigrationManager() override;
 
   Status Start(const nlohmann::json& body);
@@ -34,10 +45,13 @@ class VmMigrationManager : public migration::SourceVm {
   Status Pause() override;
   Status Resume() override;
   Result<std::vector<migration::StateRecord>> SaveState() override;
+  uint64_t EstimateStateBytes() override;
+  Status SetCpuShare(double fraction) override;
   void OnMigrated(const std::string& destination) override;
 
  private:
   Vm* vm_;
+  DirtyLogTracker tracker_;
   std::mutex mu_;
   std::unique_ptr<migration::SourceMigration> current_;  // GUARDED_BY(mu_)
   bool paused_by_migration_ = false;                      // migration thread only

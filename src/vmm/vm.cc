@@ -174,7 +174,21 @@ void Vm::MachineLoop() {
       (void)loop_->WaitForWake(-1);
       continue;
     }
+    const uint64_t t_slice = NowNs();
     VcpuRunResult r = vcpu.Run(kSliceInstructions);
+    const double share = cpu_share_.load(std::memory_order_relaxed);
+    if (share < 1.0) {
+      // Throttled (migration): after running for t, stay off the CPU for t * (1 - share) / share,
+      // still serving device backends and commands (a Post() wakes the loop).
+      throttle_debt_ns_ += static_cast<double>(NowNs() - t_slice) * (1.0 - share) / share;
+      if (throttle_debt_ns_ >= 1e6) {
+        const uint64_t t_off = NowNs();
+        (void)loop_->Poll(static_cast<int>(throttle_debt_ns_ / 1e6));
+        throttle_debt_ns_ = std::max(0.0, throttle_debt_ns_ - static_cast<double>(NowNs() - t_off));
+      }
+    } else {
+      throttle_debt_ns_ = 0;
+    }
     (void)loop_->Poll(0);
     switch (r.reason) {
       case VcpuExitReason::kBudgetExhausted:
@@ -236,6 +250,25 @@ Status Vm::Post(std::function<Status()> fn) {
   board_->vcpu().RequestExit();
   loop_->Wake();
   return fut.get();
+}
+
+Result<uint64_t> Vm::StateBytes() {
+  uint64_t n = 0;
+  auto s = Post([&]() -> Status {
+    n = board_->vcpu().SaveState().size();
+    for (Device* d : board_->devices()) n += d->SaveState().size();
+    return {};
+  });
+  if (!s) return std::unexpected(s.error());
+  return n;
+}
+
+Status Vm::SetCpuShare(double fraction) {
+  if (!(fraction > 0.0 && fraction <= 1.0))
+    return Errorf(ErrorCode::kInvalidArgument, "CPU share {} is outside (0, 1]", fraction);
+  cpu_share_.store(fraction, std::memory_order_relaxed);
+  loop_->Wake();
+  return {};
 }
 
 Status Vm::RunOnMachine(std::function<Status(Board&)> fn) {

@@ -71,6 +71,10 @@ class Vm {
   Result<std::vector<migration::StateRecord>> SaveStateRecords();
   // Before Start(): restores every record; all-or-nothing per component.
   Status RestoreStateRecords(const std::vector<migration::StateRecord>& records);
+  // Bytes SaveStateRecords() would produce now (computed on the machine thread while it runs).
+  Result<uint64_t> StateBytes();
+  // Throttle: the vCPU runs only `fraction` (0 < f <= 1) of the time (migration convergence).
+  Status SetCpuShare(double fraction);
   // The guest runs elsewhere now: stay paused forever.
   Status MarkMigrated(const std::string& destination);
   // Sends a gratuitous RARP for the guest MAC (after a migration), if it has a NIC.
@@ -97,6 +101,8 @@ class Vm {
   std::string error_;  // machine thread; copied under mu_ for Info
   std::string migrated_to_;  // GUARDED_BY(mu_)
   uint64_t started_ns_ = 0;
+  std::atomic<double> cpu_share_{1.0};
+  double throttle_debt_ns_ = 0;  // machine thread only
 
   std::mutex mu_;
   std::deque<std::packaged_task<Status()>> commands_;  // GUARDED_BY(mu_)

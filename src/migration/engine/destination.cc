@@ -1,23 +1,16 @@
 #include "migration/engine/destination.h"
 
-#include <time.h>
-
-#include <cstring>
-
 #include <spdlog/spdlog.h>
+
+#include "common/clock.h"
 
 namespace ferry::migration {
 namespace {
-uint64_t NowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
-double Ms(uint64_t ns) { return static_cast<double>(ns) / 1e6; }
 
 std::string TypeName(const Record& r) {
   return IsKnownRecordType(r.header.type) ? std::string(RecordTypeName(r.type())) : fmt::format("type {}", r.header.type);
 }
+
 }  // namespace
 
 Result<std::unique_ptr<IncomingMigration>> IncomingMigration::Listen(const std::string& endpoint) {
@@ -35,7 +28,7 @@ void IncomingMigration::Abort() {
   listener_->Shutdown();
   std::lock_guard<std::mutex> l(mu_);
   for (auto& d : data_) d->Shutdown();
-  if (control_) control_->Shutdown();
+  if (control_) control_->Interrupt(Error(ErrorCode::kCancelled, "interrupted by the operator"));
 }
 
 void IncomingMigration::Cleanup() {
@@ -48,9 +41,9 @@ void IncomingMigration::Cleanup() {
     for (auto& d : data_) d->Shutdown();
     readers.swap(readers_);
   }
-  if (control_) control_->Shutdown();
   cv_.notify_all();
   if (progress_.joinable()) progress_.join();
+  if (control_) control_->Shutdown();
   for (auto& t : readers) t.join();
 }
 
@@ -60,13 +53,13 @@ Status IncomingMigration::AcceptControl(const IncomingParams& params) {
     if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
     if (!s) return std::unexpected(s.error());
     auto sock = std::move(*s);
-    auto role = ReadPreamble(*sock, params.handshake_timeout_ms);
-    if (!role) {
-      spdlog::warn("incoming: dropped connection from {}: {}", sock->peer(), role.error().message());
-      SendError(*sock, role.error());
+    auto pre = ReadPreamble(*sock, params.handshake_timeout_ms, params.max_protocol_version);
+    if (!pre) {
+      spdlog::warn("incoming: dropped connection from {}: {}", sock->peer(), pre.error().message());
+      SendError(*sock, pre.error());
       continue;
     }
-    if (*role != Role::kControl) {
+    if (pre->role != Role::kControl) {
       spdlog::warn("incoming: dropped data connection from {}: no migration in progress", sock->peer());
       SendError(*sock, Error(ErrorCode::kBusy, "no migration in progress for this data connection"));
       continue;
@@ -81,16 +74,19 @@ Status IncomingMigration::AcceptControl(const IncomingParams& params) {
       continue;
     }
     hello_ = *hello;
-    FERRY_RETURN_IF_ERROR(WriteRecord(*sock, RecordType::kHelloAck, Encode(HelloAck{hello_.uuid, hello_.capabilities & kCapsSupported})), "handshake");
+    version_ = pre->version;
+    caps_ = NegotiateCaps(version_, hello_.capabilities, params.capabilities);
+    FERRY_RETURN_IF_ERROR(WriteRecord(*sock, RecordType::kHelloAck, Encode(HelloAck{hello_.uuid, caps_})), "handshake");
+    const std::string peer = sock->peer();
     {
       std::lock_guard<std::mutex> l(mu_);
-      control_ = std::move(sock);
+      control_ = std::make_unique<ControlChannel>(std::move(sock));
+      channel_used_.assign(hello_.channels, false);
     }
+    control_->Start();
     if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
-    spdlog::info("incoming: migration {} from {} with {} data channels", FormatUuid(hello_.uuid), control_->peer(),
-                 hello_.channels);
-    std::lock_guard<std::mutex> l(mu_);
-    channel_used_.assign(hello_.channels, false);
+    spdlog::info("incoming: migration {} from {}: protocol v{}, {} data channels, capabilities {:#x}", FormatUuid(hello_.uuid),
+                 peer, version_, hello_.channels, caps_);
     return {};
   }
 }
@@ -103,16 +99,18 @@ void IncomingMigration::AcceptLoop(const IncomingParams& params) {
       continue;
     }
     auto sock = std::move(*s);
-    auto role = ReadPreamble(*sock, params.handshake_timeout_ms);
+    auto pre = ReadPreamble(*sock, params.handshake_timeout_ms, params.max_protocol_version);
     Result<DataHello> dh = std::unexpected(Error(ErrorCode::kBusy, "a migration is already in progress"));
-    if (!role) {
-      dh = std::unexpected(role.error());
-    } else if (*role == Role::kData) {
+    if (!pre) {
+      dh = std::unexpected(pre.error());
+    } else if (pre->role == Role::kData) {
       auto rec = ReadRecord(*sock, params.handshake_timeout_ms);
       if (!rec) dh = std::unexpected(rec.error());
       else if (rec->type() != RecordType::kDataHello) dh = Errorf(ErrorCode::kCorrupt, "expected DATA_HELLO, got {}", TypeName(*rec));
       else dh = DecodeDataHello(rec->payload);
       if (dh && dh->uuid != hello_.uuid) dh = Errorf(ErrorCode::kInvalidArgument, "data connection for another migration");
+      if (dh && pre->version != version_)
+        dh = Errorf(ErrorCode::kVersionMismatch, "data connection speaks protocol v{}, the migration v{}", pre->version, version_);
     }
     std::lock_guard<std::mutex> l(mu_);
     if (dh && (dh->channel >= channel_used_.size() || channel_used_[dh->channel]))
@@ -135,7 +133,7 @@ void IncomingMigration::DataFailed(const Error& e) {
     if (!data_error_) data_error_ = e;
   }
   cv_.notify_all();
-  if (control_) control_->Shutdown();  // wake the control loop
+  if (control_) control_->Interrupt(e);  // wake the control loop
 }
 
 Status IncomingMigration::CheckDataError() {
@@ -145,15 +143,17 @@ Status IncomingMigration::CheckDataError() {
 }
 
 void IncomingMigration::DataReader(Socket* sock, uint32_t channel) {
+  Record rec;
+  Decompressor dec;
+  std::vector<uint8_t> scratch;
   for (;;) {
-    auto rec = ReadRecord(*sock, -1);
+    auto r = ReadRecordInto(*sock, &rec, -1);
     if (stopping_) return;
-    Status s = rec ? Status{} : Status(std::unexpected(rec.error()));
-    if (rec) {
-      bytes_received_ += kRecordHeaderSize + rec->payload.size();
-      if (rec->type() == RecordType::kPages) s = ApplyPages(*rec);
-      else if (!rec->header.mandatory() && !IsKnownRecordType(rec->header.type)) continue;
-      else s = Errorf(ErrorCode::kCorrupt, "unexpected {} on a data channel", TypeName(*rec));
+    Status s = r;
+    if (r) {
+      bytes_received_ += kRecordHeaderSize + rec.payload.size();
+      if (!rec.header.mandatory() && !IsKnownRecordType(rec.header.type)) continue;
+      s = ApplyRecord(rec, dec, &scratch);
     }
     if (!s) {
       DataFailed(s.error().WithContext(fmt::format("data channel {}", channel)));
@@ -167,6 +167,47 @@ void IncomingMigration::DataReader(Socket* sock, uint32_t channel) {
   }
 }
 
+Status IncomingMigration::ApplyRecord(const Record& rec, Decompressor& dec, std::vector<uint8_t>* scratch) {
+  if (!ram_ready_.load(std::memory_order_acquire))
+    return Errorf(ErrorCode::kCorrupt, "{} before the configuration was accepted", TypeName(rec));
+  Result<PagesView> v = Errorf(ErrorCode::kCorrupt, "unexpected {} on a data channel", TypeName(rec));
+  if (rec.type() == RecordType::kPages) v = DecodePages(rec.payload, ram_pages_);
+  else if (rec.type() == RecordType::kEncodedPages && version_ >= 2) v = DecodeEncodedPages(rec.payload, ram_pages_, caps_, dec, scratch);
+  else if (rec.type() == RecordType::kEncodedPages)
+    v = Errorf(ErrorCode::kCorrupt, "ENCODED_PAGES in a protocol v{} migration", version_);
+  if (!v) return std::unexpected(v.error());
+  if (v->seq == 0) return Errorf(ErrorCode::kCorrupt, "{} with seq 0", TypeName(rec));
+  return ApplyEntries(*v);
+}
+
+Status IncomingMigration::ApplyEntries(const PagesView& v) {
+  uint64_t zero = 0, raw = 0, delta = 0, free = 0;
+  for (const auto& e : v.entries) {
+    for (uint64_t p = e.gfn; p < e.gfn + e.count; ++p) {
+      std::lock_guard<std::mutex> l(stripes_[p % kStripes]);
+      uint64_t& last = last_seq_[p];
+      if (e.kind == PageKind::kDelta && last != e.base_seq)
+        return Errorf(ErrorCode::kCorrupt, "delta for page {} was made against the copy of seq {}, but the page holds seq {}", p,
+                      e.base_seq, last);
+      if (v.seq <= last) continue;  // an older copy than what we have
+      switch (e.kind) {
+        case PageKind::kRaw: FERRY_RETURN_IF_ERROR(sink_->WritePage(p, e.data), "apply"); ++raw; break;
+        case PageKind::kZero:
+        case PageKind::kZeroRun: FERRY_RETURN_IF_ERROR(sink_->ZeroPage(p), "apply"); ++zero; break;
+        case PageKind::kFreeRun: FERRY_RETURN_IF_ERROR(sink_->FreePage(p), "apply"); ++free; break;
+        case PageKind::kDelta: FERRY_RETURN_IF_ERROR(sink_->ApplyDelta(p, e.data), "apply"); ++delta; break;
+      }
+      last = v.seq;
+    }
+  }
+  pages_applied_ += v.pages;
+  zero_pages_ += zero;
+  raw_pages_ += raw;
+  delta_pages_ += delta;
+  free_pages_ += free;
+  return {};
+}
+
 void IncomingMigration::ProgressLoop() {
   uint64_t sent = 0;
   std::unique_lock<std::mutex> l(mu_);
@@ -176,7 +217,7 @@ void IncomingMigration::ProgressLoop() {
     if (batches_applied_ == sent) continue;
     sent = batches_applied_;
     l.unlock();
-    auto s = WriteRecord(*control_, RecordType::kProgress, Encode(Progress{sent, bytes_received_.load()}), false);
+    auto s = control_->Send(RecordType::kProgress, Encode(Progress{sent, bytes_received_.load()}), false);
     // Coalesce: at most one PROGRESS per millisecond; the next loop reports what arrived meanwhile.
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
     l.lock();
@@ -184,70 +225,42 @@ void IncomingMigration::ProgressLoop() {
   }
 }
 
-Status IncomingMigration::ApplyPages(const Record& rec) {
-  if (!ram_ready_.load(std::memory_order_acquire)) return Errorf(ErrorCode::kCorrupt, "PAGES before the configuration was accepted");
-  auto v = DecodePages(rec.payload, ram_pages_);
-  if (!v) return std::unexpected(v.error());
-  if (v->seq == 0) return Errorf(ErrorCode::kCorrupt, "PAGES with seq 0");
-  for (const auto& e : v->entries) {
-    std::lock_guard<std::mutex> l(stripes_[e.gfn % kStripes]);
-    if (v->seq <= last_seq_[e.gfn]) continue;  // an older copy than what we have
-    uint8_t* dst = ram_.host + e.gfn * kWirePageSize;
-    if (e.kind == PageKind::kRaw) {
-      std::memcpy(dst, e.data.data(), kWirePageSize);
-      touched_[e.gfn] = 1;
-    } else if (touched_[e.gfn]) {
-      std::memset(dst, 0, kWirePageSize);  // fresh RAM is already zero: never touch it
-    }
-    last_seq_[e.gfn] = v->seq;
-  }
-  pages_applied_ += v->entries.size();
-  return {};
-}
-
 Result<IncomingResult> IncomingMigration::Run(DestinationVm* vm, const IncomingParams& params) {
   const uint64_t t0 = NowNs();
   IncomingResult out;
   FERRY_RETURN_IF_ERROR(AcceptControl(params), "incoming migration");
   out.uuid = FormatUuid(hello_.uuid);
-  out.source = control_->peer();
+  out.source = control_->socket().peer();
+  out.protocol_version = version_;
+  out.capabilities = caps_;
   acceptor_ = std::thread([this, params] { AcceptLoop(params); });
-  if (hello_.capabilities & kCapProgress) progress_ = std::thread([this] { ProgressLoop(); });
+  if (caps_ & kCapProgress) progress_ = std::thread([this] { ProgressLoop(); });
   auto s = ControlLoop(vm, params, &out);
   if (!s && aborted_) s = Errorf(ErrorCode::kCancelled, "interrupted by the operator");
   if (!s) {
-    // Prefer the root cause from a data channel over the control read it interrupted.
+    // The source's own CANCEL/ERROR explains everything; else prefer the root cause from a data
+    // channel over the control read it interrupted.
     Error e = s.error();
-    if (auto d = CheckDataError(); !d && e.code() != ErrorCode::kCancelled) e = d.error();
-    SendError(*control_, e);
+    if (auto peer = control_->PeerVerdict(e.code() == ErrorCode::kCancelled ? 0 : 50)) e = *peer;
+    else if (auto d = CheckDataError(); !d && e.code() != ErrorCode::kCancelled) e = d.error();
+    SendError(control_->socket(), e);
     Cleanup();
     return std::unexpected(e.WithContext("incoming migration"));
   }
   out.batches = batches_applied_;
   out.pages = pages_applied_;
   out.bytes = bytes_received_;
-  out.total_ms = Ms(NowNs() - t0);
+  out.zero_pages = zero_pages_;
+  out.raw_pages = raw_pages_;
+  out.delta_pages = delta_pages_;
+  out.free_pages = free_pages_;
+  out.total_ms = MsFromNs(NowNs() - t0);
   Cleanup();
   return out;
 }
 
 Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& params, IncomingResult* out) {
-  auto next = [&]() -> Result<Record> {
-    for (;;) {
-      auto r = ReadRecord(*control_, params.idle_timeout_ms);
-      if (!r) return std::unexpected(r.error().WithContext("control channel"));
-      if (r->type() == RecordType::kCancel) {
-        auto reason = DecodeCancel(r->payload);
-        return Errorf(ErrorCode::kCancelled, "source cancelled the migration: {}", reason ? *reason : "(unreadable reason)");
-      }
-      if (r->type() == RecordType::kError) {
-        auto m = DecodeError(r->payload);
-        return std::unexpected(m ? ToError(*m) : m.error());
-      }
-      if (!r->header.mandatory() && !IsKnownRecordType(r->header.type)) continue;
-      return r;
-    }
-  };
+  auto next = [&]() { return control_->Next(params.idle_timeout_ms); };
   auto cfg_rec = next();
   if (!cfg_rec) return std::unexpected(cfg_rec.error());
   if (cfg_rec->type() != RecordType::kConfig) return Errorf(ErrorCode::kCorrupt, "expected CONFIG, got {}", TypeName(*cfg_rec));
@@ -258,9 +271,9 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   ram_ = *ram;
   ram_pages_ = ram_.size / kWirePageSize;
   last_seq_.assign(ram_pages_, 0);
-  touched_.assign(ram_pages_, 0);
+  sink_ = std::make_unique<MemoryPageSink>(ram_);
   ram_ready_.store(true, std::memory_order_release);
-  FERRY_RETURN_IF_ERROR(WriteRecord(*control_, RecordType::kConfigAck, {}), "send CONFIG_ACK");
+  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kConfigAck, {}), "send CONFIG_ACK");
 
   std::vector<StateRecord> state;
   End end;
@@ -286,26 +299,25 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
     bool ok = cv_.wait_for(l, std::chrono::milliseconds(params.idle_timeout_ms),
                            [&] { return data_error_.has_value() || batches_applied_ >= end.batches; });
     if (data_error_) return std::unexpected(*data_error_);
-    if (!ok) return Errorf(ErrorCode::kTimeout, "END announced {} page batches, only {} arrived", end.batches, batches_applied_);
+    if (!ok) return Errorf(ErrorCode::kTimeout, "END announced {} page records, only {} arrived", end.batches, batches_applied_);
     if (batches_applied_ != end.batches)
-      return Errorf(ErrorCode::kCorrupt, "END announced {} page batches, but {} arrived", end.batches, batches_applied_);
+      return Errorf(ErrorCode::kCorrupt, "END announced {} page records, but {} arrived", end.batches, batches_applied_);
   }
   if (pages_applied_ != end.pages)
     return Errorf(ErrorCode::kCorrupt, "END announced {} pages, but {} arrived", end.pages, pages_applied_.load());
   const uint64_t t_restore = NowNs();
   FERRY_RETURN_IF_ERROR(vm->Restore(state), "restore state");
-  out->restore_ms = Ms(NowNs() - t_restore);
-  spdlog::info("incoming: END -> all pages applied {:.2f} ms, restore {:.2f} ms", Ms(t_restore - t_end_), out->restore_ms);
-  FERRY_RETURN_IF_ERROR(WriteRecord(*control_, RecordType::kReady, EncodeU64(static_cast<uint64_t>(out->restore_ms * 1000))),
-                        "send READY");
+  out->restore_ms = MsFromNs(NowNs() - t_restore);
+  spdlog::info("incoming: END -> all pages applied {:.2f} ms, restore {:.2f} ms", MsFromNs(t_restore - t_end_), out->restore_ms);
+  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kReady, EncodeU64(static_cast<uint64_t>(out->restore_ms * 1000))), "send READY");
   auto go = next();
   if (!go) return std::unexpected(go.error());
   if (go->type() != RecordType::kGo) return Errorf(ErrorCode::kCorrupt, "expected GO, got {}", TypeName(*go));
   const uint64_t t_go = NowNs();
   FERRY_RETURN_IF_ERROR(vm->Start(), "start the guest");
-  out->resume_ms = Ms(NowNs() - t_go);
+  out->resume_ms = MsFromNs(NowNs() - t_go);
   // The guest runs: from here on, failures no longer matter to the source's VM.
-  (void)WriteRecord(*control_, RecordType::kResumed, EncodeU64(static_cast<uint64_t>(out->resume_ms * 1000)));
+  (void)control_->Send(RecordType::kResumed, EncodeU64(static_cast<uint64_t>(out->resume_ms * 1000)));
   return {};
 }
 

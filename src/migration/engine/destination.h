@@ -1,13 +1,17 @@
-// Pre-copy migration, destination side (VMM-neutral; see vm_interface.h and
-// docs/protocol.md). Listens on tcp:ADDR:PORT, accepts one migration: a control
-// connection (HELLO), its N data connections (DATA_HELLO with the same uuid), builds
-// the machine from CONFIG, applies PAGES from every data connection in seq order per
-// page, restores STATE after END once every batch arrived, reports READY, and runs the
-// guest on GO. Connections that do not belong (bad preamble, wrong uuid, garbage) are
-// refused with an ERROR record and dropped without disturbing the migration.
+// Pre-copy migration, destination side (VMM-neutral; see vm_interface.h and docs/protocol.md).
+// Listens on tcp:ADDR:PORT and accepts one migration: a control connection (preamble with the
+// protocol version, HELLO; HELLO_ACK carries the capabilities both sides have), its N data
+// connections (DATA_HELLO with the same uuid and the same version), builds the machine from
+// CONFIG, applies page records from every data connection through a PageSink - per page, an
+// entry is applied only if its record's seq is higher than the page's (a delta only onto the
+// exact copy it was made against) - restores STATE after END once every record arrived,
+// reports READY, and runs the guest on GO. Connections that do not belong (bad preamble, wrong
+// uuid or version, garbage) are refused with an ERROR record and dropped without disturbing
+// the migration.
 //
-// Threading: Run() blocks the calling thread; it uses one accept thread and one
-// reader thread per data connection, all joined before Run() returns.
+// Threading: Run() blocks the calling thread; it uses the control channel's reader thread, one
+// accept thread, one reader thread per data connection and a PROGRESS thread, all joined before
+// Run() returns. Abort() is thread-safe.
 #pragma once
 
 #include <atomic>
@@ -20,7 +24,10 @@
 #include <vector>
 
 #include "common/error.h"
+#include "migration/engine/page_sink.h"
 #include "migration/engine/vm_interface.h"
+#include "migration/protocol/pages.h"
+#include "migration/transport/control_channel.h"
 #include "migration/transport/tcp.h"
 
 namespace ferry::migration {
@@ -28,14 +35,21 @@ namespace ferry::migration {
 struct IncomingParams {
   int handshake_timeout_ms = 10000;  // preamble + first record of each connection
   int idle_timeout_ms = 120000;      // longest silence on the control channel once started
+  // What this destination accepts (tests use these to stand in for an older build).
+  uint32_t max_protocol_version = kProtocolVersion;
+  uint64_t capabilities = kCapsSupported;
 };
 
 struct IncomingResult {
   std::string uuid;
   std::string source;
+  uint32_t protocol_version = 0;
+  uint64_t capabilities = 0;
   uint64_t batches = 0;
   uint64_t pages = 0;
   uint64_t bytes = 0;
+  // Entries applied, by kind (runs count their pages).
+  uint64_t zero_pages = 0, raw_pages = 0, delta_pages = 0, free_pages = 0;
   double restore_ms = 0;
   double resume_ms = 0;
   double total_ms = 0;
@@ -57,7 +71,8 @@ class IncomingMigration {
   Status AcceptControl(const IncomingParams& params);
   void AcceptLoop(const IncomingParams& params);
   void DataReader(Socket* sock, uint32_t channel);
-  Status ApplyPages(const Record& rec);
+  Status ApplyRecord(const Record& rec, Decompressor& dec, std::vector<uint8_t>* scratch);
+  Status ApplyEntries(const PagesView& v);
   void ProgressLoop();
   Status ControlLoop(DestinationVm* vm, const IncomingParams& params, IncomingResult* out);
   void DataFailed(const Error& e);
@@ -65,8 +80,10 @@ class IncomingMigration {
   void Cleanup();
 
   std::unique_ptr<Listener> listener_;
-  std::unique_ptr<Socket> control_;  // set once under mu_, then read by the owner thread
+  std::unique_ptr<ControlChannel> control_;  // set once under mu_ after the handshake
   Hello hello_;
+  uint32_t version_ = kProtocolVersion;  // of this migration (the control preamble's)
+  uint64_t caps_ = 0;                    // acknowledged capabilities
   std::thread acceptor_;
   std::thread progress_;  // PROGRESS sender (kCapProgress)
   std::atomic<bool> stopping_{false};
@@ -85,11 +102,12 @@ class IncomingMigration {
   std::atomic<bool> ram_ready_{false};
   RamView ram_;
   uint64_t ram_pages_ = 0;
+  std::unique_ptr<PageSink> sink_;
   static constexpr size_t kStripes = 256;
   std::mutex stripes_[kStripes];
-  std::vector<uint64_t> last_seq_;   // GUARDED_BY(stripes_[gfn % kStripes])
-  std::vector<uint8_t> touched_;     // GUARDED_BY(stripes_[gfn % kStripes]): page ever written with data
+  std::vector<uint64_t> last_seq_;  // GUARDED_BY(stripes_[gfn % kStripes])
   std::atomic<uint64_t> pages_applied_{0}, bytes_received_{0};
+  std::atomic<uint64_t> zero_pages_{0}, raw_pages_{0}, delta_pages_{0}, free_pages_{0};
 };
 
 }  // namespace ferry::migration

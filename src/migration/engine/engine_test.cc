@@ -2,124 +2,11 @@
 // (real memfd GuestMemory + dirty log, a writer thread standing in for the guest).
 #include <gtest/gtest.h>
 
-#include <cstring>
-#include <random>
-#include <thread>
-
-#include "migration/engine/destination.h"
-#include "migration/engine/source.h"
+#include "migration/engine/engine_test_util.h"
 
 namespace ferry::migration {
 namespace {
-
-constexpr uint64_t kRam = 16ull << 20;
-
-class FakeSource : public SourceVm {
- public:
-  FakeSource() {
-    mem_ = std::move(*GuestMemory::Create(0x80000000, kRam));
-    std::mt19937_64 rng(1);
-    // Half the pages non-zero, the rest never touched (holes) or explicitly zero.
-    for (uint64_t p = 0; p < mem_->num_pages(); p += 2) {
-      uint64_t v = rng();
-      std::memcpy(mem_->host() + p * 4096 + (v % 4000), &v, 8);
-    }
-    StartWriter();
-  }
-  ~FakeSource() override { StopWriter(); }
-  void set_write_delay_us(int us) { delay_us_ = us; }
-
-  RamView Ram() override { return {mem_->host(), mem_->size(), &mem_->dirty_log(), mem_->memfd()}; }
-  Result<nlohmann::json> Config() override { return nlohmann::json{{"ram", kRam}}; }
-  Status Pause() override {
-    StopWriter();
-    paused_ = true;
-    return {};
-  }
-  Status Resume() override {
-    paused_ = false;
-    StartWriter();
-    return {};
-  }
-  Result<std::vector<StateRecord>> SaveState() override {
-    return std::vector<StateRecord>{{"vcpu:0", {1, 2, 3}}, {"dev:uart0", std::vector<uint8_t>(10000, 7)}};
-  }
-  void OnMigrated(const std::string&) override { migrated_ = true; }
-
-  GuestMemory& mem() { return *mem_; }
-  bool paused() const { return paused_; }
-  bool writer_running() const { return writer_.joinable(); }
-  bool migrated() const { return migrated_; }
-
- private:
-  void StartWriter() {
-    stop_ = false;
-    writer_ = std::thread([this] {
-      std::mt19937_64 rng(7);
-      while (!stop_) {
-        uint64_t page = rng() % mem_->num_pages();
-        uint64_t v = rng();
-        (void)mem_->Write(mem_->base() + page * 4096 + (v % 4088), &v, 8);  // marks dirty
-        if (delay_us_) std::this_thread::sleep_for(std::chrono::microseconds(delay_us_));
-      }
-    });
-  }
-  void StopWriter() {
-    stop_ = true;
-    if (writer_.joinable()) writer_.join();
-  }
-  std::unique_ptr<GuestMemory> mem_;
-  std::thread writer_;
-  std::atomic<bool> stop_{false};
-  std::atomic<int> delay_us_{20};
-  bool paused_ = false, migrated_ = false;
-};
-
-class FakeDestination : public DestinationVm {
- public:
-  Result<RamView> Prepare(const nlohmann::json& config) override {
-    if (config.value("ram", uint64_t{0}) != kRam) return Errorf(ErrorCode::kInvalidArgument, "RAM size differs from this host's limit");
-    mem_ = std::move(*GuestMemory::Create(0x80000000, kRam));
-    return RamView{mem_->host(), mem_->size(), nullptr, -1};
-  }
-  Status Restore(const std::vector<StateRecord>& state) override {
-    state_ = state;
-    return {};
-  }
-  Status Start() override {
-    started_ = true;
-    return {};
-  }
-  GuestMemory* mem() { return mem_.get(); }
-  std::vector<StateRecord> state_;
-  bool started_ = false;
-
- private:
-  std::unique_ptr<GuestMemory> mem_;
-};
-
-struct Incoming {
-  std::unique_ptr<IncomingMigration> in;
-  std::thread thread;
-  Result<IncomingResult> result = std::unexpected(Error(ErrorCode::kInternal, "not run"));
-  std::string to;
-  explicit Incoming(DestinationVm* vm) {
-    in = std::move(*IncomingMigration::Listen("tcp:127.0.0.1:0"));
-    to = fmt::format("tcp:127.0.0.1:{}", in->port());
-    thread = std::thread([this, vm] { result = in->Run(vm); });
-  }
-  ~Incoming() {
-    if (thread.joinable()) thread.join();
-  }
-};
-
-SourceParams Params(const std::string& to) {
-  SourceParams p;
-  p.to = to;
-  p.channels = 3;
-  p.downtime_ms = 50;
-  return p;
-}
+using namespace ferry::migration::test;
 
 TEST(MigrationEngine, PreCopyWithConcurrentWritesTransfersEveryPage) {
   FakeSource src;
@@ -170,7 +57,8 @@ TEST(MigrationEngine, CancelDuringIterationResumesNothingAndStopsDestination) {
   FakeDestination dst;
   Incoming in(&dst);
   auto p = Params(in.to);
-  p.max_bandwidth = 2 << 20;  // 2 MiB/s: the first pass takes seconds
+  p.max_bandwidth = 2 << 20;  // 2 MiB/s: the first pass takes seconds (uncompressed)
+  p.compress.automatic = false;
   auto m = SourceMigration::Start(&src, p);
   for (int i = 0; i < 200 && m->Stats()["normal_pages"].get<uint64_t>() == 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -193,6 +81,7 @@ TEST(MigrationEngine, RateLimitIsHonoured) {
   Incoming in(&dst);
   auto p = Params(in.to);
   p.max_bandwidth = 8 << 20;  // ~8.5 MiB of non-zero data -> about a second
+  p.compress.automatic = false;  // the cap is on the wire: keep the bytes as they are
   auto t0 = std::chrono::steady_clock::now();
   auto m = SourceMigration::Start(&src, p);
   m->Wait();

@@ -1,39 +1,27 @@
 #include "migration/engine/source.h"
 
-#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include <spdlog/spdlog.h>
+
+#include "common/clock.h"
 
 namespace ferry::migration {
 namespace {
 
-constexpr double kStateEstimateMs = 5.0;  // state save + END/READY/GO round trips (loopback/LAN)
-
-uint64_t NowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
-double Ms(uint64_t ns) { return static_cast<double>(ns) / 1e6; }
-
-bool IsZeroPage(const uint8_t* p) {
-  const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
-  uint64_t acc = 0;
-  for (size_t i = 0; i < kWirePageSize / 8; i += 8)
-    acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
-  return acc == 0;
-}
+// v2 batches: at most this many pages read per record (512 KiB of body before the codec) and a
+// margin below the entry limit; v1 records hold at most kMaxPagesPerRecord pages of any kind.
+constexpr uint32_t kBatchScanPages = 128;
+constexpr uint32_t kBatchEntries = kMaxEncodedEntries - 8;
 
 // Pages of a memfd that were never written (holes) read as zero: no need to touch them.
-std::vector<uint8_t> HoleMap(int fd, uint64_t size) {
-  std::vector<uint8_t> hole(size / kWirePageSize, 0);
+PageBitmap HoleMap(int fd, uint64_t size) {
+  PageBitmap hole((size / kWirePageSize + 63) / 64, 0);
   if (fd < 0) return hole;
   auto mark = [&](uint64_t from, uint64_t to) {
-    for (uint64_t p = (from + kWirePageSize - 1) / kWirePageSize; p < to / kWirePageSize && p < hole.size(); ++p) hole[p] = 1;
+    for (uint64_t p = (from + kWirePageSize - 1) / kWirePageSize; p < to / kWirePageSize && p < size / kWirePageSize; ++p) SetPage(hole, p);
   };
   off_t off = 0;
   while (static_cast<uint64_t>(off) < size) {
@@ -50,16 +38,22 @@ std::vector<uint8_t> HoleMap(int fd, uint64_t size) {
   return hole;
 }
 
-}  // namespace
-
-std::string_view PolicyName(ConvergePolicy p) {
-  switch (p) {
-    case ConvergePolicy::kForce: return "force";
-    case ConvergePolicy::kFail: return "fail";
-    case ConvergePolicy::kContinue: return "continue";
-  }
-  return "?";
+uint64_t CountBits(const PageBitmap& b) {
+  uint64_t n = 0;
+  for (uint64_t w : b) n += static_cast<uint64_t>(__builtin_popcountll(w));
+  return n;
 }
+
+nlohmann::json CapNames(uint64_t caps) {
+  nlohmann::json a = nlohmann::json::array();
+  const std::pair<uint64_t, const char*> names[] = {{kCapProgress, "progress"}, {kCapZeroRuns, "zero_runs"}, {kCapLz4, "lz4"},
+                                                    {kCapZstd, "zstd"},         {kCapDelta, "delta"},         {kCapFreePages, "free_pages"}};
+  for (auto& [bit, name] : names)
+    if (caps & bit) a.push_back(name);
+  return a;
+}
+
+}  // namespace
 
 std::string_view MigrationStatusName(MigrationStatus s) {
   switch (s) {
@@ -74,60 +68,13 @@ std::string_view MigrationStatusName(MigrationStatus s) {
   return "?";
 }
 
-Result<SourceParams> ParseSourceParams(const nlohmann::json& body) {
-  if (!body.is_object()) return Errorf(ErrorCode::kInvalidArgument, "request body must be a JSON object");
-  SourceParams p;
-  auto get_uint = [&](const char* key, uint64_t lo, uint64_t hi, uint64_t* out) -> Status {
-    const auto& v = body[key];
-    if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<int64_t>() >= 0))
-      return Errorf(ErrorCode::kInvalidArgument, "\"{}\" must be a non-negative integer", key);
-    uint64_t x = v.get<uint64_t>();
-    if (x < lo || x > hi) return Errorf(ErrorCode::kInvalidArgument, "\"{}\" = {} is outside {}..{}", key, x, lo, hi);
-    *out = x;
-    return {};
-  };
-  bool have_to = false;
-  for (auto& [k, v] : body.items()) {
-    uint64_t x = 0;
-    if (k == "to") {
-      if (!v.is_string()) return Errorf(ErrorCode::kInvalidArgument, "\"to\" must be a string like tcp:HOST:PORT");
-      p.to = v.get<std::string>();
-      auto ep = ParseEndpoint(p.to);
-      if (!ep) return std::unexpected(ep.error());
-      if (ep->host.empty() || ep->port == 0) return Errorf(ErrorCode::kInvalidArgument, "\"to\": '{}' needs a host and a port", p.to);
-      have_to = true;
-    } else if (k == "channels") {
-      FERRY_RETURN_IF_ERROR(get_uint("channels", 1, kMaxChannels, &x), "migrate");
-      p.channels = static_cast<uint32_t>(x);
-    } else if (k == "downtime_ms") {
-      FERRY_RETURN_IF_ERROR(get_uint("downtime_ms", 1, 600000, &x), "migrate");
-      p.downtime_ms = x;
-    } else if (k == "max_bandwidth") {
-      FERRY_RETURN_IF_ERROR(get_uint("max_bandwidth", 0, UINT64_MAX / 1000000000ull, &x), "migrate");
-      if (x != 0 && x < 65536) return Errorf(ErrorCode::kInvalidArgument, "\"max_bandwidth\" is in bytes/s; {} is below the minimum of 65536 (0 = unlimited)", x);
-      p.max_bandwidth = x;
-    } else if (k == "max_iterations") {
-      FERRY_RETURN_IF_ERROR(get_uint("max_iterations", 1, 10000, &x), "migrate");
-      p.max_iterations = static_cast<uint32_t>(x);
-    } else if (k == "stall_rounds") {
-      FERRY_RETURN_IF_ERROR(get_uint("stall_rounds", 1, 1000, &x), "migrate");
-      p.stall_rounds = static_cast<uint32_t>(x);
-    } else if (k == "converge_policy") {
-      std::string s = v.is_string() ? v.get<std::string>() : "";
-      if (s == "force") p.policy = ConvergePolicy::kForce;
-      else if (s == "fail") p.policy = ConvergePolicy::kFail;
-      else if (s == "continue") p.policy = ConvergePolicy::kContinue;
-      else return Errorf(ErrorCode::kInvalidArgument, "\"converge_policy\" must be \"force\", \"fail\" or \"continue\"");
-    } else {
-      return Errorf(ErrorCode::kInvalidArgument, "unknown field \"{}\"", k);
-    }
-  }
-  if (!have_to) return Errorf(ErrorCode::kInvalidArgument, "\"to\" (tcp:HOST:PORT) is required");
-  return p;
-}
-
 SourceMigration::SourceMigration(SourceVm* vm, SourceParams params)
-    : vm_(vm), params_(std::move(params)), uuid_(NewUuid()), limiter_(params_.max_bandwidth) {}
+    : vm_(vm), params_(std::move(params)), uuid_(NewUuid()), limiter_(params_.max_bandwidth) {
+  policy_cfg_.downtime_target_ms = static_cast<double>(params_.downtime_ms);
+  policy_cfg_.max_iterations = params_.max_iterations;
+  policy_cfg_.stall_rounds = params_.stall_rounds;
+  policy_cfg_.on_stall = params_.policy;
+}
 
 std::unique_ptr<SourceMigration> SourceMigration::Start(SourceVm* vm, SourceParams params) {
   std::unique_ptr<SourceMigration> m(new SourceMigration(vm, std::move(params)));
@@ -139,19 +86,16 @@ std::unique_ptr<SourceMigration> SourceMigration::Start(SourceVm* vm, SourcePara
 SourceMigration::~SourceMigration() {
   if (!IsFinal(status())) (void)Cancel();
   if (thread_.joinable()) thread_.join();
-  ShutdownSockets();
-  if (control_reader_.joinable()) control_reader_.join();
+  Shutdown();
 }
 
 void SourceMigration::Wait() {
   if (thread_.joinable()) thread_.join();
 }
 
-void SourceMigration::SetStatus(MigrationStatus s) { status_.store(s); }
-
-void SourceMigration::ShutdownSockets() {
-  std::lock_guard<std::mutex> l(ctl_mu_);  // also guards the socket vectors against Setup
-  for (auto& d : data_) d->Shutdown();
+void SourceMigration::Shutdown() {
+  std::lock_guard<std::mutex> l(ctl_mu_);
+  if (pool_) pool_->Cancel(Error(ErrorCode::kCancelled, "migration ended"));
   if (control_) control_->Shutdown();
 }
 
@@ -162,39 +106,69 @@ Status SourceMigration::Cancel() {
     if (committed_) return Errorf(ErrorCode::kBusy, "migration is past its commit point (destination told to run the guest)");
     cancelled_.store(true);
   }
-  {
-    std::lock_guard<std::mutex> l(ctl_mu_);
-    // Tell the destination why before its data connections close under it, so it reports
-    // "cancelled" rather than a lost connection (the migration thread sends CANCEL again
-    // when it unwinds; a second one is harmless).
-    if (control_ && hello_sent_.load()) (void)WriteRecord(*control_, RecordType::kCancel, EncodeCancel("cancelled by operator"));
-    for (auto& d : data_) d->Shutdown();  // unblocks senders
-  }
-  ctl_cv_.notify_all();
+  const Error why(ErrorCode::kCancelled, "cancelled by operator");
+  std::lock_guard<std::mutex> l(ctl_mu_);
+  // Tell the destination why before its data connections close under it, so it reports
+  // "cancelled" rather than a lost connection (the migration thread sends CANCEL again when it
+  // unwinds; a second one is harmless).
+  if (control_ && hello_sent_.load()) (void)control_->Send(RecordType::kCancel, EncodeCancel(why.message()));
+  if (pool_) pool_->Cancel(why);  // unblocks senders
+  if (control_) control_->Interrupt(why);
   return {};
 }
+
+void SourceMigration::SampleCpu() { migration_thread_cpu_ns_.store(ThreadCpuNs(), std::memory_order_relaxed); }
 
 void SourceMigration::Run() {
   ram_ = vm_->Ram();
   pages_ = ram_.size / kWirePageSize;
-  spdlog::info("migration {}: to {} ({} channels, downtime target {} ms, max bandwidth {})", FormatUuid(uuid_), params_.to,
-               params_.channels, params_.downtime_ms, params_.max_bandwidth ? std::to_string(params_.max_bandwidth) + " B/s" : "unlimited");
-  Status s = Setup();
-  if (s) s = Iterate();
-  if (s) s = StopAndCopy();
-  if (s) s = Commit();
+  spdlog::info("migration {}: to {} ({} channels, downtime target {} ms, max bandwidth {}, compress {}, layering {})",
+               FormatUuid(uuid_), params_.to, params_.channels, params_.downtime_ms,
+               params_.max_bandwidth ? std::to_string(params_.max_bandwidth) + " B/s" : "unlimited", params_.compress.ToString(),
+               params_.layering ? "on" : "off");
+  Phase phase = Phase::kConnect;
+  while (phase != Phase::kDone) {
+    Result<Phase> next = Errorf(ErrorCode::kInternal, "no phase");
+    switch (phase) {
+      case Phase::kConnect: next = Connect(); break;
+      case Phase::kIterate: next = Round(); break;
+      case Phase::kStopCopy: next = StopAndCopy(); break;
+      case Phase::kCommit: next = Commit(); break;
+      case Phase::kDone: break;
+    }
+    SampleCpu();
+    if (!next) {
+      if (cpu_share_set_ != 1.0) (void)vm_->SetCpuShare(1.0);
+      {
+        std::lock_guard<std::mutex> l(stats_mu_);
+        end_ns_ = NowNs();
+      }
+      Fail(Explain(next.error()));
+      Shutdown();
+      return;
+    }
+    phase = *next;
+    if (phase == Phase::kIterate) SetStatus(MigrationStatus::kActive);
+    if (phase == Phase::kStopCopy) SetStatus(MigrationStatus::kDevice);
+  }
   {
     std::lock_guard<std::mutex> l(stats_mu_);
     end_ns_ = NowNs();
   }
-  if (!s) {
-    Fail(s.error());
-  } else {
-    SetStatus(MigrationStatus::kCompleted);
-    vm_->OnMigrated(params_.to);
-    spdlog::info("migration {}: completed in {:.1f} ms, downtime {:.2f} ms", FormatUuid(uuid_), Ms(end_ns_ - start_ns_), downtime_ms_);
-  }
-  ShutdownSockets();
+  SetStatus(MigrationStatus::kCompleted);
+  vm_->OnMigrated(params_.to);
+  spdlog::info("migration {}: completed in {:.1f} ms, downtime {:.2f} ms", FormatUuid(uuid_), MsFromNs(end_ns_ - start_ns_),
+               downtime_ms_);
+  Shutdown();
+}
+
+Error SourceMigration::Explain(const Error& local) const {
+  if (local.code() == ErrorCode::kCancelled && cancelled_) return local;
+  std::lock_guard<std::mutex> l(ctl_mu_);
+  // A short grace period: the destination's ERROR usually follows the connection it closed.
+  if (control_)
+    if (auto peer = control_->PeerVerdict(50)) return *peer;
+  return local;
 }
 
 void SourceMigration::Fail(const Error& e) {
@@ -215,8 +189,12 @@ void SourceMigration::Fail(const Error& e) {
     return;
   }
   const bool cancelled = cancelled_.load();
-  if (control_) (void)WriteRecord(*control_, RecordType::kCancel, EncodeCancel(cancelled ? "cancelled by operator" : e.message()));
-  ShutdownSockets();
+  {
+    std::lock_guard<std::mutex> l(ctl_mu_);
+    if (control_ && hello_sent_.load())
+      (void)control_->Send(RecordType::kCancel, EncodeCancel(cancelled ? "cancelled by operator" : e.message()));
+  }
+  Shutdown();
   if (paused_by_us_) {
     auto r = vm_->Resume();
     if (!r) spdlog::error("migration: cannot resume the source VM: {}", r.error().message());
@@ -227,257 +205,246 @@ void SourceMigration::Fail(const Error& e) {
                e.message());
 }
 
-Status SourceMigration::Setup() {
-  auto ep = ParseEndpoint(params_.to);
-  if (!ep) return std::unexpected(ep.error());
-  auto ctl = Socket::Connect(*ep, params_.connect_timeout_ms);
-  if (!ctl) return std::unexpected(ctl.error().WithContext("control channel"));
+// ---------------------------------------------------------------- connect
+
+Status SourceMigration::Handshake(const Endpoint& ep, uint32_t version) {
+  auto sock = Socket::Connect(ep, params_.connect_timeout_ms);
+  if (!sock) return std::unexpected(sock.error().WithContext("control channel"));
+  FERRY_RETURN_IF_ERROR(WritePreamble(**sock, Role::kControl, version), "control channel");
+  uint64_t want = kCapProgress | kCapZeroRuns | kCapFreePages;
+  const CompressMode& cm = params_.compress;
+  if (cm.automatic || cm.codec == Compression::kLz4) want |= kCapLz4;
+  if (cm.automatic || cm.codec == Compression::kZstd) want |= kCapZstd;
+  if (params_.delta_cache != 0) want |= kCapDelta;
+  want = NegotiateCaps(version, want);
   {
     std::lock_guard<std::mutex> l(ctl_mu_);
-    control_ = std::move(*ctl);
+    if (control_) control_->Shutdown();
+    control_ = std::make_unique<ControlChannel>(std::move(*sock));
   }
-  if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled");
-  FERRY_RETURN_IF_ERROR(WritePreamble(*control_, Role::kControl), "control channel");
-  FERRY_RETURN_IF_ERROR(
-      WriteRecord(*control_, RecordType::kHello, Encode(Hello{uuid_, kCapsSupported, params_.channels, kWirePageSize})), "control channel");
+  control_->Start([this](const Record& r) {
+    if (r.type() != RecordType::kProgress) return false;
+    auto pr = DecodeProgress(r.payload);
+    if (pr) dest_applied_ = std::max(dest_applied_, pr->batches);
+    return pr.has_value();  // a malformed PROGRESS is queued and fails the next wait
+  });
+  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kHello, Encode(Hello{uuid_, want, params_.channels, kWirePageSize})),
+                        "control channel");
   hello_sent_.store(true);
-  control_reader_ = std::thread([this] { ControlReader(); });
-  auto ack = AwaitControl(RecordType::kHelloAck, params_.connect_timeout_ms * 2);
+  if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
+  auto ack = control_->Await(RecordType::kHelloAck, params_.connect_timeout_ms * 2);
   if (!ack) return std::unexpected(ack.error().WithContext("handshake"));
   auto hack = DecodeHelloAck(ack->payload);
   if (!hack) return std::unexpected(hack.error());
   if (hack->uuid != uuid_) return Errorf(ErrorCode::kCorrupt, "handshake: HELLO_ACK for another migration");
-  caps_ = hack->capabilities & kCapsSupported;
-
-  for (uint32_t i = 0; i < params_.channels; ++i) {
-    auto d = Socket::Connect(*ep, params_.connect_timeout_ms);
-    if (!d) return std::unexpected(d.error().WithContext(fmt::format("data channel {}", i)));
-    FERRY_RETURN_IF_ERROR(WritePreamble(**d, Role::kData), "data channel");
-    FERRY_RETURN_IF_ERROR(WriteRecord(**d, RecordType::kDataHello, Encode(DataHello{uuid_, i})), "data channel");
-    std::lock_guard<std::mutex> l(ctl_mu_);
-    data_.push_back(std::move(*d));
-    if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled");
-  }
-  auto config = vm_->Config();
-  if (!config) return std::unexpected(config.error().WithContext("read VM configuration"));
-  FERRY_RETURN_IF_ERROR(WriteRecord(*control_, RecordType::kConfig, EncodeConfig(*config)), "send configuration");
-  auto cack = AwaitControl(RecordType::kConfigAck, params_.reply_timeout_ms);
-  if (!cack) return std::unexpected(cack.error().WithContext("destination refused the configuration"));
-  std::lock_guard<std::mutex> l(stats_mu_);
-  setup_ns_ = NowNs() - start_ns_;
+  if (hack->capabilities & ~want)
+    return Errorf(ErrorCode::kCorrupt, "handshake: the destination acknowledged capabilities {:#x} that were not offered",
+                  hack->capabilities & ~want);
+  version_ = version;
+  caps_ = hack->capabilities;
   return {};
 }
 
-void SourceMigration::ControlReader() {
-  for (;;) {
-    auto r = ReadRecord(*control_, -1);
-    std::lock_guard<std::mutex> l(ctl_mu_);
-    if (!r) {
-      ctl_error_ = r.error().WithContext("control channel");
-      ctl_cv_.notify_all();
-      return;
-    }
-    if (r->type() == RecordType::kProgress) {
-      auto pr = DecodeProgress(r->payload);
-      if (!pr) {
-        ctl_error_ = pr.error().WithContext("control channel");
-        ctl_cv_.notify_all();
-        return;
-      }
-      dest_applied_ = std::max(dest_applied_, pr->batches);
-      ctl_cv_.notify_all();
-      continue;
-    }
-    ctl_queue_.push_back(std::move(*r));
-    ctl_cv_.notify_all();
+Result<SourceMigration::Phase> SourceMigration::Connect() {
+  auto ep = ParseEndpoint(params_.to);
+  if (!ep) return std::unexpected(ep.error());
+  auto hs = Handshake(*ep, params_.max_protocol_version);
+  if (!hs && hs.error().code() == ErrorCode::kVersionMismatch && params_.max_protocol_version > kMinProtocolVersion && !cancelled_) {
+    // An older destination refuses the preamble: speak the version it knows (no codecs).
+    spdlog::warn("migration {}: the destination does not speak protocol v{} ({}); using v{}", FormatUuid(uuid_),
+                 params_.max_protocol_version, hs.error().message(), kMinProtocolVersion);
+    hello_sent_.store(false);
+    hs = Handshake(*ep, kMinProtocolVersion);
   }
+  if (!hs) return std::unexpected(hs.error());
+  spdlog::info("migration {}: protocol v{}, capabilities {}", FormatUuid(uuid_), version_, CapNames(caps_).dump());
+
+  std::vector<std::unique_ptr<Socket>> data;
+  for (uint32_t i = 0; i < params_.channels; ++i) {
+    auto d = Socket::Connect(*ep, params_.connect_timeout_ms);
+    if (!d) return std::unexpected(d.error().WithContext(fmt::format("data channel {}", i)));
+    FERRY_RETURN_IF_ERROR(WritePreamble(**d, Role::kData, version_), "data channel");
+    FERRY_RETURN_IF_ERROR(WriteRecord(**d, RecordType::kDataHello, Encode(DataHello{uuid_, i})), "data channel");
+    data.push_back(std::move(*d));
+    if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
+  }
+  auto config = vm_->Config();
+  if (!config) return std::unexpected(config.error().WithContext("read VM configuration"));
+  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kConfig, EncodeConfig(*config)), "send configuration");
+  auto cack = control_->Await(RecordType::kConfigAck, params_.reply_timeout_ms);
+  if (!cack) return std::unexpected(cack.error().WithContext("destination refused the configuration"));
+
+  // The stages.
+  const uint64_t cache_bytes = params_.delta_cache < 0 ? DefaultDeltaCache(ram_.size) : static_cast<uint64_t>(params_.delta_cache);
+  const bool delta = (caps_ & kCapDelta) && cache_bytes > 0;
+  ChannelPool::Options opts;
+  opts.encoder = {version_, caps_};
+  opts.high_watermark = 2 * params_.channels;
+  opts.low_watermark = params_.channels;
+  {
+    std::lock_guard<std::mutex> l(ctl_mu_);
+    cache_ = std::make_unique<DeltaCache>(delta ? cache_bytes : 0, pages_);
+    selector_ = std::make_unique<CodecSelector>(params_.compress, caps_ & kCapLz4, caps_ & kCapZstd, delta, params_.channels);
+    if (params_.max_bandwidth) selector_->ReportLink(static_cast<double>(params_.max_bandwidth));
+    pool_ = std::make_unique<ChannelPool>(std::move(data), ram_, opts, cache_.get(), selector_.get(), &limiter_);
+    scheduler_ = std::make_unique<PageScheduler>(pages_, LayeringConfig{params_.layering, 4, 2});
+  }
+  if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
+  state_bytes_ = vm_->EstimateStateBytes();
+  std::lock_guard<std::mutex> l(stats_mu_);
+  setup_ns_ = NowNs() - start_ns_;
+  return Phase::kIterate;
+}
+
+// ---------------------------------------------------------------- rounds
+
+Status SourceMigration::SendPass(const Pass& pass, bool resend) {
+  // v2: a run of known-zero or free pages is one entry, read pages are bounded per batch;
+  // v1: every page is an entry of a PAGES record.
+  const bool v2 = version_ >= 2;
+  const uint64_t max_entries = v2 ? kBatchEntries : kMaxPagesPerRecord;
+  Batch b;
+  b.resend = resend;
+  uint64_t scan = 0, pages = 0;
+  auto flush = [&]() -> Status {
+    if (b.runs.empty()) return {};
+    FERRY_RETURN_IF_ERROR(pool_->Submit(std::move(b)), "send pages");
+    b = Batch{};
+    b.resend = resend;
+    scan = pages = 0;
+    return {};
+  };
+  for (PageRun r : pass.runs) {
+    while (r.count > 0) {
+      const bool read = r.kind == RunKind::kScan;
+      const uint64_t room = !v2 ? kMaxPagesPerRecord - pages : read ? kBatchScanPages - scan : r.count;
+      if (room == 0 || b.runs.size() >= max_entries) {
+        FERRY_RETURN_IF_ERROR(flush(), "batch");
+        continue;
+      }
+      const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(room, r.count));
+      b.runs.push_back({r.gfn, n, r.kind});
+      r.gfn += n;
+      r.count -= n;
+      pages += n;
+      if (read) scan += n;
+    }
+  }
+  return flush();
 }
 
 Status SourceMigration::WaitDrained() {
   if (!(caps_ & kCapProgress)) return {};
-  const uint64_t sent = batches_.load();
-  std::unique_lock<std::mutex> l(ctl_mu_);
-  const bool ok = ctl_cv_.wait_for(l, std::chrono::milliseconds(params_.reply_timeout_ms),
-                                   [&] { return dest_applied_ >= sent || cancelled_ || ctl_error_.has_value(); });
-  if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
-  if (ctl_error_) return std::unexpected(*ctl_error_);
-  if (!ok)
-    return Errorf(ErrorCode::kTimeout, "destination applied {} of {} page records within {} ms", dest_applied_, sent,
-                  params_.reply_timeout_ms);
-  return {};
+  const uint64_t sent = pool_->records();
+  return control_->WaitUntil([&] { return dest_applied_ >= sent; }, params_.reply_timeout_ms,
+                             fmt::format("destination applying {} page records", sent));
 }
 
-Result<Record> SourceMigration::AwaitControl(RecordType want, int timeout_ms) {
-  std::unique_lock<std::mutex> l(ctl_mu_);
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-  for (;;) {
-    while (!ctl_queue_.empty()) {
-      Record r = std::move(ctl_queue_.front());
-      ctl_queue_.pop_front();
-      if (r.type() == want) return r;
-      if (r.type() == RecordType::kError) {
-        auto m = DecodeError(r.payload);
-        if (!m) return std::unexpected(m.error());
-        return std::unexpected(ToError(*m));
-      }
-      if (r.type() == RecordType::kProgress || (!r.header.mandatory() && !IsKnownRecordType(r.header.type))) continue;
-      return Errorf(ErrorCode::kCorrupt, "unexpected {} (type {}) from the destination while waiting for {}",
-                    IsKnownRecordType(r.header.type) ? RecordTypeName(r.type()) : "record", r.header.type, RecordTypeName(want));
-    }
-    if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
-    if (ctl_error_) return std::unexpected(*ctl_error_);
-    if (ctl_cv_.wait_until(l, deadline) == std::cv_status::timeout && ctl_queue_.empty())
-      return Errorf(ErrorCode::kTimeout, "no {} from the destination within {} ms", RecordTypeName(want), timeout_ms);
+Result<SourceMigration::Phase> SourceMigration::Round() {
+  const uint32_t it = round_;
+  const uint64_t t0 = NowNs();
+  PageBitmap dirty, freed;
+  if (it == 0) {
+    // Start of tracking: every page goes in round 0; what was freed or never written is known.
+    ram_.dirty->Harvest(&dirty, &freed);
+    scheduler_->Start(HoleMap(ram_.memfd, ram_.size), freed);
   }
-}
-
-std::vector<uint64_t> SourceMigration::HarvestDirty() {
-  std::vector<uint64_t> bitmap = ram_.dirty_log->Harvest();
-  std::vector<uint64_t> pages;
-  for (size_t w = 0; w < bitmap.size(); ++w) {
-    uint64_t bits = bitmap[w];
-    while (bits) {
-      uint64_t page = w * 64 + static_cast<uint64_t>(__builtin_ctzll(bits));
-      bits &= bits - 1;
-      if (page < pages_) pages.push_back(page);
-    }
+  const double bw_so_far = total_round_ns_ ? static_cast<double>(total_round_bytes_) * 1e9 / static_cast<double>(total_round_ns_) : 0;
+  const uint64_t budget = static_cast<uint64_t>(policy_cfg_.downtime_target_ms / 1000.0 * 0.5 * bw_so_far / std::max(bytes_per_page_, 1.0));
+  const Pass pass = scheduler_->NextPass(false, budget);
+  const EncodeTally before = pool_->tally();
+  round_pages_total_.store(pass.pages);
+  round_pages_base_.store(before.pages);
+  FERRY_RETURN_IF_ERROR(SendPass(pass, it > 0), fmt::format("iteration {}", it));
+  FERRY_RETURN_IF_ERROR(pool_->Flush(), fmt::format("iteration {}", it));
+  // Measure the round end to end (socket buffers can hold many MiB the destination has not
+  // applied yet) and never pause the VM with a backlog in flight: it would all be downtime.
+  FERRY_RETURN_IF_ERROR(WaitDrained(), fmt::format("iteration {}", it));
+  const uint64_t ns = std::max<uint64_t>(NowNs() - t0, 1);
+  EncodeTally t = pool_->tally();
+  const uint64_t bytes = t.wire_bytes - before.wire_bytes;
+  const uint64_t data_pages = (t.raw + t.lz4 + t.zstd + t.delta) - (before.raw + before.lz4 + before.zstd + before.delta);
+  total_round_bytes_ += bytes;
+  total_round_ns_ += ns;
+  // Bytes per page that has to be read and sent (what the remaining dirty pages will cost):
+  // measured on this round's data pages, smoothed.
+  if (data_pages > 0) {
+    const double bpp = static_cast<double>(bytes) / static_cast<double>(data_pages);
+    bytes_per_page_ = it == 0 ? bpp : 0.5 * bytes_per_page_ + 0.5 * bpp;
   }
-  return pages;
-}
+  double bw = static_cast<double>(total_round_bytes_) * 1e9 / static_cast<double>(total_round_ns_);
+  if (params_.max_bandwidth) bw = std::min(bw, static_cast<double>(params_.max_bandwidth));
 
-Status SourceMigration::SendPages(const std::vector<uint64_t>& pages, const std::vector<uint8_t>* holes, uint64_t* zero_out,
-                                  uint64_t* bytes_out) {
-  round_pages_total_.store(pages.size());
-  round_pages_done_.store(0);
-  std::atomic<size_t> next{0};
-  std::atomic<uint64_t> zero{0}, bytes{0};
-  std::mutex err_mu;
-  std::optional<Error> err;
-  auto sender = [&](Socket* sock) {
-    PagesBuilder b;
-    for (;;) {
-      if (cancelled_) return;
-      size_t first = next.fetch_add(kMaxPagesPerRecord);
-      if (first >= pages.size()) return;
-      size_t last = std::min(pages.size(), first + kMaxPagesPerRecord);
-      // The seq is taken before the copy: a later copy of any of these pages (next
-      // round, after this round finished) gets a higher seq (docs/protocol.md).
-      b.Reset(next_seq_.fetch_add(1));
-      uint64_t z = 0;
-      for (size_t i = first; i < last; ++i) {
-        const uint64_t gfn = pages[i];
-        const uint8_t* page = ram_.host + gfn * kWirePageSize;
-        if ((holes && (*holes)[gfn]) || IsZeroPage(page)) {
-          b.AddZero(gfn);
-          ++z;
-        } else {
-          b.AddRaw(gfn, page);
-        }
-      }
-      auto rec = b.Finish();
-      if (!limiter_.Acquire(rec.size(), cancelled_)) return;
-      auto s = sock->WriteAll(rec);
-      if (!s) {
-        std::lock_guard<std::mutex> l(err_mu);
-        if (!err) err = s.error().WithContext("data channel");
-        return;
-      }
-      batches_.fetch_add(1);
-      zero += z;
-      bytes += rec.size();
-      zero_pages_ += z;
-      normal_pages_ += (last - first) - z;
-      round_pages_done_ += last - first;
-      // Stop early if another channel failed.
-      std::lock_guard<std::mutex> l(err_mu);
-      if (err) return;
-    }
-  };
-  std::vector<std::thread> threads;
-  for (auto& d : data_) threads.emplace_back(sender, d.get());
-  for (auto& t : threads) t.join();
-  if (err) return std::unexpected(*err);
-  if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
+  ram_.dirty->Harvest(&dirty, &freed);
+  const uint64_t dirtied = CountBits(dirty);
+  scheduler_->AddHarvest(dirty, freed);
+  state_bytes_ = vm_->EstimateStateBytes();
+  RoundMeasurement m;
+  m.round = it;
+  m.remaining_pages = scheduler_->pending();
+  m.wire_bytes_per_page = bytes_per_page_;
+  m.bandwidth_bytes_per_s = bw;
+  m.state_bytes = state_bytes_;
+  m.rtt_ms = control_->socket().Path().rtt_ms;
+  m.dirty_pages_per_s = static_cast<double>(dirtied) * 1e9 / static_cast<double>(ns);
+  const Decision d = Decide(policy_cfg_, m, &policy_state_);
+  const uint64_t resent = it > 0 ? bytes : 0;
   {
-    std::lock_guard<std::mutex> l(ctl_mu_);
-    if (ctl_error_) return std::unexpected(*ctl_error_);
-    for (auto& r : ctl_queue_)
-      if (r.type() == RecordType::kError) {
-        auto m = DecodeError(r.payload);
-        return std::unexpected(m ? ToError(*m) : m.error());
-      }
+    std::lock_guard<std::mutex> l(stats_mu_);
+    iterations_ = it + 1;
+    bandwidth_bps_ = bw * 8;
+    dirty_rate_ = m.dirty_pages_per_s;
+    remaining_pages_ = m.remaining_pages;
+    expected_downtime_ms_ = d.predicted_downtime_ms;
+    rtt_ms_ = m.rtt_ms;
+    held_back_total_ += pass.held_back;
+    resent_bytes_ += resent;
+    history_.push_back({{"iteration", it},
+                        {"pages", pass.pages},
+                        {"zero_pages", (t.zero - before.zero)},
+                        {"free_pages", (t.free - before.free)},
+                        {"delta_pages", (t.delta - before.delta)},
+                        {"compressed_pages", (t.lz4 + t.zstd) - (before.lz4 + before.zstd)},
+                        {"bytes", bytes},
+                        {"wire_bytes_per_page", bytes_per_page_},
+                        {"ms", MsFromNs(ns)},
+                        {"dirty_pages_rate", m.dirty_pages_per_s},
+                        {"remaining_pages", m.remaining_pages},
+                        {"held_back", pass.held_back},
+                        {"hot_threshold", {{"k", pass.hot_k}, {"r", pass.window}, {"candidates", pass.hot_candidates}}},
+                        {"expected_downtime_ms", d.predicted_downtime_ms},
+                        {"decision", DecisionName(d.kind)}});
   }
-  *zero_out = zero;
-  *bytes_out = bytes;
-  return {};
-}
-
-Status SourceMigration::Iterate() {
-  SetStatus(MigrationStatus::kActive);
-  // Start of tracking: forget older marks, then send everything (iteration 0).
-  (void)ram_.dirty_log->Harvest();
-  std::vector<uint8_t> holes = HoleMap(ram_.memfd, ram_.size);
-  std::vector<uint64_t> pages(pages_);
-  for (uint64_t i = 0; i < pages_; ++i) pages[i] = i;
-  uint64_t best_remaining = UINT64_MAX, stall = 0, total_bytes = 0, total_ns = 0;
-  for (uint64_t it = 0;; ++it) {
-    const uint64_t t0 = NowNs();
-    uint64_t zero = 0, bytes = 0;
-    FERRY_RETURN_IF_ERROR(SendPages(pages, it == 0 ? &holes : nullptr, &zero, &bytes), fmt::format("iteration {}", it));
-    // Measure the round end to end (socket buffers can hold many MiB the destination has not
-    // applied yet) and never pause the VM with a backlog in flight: it would all be downtime.
-    FERRY_RETURN_IF_ERROR(WaitDrained(), fmt::format("iteration {}", it));
-    const uint64_t ns = std::max<uint64_t>(NowNs() - t0, 1);
-    total_bytes += bytes;
-    total_ns += ns;
-    // Bandwidth over all rounds so far (single small rounds are latency-bound).
-    double bw = static_cast<double>(total_bytes) * 1e9 / static_cast<double>(total_ns);
-    if (params_.max_bandwidth) bw = std::min(bw, static_cast<double>(params_.max_bandwidth));
-    const uint64_t remaining = ram_.dirty_log->CountDirty();
-    const double dirty_rate = static_cast<double>(remaining) * 1e9 / static_cast<double>(ns);
-    const double expected = static_cast<double>(remaining) * kWirePageSize * 1000.0 / std::max(bw, 1.0) + kStateEstimateMs;
-    {
-      std::lock_guard<std::mutex> l(stats_mu_);
-      iterations_ = it + 1;
-      bandwidth_bps_ = bw * 8;
-      dirty_rate_ = dirty_rate;
-      remaining_pages_ = remaining;
-      expected_downtime_ms_ = expected;
-      history_.push_back({{"iteration", it}, {"pages", pages.size()}, {"zero_pages", zero}, {"bytes", bytes},
-                          {"ms", Ms(ns)}, {"dirty_pages_rate", dirty_rate}, {"remaining_pages", remaining},
-                          {"expected_downtime_ms", expected}});
-    }
-    spdlog::info("migration: iteration {}: {} pages ({} zero), {:.1f} MiB in {:.1f} ms; {} dirty, expected downtime {:.1f} ms", it,
-                 pages.size(), zero, static_cast<double>(bytes) / (1 << 20), Ms(ns), remaining, expected);
-    if (expected <= static_cast<double>(params_.downtime_ms)) return {};
-    if (best_remaining == UINT64_MAX || remaining < best_remaining / 10 * 9) {
-      best_remaining = remaining;
-      stall = 0;
-    } else {
-      ++stall;
-    }
-    const bool at_cap = it + 1 >= params_.max_iterations;
-    const bool stalled = stall >= params_.stall_rounds;
-    if (at_cap || (stalled && params_.policy != ConvergePolicy::kContinue)) {
-      const std::string why = at_cap ? fmt::format("not converged after {} iterations", it + 1)
-                                     : fmt::format("not converging (remaining dirty set has not shrunk for {} rounds)", stall);
-      {
+  spdlog::info("migration: iteration {}: {} pages ({} zero, {} held back, k={}/{}), {:.1f} MiB in {:.1f} ms, {:.0f} B/page; "
+               "{} pending, predicted downtime {:.1f} ms: {}",
+               it, pass.pages, t.zero - before.zero, pass.held_back, pass.hot_k, pass.window,
+               static_cast<double>(bytes) / (1 << 20), MsFromNs(ns), bytes_per_page_, m.remaining_pages, d.predicted_downtime_ms,
+               d.reason);
+  ++round_;
+  switch (d.kind) {
+    case DecisionKind::kIterate: return Phase::kIterate;
+    case DecisionKind::kStop:
+      if (!d.converged) {
         std::lock_guard<std::mutex> l(stats_mu_);
         converged_ = false;
+        spdlog::warn("migration: {}", d.reason);
       }
-      if (params_.policy == ConvergePolicy::kForce) {
-        spdlog::warn("migration: {}; policy force: stopping with an expected downtime of {:.1f} ms", why, expected);
-        return {};
-      }
-      return Errorf(ErrorCode::kTimeout, "{} (dirty rate {:.0f} pages/s, bandwidth {:.0f} Mbit/s, expected downtime {:.1f} ms > {} ms); policy {}",
-                    why, dirty_rate, bw * 8 / 1e6, expected, params_.downtime_ms, PolicyName(params_.policy));
+      return Phase::kStopCopy;
+    case DecisionKind::kThrottle:
+      FERRY_RETURN_IF_ERROR(vm_->SetCpuShare(d.cpu_share), "throttle");
+      cpu_share_set_ = d.cpu_share;
+      return Phase::kIterate;
+    case DecisionKind::kFail: {
+      std::lock_guard<std::mutex> l(stats_mu_);
+      converged_ = false;
+      return Errorf(ErrorCode::kTimeout, "{}", d.reason);
     }
-    pages = HarvestDirty();
+    case DecisionKind::kPostcopy: break;
   }
+  return Errorf(ErrorCode::kUnsupported, "the policy asked for post-copy, which this engine does not offer");
 }
 
-Status SourceMigration::StopAndCopy() {
-  SetStatus(MigrationStatus::kDevice);
+Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
   const uint64_t t_pause = NowNs();
   {
     std::lock_guard<std::mutex> l(stats_mu_);
@@ -485,59 +452,100 @@ Status SourceMigration::StopAndCopy() {
   }
   FERRY_RETURN_IF_ERROR(vm_->Pause(), "pause source VM");
   paused_by_us_ = true;
-  std::vector<uint64_t> pages = HarvestDirty();
-  uint64_t zero = 0, bytes = 0;
-  if (!pages.empty()) FERRY_RETURN_IF_ERROR(SendPages(pages, nullptr, &zero, &bytes), "final pages");
+  if (cpu_share_set_ != 1.0) {
+    (void)vm_->SetCpuShare(1.0);  // paused anyway; the destination runs at full speed
+    cpu_share_set_ = 1.0;
+  }
+  PageBitmap dirty, freed;
+  ram_.dirty->Harvest(&dirty, &freed);
+  scheduler_->AddHarvest(dirty, freed);
+  const Pass pass = scheduler_->NextPass(true, 0);
+  const EncodeTally before = pool_->tally();
+  round_pages_total_.store(pass.pages);
+  round_pages_base_.store(before.pages);
+  FERRY_RETURN_IF_ERROR(SendPass(pass, true), "final pages");
+  FERRY_RETURN_IF_ERROR(pool_->Flush(), "final pages");
   const uint64_t t_pages = NowNs();
   auto state = vm_->SaveState();
   if (!state) return std::unexpected(state.error().WithContext("save VM state"));
   const uint64_t t_saved = NowNs();
-  for (const auto& rec : *state) FERRY_RETURN_IF_ERROR(WriteRecord(*control_, RecordType::kState, Encode(rec)), "send state");
-  FERRY_RETURN_IF_ERROR(WriteRecord(*control_, RecordType::kEnd, Encode(End{batches_.load(), zero_pages_ + normal_pages_})),
-                        "send END");
+  uint64_t state_bytes = 0;
+  for (const auto& rec : *state) {
+    FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kState, Encode(rec)), "send state");
+    state_bytes += rec.blob.size();
+  }
+  const EncodeTally t = pool_->tally();
+  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kEnd, Encode(End{t.records, t.pages})), "send END");
   const uint64_t t_end = NowNs();
-  auto ready = AwaitControl(RecordType::kReady, params_.reply_timeout_ms);
+  auto ready = control_->Await(RecordType::kReady, params_.reply_timeout_ms);
   if (!ready) return std::unexpected(ready.error().WithContext("waiting for the destination to restore"));
   const uint64_t t_ready = NowNs();
-  spdlog::info("migration: stop-and-copy: final pages {:.2f} ms, save state {:.2f} ms, send state + END {:.2f} ms, destination READY after {:.2f} ms",
-               Ms(t_pages - t_pause), Ms(t_saved - t_pages), Ms(t_end - t_saved), Ms(t_ready - t_end));
+  spdlog::info("migration: stop-and-copy: {} pages, final pages {:.2f} ms, save state {:.2f} ms ({} bytes), send state + END {:.2f} ms, "
+               "destination READY after {:.2f} ms",
+               pass.pages, MsFromNs(t_pages - t_pause), MsFromNs(t_saved - t_pages), state_bytes, MsFromNs(t_end - t_saved),
+               MsFromNs(t_ready - t_end));
   std::lock_guard<std::mutex> l(stats_mu_);
-  final_pages_ms_ = Ms(t_pages - t_pause);
-  state_ms_ = Ms(t_ready - t_pages);
-  history_.push_back({{"iteration", iterations_}, {"pages", pages.size()}, {"zero_pages", zero}, {"bytes", bytes},
-                      {"ms", final_pages_ms_}, {"final", true}});
-  return {};
+  final_pages_ms_ = MsFromNs(t_pages - t_pause);
+  state_ms_ = MsFromNs(t_ready - t_pages);
+  resent_bytes_ += t.wire_bytes - before.wire_bytes;
+  history_.push_back({{"iteration", iterations_},
+                      {"pages", pass.pages},
+                      {"zero_pages", t.zero - before.zero},
+                      {"free_pages", t.free - before.free},
+                      {"delta_pages", t.delta - before.delta},
+                      {"compressed_pages", (t.lz4 + t.zstd) - (before.lz4 + before.zstd)},
+                      {"bytes", t.wire_bytes - before.wire_bytes},
+                      {"state_bytes", state_bytes},
+                      {"ms", final_pages_ms_},
+                      {"final", true}});
+  return Phase::kCommit;
 }
 
-Status SourceMigration::Commit() {
+Result<SourceMigration::Phase> SourceMigration::Commit() {
   {
     std::lock_guard<std::mutex> l(commit_mu_);
     if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
     committed_ = true;
   }
   const uint64_t t_go = NowNs();
-  FERRY_RETURN_IF_ERROR(WriteRecord(*control_, RecordType::kGo, {}), "send GO");
-  auto resumed = AwaitControl(RecordType::kResumed, params_.reply_timeout_ms);
+  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kGo, {}), "send GO");
+  auto resumed = control_->Await(RecordType::kResumed, params_.reply_timeout_ms);
   if (!resumed) return std::unexpected(resumed.error().WithContext("waiting for RESUMED"));
   const uint64_t t_resumed = NowNs();
   std::lock_guard<std::mutex> l(stats_mu_);
-  resume_ms_ = Ms(t_resumed - t_go);
-  downtime_ms_ = Ms(t_resumed - pause_ns_);
-  return {};
+  resume_ms_ = MsFromNs(t_resumed - t_go);
+  downtime_ms_ = MsFromNs(t_resumed - pause_ns_);
+  return Phase::kDone;
 }
 
+// ---------------------------------------------------------------- stats
+
 nlohmann::json SourceMigration::Stats() const {
+  // Stage figures first (their own locks), then ours.
+  uint64_t transferred = 0, cpu_ns = migration_thread_cpu_ns_.load();
+  EncodeTally t;
+  nlohmann::json codec = nullptr, cache = nullptr;
+  {
+    std::lock_guard<std::mutex> cl(ctl_mu_);
+    if (pool_) {
+      transferred += pool_->bytes_written();
+      cpu_ns += pool_->cpu_ns();
+      t = pool_->tally();
+    }
+    if (control_) {
+      transferred += control_->socket().bytes_written();
+      cpu_ns += control_->reader_cpu_ns();
+    }
+    if (selector_) codec = selector_->Snapshot();
+    if (cache_) {
+      const DeltaCache::Stats s = cache_->stats();
+      cache = {{"capacity_bytes", s.capacity_pages * kWirePageSize}, {"used_bytes", s.used_pages * kWirePageSize},
+               {"hits", s.hits}, {"misses", s.misses}, {"evictions", s.evictions}};
+    }
+  }
   std::lock_guard<std::mutex> l(stats_mu_);
   const MigrationStatus st = status();
   const uint64_t now = end_ns_ ? end_ns_ : NowNs();
-  uint64_t transferred = 0;
-  {
-    // Socket byte counters are atomics; the vectors only grow during setup.
-    std::lock_guard<std::mutex> cl(ctl_mu_);
-    for (auto& d : data_) transferred += d->bytes_written();
-    if (control_) transferred += control_->bytes_written();
-  }
-  const double total_ms = Ms(now - start_ns_);
   nlohmann::json j = {
       {"status", MigrationStatusName(st)},
       {"uuid", FormatUuid(uuid_)},
@@ -546,19 +554,31 @@ nlohmann::json SourceMigration::Stats() const {
       {"downtime_target_ms", params_.downtime_ms},
       {"max_bandwidth", params_.max_bandwidth},
       {"converge_policy", PolicyName(params_.policy)},
-      {"setup_ms", Ms(setup_ns_)},
-      {"total_ms", total_ms},
+      {"compress", params_.compress.ToString()},
+      {"layering", params_.layering ? "on" : "off"},
+      {"protocol_version", version_},
+      {"capabilities", CapNames(caps_)},
+      {"setup_ms", MsFromNs(setup_ns_)},
+      {"total_ms", MsFromNs(now - start_ns_)},
       {"expected_downtime_ms", expected_downtime_ms_},
       {"transferred_bytes", transferred},
       {"total_ram_bytes", ram_.size},
       {"remaining_bytes", remaining_pages_ * kWirePageSize},
-      {"zero_pages", zero_pages_.load()},
-      {"normal_pages", normal_pages_.load()},
+      {"zero_pages", t.zero + t.free},
+      {"normal_pages", t.raw + t.lz4 + t.zstd + t.delta},
+      {"pages_by_encoding",
+       {{"zero", t.zero}, {"raw", t.raw}, {"lz4", t.lz4}, {"zstd", t.zstd}, {"delta", t.delta}, {"free", t.free}, {"held_back", held_back_total_}}},
+      {"resent_bytes", resent_bytes_},
+      {"source_cpu_ms", static_cast<double>(cpu_ns) / 1e6},
+      {"codec_cpu_ms", static_cast<double>(t.codec_cpu_ns) / 1e6},
       {"dirty_pages_rate", dirty_rate_},
+      {"rtt_ms", rtt_ms_},
       {"iterations", iterations_},
       {"mbps", bandwidth_bps_ / 1e6},
       {"converged", converged_},
-      {"round_progress", {{"pages", round_pages_done_.load()}, {"of", round_pages_total_.load()}}},
+      {"round_progress", {{"pages", t.pages - std::min(t.pages, round_pages_base_.load())}, {"of", round_pages_total_.load()}}},
+      {"codec", codec},
+      {"delta_cache", cache},
       {"history", history_},
   };
   if (st == MigrationStatus::kCompleted) {

@@ -1,22 +1,28 @@
-// Pre-copy migration, source side (VMM-neutral; see vm_interface.h).
+// Pre-copy migration, source side (VMM-neutral; see vm_interface.h). The migration thread runs
+// an explicit phase machine over the stages of the engine:
 //
-//   setup:     connect control + N data channels, HELLO, CONFIG (destination checks it)
-//   active:    iteration 0 sends every page (zero pages as a flag), then rounds over the
-//              pages dirtied meanwhile, until the predicted downtime
-//              (remaining dirty bytes / measured bandwidth + state time) <= target,
-//              or non-convergence is detected and `policy` decides
-//   device:    pause, last dirty pages, STATE records, END; READY; GO; RESUMED
-//   completed: the guest runs on the destination; this VM is marked migrated
-// Any failure before GO resumes the source VM. After GO (the commit point) a lost
+//   kConnect   control connection (ControlChannel), preamble + HELLO with the capabilities this
+//              migration wants; a destination that refuses protocol v2 is retried with v1 (no
+//              codecs); data connections; CONFIG, which the destination checks
+//   kIterate   one round per step: the PageScheduler picks the pages (round 0: all; later: the
+//              dirtied ones, hot ones held back; free and known-zero pages as runs), the
+//              ChannelPool's workers encode (PageEncoder: zero runs, deltas against the
+//              DeltaCache, compression chosen by the CodecSelector) and send them, the round
+//              ends when the destination has applied everything (PROGRESS); the dirty log is
+//              harvested and the convergence policy (policy.h) decides: iterate, stop, fail or
+//              throttle
+//   kStopCopy  pause, every page still pending (dirty + held back), STATE records, END; READY
+//   kCommit    GO - the commit point - then RESUMED
+//   then a final status: completed | failed | cancelled | failed-unknown
+// Any failure before GO resumes the source VM (and restores full vCPU speed). After GO a lost
 // connection leaves the source paused: status "failed-unknown" (docs/protocol.md).
 //
-// Threading: Start() spawns the migration thread (+ one sender thread per data
-// channel during each round). Stats() and Cancel() are thread-safe.
+// Threading: Start() spawns the migration thread; the control channel has a reader thread and
+// the channel pool one worker per data connection, all for the whole migration. Stats() and
+// Cancel() are thread-safe (API threads).
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -27,30 +33,17 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "migration/codec/codec_selector.h"
+#include "migration/codec/delta_cache.h"
+#include "migration/engine/channel_pool.h"
+#include "migration/engine/params.h"
+#include "migration/engine/policy.h"
+#include "migration/engine/scheduler.h"
 #include "migration/engine/vm_interface.h"
+#include "migration/transport/control_channel.h"
 #include "migration/transport/tcp.h"
 
 namespace ferry::migration {
-
-enum class ConvergePolicy { kForce, kFail, kContinue };
-
-struct SourceParams {
-  std::string to;                 // tcp:HOST:PORT
-  uint32_t channels = 4;          // data connections (1..16)
-  uint64_t downtime_ms = 300;     // target VMM downtime
-  uint64_t max_bandwidth = 0;     // bytes/s over all channels, 0 = unlimited
-  // Not converging = the remaining dirty set did not shrink by 10% for `stall_rounds`
-  // rounds. force: stop-and-copy anyway (reports the expected downtime); fail: give up
-  // (source keeps running); continue: keep iterating up to max_iterations, then fail.
-  ConvergePolicy policy = ConvergePolicy::kForce;
-  uint32_t max_iterations = 30;
-  uint32_t stall_rounds = 5;
-  int connect_timeout_ms = 5000;
-  int reply_timeout_ms = 60000;   // CONFIG_ACK, READY, RESUMED
-};
-// From the JSON body of PUT /vm/migrate; strict (unknown fields rejected).
-Result<SourceParams> ParseSourceParams(const nlohmann::json& body);
-std::string_view PolicyName(ConvergePolicy p);
 
 enum class MigrationStatus { kSetup, kActive, kDevice, kCompleted, kFailed, kCancelled, kFailedUnknown };
 std::string_view MigrationStatusName(MigrationStatus s);
@@ -69,23 +62,25 @@ class SourceMigration {
   void Wait();
 
  private:
+  enum class Phase { kConnect, kIterate, kStopCopy, kCommit, kDone };
+
   SourceMigration(SourceVm* vm, SourceParams params);
   void Run();
-  Status Setup();
-  Status Iterate();
-  Status StopAndCopy();
-  Status Commit();
-  // Sends the given pages over all data channels (one sender thread per channel).
-  // holes (iteration 0 only): pages known to be zero without reading them.
-  Status SendPages(const std::vector<uint64_t>& pages, const std::vector<uint8_t>* holes, uint64_t* zero, uint64_t* bytes);
-  std::vector<uint64_t> HarvestDirty();
-  Result<Record> AwaitControl(RecordType want, int timeout_ms);
-  void ControlReader();
-  void Fail(const Error& e);
-  void ShutdownSockets();
-  // With kCapProgress: waits until the destination applied every PAGES record sent so far.
+  Result<Phase> Connect();
+  Status Handshake(const Endpoint& ep, uint32_t version);
+  Result<Phase> Round();
+  Result<Phase> StopAndCopy();
+  Result<Phase> Commit();
+  // Splits a pass into batches and submits them to the channel pool.
+  Status SendPass(const Pass& pass, bool resend);
+  // Waits until the destination applied every page record sent so far (kCapProgress).
   Status WaitDrained();
-  void SetStatus(MigrationStatus s);
+  // The error to report for a failed step: the destination's own ERROR when it sent one.
+  Error Explain(const Error& local) const;
+  void Fail(const Error& e);
+  void Shutdown();
+  void SetStatus(MigrationStatus s) { status_.store(s); }
+  void SampleCpu();
 
   SourceVm* vm_;
   SourceParams params_;
@@ -95,23 +90,31 @@ class SourceMigration {
   std::thread thread_;
   std::atomic<MigrationStatus> status_{MigrationStatus::kSetup};
   std::atomic<bool> cancelled_{false};
-  bool paused_by_us_ = false;  // migration thread only
+  bool paused_by_us_ = false;     // migration thread only
+  double cpu_share_set_ = 1.0;    // migration thread only
 
-  std::unique_ptr<Socket> control_;
-  std::vector<std::unique_ptr<Socket>> data_;
+  // Stages (created by Connect; the migration thread owns them, Stats/Cancel read through
+  // the pointers under ctl_mu_).
   RateLimiter limiter_;
-  std::atomic<uint64_t> next_seq_{1};
-  std::atomic<uint64_t> batches_{0};
-
-  // Records from the destination (READY, RESUMED, ...) and its failure, if any.
-  std::thread control_reader_;
-  mutable std::mutex ctl_mu_;  // also guards control_/data_ while they are set up
-  std::condition_variable ctl_cv_;
-  std::deque<Record> ctl_queue_;         // GUARDED_BY(ctl_mu_)
-  std::optional<Error> ctl_error_;       // GUARDED_BY(ctl_mu_)
+  std::unique_ptr<ControlChannel> control_;
+  std::unique_ptr<DeltaCache> cache_;
+  std::unique_ptr<CodecSelector> selector_;
+  std::unique_ptr<ChannelPool> pool_;
+  std::unique_ptr<PageScheduler> scheduler_;
+  PolicyConfig policy_cfg_;
+  PolicyState policy_state_;
+  mutable std::mutex ctl_mu_;        // guards the stage pointers while they are set up / torn down
   std::atomic<bool> hello_sent_{false};  // CANCEL may be sent on the control channel
-  uint64_t caps_ = 0;                    // accepted capabilities (set during setup)
-  uint64_t dest_applied_ = 0;            // GUARDED_BY(ctl_mu_): PAGES records applied (PROGRESS)
+  uint32_t version_ = kProtocolVersion;  // negotiated (set during connect)
+  uint64_t caps_ = 0;                    // acknowledged capabilities (set during connect)
+  uint64_t dest_applied_ = 0;            // GUARDED_BY(the control channel's lock): page records applied (PROGRESS)
+
+  // Round bookkeeping (migration thread only).
+  uint32_t round_ = 0;
+  uint64_t total_round_bytes_ = 0, total_round_ns_ = 0;
+  double bytes_per_page_ = kWirePageSize;
+  uint64_t state_bytes_ = 0;
+  EncodeTally last_tally_;
 
   // Cancel vs commit: once GO is sent the migration can no longer be cancelled.
   std::mutex commit_mu_;
@@ -122,13 +125,13 @@ class SourceMigration {
   uint64_t start_ns_ = 0, setup_ns_ = 0, end_ns_ = 0;
   uint64_t pause_ns_ = 0;
   double final_pages_ms_ = 0, state_ms_ = 0, resume_ms_ = 0, downtime_ms_ = 0;
-  double expected_downtime_ms_ = 0, bandwidth_bps_ = 0, dirty_rate_ = 0;
-  uint64_t remaining_pages_ = 0, iterations_ = 0;
+  double expected_downtime_ms_ = 0, bandwidth_bps_ = 0, dirty_rate_ = 0, rtt_ms_ = 0;
+  uint64_t remaining_pages_ = 0, iterations_ = 0, held_back_total_ = 0, resent_bytes_ = 0;
   bool converged_ = true;
   std::string error_;
   nlohmann::json history_ = nlohmann::json::array();
-  std::atomic<uint64_t> zero_pages_{0}, normal_pages_{0}, transferred_{0};
-  std::atomic<uint64_t> round_pages_total_{0}, round_pages_done_{0};
+  std::atomic<uint64_t> migration_thread_cpu_ns_{0};
+  std::atomic<uint64_t> round_pages_total_{0}, round_pages_base_{0};  // this pass: pages, pages sent before it
 };
 
 }  // namespace ferry::migration

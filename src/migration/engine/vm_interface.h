@@ -1,25 +1,49 @@
-// What the migration engine needs from a VMM, and nothing more: a RAM view with a
-// dirty log, the guest-visible configuration, pause/resume, and opaque named state
+// What the migration engine needs from a VMM, and nothing more: a RAM view with a dirty
+// tracker, the guest-visible configuration, pause/resume, a throttle, and opaque named state
 // records. The engine never sees CPU or device details (a KVM backend or another VMM
-// implements the same two interfaces). Implemented for ferry-vmm in src/vmm/migration*.
+// implements the same interfaces). Implemented for ferry-vmm in src/vmm/migration*.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
-#include "memory/guest_memory.h"
 #include "migration/protocol/wire.h"
 
 namespace ferry::migration {
 
+// A page bitmap: bit i of word i / 64 is page i.
+using PageBitmap = std::vector<uint64_t>;
+inline bool TestPage(const PageBitmap& b, uint64_t p) { return p / 64 < b.size() && ((b[p / 64] >> (p % 64)) & 1); }
+inline void SetPage(PageBitmap& b, uint64_t p) { b[p / 64] |= 1ull << (p % 64); }
+
+// The source VM's write tracking. Contract (what a harvest guarantees):
+//  - every guest write (CPU or device DMA) that completed before Harvest() started sets its page
+//    in `dirty` of this harvest or of a later one, and a copy of the page taken after Harvest()
+//    returned sees that write;
+//  - a page set in `freed` (always also in `dirty`) was reported free by the guest and
+//    discarded (it reads as zero) after its last write: sending it as "free" is correct.
+// Threading: called from the migration thread while the vCPUs run.
+class DirtyTracker {
+ public:
+  virtual ~DirtyTracker() = default;
+  virtual void Harvest(PageBitmap* dirty, PageBitmap* freed) = 0;
+  // Pages currently marked (not harvested yet); cheap enough to call once per round.
+  virtual uint64_t CountDirty() const = 0;
+};
+
 struct RamView {
   uint8_t* host = nullptr;  // guest RAM, `size` bytes, page i at host + i * 4096
   uint64_t size = 0;
-  DirtyLog* dirty_log = nullptr;  // source only
+  DirtyTracker* dirty = nullptr;  // source only
   int memfd = -1;                 // optional: lets the source skip never-touched holes
+  // Destination, optional: releases the host memory of pages [first, first + count) so they read
+  // as zero and the VMM knows them as free (guest free page reporting carried across). Without
+  // it the engine zeroes the pages itself.
+  std::function<Status(uint64_t first_page, uint64_t count)> discard;
 };
 
 // Threading: every method may be called from the migration thread; implementations
@@ -35,6 +59,11 @@ class SourceVm {
   virtual Status Resume() = 0;
   // Called paused: CPU and device state as named records.
   virtual Result<std::vector<StateRecord>> SaveState() = 0;
+  // Bytes SaveState() would produce now (the VM keeps running); for the downtime prediction.
+  virtual uint64_t EstimateStateBytes() = 0;
+  // Throttle hook: the fraction (0 < f <= 1) of time the vCPUs may run; 1 = full speed. The
+  // engine restores 1 before it returns, whatever the outcome.
+  virtual Status SetCpuShare(double fraction) = 0;
   // The guest now runs on the destination: this copy must never run again.
   virtual void OnMigrated(const std::string& destination) = 0;
 };

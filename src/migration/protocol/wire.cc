@@ -11,17 +11,6 @@
 namespace ferry::migration {
 namespace {
 
-template <typename T>
-void PutLe(uint8_t* p, T v) {
-  std::memcpy(p, &v, sizeof(T));  // host is little endian (x86-64, checked in CMake)
-}
-template <typename T>
-T GetLe(const uint8_t* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
-
 Result<Uuid> GetUuid(StateReader& r) {
   auto raw = r.GetRaw(16);
   if (!raw) return std::unexpected(raw.error());
@@ -75,11 +64,12 @@ std::string_view RecordTypeName(RecordType t) {
     case RecordType::kError: return "ERROR";
     case RecordType::kCancel: return "CANCEL";
     case RecordType::kProgress: return "PROGRESS";
+    case RecordType::kEncodedPages: return "ENCODED_PAGES";
   }
   return "UNKNOWN";
 }
 
-bool IsKnownRecordType(uint16_t t) { return t >= 1 && t <= 14; }
+bool IsKnownRecordType(uint16_t t) { return t >= 1 && t <= 15; }
 
 Uuid NewUuid() {
   Uuid u{};
@@ -102,34 +92,34 @@ std::string FormatUuid(const Uuid& u) {
   return s;
 }
 
-std::array<uint8_t, kPreambleSize> EncodePreamble(Role role) {
+std::array<uint8_t, kPreambleSize> EncodePreamble(Role role, uint32_t version) {
   std::array<uint8_t, kPreambleSize> b{};
   std::memcpy(b.data(), kMagic, 8);
-  PutLe<uint32_t>(b.data() + 8, kProtocolVersion);
-  PutLe<uint32_t>(b.data() + 12, static_cast<uint32_t>(role));
+  StoreLe<uint32_t>(b.data() + 8, version);
+  StoreLe<uint32_t>(b.data() + 12, static_cast<uint32_t>(role));
   return b;
 }
 
-Result<Role> DecodePreamble(std::span<const uint8_t> b) {
+Result<Preamble> DecodePreamble(std::span<const uint8_t> b, uint32_t max_version) {
   if (b.size() != kPreambleSize) return Errorf(ErrorCode::kCorrupt, "preamble: {} bytes, expected {}", b.size(), kPreambleSize);
   if (std::memcmp(b.data(), kMagic, 8) != 0) return Errorf(ErrorCode::kCorrupt, "preamble: bad magic (not a Ferry migration stream)");
-  uint32_t version = GetLe<uint32_t>(b.data() + 8);
-  if (version != kProtocolVersion)
-    return Errorf(ErrorCode::kVersionMismatch, "preamble: protocol version {} is not supported (this side speaks {})", version,
-                  kProtocolVersion);
-  uint32_t role = GetLe<uint32_t>(b.data() + 12);
+  const uint32_t version = LoadLe<uint32_t>(b.data() + 8);
+  if (version < kMinProtocolVersion || version > max_version)
+    return Errorf(ErrorCode::kVersionMismatch, "preamble: protocol version {} is not supported (this side speaks {}..{})", version,
+                  kMinProtocolVersion, max_version);
+  uint32_t role = LoadLe<uint32_t>(b.data() + 12);
   if (role > 1) return Errorf(ErrorCode::kCorrupt, "preamble: unknown connection role {}", role);
-  return static_cast<Role>(role);
+  return Preamble{static_cast<Role>(role), version};
 }
 
 Result<RecordHeader> DecodeRecordHeader(std::span<const uint8_t> b) {
   if (b.size() != kRecordHeaderSize) return Errorf(ErrorCode::kCorrupt, "record header: {} bytes", b.size());
   RecordHeader h;
-  h.type = GetLe<uint16_t>(b.data());
-  h.flags = GetLe<uint16_t>(b.data() + 2);
-  h.length = GetLe<uint32_t>(b.data() + 4);
-  h.crc = GetLe<uint32_t>(b.data() + 8);
-  uint32_t reserved = GetLe<uint32_t>(b.data() + 12);
+  h.type = LoadLe<uint16_t>(b.data());
+  h.flags = LoadLe<uint16_t>(b.data() + 2);
+  h.length = LoadLe<uint32_t>(b.data() + 4);
+  h.crc = LoadLe<uint32_t>(b.data() + 8);
+  uint32_t reserved = LoadLe<uint32_t>(b.data() + 12);
   if (h.type == 0) return Errorf(ErrorCode::kCorrupt, "record header: type 0 is invalid");
   if (h.flags & ~kFlagMandatory) return Errorf(ErrorCode::kCorrupt, "record header: reserved flag bits {:#x} set", h.flags);
   if (reserved != 0) return Errorf(ErrorCode::kCorrupt, "record header: reserved field is {:#x}, must be 0", reserved);
@@ -139,10 +129,10 @@ Result<RecordHeader> DecodeRecordHeader(std::span<const uint8_t> b) {
 }
 
 Status VerifyRecord(std::span<const uint8_t> header_bytes, std::span<const uint8_t> payload) {
-  uint32_t want = GetLe<uint32_t>(header_bytes.data() + 8);
+  uint32_t want = LoadLe<uint32_t>(header_bytes.data() + 8);
   uint32_t got = Crc32c(payload, Crc32c(header_bytes.first(8)));
   if (got != want) {
-    uint16_t type = GetLe<uint16_t>(header_bytes.data());
+    uint16_t type = LoadLe<uint16_t>(header_bytes.data());
     return Errorf(ErrorCode::kCorrupt, "record {} ({} bytes): CRC mismatch (stored {:#010x}, computed {:#010x})",
                   IsKnownRecordType(type) ? RecordTypeName(static_cast<RecordType>(type)) : "?", payload.size(), want, got);
   }
@@ -152,12 +142,12 @@ Status VerifyRecord(std::span<const uint8_t> header_bytes, std::span<const uint8
 void SealRecord(RecordType type, std::vector<uint8_t>* rec, bool mandatory) {
   uint8_t* h = rec->data();
   const uint32_t len = static_cast<uint32_t>(rec->size() - kRecordHeaderSize);
-  PutLe<uint16_t>(h, static_cast<uint16_t>(type));
-  PutLe<uint16_t>(h + 2, mandatory ? kFlagMandatory : 0);
-  PutLe<uint32_t>(h + 4, len);
-  PutLe<uint32_t>(h + 12, 0);
+  StoreLe<uint16_t>(h, static_cast<uint16_t>(type));
+  StoreLe<uint16_t>(h + 2, mandatory ? kFlagMandatory : 0);
+  StoreLe<uint32_t>(h + 4, len);
+  StoreLe<uint32_t>(h + 12, 0);
   uint32_t crc = Crc32c(std::span<const uint8_t>(h + kRecordHeaderSize, len), Crc32c(h, 8));
-  PutLe<uint32_t>(h + 8, crc);
+  StoreLe<uint32_t>(h + 8, crc);
 }
 
 std::vector<uint8_t> EncodeRecord(RecordType type, std::span<const uint8_t> payload, bool mandatory) {
@@ -280,7 +270,7 @@ std::vector<uint8_t> EncodeU64(uint64_t v) {
 
 Result<uint64_t> DecodeU64(std::span<const uint8_t> p, std::string_view what) {
   if (p.size() != 8) return Errorf(ErrorCode::kCorrupt, "{}: payload of {} bytes, expected 8", what, p.size());
-  return GetLe<uint64_t>(p.data());
+  return LoadLe<uint64_t>(p.data());
 }
 
 std::vector<uint8_t> Encode(const ErrorMsg& m) {
@@ -332,72 +322,6 @@ Result<Progress> DecodeProgress(std::span<const uint8_t> p) {
   FERRY_WIRE_GET(m.bytes, r.GetU64(), "PROGRESS");
   FERRY_RETURN_IF_ERROR(Finish(r, "PROGRESS"), "decode");
   return m;
-}
-
-// --- PAGES ---
-
-void PagesBuilder::Reset(uint64_t seq) {
-  buf_.resize(kRecordHeaderSize + 16);
-  PutLe<uint64_t>(buf_.data() + kRecordHeaderSize, seq);
-  PutLe<uint32_t>(buf_.data() + kRecordHeaderSize + 8, 0);
-  PutLe<uint32_t>(buf_.data() + kRecordHeaderSize + 12, 0);
-  count_ = 0;
-}
-
-void PagesBuilder::AddZero(uint64_t gfn) {
-  uint8_t e[8];
-  PutLe<uint64_t>(e, (gfn & kGfnMask) | (uint64_t{static_cast<uint8_t>(PageKind::kZero)} << 60));
-  buf_.insert(buf_.end(), e, e + 8);
-  ++count_;
-}
-
-void PagesBuilder::AddRaw(uint64_t gfn, const uint8_t* page) {
-  uint8_t e[8];
-  PutLe<uint64_t>(e, (gfn & kGfnMask) | (uint64_t{static_cast<uint8_t>(PageKind::kRaw)} << 60));
-  size_t at = buf_.size();
-  buf_.resize(at + 8 + kWirePageSize);
-  std::memcpy(buf_.data() + at, e, 8);
-  std::memcpy(buf_.data() + at + 8, page, kWirePageSize);
-  ++count_;
-}
-
-std::span<const uint8_t> PagesBuilder::Finish() {
-  PutLe<uint32_t>(buf_.data() + kRecordHeaderSize + 8, count_);
-  SealRecord(RecordType::kPages, &buf_);
-  return buf_;
-}
-
-Result<PagesView> DecodePages(std::span<const uint8_t> p, uint64_t ram_pages) {
-  StateReader r(p);
-  PagesView v;
-  uint32_t count, reserved;
-  FERRY_WIRE_GET(v.seq, r.GetU64(), "PAGES");
-  FERRY_WIRE_GET(count, r.GetU32(), "PAGES");
-  FERRY_WIRE_GET(reserved, r.GetU32(), "PAGES");
-  if (reserved != 0) return Errorf(ErrorCode::kCorrupt, "PAGES: reserved field is {:#x}", reserved);
-  if (count == 0 || count > kMaxPagesPerRecord)
-    return Errorf(ErrorCode::kCorrupt, "PAGES: {} entries (allowed 1..{})", count, kMaxPagesPerRecord);
-  v.entries.reserve(count);
-  for (uint32_t i = 0; i < count; ++i) {
-    uint64_t word;
-    FERRY_WIRE_GET(word, r.GetU64(), fmt::format("PAGES entry {}", i));
-    const uint64_t gfn = word & kGfnMask;
-    const uint64_t kind = word >> 60;
-    if ((word >> 52) & 0xff) return Errorf(ErrorCode::kCorrupt, "PAGES entry {}: reserved bits set", i);
-    if (gfn >= ram_pages)
-      return Errorf(ErrorCode::kCorrupt, "PAGES entry {}: page {} is outside guest RAM ({} pages)", i, gfn, ram_pages);
-    if (kind == static_cast<uint64_t>(PageKind::kZero)) {
-      v.entries.push_back({gfn, PageKind::kZero, {}});
-    } else if (kind == static_cast<uint64_t>(PageKind::kRaw)) {
-      std::span<const uint8_t> data;
-      FERRY_WIRE_GET(data, r.GetRaw(kWirePageSize), fmt::format("PAGES entry {} (page {})", i, gfn));
-      v.entries.push_back({gfn, PageKind::kRaw, data});
-    } else {
-      return Errorf(ErrorCode::kCorrupt, "PAGES entry {}: unknown page kind {}", i, kind);
-    }
-  }
-  FERRY_RETURN_IF_ERROR(Finish(r, "PAGES"), "decode");
-  return v;
 }
 
 }  // namespace ferry::migration

@@ -1,6 +1,7 @@
-// Ferry migration protocol v1: typed wire structs, strict encode/decode.
-// The specification is docs/protocol.md; keep the two in step (reject tests in
-// wire_test.cc cover every malformed form listed there).
+// Ferry migration protocol (versions 1 and 2): typed wire structs, strict encode/decode of
+// the preamble, record framing and the control records. Page records (PAGES, ENCODED_PAGES)
+// are in pages.h. The specification is docs/protocol.md; keep the two in step (reject tests
+// in wire_test.cc / pages_test.cc cover every malformed form listed there).
 //
 // Pure functions, no I/O, no threads.
 #pragma once
@@ -19,7 +20,10 @@
 namespace ferry::migration {
 
 inline constexpr char kMagic[8] = {'F', 'E', 'R', 'R', 'Y', 'M', 'I', 'G'};
-inline constexpr uint32_t kProtocolVersion = 1;
+// This build speaks versions kMinProtocolVersion..kProtocolVersion; the version of a
+// migration is the one of its control connection's preamble (every data connection repeats it).
+inline constexpr uint32_t kProtocolVersion = 2;
+inline constexpr uint32_t kMinProtocolVersion = 1;
 inline constexpr size_t kPreambleSize = 16;
 inline constexpr size_t kRecordHeaderSize = 16;
 inline constexpr uint32_t kMaxRecordPayload = 8u << 20;
@@ -37,20 +41,24 @@ enum class Role : uint32_t { kControl = 0, kData = 1 };
 enum class RecordType : uint16_t {
   kHello = 1, kHelloAck = 2, kDataHello = 3, kConfig = 4, kConfigAck = 5, kPages = 6, kState = 7,
   kEnd = 8, kReady = 9, kGo = 10, kResumed = 11, kError = 12, kCancel = 13, kProgress = 14,
+  kEncodedPages = 15,  // version 2 only
 };
 std::string_view RecordTypeName(RecordType t);
 bool IsKnownRecordType(uint16_t t);
-
-enum class PageKind : uint8_t { kZero = 0, kRaw = 1 };
 
 using Uuid = std::array<uint8_t, 16>;
 Uuid NewUuid();
 std::string FormatUuid(const Uuid& u);
 
 // --- connection preamble ---
-std::array<uint8_t, kPreambleSize> EncodePreamble(Role role);
-// kVersionMismatch for another version, kCorrupt for a bad magic or role.
-Result<Role> DecodePreamble(std::span<const uint8_t> bytes);
+struct Preamble {
+  Role role = Role::kControl;
+  uint32_t version = kProtocolVersion;
+};
+std::array<uint8_t, kPreambleSize> EncodePreamble(Role role, uint32_t version = kProtocolVersion);
+// kVersionMismatch for a version outside kMinProtocolVersion..max_version (max_version lets a
+// test stand in for an older peer), kCorrupt for a bad magic or role.
+Result<Preamble> DecodePreamble(std::span<const uint8_t> bytes, uint32_t max_version = kProtocolVersion);
 
 // --- record framing ---
 struct RecordHeader {
@@ -132,12 +140,25 @@ Error ToError(const ErrorMsg& m);
 std::vector<uint8_t> EncodeCancel(std::string_view reason);
 Result<std::string> DecodeCancel(std::span<const uint8_t> p);
 
-// Capability bits (HELLO / HELLO_ACK).
-// kCapProgress: the destination sends PROGRESS while it applies PAGES records (at most every
+// Capability bits (HELLO / HELLO_ACK). The destination acknowledges the intersection of what
+// the source offers and what it supports; bits 1.. are defined for version 2 only (a version-1
+// migration acknowledges bit 0 at most).
+// kCapProgress: the destination sends PROGRESS while it applies page records (at most every
 // millisecond, and once more after the last record it applied), so the source can wait until the
 // destination has caught up before it measures a round or pauses the VM.
 inline constexpr uint64_t kCapProgress = 1ull << 0;
-inline constexpr uint64_t kCapsSupported = kCapProgress;
+// Entry kinds and body codecs of ENCODED_PAGES (pages.h), each usable only when acknowledged.
+inline constexpr uint64_t kCapZeroRuns = 1ull << 1;  // ZERO_RUN entries
+inline constexpr uint64_t kCapLz4 = 1ull << 2;       // lz4-compressed bodies
+inline constexpr uint64_t kCapZstd = 1ull << 3;      // zstd-compressed bodies
+inline constexpr uint64_t kCapDelta = 1ull << 4;     // DELTA entries (XBZRLE against the last copy sent)
+inline constexpr uint64_t kCapFreePages = 1ull << 5; // FREE_RUN entries (pages the guest reported free)
+inline constexpr uint64_t kCapsV1 = kCapProgress;
+inline constexpr uint64_t kCapsSupported = kCapProgress | kCapZeroRuns | kCapLz4 | kCapZstd | kCapDelta | kCapFreePages;
+// What a peer of `version` may acknowledge out of `offered`.
+inline uint64_t NegotiateCaps(uint32_t version, uint64_t offered, uint64_t supported = kCapsSupported) {
+  return offered & supported & (version >= 2 ? kCapsSupported : kCapsV1);
+}
 
 struct Progress {
   uint64_t batches = 0;
@@ -145,34 +166,5 @@ struct Progress {
 };
 std::vector<uint8_t> Encode(const Progress& m);
 Result<Progress> DecodeProgress(std::span<const uint8_t> p);
-
-// --- PAGES ---
-// Builds one PAGES record in place (header space reserved, payload appended).
-class PagesBuilder {
- public:
-  void Reset(uint64_t seq);
-  void AddZero(uint64_t gfn);
-  void AddRaw(uint64_t gfn, const uint8_t* page);  // copies kWirePageSize bytes
-  uint32_t count() const { return count_; }
-  bool full() const { return count_ >= kMaxPagesPerRecord; }
-  // Seals and returns the record bytes (valid until the next Reset).
-  std::span<const uint8_t> Finish();
-
- private:
-  std::vector<uint8_t> buf_;
-  uint32_t count_ = 0;
-};
-
-struct PageEntry {
-  uint64_t gfn;
-  PageKind kind;
-  std::span<const uint8_t> data;  // empty for zero pages
-};
-struct PagesView {
-  uint64_t seq = 0;
-  std::vector<PageEntry> entries;
-};
-// ram_pages bounds every gfn.
-Result<PagesView> DecodePages(std::span<const uint8_t> p, uint64_t ram_pages);
 
 }  // namespace ferry::migration

@@ -18,17 +18,27 @@ TEST(WirePreamble, RoundTripAndRejects) {
   auto p = EncodePreamble(Role::kData);
   auto r = DecodePreamble(p);
   ASSERT_TRUE(r) << r.error().message();
-  EXPECT_EQ(*r, Role::kData);
+  EXPECT_EQ(r->role, Role::kData);
+  EXPECT_EQ(r->version, kProtocolVersion);
+  // Every version this build speaks is accepted; an older peer's limit refuses the newer one.
+  auto v1 = DecodePreamble(EncodePreamble(Role::kControl, 1));
+  ASSERT_TRUE(v1);
+  EXPECT_EQ(v1->version, 1u);
+  auto old = DecodePreamble(EncodePreamble(Role::kControl, 2), 1);
+  ASSERT_FALSE(old);
+  EXPECT_EQ(old.error().code(), ErrorCode::kVersionMismatch);
 
   auto bad = p;
   bad[0] = 'X';
   EXPECT_EQ(DecodePreamble(bad).error().code(), ErrorCode::kCorrupt);
-  bad = p;
-  bad[8] = 2;  // version 2
-  auto v = DecodePreamble(bad);
-  ASSERT_FALSE(v);
-  EXPECT_EQ(v.error().code(), ErrorCode::kVersionMismatch);
-  EXPECT_NE(v.error().message().find("version 2"), std::string::npos);
+  for (uint8_t version : {0, 3, 200}) {
+    bad = p;
+    bad[8] = version;
+    auto v = DecodePreamble(bad);
+    ASSERT_FALSE(v);
+    EXPECT_EQ(v.error().code(), ErrorCode::kVersionMismatch);
+    EXPECT_NE(v.error().message().find(fmt::format("version {}", version)), std::string::npos);
+  }
   bad = p;
   bad[12] = 7;  // role
   EXPECT_FALSE(DecodePreamble(bad));
@@ -162,88 +172,6 @@ TEST(WireMessages, ConfigAndState) {
   long_id.resize(2 + 256, 'x');
   EXPECT_FALSE(DecodeState(long_id));
   EXPECT_FALSE(DecodeState(std::vector<uint8_t>{9, 0, 'a'}));  // id runs past the end
-}
-
-class WirePages : public ::testing::Test {
- protected:
-  std::vector<uint8_t> Build(uint64_t seq) {
-    PagesBuilder b;
-    b.Reset(seq);
-    b.AddZero(3);
-    std::vector<uint8_t> page(kWirePageSize);
-    for (size_t i = 0; i < page.size(); ++i) page[i] = static_cast<uint8_t>(i * 7);
-    b.AddRaw(9, page.data());
-    auto r = b.Finish();
-    return {r.begin(), r.end()};
-  }
-  // Rewrites the payload and re-seals the record so only the payload defect is tested.
-  static std::vector<uint8_t> Payload(const std::vector<uint8_t>& rec) { return {rec.begin() + kRecordHeaderSize, rec.end()}; }
-  static void PutU64(std::vector<uint8_t>& p, size_t off, uint64_t v) { std::memcpy(p.data() + off, &v, 8); }
-  static void PutU32(std::vector<uint8_t>& p, size_t off, uint32_t v) { std::memcpy(p.data() + off, &v, 4); }
-};
-
-TEST_F(WirePages, RoundTrip) {
-  auto rec = Build(42);
-  ASSERT_TRUE(VerifyRecord(std::span<const uint8_t>(rec).first(kRecordHeaderSize), PayloadOf(rec)));
-  auto v = DecodePages(PayloadOf(rec), 16);
-  ASSERT_TRUE(v) << v.error().message();
-  EXPECT_EQ(v->seq, 42u);
-  ASSERT_EQ(v->entries.size(), 2u);
-  EXPECT_EQ(v->entries[0].gfn, 3u);
-  EXPECT_EQ(v->entries[0].kind, PageKind::kZero);
-  EXPECT_TRUE(v->entries[0].data.empty());
-  EXPECT_EQ(v->entries[1].gfn, 9u);
-  EXPECT_EQ(v->entries[1].kind, PageKind::kRaw);
-  ASSERT_EQ(v->entries[1].data.size(), kWirePageSize);
-  EXPECT_EQ(v->entries[1].data[5], 35);
-  // Zero pages cost 8 bytes each, not 4096.
-  EXPECT_EQ(rec.size(), kRecordHeaderSize + 16 + 8 + 8 + kWirePageSize);
-}
-
-TEST_F(WirePages, RejectsMalformed) {
-  auto p = Payload(Build(1));
-  EXPECT_FALSE(DecodePages(p, 9)) << "gfn 9 outside a 9-page RAM";
-  {
-    auto c = p;
-    PutU32(c, 8, 0);  // count 0
-    EXPECT_FALSE(DecodePages(c, 16));
-  }
-  {
-    auto c = p;
-    PutU32(c, 8, kMaxPagesPerRecord + 1);
-    EXPECT_FALSE(DecodePages(c, 16));
-  }
-  {
-    auto c = p;
-    PutU32(c, 8, 3);  // claims a third entry that is not there
-    EXPECT_FALSE(DecodePages(c, 16));
-  }
-  {
-    auto c = p;
-    PutU32(c, 12, 1);  // reserved
-    EXPECT_FALSE(DecodePages(c, 16));
-  }
-  {
-    auto c = p;
-    PutU64(c, 16, 3 | (uint64_t{5} << 60));  // unknown kind
-    EXPECT_FALSE(DecodePages(c, 16));
-  }
-  {
-    auto c = p;
-    PutU64(c, 16, 3 | (uint64_t{1} << 55));  // reserved bits
-    EXPECT_FALSE(DecodePages(c, 16));
-  }
-  {
-    auto c = p;
-    c.resize(c.size() - 1);  // raw page truncated
-    EXPECT_FALSE(DecodePages(c, 16));
-  }
-  {
-    auto c = p;
-    c.push_back(0);  // trailing byte
-    EXPECT_FALSE(DecodePages(c, 16));
-  }
-  EXPECT_FALSE(DecodePages(std::span<const uint8_t>(p).first(10), 16));
 }
 
 }  // namespace

@@ -4,7 +4,7 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
+#include <linux/tcp.h>  // struct tcp_info with the delivery rate (glibc's is older)
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -156,6 +156,17 @@ Status Socket::ReadExact(std::span<uint8_t> buf, int timeout_ms) {
 
 void Socket::Shutdown() { shutdown(fd_, SHUT_RDWR); }
 
+Socket::PathInfo Socket::Path() const {
+  PathInfo p;
+  tcp_info ti{};
+  socklen_t len = sizeof ti;
+  if (getsockopt(fd_, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0) return p;
+  p.rtt_ms = ti.tcpi_rtt / 1000.0;
+  p.delivery_rate_bps = static_cast<double>(ti.tcpi_delivery_rate);
+  p.app_limited = ti.tcpi_delivery_rate_app_limited != 0;
+  return p;
+}
+
 Result<std::unique_ptr<Listener>> Listener::Listen(const Endpoint& ep) {
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;
@@ -200,15 +211,15 @@ Result<std::unique_ptr<Socket>> Listener::Accept(int timeout_ms) {
 
 void Listener::Shutdown() { shutdown(fd_, SHUT_RDWR); }
 
-Status WritePreamble(Socket& s, Role role) {
-  auto p = EncodePreamble(role);
+Status WritePreamble(Socket& s, Role role, uint32_t version) {
+  auto p = EncodePreamble(role, version);
   return s.WriteAll(p);
 }
 
-Result<Role> ReadPreamble(Socket& s, int timeout_ms) {
+Result<Preamble> ReadPreamble(Socket& s, int timeout_ms, uint32_t max_version) {
   std::array<uint8_t, kPreambleSize> b;
   FERRY_RETURN_IF_ERROR(s.ReadExact(b, timeout_ms), "preamble");
-  return DecodePreamble(b);
+  return DecodePreamble(b, max_version);
 }
 
 Status WriteRecord(Socket& s, RecordType type, std::span<const uint8_t> payload, bool mandatory) {
@@ -217,17 +228,22 @@ Status WriteRecord(Socket& s, RecordType type, std::span<const uint8_t> payload,
   return {};
 }
 
-Result<Record> ReadRecord(Socket& s, int timeout_ms) {
+Status ReadRecordInto(Socket& s, Record* r, int timeout_ms) {
   std::array<uint8_t, kRecordHeaderSize> hb;
   FERRY_RETURN_IF_ERROR(s.ReadExact(hb, timeout_ms), "record header");
   auto h = DecodeRecordHeader(hb);
   if (!h) return std::unexpected(h.error());
+  r->header = *h;
+  r->payload.resize(h->length);
+  FERRY_RETURN_IF_ERROR(s.ReadExact(r->payload, timeout_ms < 0 ? -1 : std::max(timeout_ms, 30000)),
+                        IsKnownRecordType(h->type) ? RecordTypeName(r->type()) : "record payload");
+  FERRY_RETURN_IF_ERROR(VerifyRecord(hb, r->payload), "read");
+  return {};
+}
+
+Result<Record> ReadRecord(Socket& s, int timeout_ms) {
   Record r;
-  r.header = *h;
-  r.payload.resize(h->length);
-  FERRY_RETURN_IF_ERROR(s.ReadExact(r.payload, timeout_ms < 0 ? -1 : std::max(timeout_ms, 30000)),
-                        IsKnownRecordType(h->type) ? RecordTypeName(r.type()) : "record payload");
-  FERRY_RETURN_IF_ERROR(VerifyRecord(hb, r.payload), "read");
+  if (auto st = ReadRecordInto(s, &r, timeout_ms); !st) return std::unexpected(st.error());
   return r;
 }
 

@@ -41,6 +41,14 @@ class Socket {
   std::string peer() const { return peer_; }
 
   Status WriteAll(std::span<const uint8_t> data);
+  // The kernel's view of the connection (TCP_INFO): smoothed RTT and the delivery rate of the
+  // last ACKed data, which measures the path when the sender was not application-limited.
+  struct PathInfo {
+    double rtt_ms = 0;
+    double delivery_rate_bps = 0;  // bytes/s
+    bool app_limited = true;
+  };
+  PathInfo Path() const;
   // timeout_ms < 0: no timeout. EOF before `buf` is full is an error (kIo).
   Status ReadExact(std::span<uint8_t> buf, int timeout_ms);
   void Shutdown();
@@ -68,11 +76,13 @@ class Listener {
   uint16_t port_;
 };
 
-Status WritePreamble(Socket& s, Role role);
-Result<Role> ReadPreamble(Socket& s, int timeout_ms);
+Status WritePreamble(Socket& s, Role role, uint32_t version = kProtocolVersion);
+Result<Preamble> ReadPreamble(Socket& s, int timeout_ms, uint32_t max_version = kProtocolVersion);
 Status WriteRecord(Socket& s, RecordType type, std::span<const uint8_t> payload, bool mandatory = true);
 // Reads, validates (header, limits, CRC) and returns one record.
 Result<Record> ReadRecord(Socket& s, int timeout_ms);
+// The same into *r, reusing its payload buffer (hot receive loops: no allocation per record).
+Status ReadRecordInto(Socket& s, Record* r, int timeout_ms);
 // Sends an ERROR record (best effort: the connection may already be gone).
 void SendError(Socket& s, const Error& e);
 

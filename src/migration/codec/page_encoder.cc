@@ -1,0 +1,144 @@
+#include "migration/codec/page_encoder.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/clock.h"
+#include "common/zero_page.h"
+
+namespace ferry::migration {
+
+void EncodeTally::Add(const EncodeTally& o) {
+  zero += o.zero;
+  raw += o.raw;
+  lz4 += o.lz4;
+  zstd += o.zstd;
+  delta += o.delta;
+  free += o.free;
+  pages += o.pages;
+  body_bytes += o.body_bytes;
+  wire_bytes += o.wire_bytes;
+  records += o.records;
+  codec_cpu_ns += o.codec_cpu_ns;
+  delta_attempts += o.delta_attempts;
+  delta_produced += o.delta_produced;
+}
+
+PageEncoder::PageEncoder(const RamView& ram, EncoderConfig cfg, DeltaCache* cache, CodecSelector* selector)
+    : ram_(ram), cfg_(cfg), cache_((cfg.caps & kCapDelta) ? cache : nullptr), selector_(selector) {}
+
+void PageEncoder::Forget(uint64_t gfn, uint64_t count) {
+  if (!cache_) return;
+  for (uint64_t p = gfn; p < gfn + count; ++p) cache_->Erase(p);
+}
+
+std::span<const uint8_t> PageEncoder::EncodeV1(std::span<const PageRun> runs, uint64_t seq, EncodeTally* t) {
+  v1_.Reset(seq);
+  for (const PageRun& r : runs) {
+    for (uint64_t p = r.gfn; p < r.gfn + r.count; ++p) {
+      const uint8_t* src = ram_.host + p * kWirePageSize;
+      if (r.kind != RunKind::kScan || IsZeroPage(src)) {
+        v1_.AddZero(p);
+        ++t->zero;
+      } else {
+        v1_.AddRaw(p, src);
+        ++t->raw;
+      }
+      ++t->pages;
+    }
+  }
+  auto rec = v1_.Finish();
+  t->body_bytes += rec.size();
+  t->wire_bytes += rec.size();
+  ++t->records;
+  return rec;
+}
+
+std::span<const uint8_t> PageEncoder::Encode(std::span<const PageRun> runs, uint64_t seq, bool resend, EncodeTally* t) {
+  if (cfg_.version < 2) return EncodeV1(runs, seq, t);
+  v2_.Reset(seq, cfg_.caps & kCapZeroRuns);
+  const bool delta_on = cache_ && selector_->DeltaEnabled();
+  // A delta is worth sending if it is smaller than the full page would likely be after the codec.
+  const size_t delta_limit =
+      std::clamp<size_t>(static_cast<size_t>(kWirePageSize * selector_->ExpectedRatio()), 256, kMaxDeltaBytes);
+  uint64_t raw_pages = 0, attempts = 0, produced = 0;
+  for (const PageRun& r : runs) {
+    switch (r.kind) {
+      case RunKind::kZero:
+      case RunKind::kFree:
+        if (r.kind == RunKind::kFree && (cfg_.caps & kCapFreePages)) {
+          v2_.AddFreeRun(r.gfn, r.count);
+          t->free += r.count;
+        } else {
+          v2_.AddZeroRun(r.gfn, r.count);
+          t->zero += r.count;
+        }
+        Forget(r.gfn, r.count);
+        break;
+      case RunKind::kScan:
+        for (uint64_t p = r.gfn; p < r.gfn + r.count; ++p) {
+          const uint8_t* src = ram_.host + p * kWirePageSize;
+          if (IsZeroPage(src)) {
+            v2_.AddZero(p);
+            ++t->zero;
+            Forget(p, 1);
+            continue;
+          }
+          std::memcpy(page_, src, kWirePageSize);
+          if (delta_on && resend) {
+            size_t len = 0;
+            uint64_t base = 0;
+            bool cached = false;
+            const bool encoded = cache_->EncodeDelta(p, page_, delta_, delta_limit, &len, &base, &cached);
+            attempts += cached;  // a miss says nothing about whether deltas pay off
+            if (encoded) {
+              v2_.AddDelta(p, base, std::span<const uint8_t>(delta_, len));
+              (void)cache_->Insert(p, page_, seq, true);
+              ++produced;
+              ++t->delta;
+              continue;
+            }
+            v2_.AddRaw(p, page_);
+            if (!cache_->Insert(p, page_, seq, true)) cache_->Erase(p);
+          } else if (delta_on) {
+            // First send (round 0): cache it while there is room, so its next send can be a delta.
+            v2_.AddRaw(p, page_);
+            if (!cache_->Insert(p, page_, seq, false)) cache_->Erase(p);
+          } else {
+            v2_.AddRaw(p, page_);
+            Forget(p, 1);
+          }
+          ++raw_pages;
+        }
+        break;
+    }
+  }
+  t->pages += v2_.pages();
+  if (attempts) selector_->ReportDelta(attempts, produced);
+  t->delta_attempts += attempts;
+  t->delta_produced += produced;
+
+  const std::span<const uint8_t> body = v2_.body();
+  t->body_bytes += body.size();
+  ++t->records;
+  const CodecChoice choice = raw_pages || produced ? selector_->Choose() : CodecChoice{};
+  std::span<const uint8_t> rec;
+  if (choice.codec != Compression::kNone) {
+    const uint64_t c0 = ThreadCpuNs();
+    const bool smaller = compressor_.Compress(choice.codec, choice.level, body, &compressed_);
+    const uint64_t cpu = ThreadCpuNs() - c0;
+    t->codec_cpu_ns += cpu;
+    selector_->ReportEncode(choice, body.size(), smaller ? compressed_.size() : body.size(), cpu);
+    if (smaller) {
+      rec = v2_.Finish(choice.codec, compressed_);
+      (choice.codec == Compression::kLz4 ? t->lz4 : t->zstd) += raw_pages;
+      raw_pages = 0;
+    }
+  }
+  if (rec.empty()) rec = v2_.Finish();
+  t->raw += raw_pages;
+  t->wire_bytes += rec.size();
+  return rec;
+}
+
+}  // namespace ferry::migration

@@ -1,0 +1,68 @@
+// The codec stage of a source migration: turns one batch of page runs into one page record.
+//   - known-zero and free runs become ZERO_RUN / FREE_RUN entries without reading memory;
+//   - scanned pages that read as zero join zero runs;
+//   - a page whose last-sent copy is in the delta cache is sent as an XBZRLE delta when that is
+//     smaller than the codec would likely make the full page (else in full);
+//   - the batch body is compressed with the codec the selector chooses, and sent uncompressed
+//     when compression does not make it smaller (never more than raw + the record header).
+// Invariant kept with the delta cache: a cached copy of page p is exactly what the destination
+// holds for p (every send of p either refreshes or erases p's cache entry). Pages are copied
+// once to a private buffer before they are encoded, so what is sent and what is cached are the
+// same bytes even while the guest writes the page (that write marks it dirty again).
+// Version 1 migrations get PAGES records with zero and raw entries only (at most 64 pages: the
+// caller bounds v1 batches).
+//
+// Threads: one encoder per sender thread; the cache and the selector are shared (thread-safe).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "common/compress.h"
+#include "migration/codec/codec_selector.h"
+#include "migration/codec/delta_cache.h"
+#include "migration/engine/scheduler.h"
+#include "migration/protocol/pages.h"
+
+namespace ferry::migration {
+
+// What encoding batches produced. Pages by encoding: raw pages of a compressed body count under
+// its codec.
+struct EncodeTally {
+  uint64_t zero = 0, raw = 0, lz4 = 0, zstd = 0, delta = 0, free = 0;
+  uint64_t pages = 0, body_bytes = 0, wire_bytes = 0, records = 0;
+  uint64_t codec_cpu_ns = 0, delta_attempts = 0, delta_produced = 0;
+  void Add(const EncodeTally& o);
+};
+
+struct EncoderConfig {
+  uint32_t version = kProtocolVersion;
+  uint64_t caps = 0;  // negotiated
+};
+
+class PageEncoder {
+ public:
+  // cache may be null (deltas off); selector is required for version 2.
+  PageEncoder(const RamView& ram, EncoderConfig cfg, DeltaCache* cache, CodecSelector* selector);
+  // One record for `runs` with sequence number `seq`. resend: these pages were sent before (their
+  // copies may evict other cache entries). The span stays valid until the next Encode.
+  std::span<const uint8_t> Encode(std::span<const PageRun> runs, uint64_t seq, bool resend, EncodeTally* tally);
+
+ private:
+  std::span<const uint8_t> EncodeV1(std::span<const PageRun> runs, uint64_t seq, EncodeTally* t);
+  void Forget(uint64_t gfn, uint64_t count);
+
+  const RamView ram_;
+  const EncoderConfig cfg_;
+  DeltaCache* cache_;
+  CodecSelector* selector_;
+  PagesBuilder v1_;
+  EncodedPagesBuilder v2_;
+  Compressor compressor_;
+  std::vector<uint8_t> compressed_;
+  alignas(64) uint8_t page_[kWirePageSize];
+  uint8_t delta_[kWirePageSize];
+};
+
+}  // namespace ferry::migration

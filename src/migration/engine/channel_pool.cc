@@ -1,0 +1,151 @@
+#include "migration/engine/channel_pool.h"
+
+#include <algorithm>
+
+#include "common/clock.h"
+
+namespace ferry::migration {
+namespace {
+constexpr uint64_t kSampleEveryNs = 100'000'000;
+}
+
+ChannelPool::ChannelPool(std::vector<std::unique_ptr<Socket>> sockets, const RamView& ram, Options opts, DeltaCache* cache,
+                         CodecSelector* selector, RateLimiter* limiter)
+    : sockets_(std::move(sockets)),
+      ram_(ram),
+      opts_(opts),
+      cache_(cache),
+      selector_(selector),
+      limiter_(limiter),
+      worker_cpu_ns_(new std::atomic<uint64_t>[sockets_.size()]),
+      conn_rate_(sockets_.size(), 0) {
+  sample_ns_ = NowNs();
+  for (size_t i = 0; i < sockets_.size(); ++i) {
+    worker_cpu_ns_[i].store(0);
+    workers_.emplace_back([this, i] { Worker(i); });
+  }
+}
+
+ChannelPool::~ChannelPool() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  Cancel(Error(ErrorCode::kCancelled, "migration ended"));
+  for (auto& t : workers_) t.join();
+}
+
+void ChannelPool::Fail(const Error& e) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!error_) error_ = e;
+  }
+  cancelled_.store(true);
+  for (auto& s : sockets_) s->Shutdown();
+  work_cv_.notify_all();
+  space_cv_.notify_all();
+  idle_cv_.notify_all();
+}
+
+void ChannelPool::Cancel(const Error& why) { Fail(why); }
+
+Status ChannelPool::Submit(Batch batch) {
+  std::unique_lock<std::mutex> l(mu_);
+  if (queue_.size() >= opts_.high_watermark)
+    space_cv_.wait(l, [&] { return error_ || queue_.size() <= opts_.low_watermark; });
+  if (error_) return std::unexpected(*error_);
+  queue_.push_back(std::move(batch));
+  work_cv_.notify_one();
+  return {};
+}
+
+Status ChannelPool::Flush() {
+  std::unique_lock<std::mutex> l(mu_);
+  idle_cv_.wait(l, [&] { return error_ || (queue_.empty() && busy_ == 0); });
+  if (error_) return std::unexpected(*error_);
+  return {};
+}
+
+void ChannelPool::Worker(size_t index) {
+  Socket& sock = *sockets_[index];
+  PageEncoder encoder(ram_, opts_.encoder, cache_, selector_);
+  for (;;) {
+    Batch b;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      work_cv_.wait(l, [&] { return stop_ || error_ || !queue_.empty(); });
+      if (stop_ || error_) return;
+      b = std::move(queue_.front());
+      queue_.pop_front();
+      ++busy_;
+      if (queue_.size() <= opts_.low_watermark) space_cv_.notify_all();
+    }
+    EncodeTally t;
+    const std::span<const uint8_t> rec = encoder.Encode(b.runs, next_seq_.fetch_add(1), b.resend, &t);
+    Status s = limiter_->Acquire(rec.size(), cancelled_) ? sock.WriteAll(rec)
+                                                         : Status(Errorf(ErrorCode::kCancelled, "cancelled"));
+    worker_cpu_ns_[index].store(ThreadCpuNs(), std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      --busy_;
+      if (s) tally_.Add(t);
+    }
+    if (!s) {
+      Fail(s.error().WithContext(fmt::format("data channel {}", index)));
+      return;
+    }
+    idle_cv_.notify_all();
+    MaybeSamplePath();
+  }
+}
+
+void ChannelPool::MaybeSamplePath() {
+  const uint64_t now = NowNs();
+  uint64_t due = next_sample_ns_.load(std::memory_order_relaxed);
+  if (now < due || !next_sample_ns_.compare_exchange_strong(due, now + kSampleEveryNs)) return;
+  std::lock_guard<std::mutex> l(sample_mu_);
+  double link = 0;
+  for (size_t i = 0; i < sockets_.size(); ++i) {
+    const Socket::PathInfo p = sockets_[i]->Path();
+    // An application-limited sample says how fast we sent, not how fast the path is.
+    if (!p.app_limited && p.delivery_rate_bps > 0) conn_rate_[i] = p.delivery_rate_bps;
+    link += conn_rate_[i];
+  }
+  if (limiter_->rate()) link = link > 0 ? std::min(link, static_cast<double>(limiter_->rate())) : static_cast<double>(limiter_->rate());
+  link_.store(link);
+  selector_->ReportLink(link);
+  // Spare cores: idle ones plus those our own codec work keeps busy now.
+  const double idle = host_cpu_.IdleCores();
+  const uint64_t codec_ns = tally().codec_cpu_ns;
+  const double wall = static_cast<double>(now - sample_ns_);
+  const double ours = wall > 0 ? static_cast<double>(codec_ns - sample_codec_ns_) / wall : 0;
+  sample_ns_ = now;
+  sample_codec_ns_ = codec_ns;
+  if (idle >= 0) selector_->ReportSpareCores(idle + ours);
+}
+
+uint64_t ChannelPool::records() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return tally_.records;
+}
+
+EncodeTally ChannelPool::tally() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return tally_;
+}
+
+uint64_t ChannelPool::cpu_ns() const {
+  uint64_t n = 0;
+  for (size_t i = 0; i < sockets_.size(); ++i) n += worker_cpu_ns_[i].load(std::memory_order_relaxed);
+  return n;
+}
+
+uint64_t ChannelPool::bytes_written() const {
+  uint64_t n = 0;
+  for (auto& s : sockets_) n += s->bytes_written();
+  return n;
+}
+
+double ChannelPool::link_bytes_per_s() const { return link_.load(); }
+
+}  // namespace ferry::migration

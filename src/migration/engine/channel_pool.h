@@ -1,0 +1,106 @@
+// The data channels of a source migration as a pool of long-lived workers (one per data
+// connection, for the whole migration: no thread is spawned per round).
+//
+// The migration thread submits batches (page runs) into one bounded queue. A worker takes a
+// batch, gives it the next sequence number (taken before any page of it is copied: a later copy
+// of a page always carries a higher seq, see docs/protocol.md), runs the codec stage
+// (PageEncoder: zero/free runs, deltas, compression - on the worker, so codec work runs on as
+// many threads as there are channels), waits for the shared rate limiter and writes the record.
+// Watermarks: Submit() blocks once `high` batches are queued and resumes when the queue is down
+// to `low`, so at most high + workers batches exist at once. Flush() returns when every
+// submitted batch is on the wire.
+//
+// Now and then (every ~100 ms) a worker samples the path (TCP_INFO delivery rate of each data
+// connection, counted only when not application-limited) and the host's idle cores, and feeds
+// both to the codec selector.
+//
+// Errors: the first failure (a write, the rate limiter being cancelled) is kept; it fails every
+// later Submit/Flush; Cancel() shuts every connection so blocked writes return at once.
+//
+// Threads: workers are internal; Submit/Flush from the migration thread; Cancel and the
+// accessors from any thread.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "common/host_cpu.h"
+#include "migration/codec/page_encoder.h"
+#include "migration/transport/tcp.h"
+
+namespace ferry::migration {
+
+struct Batch {
+  std::vector<PageRun> runs;
+  bool resend = false;  // the pages were sent before (their cache entries may evict others)
+};
+
+class ChannelPool {
+ public:
+  struct Options {
+    EncoderConfig encoder;
+    size_t high_watermark = 8;
+    size_t low_watermark = 4;
+  };
+  ChannelPool(std::vector<std::unique_ptr<Socket>> sockets, const RamView& ram, Options opts, DeltaCache* cache,
+              CodecSelector* selector, RateLimiter* limiter);
+  ~ChannelPool();  // cancels and joins the workers
+  ChannelPool(const ChannelPool&) = delete;
+  ChannelPool& operator=(const ChannelPool&) = delete;
+
+  Status Submit(Batch batch);
+  Status Flush();
+  // Fails the pool with `why`; shuts every data connection down.
+  void Cancel(const Error& why);
+
+  // Records written so far (END carries the total).
+  uint64_t records() const;
+  EncodeTally tally() const;
+  uint64_t cpu_ns() const;            // CPU time of the workers so far
+  uint64_t bytes_written() const;     // on all data connections
+  double link_bytes_per_s() const;    // the last path estimate (0 = not measured)
+  size_t channels() const { return sockets_.size(); }
+
+ private:
+  void Worker(size_t index);
+  void Fail(const Error& e);
+  void MaybeSamplePath();
+
+  std::vector<std::unique_ptr<Socket>> sockets_;
+  const RamView ram_;
+  const Options opts_;
+  DeltaCache* cache_;
+  CodecSelector* selector_;
+  RateLimiter* limiter_;
+  std::atomic<bool> cancelled_{false};
+  std::atomic<uint64_t> next_seq_{1};
+  std::vector<std::thread> workers_;
+  std::unique_ptr<std::atomic<uint64_t>[]> worker_cpu_ns_;
+
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_;   // workers: a batch or stop
+  std::condition_variable space_cv_;  // Submit: below the low watermark
+  std::condition_variable idle_cv_;   // Flush: nothing queued or in flight
+  std::deque<Batch> queue_;           // GUARDED_BY(mu_)
+  size_t busy_ = 0;                   // GUARDED_BY(mu_): batches being encoded/written
+  bool stop_ = false;                 // GUARDED_BY(mu_)
+  std::optional<Error> error_;        // GUARDED_BY(mu_)
+  EncodeTally tally_;                 // GUARDED_BY(mu_)
+
+  // Path sampling (one worker at a time).
+  std::atomic<uint64_t> next_sample_ns_{0};
+  std::mutex sample_mu_;
+  HostCpuSampler host_cpu_;           // GUARDED_BY(sample_mu_)
+  uint64_t sample_ns_ = 0;            // GUARDED_BY(sample_mu_)
+  uint64_t sample_codec_ns_ = 0;      // GUARDED_BY(sample_mu_)
+  std::vector<double> conn_rate_;     // GUARDED_BY(sample_mu_): per connection, last unlimited rate
+  std::atomic<double> link_{0};
+};
+
+}  // namespace ferry::migration

@@ -1,0 +1,44 @@
+// Parameters of a source migration, as the operator gives them (PUT /vm/migrate body, `ferry
+// migrate` flags). Parsing is strict: unknown fields and out-of-range values are errors.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "migration/codec/codec_selector.h"
+#include "migration/engine/policy.h"
+#include "migration/protocol/wire.h"
+
+namespace ferry::migration {
+
+struct SourceParams {
+  std::string to;                 // tcp:HOST:PORT
+  uint32_t channels = 4;          // data connections (1..16)
+  uint64_t downtime_ms = 300;     // target VMM downtime
+  uint64_t max_bandwidth = 0;     // bytes/s over all channels, 0 = unlimited
+  // Not converging = the remaining dirty set did not shrink by 10% for `stall_rounds`
+  // rounds. force: stop-and-copy anyway (reports the expected downtime); fail: give up
+  // (source keeps running); continue: keep iterating up to max_iterations, then fail.
+  ConvergePolicy policy = ConvergePolicy::kForce;
+  uint32_t max_iterations = 30;
+  uint32_t stall_rounds = 5;
+  // Data reduction (defaults: everything that pays off).
+  CompressMode compress;             // "compress": auto | none | lz4 | zstd[:LEVEL]
+  int64_t delta_cache = -1;          // "delta_cache" bytes; 0 = off; -1 = default (DefaultDeltaCache)
+  bool layering = true;              // "layering": on | off
+  uint32_t max_protocol_version = kProtocolVersion;  // "protocol_version": speak at most this version
+  int connect_timeout_ms = 5000;
+  int reply_timeout_ms = 60000;   // CONFIG_ACK, READY, RESUMED
+};
+
+// The delta cache a migration of `ram_bytes` uses by default: a quarter of guest RAM, at most
+// 256 MiB (enough to hold the pages a workload re-dirties; QEMU's XBZRLE default is 64 MiB).
+uint64_t DefaultDeltaCache(uint64_t ram_bytes);
+
+// From the JSON body of PUT /vm/migrate; strict (unknown fields rejected).
+Result<SourceParams> ParseSourceParams(const nlohmann::json& body);
+
+}  // namespace ferry::migration
