@@ -105,8 +105,8 @@ class SourceMigration {
   PolicyState policy_state_;
   mutable std::mutex ctl_mu_;        // guards the stage pointers while they are set up / torn down
   std::atomic<bool> hello_sent_{false};  // CANCEL may be sent on the control channel
-  uint32_t version_ = kProtocolVersion;  // negotiated (set during connect)
-  uint64_t caps_ = 0;                    // acknowledged capabilities (set during connect)
+  std::atomic<uint32_t> version_{kProtocolVersion};  // negotiated (set during connect, read by Stats)
+  std::atomic<uint64_t> caps_{0};                    // acknowledged capabilities (likewise)
   uint64_t dest_applied_ = 0;            // GUARDED_BY(the control channel's lock): page records applied (PROGRESS)
 
   // Round bookkeeping (migration thread only).
