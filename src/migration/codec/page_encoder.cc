@@ -18,6 +18,7 @@ void EncodeTally::Add(const EncodeTally& o) {
   pages += o.pages;
   body_bytes += o.body_bytes;
   wire_bytes += o.wire_bytes;
+  resent_wire_bytes += o.resent_wire_bytes;
   records += o.records;
   codec_cpu_ns += o.codec_cpu_ns;
   delta_attempts += o.delta_attempts;

@@ -32,6 +32,7 @@ namespace ferry::migration {
 struct EncodeTally {
   uint64_t zero = 0, raw = 0, lz4 = 0, zstd = 0, delta = 0, free = 0;
   uint64_t pages = 0, body_bytes = 0, wire_bytes = 0, records = 0;
+  uint64_t resent_wire_bytes = 0;  // wire bytes of batches of pages that had been sent before
   uint64_t codec_cpu_ns = 0, delta_attempts = 0, delta_produced = 0;
   void Add(const EncodeTally& o);
 };

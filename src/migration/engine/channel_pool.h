@@ -36,11 +36,6 @@
 
 namespace ferry::migration {
 
-struct Batch {
-  std::vector<PageRun> runs;
-  bool resend = false;  // the pages were sent before (their cache entries may evict others)
-};
-
 class ChannelPool {
  public:
   struct Options {

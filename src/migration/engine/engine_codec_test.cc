@@ -112,13 +112,14 @@ TEST(EngineCodecs, ReSentPagesTravelAsDeltas) {
 
 TEST(EngineCodecs, FreedPagesAreSentAsFreeAndReadAsZero) {
   FakeSource src;
+  src.set_write_delay_us(2000);  // a slow writer: few of the freed pages get written again
   // Pages 100..611 hold data, then the "guest" reports them free: discarded, marked freed.
   for (uint64_t p = 100; p < 612; ++p) std::memset(src.mem().host() + p * 4096, 0x5a, 4096);
   ASSERT_TRUE(src.mem().Discard(src.mem().base() + 100 * 4096, 512 * 4096));
   FakeDestination dst;
   auto st = Migrate(src, dst, Params(""));
   // The writer may have touched a few of them since; SameRam checked that the rest read as zero.
-  EXPECT_GE(Enc(st, "free"), 400u) << st.dump();
+  EXPECT_GE(Enc(st, "free"), 450u) << st.dump();
 }
 
 TEST(EngineLayering, HotPagesAreHeldBackAndStillArrive) {

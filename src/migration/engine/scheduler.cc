@@ -12,15 +12,18 @@ LayeringConfig Sanitize(LayeringConfig c) {
 }
 
 // Appends page p of `kind` to runs, merging with the last run when contiguous and alike.
-void Append(std::vector<PageRun>* runs, uint64_t p, RunKind kind) {
+// Returns false (and appends nothing) when that needs a new run beyond max_runs.
+bool Append(std::vector<PageRun>* runs, uint64_t p, RunKind kind, uint64_t max_runs) {
   if (!runs->empty()) {
     PageRun& last = runs->back();
     if (last.kind == kind && last.gfn + last.count == p && last.count < UINT32_MAX) {
       ++last.count;
-      return;
+      return true;
     }
   }
+  if (runs->size() >= max_runs) return false;
   runs->push_back({p, 1, kind});
+  return true;
 }
 
 }  // namespace
@@ -37,9 +40,12 @@ void PageScheduler::Start(const PageBitmap& known_zero, const PageBitmap& freed)
     history_[p] = 0;
   }
   pending_ = pages_;
+  order_.clear();
+  cursor_run_ = cursor_page_ = 0;
 }
 
-void PageScheduler::AddHarvest(const PageBitmap& dirty, const PageBitmap& freed) {
+uint64_t PageScheduler::AddHarvest(const PageBitmap& dirty, const PageBitmap& freed) {
+  uint64_t marked = 0;
   for (uint64_t w = 0; w < (pages_ + 63) / 64; ++w) {
     const uint64_t bits = w < dirty.size() ? dirty[w] : 0;
     const uint64_t end = std::min<uint64_t>(pages_, (w + 1) * 64);
@@ -47,50 +53,106 @@ void PageScheduler::AddHarvest(const PageBitmap& dirty, const PageBitmap& freed)
       const bool written = (bits >> (p % 64)) & 1;
       history_[p] = static_cast<uint8_t>((history_[p] << 1) | (written ? 1 : 0));
       if (!written) continue;
+      ++marked;
       if (!(state_[p] & kPending)) ++pending_;
-      state_[p] = static_cast<uint8_t>(kPending | (TestPage(freed, p) ? kFree : 0));
+      // Written: whatever it was known as before, only its contents count now.
+      state_[p] = static_cast<uint8_t>((state_[p] & kSent) | kPending | (TestPage(freed, p) ? kFree : 0));
     }
   }
+  if (cursor_run_ < order_.size() || deferred_cursor_ < deferred_.size()) ChooseThreshold();  // a pass is running
+
+  return marked;
 }
 
-Pass PageScheduler::NextPass(bool final, uint64_t holdback_budget_pages) {
-  Pass pass;
-  pass.window = cfg_.window;
+void PageScheduler::ChooseThreshold() {
   const uint32_t none = cfg_.window + 1;
-  // Pending pages by how many of the last r rounds wrote them.
   std::vector<uint64_t> by_recent(cfg_.window + 1, 0);
   for (uint64_t p = 0; p < pages_; ++p)
     if (state_[p] & kPending) ++by_recent[Recent(p)];
-  for (uint32_t c = cfg_.min_hot; c <= cfg_.window; ++c) pass.hot_candidates += by_recent[c];
-
+  pass_.hot_candidates = 0;
+  for (uint32_t c = cfg_.min_hot; c <= cfg_.window; ++c) pass_.hot_candidates += by_recent[c];
   uint32_t k = none;
-  if (cfg_.enabled && !final) {
-    uint64_t hot = pass.hot_candidates;  // pages with Recent >= k, for k = min_hot upwards
-    for (k = cfg_.min_hot; k <= cfg_.window && hot > holdback_budget_pages; ++k) hot -= by_recent[k];
+  if (cfg_.enabled && !final_) {
+    uint64_t hot = pass_.hot_candidates;  // pages with Recent >= k, for k = min_hot upwards
+    for (k = cfg_.min_hot; k <= cfg_.window && hot > budget_; ++k) hot -= by_recent[k];
   }
-  pass.hot_k = k;
+  pass_.hot_k = k;
+}
 
-  // One list of runs per class (cold first), concatenated.
-  std::vector<std::vector<PageRun>> classes(std::min(k, none));
-  for (uint64_t p = 0; p < pages_; ++p) {
-    const uint8_t s = state_[p];
-    if (!(s & kPending)) continue;
-    const uint32_t c = Recent(p);
-    if (c >= k) {
-      ++pass.held_back;
-      continue;
-    }
-    const RunKind kind = (s & kFree) ? RunKind::kFree : (s & kZero) ? RunKind::kZero : RunKind::kScan;
-    Append(&classes[c], p, kind);
-    state_[p] = static_cast<uint8_t>(s & ~kPending & ~kZero);  // once sent, a hole is ordinary memory
-    --pending_;
-    ++pass.pages;
-    if (kind == RunKind::kScan) ++pass.scan_pages;
-    else if (kind == RunKind::kZero) ++pass.zero_pages;
-    else ++pass.free_pages;
+void PageScheduler::BeginPass(bool final, uint64_t holdback_budget_pages) {
+  final_ = final;
+  budget_ = holdback_budget_pages;
+  pass_ = PassStats{};
+  pass_.window = cfg_.window;
+  ChooseThreshold();
+  // The order: pending pages by how many recent samples wrote them (cold first), address order
+  // within a class, as runs of consecutive pages.
+  std::vector<std::vector<PageRun>> classes(cfg_.window + 1);
+  for (uint64_t p = 0; p < pages_; ++p)
+    if (state_[p] & kPending) (void)Append(&classes[Recent(p)], p, RunKind::kScan, UINT64_MAX);
+  order_.clear();
+  order_class_.clear();
+  for (uint32_t c = 0; c < classes.size(); ++c) {
+    order_.insert(order_.end(), classes[c].begin(), classes[c].end());
+    order_class_.insert(order_class_.end(), classes[c].size(), static_cast<uint8_t>(c));
   }
-  for (auto& cls : classes) pass.runs.insert(pass.runs.end(), cls.begin(), cls.end());
-  return pass;
+  cursor_run_ = cursor_page_ = 0;
+  deferred_.clear();
+  deferred_cursor_ = SIZE_MAX;
+}
+
+bool PageScheduler::Take(uint64_t p, const BatchLimits& limits, Batch* out, uint64_t* scan, uint64_t* total) {
+  const uint8_t s = state_[p];
+  if (!(s & kPending)) return true;
+  if (!final_ && Recent(p) >= pass_.hot_k) {
+    ++pass_.held_back;  // hot: stays pending for a later pass
+    return true;
+  }
+  const RunKind kind = (s & kFree) ? RunKind::kFree : (s & kZero) ? RunKind::kZero : RunKind::kScan;
+  const bool resend = s & kSent;
+  if (!out->runs.empty() && resend != out->resend) return false;
+  if ((kind == RunKind::kScan && *scan >= limits.max_scan_pages) || *total >= limits.max_pages) return false;
+  if (!Append(&out->runs, p, kind, limits.max_runs)) return false;
+  out->resend = resend;
+  state_[p] = static_cast<uint8_t>((s & ~(kPending | kZero)) | kSent);
+  --pending_;
+  ++*total;
+  ++pass_.pages;
+  pass_.resent_pages += resend;
+  if (kind == RunKind::kScan) {
+    ++*scan;
+    ++pass_.scan_pages;
+  } else if (kind == RunKind::kZero) {
+    ++pass_.zero_pages;
+  } else {
+    ++pass_.free_pages;
+  }
+  return true;
+}
+
+bool PageScheduler::NextBatch(const BatchLimits& limits, Batch* out) {
+  out->runs.clear();
+  out->resend = false;
+  uint64_t scan = 0, total = 0;
+  for (; cursor_run_ < order_.size(); ++cursor_run_, cursor_page_ = 0) {
+    const PageRun& r = order_[cursor_run_];
+    for (; cursor_page_ < r.count; ++cursor_page_) {
+      const uint64_t p = r.gfn + cursor_page_;
+      if (!final_ && (state_[p] & kPending) && Recent(p) > order_class_[cursor_run_]) {
+        deferred_.push_back(p);  // written since the pass began: to the end of the pass
+        continue;
+      }
+      if (!Take(p, limits, out, &scan, &total)) return true;
+    }
+  }
+  if (deferred_cursor_ == SIZE_MAX) {
+    // The deferred pages, cold first again (by their history now), address order within a class.
+    std::stable_sort(deferred_.begin(), deferred_.end(), [&](uint64_t a, uint64_t b) { return Recent(a) < Recent(b); });
+    deferred_cursor_ = 0;
+  }
+  for (; deferred_cursor_ < deferred_.size(); ++deferred_cursor_)
+    if (!Take(deferred_[deferred_cursor_], limits, out, &scan, &total)) return true;
+  return !out->runs.empty();
 }
 
 }  // namespace ferry::migration

@@ -1,19 +1,34 @@
-// Page scheduler of a pre-copy migration: which pages the next pass sends, and in which order
-// (layered copy with a dirty-jitter debounce, seeds 000 and 002).
+// Page scheduler of a pre-copy migration: which pages go next, and in which order (layered copy
+// with a dirty-jitter debounce, seeds 000 and 002).
 //
 // Per page it keeps:
-//   pending  - must be sent: never sent, or written since it was last sent;
+//   pending  - must be sent: never sent, or written since it was last handed out;
+//   sent     - handed out at least once (a later send is a re-send);
 //   free     - reported free by the guest and not written since (sent as a FREE run, unread);
 //   zero     - known to read as zero without looking (a never-written hole at the start);
-//   history  - bit i set = written during the round i rounds ago (8 rounds kept).
-// A page is hot when it was written in at least k of the last r rounds (r = `window`). Hot pending
-// pages are held back - left pending - until the final pass: sending them would only be undone by
-// the next write. k starts at `min_hot` and rises, pass by pass, until the held-back set fits the
-// caller's budget (pages it can afford to add to the pause); k = r + 1 holds nothing back.
-// A pass sends cold pages first: pages written in fewer recent rounds before pages written in
-// more (the likeliest to be written again go last), address order within a class, runs merged.
+//   history  - bit i set = written in the i-th most recent dirty-log sample (8 kept).
+// Samples are the harvests the migration feeds in: one at every round boundary and, inside a long
+// round, one every few hundred milliseconds, so a page's history fills up even while round 0 - the
+// longest - is still running.
 //
-// Not thread-safe: owned by the migration thread. Cost: O(pages) per round.
+// A page is hot when it was written in at least k of the last r samples (r = `window`). Hot
+// pending pages are held back - left pending - until the final pass: sending them would only be
+// undone by the next write. k starts at `min_hot` and rises until the pages held back fit the
+// caller's budget (pages it can afford to add to the pause); k = r + 1 holds nothing back. The
+// threshold is chosen when a pass begins and again at every harvest during it.
+//
+// A pass is handed out incrementally (NextBatch). Its order is fixed when it begins: cold pages
+// first - pages written in fewer recent samples before pages written in more (the likeliest to be
+// written again go last) - address order within a class. What each page is sent as (read, zero,
+// free) and whether it is held back are decided when it is handed out, from the state at that
+// moment, so a harvest during the pass is always honoured:
+//   - a page written before it was handed out is sent later in this pass (its copy is taken after
+//     the write): it is deferred to the end of the pass, since a page written during the pass is
+//     likelier to be written again than one that was not, and by then it may be hot (held back);
+//     its free/zero shortcut is dropped;
+//   - a page written after it was handed out is pending again, for the next pass.
+//
+// Not thread-safe: owned by the migration thread. Cost: O(pages) per pass begin and per harvest.
 #pragma once
 
 #include <cstdint>
@@ -30,18 +45,30 @@ struct PageRun {
   RunKind kind = RunKind::kScan;
 };
 
+// One unit of work for a sender: runs of pages that are all first sends or all re-sends.
+struct Batch {
+  std::vector<PageRun> runs;
+  bool resend = false;
+};
+
+struct BatchLimits {
+  uint64_t max_scan_pages = 128;  // pages to read (and encode) per batch
+  uint64_t max_pages = UINT64_MAX;  // pages of any kind per batch (protocol v1: every page is an entry)
+  uint64_t max_runs = 1000;
+};
+
 struct LayeringConfig {
   bool enabled = true;
-  uint32_t window = 4;   // r: rounds of history that count (1..8)
+  uint32_t window = 4;   // r: samples of history that count (1..8)
   uint32_t min_hot = 2;  // smallest k: one write is not jitter
 };
 
-struct Pass {
-  std::vector<PageRun> runs;
-  uint64_t pages = 0, scan_pages = 0, zero_pages = 0, free_pages = 0;
-  uint64_t held_back = 0;       // hot pages left pending by this pass
-  uint64_t hot_candidates = 0;  // pending pages written in >= min_hot of the last r rounds
-  uint32_t hot_k = 0;           // threshold used (> window: nothing held back)
+// What a pass handed out so far.
+struct PassStats {
+  uint64_t pages = 0, scan_pages = 0, zero_pages = 0, free_pages = 0, resent_pages = 0;
+  uint64_t held_back = 0;       // hot pages skipped (left pending)
+  uint64_t hot_candidates = 0;  // pending pages written in >= min_hot of the last r samples, at the last decision
+  uint32_t hot_k = 0;           // threshold in force (> window: nothing held back)
   uint32_t window = 0;
 };
 
@@ -50,17 +77,26 @@ class PageScheduler {
   PageScheduler(uint64_t pages, LayeringConfig cfg);
   // Start of the migration: every page pending. known_zero / freed may be empty.
   void Start(const PageBitmap& known_zero, const PageBitmap& freed);
-  // End of a round: the pages written during it become pending (freed ones as free).
-  void AddHarvest(const PageBitmap& dirty, const PageBitmap& freed);
-  // The next pass; its pages stop being pending. final: nothing is held back.
-  Pass NextPass(bool final, uint64_t holdback_budget_pages);
+  // A dirty-log sample: the pages written since the previous one become pending (freed ones as
+  // free); the history shifts. Returns how many pages it marked.
+  uint64_t AddHarvest(const PageBitmap& dirty, const PageBitmap& freed);
+  // Starts a pass over the pages pending now. final: nothing is held back.
+  void BeginPass(bool final, uint64_t holdback_budget_pages);
+  // A new budget for the rest of the pass (the bandwidth is better known now); used from the next
+  // harvest on.
+  void SetHoldbackBudget(uint64_t pages) { budget_ = pages; }
+  // Hands out the next pages of the pass; false when the pass is over.
+  bool NextBatch(const BatchLimits& limits, Batch* out);
+  const PassStats& pass() const { return pass_; }
   uint64_t pending() const { return pending_; }
   uint64_t pages() const { return pages_; }
   const LayeringConfig& config() const { return cfg_; }
 
  private:
-  static constexpr uint8_t kPending = 1, kFree = 2, kZero = 4;
+  static constexpr uint8_t kPending = 1, kFree = 2, kZero = 4, kSent = 8;
   uint32_t Recent(uint64_t p) const { return static_cast<uint32_t>(__builtin_popcount(history_[p] & mask_)); }
+  // The threshold for the pending pages now, within the budget.
+  void ChooseThreshold();
 
   const uint64_t pages_;
   const LayeringConfig cfg_;
@@ -68,6 +104,21 @@ class PageScheduler {
   std::vector<uint8_t> state_;
   std::vector<uint8_t> history_;
   uint64_t pending_ = 0;
+
+  // Hands out page p if it may go now; false when the batch is full (p stays for the next one).
+  bool Take(uint64_t p, const BatchLimits& limits, Batch* out, uint64_t* scan, uint64_t* total);
+
+  // The current pass: its pages in order (runs of consecutive gfns, each with the class the page
+  // had when the pass began) and the hand-out position; then the pages deferred during it.
+  std::vector<PageRun> order_;
+  std::vector<uint8_t> order_class_;
+  size_t cursor_run_ = 0;
+  uint64_t cursor_page_ = 0;  // offset inside order_[cursor_run_]
+  std::vector<uint64_t> deferred_;
+  size_t deferred_cursor_ = SIZE_MAX;  // SIZE_MAX: still in order_
+  bool final_ = false;
+  uint64_t budget_ = 0;
+  PassStats pass_;
 };
 
 }  // namespace ferry::migration

@@ -15,6 +15,11 @@ namespace {
 // margin below the entry limit; v1 records hold at most kMaxPagesPerRecord pages of any kind.
 constexpr uint32_t kBatchScanPages = 128;
 constexpr uint32_t kBatchEntries = kMaxEncodedEntries - 8;
+// Dirty-log samples inside a long pass (layering's history).
+constexpr uint64_t kSampleIntervalNs = 100'000'000;
+// Before round 0 (layering): a first look, then the rest of the warm-up if the guest writes.
+constexpr uint64_t kWarmupFirstNs = 20'000'000, kWarmupNs = 100'000'000;
+constexpr double kWarmupMinPagesPerS = 1000;
 
 // Pages of a memfd that were never written (holes) read as zero: no need to touch them.
 PageBitmap HoleMap(int fd, uint64_t size) {
@@ -36,12 +41,6 @@ PageBitmap HoleMap(int fd, uint64_t size) {
     off = h;
   }
   return hole;
-}
-
-uint64_t CountBits(const PageBitmap& b) {
-  uint64_t n = 0;
-  for (uint64_t w : b) n += static_cast<uint64_t>(__builtin_popcountll(w));
-  return n;
 }
 
 nlohmann::json CapNames(uint64_t caps) {
@@ -287,7 +286,7 @@ Result<SourceMigration::Phase> SourceMigration::Connect() {
     selector_ = std::make_unique<CodecSelector>(params_.compress, caps_ & kCapLz4, caps_ & kCapZstd, delta, params_.channels);
     if (params_.max_bandwidth) selector_->ReportLink(static_cast<double>(params_.max_bandwidth));
     pool_ = std::make_unique<ChannelPool>(std::move(data), ram_, opts, cache_.get(), selector_.get(), &limiter_);
-    scheduler_ = std::make_unique<PageScheduler>(pages_, LayeringConfig{params_.layering, 4, 2});
+    scheduler_ = std::make_unique<PageScheduler>(pages_, LayeringConfig{params_.layering, 8, 2});
   }
   if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
   state_bytes_ = vm_->EstimateStateBytes();
@@ -298,39 +297,46 @@ Result<SourceMigration::Phase> SourceMigration::Connect() {
 
 // ---------------------------------------------------------------- rounds
 
-Status SourceMigration::SendPass(const Pass& pass, bool resend) {
-  // v2: a run of known-zero or free pages is one entry, read pages are bounded per batch;
-  // v1: every page is an entry of a PAGES record.
-  const bool v2 = version_ >= 2;
-  const uint64_t max_entries = v2 ? kBatchEntries : kMaxPagesPerRecord;
+Result<uint64_t> SourceMigration::SendPass(bool final, uint64_t holdback_budget) {
+  scheduler_->BeginPass(final, holdback_budget);
+  round_pages_total_.store(scheduler_->pending());
+  // v2: a run of known-zero or free pages is one entry and read pages are bounded per batch; v1:
+  // every page is an entry of a PAGES record.
+  BatchLimits limits;
+  if (version_ >= 2) {
+    limits.max_scan_pages = kBatchScanPages;
+    limits.max_runs = kBatchEntries;
+  } else {
+    limits.max_scan_pages = limits.max_pages = limits.max_runs = kMaxPagesPerRecord;
+  }
+  // Inside a long pass the dirty log is sampled now and then, so the scheduler's histories fill up
+  // (hot pages are recognised, and held back, during the round that first sends them).
+  const bool sample = params_.layering && !final;
+  uint64_t next_sample = NowNs() + kSampleIntervalNs, sampled = 0;
+  PageBitmap dirty, freed;
   Batch b;
-  b.resend = resend;
-  uint64_t scan = 0, pages = 0;
-  auto flush = [&]() -> Status {
-    if (b.runs.empty()) return {};
+  while (scheduler_->NextBatch(limits, &b)) {
     FERRY_RETURN_IF_ERROR(pool_->Submit(std::move(b)), "send pages");
     b = Batch{};
-    b.resend = resend;
-    scan = pages = 0;
-    return {};
-  };
-  for (PageRun r : pass.runs) {
-    while (r.count > 0) {
-      const bool read = r.kind == RunKind::kScan;
-      const uint64_t room = !v2 ? kMaxPagesPerRecord - pages : read ? kBatchScanPages - scan : r.count;
-      if (room == 0 || b.runs.size() >= max_entries) {
-        FERRY_RETURN_IF_ERROR(flush(), "batch");
-        continue;
-      }
-      const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(room, r.count));
-      b.runs.push_back({r.gfn, n, r.kind});
-      r.gfn += n;
-      r.count -= n;
-      pages += n;
-      if (read) scan += n;
+    if (sample && NowNs() >= next_sample) {
+      scheduler_->SetHoldbackBudget(HoldbackBudget());
+      ram_.dirty->Harvest(&dirty, &freed);
+      sampled += scheduler_->AddHarvest(dirty, freed);
+      next_sample = NowNs() + kSampleIntervalNs;
     }
   }
-  return flush();
+  return sampled;
+}
+
+uint64_t SourceMigration::HoldbackBudget() const {
+  // Half of the downtime target's worth of pages at the rate and bytes per page seen so far.
+  const EncodeTally t = pool_->tally();
+  const uint64_t data_pages = t.raw + t.lz4 + t.zstd + t.delta;
+  const uint64_t elapsed = NowNs() - rounds_start_ns_;
+  if (data_pages == 0 || elapsed == 0) return 0;
+  const double bw = static_cast<double>(t.wire_bytes) * 1e9 / static_cast<double>(elapsed);
+  const double bpp = round_ > 0 ? bytes_per_page_ : static_cast<double>(t.wire_bytes) / static_cast<double>(data_pages);
+  return static_cast<uint64_t>(policy_cfg_.downtime_target_ms / 1000.0 * 0.5 * bw / std::max(bpp, 1.0));
 }
 
 Status SourceMigration::WaitDrained() {
@@ -348,14 +354,27 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
     // Start of tracking: every page goes in round 0; what was freed or never written is known.
     ram_.dirty->Harvest(&dirty, &freed);
     scheduler_->Start(HoleMap(ram_.memfd, ram_.size), freed);
+    rounds_start_ns_ = NowNs();
+    if (params_.layering) {
+      // A short look at what the guest writes before round 0 is ordered: pages written now go to
+      // the end of round 0, where the samples taken meanwhile tell whether they are hot (held
+      // back) or not. A guest that writes little is not worth the wait.
+      std::this_thread::sleep_for(std::chrono::nanoseconds(kWarmupFirstNs));
+      ram_.dirty->Harvest(&dirty, &freed);
+      uint64_t written = scheduler_->AddHarvest(dirty, freed);
+      if (static_cast<double>(written) * 1e9 / kWarmupFirstNs >= kWarmupMinPagesPerS) {
+        std::this_thread::sleep_for(std::chrono::nanoseconds(kWarmupNs - kWarmupFirstNs));
+        ram_.dirty->Harvest(&dirty, &freed);
+        written += scheduler_->AddHarvest(dirty, freed);
+      }
+      spdlog::info("migration: {} pages written in the first {:.0f} ms", written, MsFromNs(NowNs() - rounds_start_ns_));
+    }
   }
-  const double bw_so_far = total_round_ns_ ? static_cast<double>(total_round_bytes_) * 1e9 / static_cast<double>(total_round_ns_) : 0;
-  const uint64_t budget = static_cast<uint64_t>(policy_cfg_.downtime_target_ms / 1000.0 * 0.5 * bw_so_far / std::max(bytes_per_page_, 1.0));
-  const Pass pass = scheduler_->NextPass(false, budget);
   const EncodeTally before = pool_->tally();
-  round_pages_total_.store(pass.pages);
   round_pages_base_.store(before.pages);
-  FERRY_RETURN_IF_ERROR(SendPass(pass, it > 0), fmt::format("iteration {}", it));
+  auto sampled = SendPass(false, HoldbackBudget());
+  if (!sampled) return std::unexpected(sampled.error().WithContext(fmt::format("iteration {}", it)));
+  const PassStats pass = scheduler_->pass();
   FERRY_RETURN_IF_ERROR(pool_->Flush(), fmt::format("iteration {}", it));
   // Measure the round end to end (socket buffers can hold many MiB the destination has not
   // applied yet) and never pause the VM with a backlog in flight: it would all be downtime.
@@ -376,8 +395,7 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
   if (params_.max_bandwidth) bw = std::min(bw, static_cast<double>(params_.max_bandwidth));
 
   ram_.dirty->Harvest(&dirty, &freed);
-  const uint64_t dirtied = CountBits(dirty);
-  scheduler_->AddHarvest(dirty, freed);
+  const uint64_t dirtied = *sampled + scheduler_->AddHarvest(dirty, freed);
   state_bytes_ = vm_->EstimateStateBytes();
   RoundMeasurement m;
   m.round = it;
@@ -388,7 +406,7 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
   m.rtt_ms = control_->socket().Path().rtt_ms;
   m.dirty_pages_per_s = static_cast<double>(dirtied) * 1e9 / static_cast<double>(ns);
   const Decision d = Decide(policy_cfg_, m, &policy_state_);
-  const uint64_t resent = it > 0 ? bytes : 0;
+  const uint64_t resent = t.resent_wire_bytes - before.resent_wire_bytes;
   {
     std::lock_guard<std::mutex> l(stats_mu_);
     iterations_ = it + 1;
@@ -398,9 +416,10 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
     expected_downtime_ms_ = d.predicted_downtime_ms;
     rtt_ms_ = m.rtt_ms;
     held_back_total_ += pass.held_back;
-    resent_bytes_ += resent;
     history_.push_back({{"iteration", it},
                         {"pages", pass.pages},
+                        {"resent_pages", pass.resent_pages},
+                        {"resent_bytes", resent},
                         {"zero_pages", (t.zero - before.zero)},
                         {"free_pages", (t.free - before.free)},
                         {"delta_pages", (t.delta - before.delta)},
@@ -459,11 +478,11 @@ Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
   PageBitmap dirty, freed;
   ram_.dirty->Harvest(&dirty, &freed);
   scheduler_->AddHarvest(dirty, freed);
-  const Pass pass = scheduler_->NextPass(true, 0);
   const EncodeTally before = pool_->tally();
-  round_pages_total_.store(pass.pages);
   round_pages_base_.store(before.pages);
-  FERRY_RETURN_IF_ERROR(SendPass(pass, true), "final pages");
+  auto sent = SendPass(true, 0);
+  if (!sent) return std::unexpected(sent.error().WithContext("final pages"));
+  const PassStats pass = scheduler_->pass();
   FERRY_RETURN_IF_ERROR(pool_->Flush(), "final pages");
   const uint64_t t_pages = NowNs();
   auto state = vm_->SaveState();
@@ -487,9 +506,10 @@ Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
   std::lock_guard<std::mutex> l(stats_mu_);
   final_pages_ms_ = MsFromNs(t_pages - t_pause);
   state_ms_ = MsFromNs(t_ready - t_pages);
-  resent_bytes_ += t.wire_bytes - before.wire_bytes;
   history_.push_back({{"iteration", iterations_},
                       {"pages", pass.pages},
+                      {"resent_pages", pass.resent_pages},
+                      {"resent_bytes", t.resent_wire_bytes - before.resent_wire_bytes},
                       {"zero_pages", t.zero - before.zero},
                       {"free_pages", t.free - before.free},
                       {"delta_pages", t.delta - before.delta},
@@ -568,7 +588,7 @@ nlohmann::json SourceMigration::Stats() const {
       {"normal_pages", t.raw + t.lz4 + t.zstd + t.delta},
       {"pages_by_encoding",
        {{"zero", t.zero}, {"raw", t.raw}, {"lz4", t.lz4}, {"zstd", t.zstd}, {"delta", t.delta}, {"free", t.free}, {"held_back", held_back_total_}}},
-      {"resent_bytes", resent_bytes_},
+      {"resent_bytes", t.resent_wire_bytes},
       {"source_cpu_ms", static_cast<double>(cpu_ns) / 1e6},
       {"codec_cpu_ms", static_cast<double>(t.codec_cpu_ns) / 1e6},
       {"dirty_pages_rate", dirty_rate_},

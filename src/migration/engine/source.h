@@ -71,8 +71,11 @@ class SourceMigration {
   Result<Phase> Round();
   Result<Phase> StopAndCopy();
   Result<Phase> Commit();
-  // Splits a pass into batches and submits them to the channel pool.
-  Status SendPass(const Pass& pass, bool resend);
+  // Runs one pass of the scheduler into the channel pool (sampling the dirty log inside long
+  // passes); returns the pages those samples marked.
+  Result<uint64_t> SendPass(bool final, uint64_t holdback_budget);
+  // Pages layering may hold back for the final round (half the downtime target at the rate so far).
+  uint64_t HoldbackBudget() const;
   // Waits until the destination applied every page record sent so far (kCapProgress).
   Status WaitDrained();
   // The error to report for a failed step: the destination's own ERROR when it sent one.
@@ -111,6 +114,7 @@ class SourceMigration {
 
   // Round bookkeeping (migration thread only).
   uint32_t round_ = 0;
+  uint64_t rounds_start_ns_ = 0;
   uint64_t total_round_bytes_ = 0, total_round_ns_ = 0;
   double bytes_per_page_ = kWirePageSize;
   uint64_t state_bytes_ = 0;
@@ -126,7 +130,7 @@ class SourceMigration {
   uint64_t pause_ns_ = 0;
   double final_pages_ms_ = 0, state_ms_ = 0, resume_ms_ = 0, downtime_ms_ = 0;
   double expected_downtime_ms_ = 0, bandwidth_bps_ = 0, dirty_rate_ = 0, rtt_ms_ = 0;
-  uint64_t remaining_pages_ = 0, iterations_ = 0, held_back_total_ = 0, resent_bytes_ = 0;
+  uint64_t remaining_pages_ = 0, iterations_ = 0, held_back_total_ = 0;
   bool converged_ = true;
   std::string error_;
   nlohmann::json history_ = nlohmann::json::array();
