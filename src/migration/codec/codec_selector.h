@@ -8,7 +8,8 @@
 //   speed_k  input bytes per CPU-second, measured on the batches encoded with k (EWMA),
 //   ratio_k  output / input bytes of those batches (EWMA; an incompressible batch counts 1),
 //   cores    spare cores for codec work: idle host cores + the cores our codec work uses now,
-//            capped at the number of sender threads,
+//            at least 1 (one sender always gets a core by competing with the guest), at most
+//            the number of sender threads,
 //   link     bytes/s the path carries: the operator's rate cap, or the sum over the data
 //            connections of the kernel's delivery rate when not application-limited.
 // The codec with the smallest T wins if it beats raw by 5% (hysteresis); until the link has been

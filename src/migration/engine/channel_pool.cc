@@ -83,8 +83,8 @@ void ChannelPool::Worker(size_t index) {
     EncodeTally t;
     const std::span<const uint8_t> rec = encoder.Encode(b.runs, next_seq_.fetch_add(1), b.resend, &t);
     if (b.resend) t.resent_wire_bytes = t.wire_bytes;
-    Status s = limiter_->Acquire(rec.size(), cancelled_) ? sock.WriteAll(rec)
-                                                         : Status(Errorf(ErrorCode::kCancelled, "cancelled"));
+    Status s = unlimited_.load() || limiter_->Acquire(rec.size(), cancelled_) ? sock.WriteAll(rec)
+                                                                              : Status(Errorf(ErrorCode::kCancelled, "cancelled"));
     worker_cpu_ns_[index].store(ThreadCpuNs(), std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> l(mu_);

@@ -53,6 +53,9 @@ class ChannelPool {
   Status Flush();
   // Fails the pool with `why`; shuts every data connection down.
   void Cancel(const Error& why);
+  // From now on records go out at full speed (the stop-and-copy: the guest is paused, so the
+  // pause is the only cost left; QEMU lifts its rate limit there too).
+  void LiftRateLimit() { unlimited_.store(true); }
 
   // Records written so far (END carries the total).
   uint64_t records() const;
@@ -74,6 +77,7 @@ class ChannelPool {
   CodecSelector* selector_;
   RateLimiter* limiter_;
   std::atomic<bool> cancelled_{false};
+  std::atomic<bool> unlimited_{false};
   std::atomic<uint64_t> next_seq_{1};
   std::vector<std::thread> workers_;
   std::unique_ptr<std::atomic<uint64_t>[]> worker_cpu_ns_;

@@ -18,7 +18,8 @@ struct SourceParams {
   std::string to;                 // tcp:HOST:PORT
   uint32_t channels = 4;          // data connections (1..16)
   uint64_t downtime_ms = 300;     // target VMM downtime
-  uint64_t max_bandwidth = 0;     // bytes/s over all channels, 0 = unlimited
+  uint64_t max_bandwidth = 0;     // bytes/s over all channels while the guest runs, 0 = unlimited
+                                  // (the stop-and-copy goes at full speed, as in QEMU)
   // Not converging = the remaining dirty set did not shrink by 10% for `stall_rounds`
   // rounds. force: stop-and-copy anyway (reports the expected downtime); fail: give up
   // (source keeps running); continue: keep iterating up to max_iterations, then fail.

@@ -478,6 +478,7 @@ Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
   PageBitmap dirty, freed;
   ram_.dirty->Harvest(&dirty, &freed);
   scheduler_->AddHarvest(dirty, freed);
+  pool_->LiftRateLimit();  // max_bandwidth limits the live phase, not the pause
   const EncodeTally before = pool_->tally();
   round_pages_base_.store(before.pages);
   auto sent = SendPass(true, 0);
