@@ -129,9 +129,8 @@ void CodecSelector::ReportEncode(CodecChoice c, uint64_t in, uint64_t out, uint6
 }
 
 void CodecSelector::ReportLink(double bytes_per_s) {
-  if (bytes_per_s <= 0) return;
   std::lock_guard<std::mutex> l(mu_);
-  link_ = bytes_per_s;
+  link_ = std::max(bytes_per_s, 0.0);
 }
 
 void CodecSelector::ReportSpareCores(double cores) {

@@ -73,7 +73,7 @@ class CodecSelector {
   CodecChoice Choose();
   // One encode of `in` body bytes into `out` bytes (out == in: sent raw as incompressible).
   void ReportEncode(CodecChoice c, uint64_t in, uint64_t out, uint64_t cpu_ns);
-  void ReportLink(double bytes_per_s);
+  void ReportLink(double bytes_per_s);  // 0: unknown (raw until measured)
   void ReportSpareCores(double cores);
   // Expected output/input ratio of the codec chosen now (1 for none); bounds useful deltas.
   double ExpectedRatio();

@@ -112,9 +112,10 @@ void ChannelPool::MaybeSamplePath() {
     if (!p.app_limited && p.delivery_rate_bps > 0) conn_rate_[i] = p.delivery_rate_bps;
     link += conn_rate_[i];
   }
-  if (limiter_->rate()) link = link > 0 ? std::min(link, static_cast<double>(limiter_->rate())) : static_cast<double>(limiter_->rate());
+  if (limiter_->rate() && !unlimited_.load())
+    link = link > 0 ? std::min(link, static_cast<double>(limiter_->rate())) : static_cast<double>(limiter_->rate());
   link_.store(link);
-  selector_->ReportLink(link);
+  if (link > 0) selector_->ReportLink(link);
   // Spare cores: idle ones plus those our own codec work keeps busy now.
   const double idle = host_cpu_.IdleCores();
   const uint64_t codec_ns = tally().codec_cpu_ns;
@@ -123,6 +124,16 @@ void ChannelPool::MaybeSamplePath() {
   sample_ns_ = now;
   sample_codec_ns_ = codec_ns;
   if (idle >= 0) selector_->ReportSpareCores(idle + ours);
+}
+
+void ChannelPool::LiftRateLimit() {
+  unlimited_.store(true);
+  if (!limiter_->rate()) return;
+  std::lock_guard<std::mutex> l(sample_mu_);
+  double path = 0;
+  for (double r : conn_rate_) path += r;
+  link_.store(path);
+  selector_->ReportLink(path);  // 0: never measured unlimited: raw
 }
 
 uint64_t ChannelPool::records() const {

@@ -54,8 +54,10 @@ class ChannelPool {
   // Fails the pool with `why`; shuts every data connection down.
   void Cancel(const Error& why);
   // From now on records go out at full speed (the stop-and-copy: the guest is paused, so the
-  // pause is the only cost left; QEMU lifts its rate limit there too).
-  void LiftRateLimit() { unlimited_.store(true); }
+  // pause is the only cost left; QEMU lifts its rate limit there too). The codec selector then
+  // sees the path's own rate: the one measured while not held back by the cap, or "unknown" (raw)
+  // when the cap held every connection back all along (the path is faster than the cap).
+  void LiftRateLimit();
 
   // Records written so far (END carries the total).
   uint64_t records() const;
