@@ -6,7 +6,9 @@
 
 namespace ferry::migration {
 namespace {
-constexpr uint64_t kSampleEveryNs = 100'000'000;
+// Path samples: every 100 ms, and every 5 ms until the path has been measured once (a small
+// migration is over in a few hundred milliseconds; until the rate is known, pages go raw).
+constexpr uint64_t kSampleEveryNs = 100'000'000, kSampleEarlyNs = 5'000'000;
 }
 
 ChannelPool::ChannelPool(std::vector<std::unique_ptr<Socket>> sockets, const RamView& ram, Options opts, DeltaCache* cache,
@@ -103,7 +105,8 @@ void ChannelPool::Worker(size_t index) {
 void ChannelPool::MaybeSamplePath() {
   const uint64_t now = NowNs();
   uint64_t due = next_sample_ns_.load(std::memory_order_relaxed);
-  if (now < due || !next_sample_ns_.compare_exchange_strong(due, now + kSampleEveryNs)) return;
+  const uint64_t every = link_.load() > 0 ? kSampleEveryNs : kSampleEarlyNs;
+  if (now < due || !next_sample_ns_.compare_exchange_strong(due, now + every)) return;
   std::lock_guard<std::mutex> l(sample_mu_);
   double link = 0;
   for (size_t i = 0; i < sockets_.size(); ++i) {

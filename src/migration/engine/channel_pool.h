@@ -10,7 +10,7 @@
 // to `low`, so at most high + workers batches exist at once. Flush() returns when every
 // submitted batch is on the wire.
 //
-// Now and then (every ~100 ms) a worker samples the path (TCP_INFO delivery rate of each data
+// Now and then (every 100 ms; every 5 ms until the first measurement) a worker samples the path (TCP_INFO delivery rate of each data
 // connection, counted only when not application-limited) and the host's idle cores, and feeds
 // both to the codec selector.
 //
