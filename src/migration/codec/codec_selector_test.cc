@@ -137,7 +137,7 @@ TEST_F(Encoder, IncompressiblePagesNeverCostMoreThanRawPlusTheHeader) {
   PageEncoder enc(View(), {kProtocolVersion, kCapsSupported}, nullptr, &sel);
   EncodeTally t;
   std::vector<PageRun> runs = {{0, 32, RunKind::kScan}};
-  auto rec = enc.Encode(runs, 1, false, &t);
+  auto rec = enc.Encode(runs, 1, &t);
   EXPECT_LE(rec.size(), kRecordHeaderSize + kEncodedPagesPrefix + 32 * (8 + kWirePageSize));
   EXPECT_EQ(t.raw, 32u) << "sent raw, not as zstd";
   EXPECT_EQ(t.zstd, 0u);
@@ -155,7 +155,7 @@ TEST_F(Encoder, ZeroAndFreeRunsAndDeltasKeepTheCacheTrue) {
   EncodeTally t;
   // First sends: 0..2 zero (read), 3..4 data, 10..19 known zero, 20..29 free.
   std::vector<PageRun> runs = {{0, 5, RunKind::kScan}, {10, 10, RunKind::kZero}, {20, 10, RunKind::kFree}};
-  auto rec = enc.Encode(runs, 1, false, &t);
+  auto rec = enc.Encode(runs, 1, &t);
   EXPECT_EQ(t.zero, 13u);
   EXPECT_EQ(t.free, 10u);
   EXPECT_EQ(t.raw, 2u);
@@ -167,8 +167,8 @@ TEST_F(Encoder, ZeroAndFreeRunsAndDeltasKeepTheCacheTrue) {
   std::memset(Page(3) + 100, 0x77, 8);
   std::memset(Page(4), 0, kWirePageSize);
   EncodeTally t2;
-  runs = {{3, 2, RunKind::kScan}};
-  rec = enc.Encode(runs, 2, true, &t2);
+  runs = {{3, 2, RunKind::kScan, true}};
+  rec = enc.Encode(runs, 2, &t2);
   EXPECT_EQ(t2.delta, 1u);
   EXPECT_EQ(t2.zero, 1u);
   v = DecodeEncodedPages(std::span<const uint8_t>(rec).subspan(kRecordHeaderSize), kPages, kCapsSupported, dec_, &scratch_);
@@ -179,8 +179,8 @@ TEST_F(Encoder, ZeroAndFreeRunsAndDeltasKeepTheCacheTrue) {
   // Page 4 written again: no delta against a copy the destination no longer has.
   Random(4, 9);
   EncodeTally t3;
-  runs = {{4, 1, RunKind::kScan}};
-  enc.Encode(runs, 3, true, &t3);
+  runs = {{4, 1, RunKind::kScan, true}};
+  enc.Encode(runs, 3, &t3);
   EXPECT_EQ(t3.delta, 0u);
   EXPECT_EQ(t3.raw, 1u);
 }
@@ -190,7 +190,7 @@ TEST_F(Encoder, VersionOneGetsPlainPages) {
   PageEncoder enc(View(), {1, kCapProgress}, nullptr, nullptr);
   EncodeTally t;
   std::vector<PageRun> runs = {{0, 3, RunKind::kScan}, {5, 2, RunKind::kFree}};
-  auto rec = enc.Encode(runs, 7, false, &t);
+  auto rec = enc.Encode(runs, 7, &t);
   auto h = DecodeRecordHeader(rec.first(kRecordHeaderSize));
   ASSERT_TRUE(h);
   EXPECT_EQ(h->type, static_cast<uint16_t>(RecordType::kPages));

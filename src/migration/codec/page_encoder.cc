@@ -51,19 +51,27 @@ std::span<const uint8_t> PageEncoder::EncodeV1(std::span<const PageRun> runs, ui
   auto rec = v1_.Finish();
   t->body_bytes += rec.size();
   t->wire_bytes += rec.size();
+  uint64_t pages = 0, resent = 0;
+  for (const PageRun& r : runs) {
+    pages += r.count;
+    resent += r.resend ? r.count : 0;
+  }
+  if (pages) t->resent_wire_bytes += rec.size() * resent / pages;
   ++t->records;
   return rec;
 }
 
-std::span<const uint8_t> PageEncoder::Encode(std::span<const PageRun> runs, uint64_t seq, bool resend, EncodeTally* t) {
+std::span<const uint8_t> PageEncoder::Encode(std::span<const PageRun> runs, uint64_t seq, EncodeTally* t) {
   if (cfg_.version < 2) return EncodeV1(runs, seq, t);
   v2_.Reset(seq, cfg_.caps & kCapZeroRuns);
   const bool delta_on = cache_ && selector_->DeltaEnabled();
   // A delta is worth sending if it is smaller than the full page would likely be after the codec.
   const size_t delta_limit =
       std::clamp<size_t>(static_cast<size_t>(kWirePageSize * selector_->ExpectedRatio()), 256, kMaxDeltaBytes);
-  uint64_t raw_pages = 0, attempts = 0, produced = 0;
+  uint64_t raw_pages = 0, attempts = 0, produced = 0, resent_body = 0;
   for (const PageRun& r : runs) {
+    const size_t body_before = v2_.body().size();
+    const bool resend = r.resend;
     switch (r.kind) {
       case RunKind::kZero:
       case RunKind::kFree:
@@ -113,6 +121,7 @@ std::span<const uint8_t> PageEncoder::Encode(std::span<const PageRun> runs, uint
         }
         break;
     }
+    if (resend) resent_body += v2_.body().size() - body_before;
   }
   t->pages += v2_.pages();
   if (attempts) selector_->ReportDelta(attempts, produced);
@@ -139,6 +148,8 @@ std::span<const uint8_t> PageEncoder::Encode(std::span<const PageRun> runs, uint
   if (rec.empty()) rec = v2_.Finish();
   t->raw += raw_pages;
   t->wire_bytes += rec.size();
+  // Re-sent pages' share of the record (exact uncompressed; proportional to the body when compressed).
+  if (!body.empty()) t->resent_wire_bytes += static_cast<uint64_t>(static_cast<double>(rec.size()) * static_cast<double>(resent_body) / static_cast<double>(body.size()));
   return rec;
 }
 

@@ -32,7 +32,7 @@ namespace ferry::migration {
 struct EncodeTally {
   uint64_t zero = 0, raw = 0, lz4 = 0, zstd = 0, delta = 0, free = 0;
   uint64_t pages = 0, body_bytes = 0, wire_bytes = 0, records = 0;
-  uint64_t resent_wire_bytes = 0;  // wire bytes of batches of pages that had been sent before
+  uint64_t resent_wire_bytes = 0;  // wire bytes of re-sent pages (their share of the body, after the codec)
   uint64_t codec_cpu_ns = 0, delta_attempts = 0, delta_produced = 0;
   void Add(const EncodeTally& o);
 };
@@ -46,9 +46,10 @@ class PageEncoder {
  public:
   // cache may be null (deltas off); selector is required for version 2.
   PageEncoder(const RamView& ram, EncoderConfig cfg, DeltaCache* cache, CodecSelector* selector);
-  // One record for `runs` with sequence number `seq`. resend: these pages were sent before (their
-  // copies may evict other cache entries). The span stays valid until the next Encode.
-  std::span<const uint8_t> Encode(std::span<const PageRun> runs, uint64_t seq, bool resend, EncodeTally* tally);
+  // One record for `runs` with sequence number `seq` (a run's `resend`: its pages were sent
+  // before, so their copies may evict other cache entries). The span stays valid until the next
+  // Encode.
+  std::span<const uint8_t> Encode(std::span<const PageRun> runs, uint64_t seq, EncodeTally* tally);
 
  private:
   std::span<const uint8_t> EncodeV1(std::span<const PageRun> runs, uint64_t seq, EncodeTally* t);

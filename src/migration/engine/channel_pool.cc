@@ -83,8 +83,7 @@ void ChannelPool::Worker(size_t index) {
       if (queue_.size() <= opts_.low_watermark) space_cv_.notify_all();
     }
     EncodeTally t;
-    const std::span<const uint8_t> rec = encoder.Encode(b.runs, next_seq_.fetch_add(1), b.resend, &t);
-    if (b.resend) t.resent_wire_bytes = t.wire_bytes;
+    const std::span<const uint8_t> rec = encoder.Encode(b.runs, next_seq_.fetch_add(1), &t);
     Status s = unlimited_.load() || limiter_->Acquire(rec.size(), cancelled_) ? sock.WriteAll(rec)
                                                                               : Status(Errorf(ErrorCode::kCancelled, "cancelled"));
     worker_cpu_ns_[index].store(ThreadCpuNs(), std::memory_order_relaxed);

@@ -11,18 +11,18 @@ LayeringConfig Sanitize(LayeringConfig c) {
   return c;
 }
 
-// Appends page p of `kind` to runs, merging with the last run when contiguous and alike.
+// Appends page p to runs, merging with the last run when contiguous and alike.
 // Returns false (and appends nothing) when that needs a new run beyond max_runs.
-bool Append(std::vector<PageRun>* runs, uint64_t p, RunKind kind, uint64_t max_runs) {
+bool Append(std::vector<PageRun>* runs, uint64_t p, RunKind kind, bool resend, uint64_t max_runs) {
   if (!runs->empty()) {
     PageRun& last = runs->back();
-    if (last.kind == kind && last.gfn + last.count == p && last.count < UINT32_MAX) {
+    if (last.kind == kind && last.resend == resend && last.gfn + last.count == p && last.count < UINT32_MAX) {
       ++last.count;
       return true;
     }
   }
   if (runs->size() >= max_runs) return false;
-  runs->push_back({p, 1, kind});
+  runs->push_back({p, 1, kind, resend});
   return true;
 }
 
@@ -89,7 +89,7 @@ void PageScheduler::BeginPass(bool final, uint64_t holdback_budget_pages) {
   // within a class, as runs of consecutive pages.
   std::vector<std::vector<PageRun>> classes(cfg_.window + 1);
   for (uint64_t p = 0; p < pages_; ++p)
-    if (state_[p] & kPending) (void)Append(&classes[Recent(p)], p, RunKind::kScan, UINT64_MAX);
+    if (state_[p] & kPending) (void)Append(&classes[Recent(p)], p, RunKind::kScan, false, UINT64_MAX);
   order_.clear();
   order_class_.clear();
   for (uint32_t c = 0; c < classes.size(); ++c) {
@@ -110,10 +110,8 @@ bool PageScheduler::Take(uint64_t p, const BatchLimits& limits, Batch* out, uint
   }
   const RunKind kind = (s & kFree) ? RunKind::kFree : (s & kZero) ? RunKind::kZero : RunKind::kScan;
   const bool resend = s & kSent;
-  if (!out->runs.empty() && resend != out->resend) return false;
   if ((kind == RunKind::kScan && *scan >= limits.max_scan_pages) || *total >= limits.max_pages) return false;
-  if (!Append(&out->runs, p, kind, limits.max_runs)) return false;
-  out->resend = resend;
+  if (!Append(&out->runs, p, kind, resend, limits.max_runs)) return false;
   state_[p] = static_cast<uint8_t>((s & ~(kPending | kZero)) | kSent);
   --pending_;
   ++*total;
@@ -132,7 +130,6 @@ bool PageScheduler::Take(uint64_t p, const BatchLimits& limits, Batch* out, uint
 
 bool PageScheduler::NextBatch(const BatchLimits& limits, Batch* out) {
   out->runs.clear();
-  out->resend = false;
   uint64_t scan = 0, total = 0;
   for (; cursor_run_ < order_.size(); ++cursor_run_, cursor_page_ = 0) {
     const PageRun& r = order_[cursor_run_];

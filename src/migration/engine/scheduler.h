@@ -43,12 +43,12 @@ struct PageRun {
   uint64_t gfn = 0;
   uint32_t count = 0;
   RunKind kind = RunKind::kScan;
+  bool resend = false;  // the pages were handed out before
 };
 
-// One unit of work for a sender: runs of pages that are all first sends or all re-sends.
+// One unit of work for a sender.
 struct Batch {
   std::vector<PageRun> runs;
-  bool resend = false;
 };
 
 struct BatchLimits {

@@ -49,6 +49,7 @@ TEST(Scheduler, FirstPassSendsEverythingWithRunsForKnownZeroAndFree) {
   EXPECT_EQ(p.stats.free_pages, 2u);
   EXPECT_EQ(p.stats.scan_pages, 10u);
   EXPECT_EQ(p.stats.resent_pages, 0u);
+  for (const auto& r : p.runs) EXPECT_FALSE(r.resend);
   ASSERT_EQ(p.runs.size(), 5u);
   EXPECT_EQ(p.runs[0].kind, RunKind::kScan);
   EXPECT_EQ(p.runs[0].count, 4u);
@@ -62,7 +63,7 @@ TEST(Scheduler, FirstPassSendsEverythingWithRunsForKnownZeroAndFree) {
   EXPECT_EQ(Drain(s, false, 0).stats.pages, 0u);
 }
 
-TEST(Scheduler, BatchesRespectTheLimitsAndNeverMixFirstSendsWithResends) {
+TEST(Scheduler, BatchesRespectTheLimitsAndMarkResends) {
   PageScheduler s(300, {false, 4, 2});
   s.Start(Range(300, 200, 100), {});
   BatchLimits lim;
@@ -84,7 +85,7 @@ TEST(Scheduler, BatchesRespectTheLimitsAndNeverMixFirstSendsWithResends) {
   lim.max_pages = 4;  // protocol v1: every page is an entry
   p = Drain(s, false, 0, lim);
   EXPECT_EQ(p.stats.resent_pages, 11u);
-  for (const auto& b : p.batches) EXPECT_TRUE(b.resend);
+  for (const auto& r : p.runs) EXPECT_TRUE(r.resend);
   EXPECT_EQ(p.batches.size(), 3u);  // 11 pages, 4 per batch
   EXPECT_EQ(p.runs.back().kind, RunKind::kScan);
 }
