@@ -90,6 +90,23 @@ static void start_workload(const char *spec) {
   nwl++;
 }
 
+/* One line from /proc/meminfo's MemTotal, MemFree, MemAvailable (kB); used = total - free. */
+static void say_meminfo(void) {
+  FILE *f = fopen("/proc/meminfo", "r");
+  if (!f) { say("meminfo unavailable: %s", strerror(errno)); return; }
+  long long total = -1, free_kb = -1, avail = -1, v;
+  char line[128], key[64];
+  while (fgets(line, sizeof line, f))
+    if (sscanf(line, "%63[^:]: %lld", key, &v) == 2) {
+      if (strcmp(key, "MemTotal") == 0) total = v;
+      else if (strcmp(key, "MemFree") == 0) free_kb = v;
+      else if (strcmp(key, "MemAvailable") == 0) avail = v;
+    }
+  fclose(f);
+  say("meminfo total_kb=%lld free_kb=%lld available_kb=%lld used_kb=%lld", total, free_kb, avail,
+      total >= 0 && free_kb >= 0 ? total - free_kb : -1);
+}
+
 static void signal_workload(const char *name, int sig) {
   int found = 0;
   for (int i = 0; i < nwl; i++)
@@ -133,6 +150,7 @@ int main(void) {
       if (strcmp(line, "memverify") == 0) signal_workload("memdirty", SIGUSR1);
       else if (strcmp(line, "status") == 0) {
         for (int i = 0; i < nwl; i++) say("workload %s pid=%d %s", wl[i].name, wl[i].pid, wl[i].pid ? "running" : "exited");
+        say_meminfo();
       } else if (strcmp(line, "poweroff") == 0) {
         say("powering off");
         sync();
