@@ -65,7 +65,10 @@ void DirtyLog::Harvest(std::vector<uint64_t>* dirty, std::vector<uint64_t>* free
 }
 
 void DirtyLog::MarkAll() {
-  for (uint64_t i = 0; i < num_pages_; ++i) marks_[i].store(kMarkWritten, std::memory_order_release);
+  // A freed page stays freed: it reads as zero and the guest does not use it (a later write turns
+  // it into 1 as usual).
+  for (uint64_t i = 0; i < num_pages_; ++i)
+    if (marks_[i].load(std::memory_order_relaxed) != kMarkFreed) marks_[i].store(kMarkWritten, std::memory_order_release);
 }
 
 uint64_t DirtyLog::CountDirty() const {

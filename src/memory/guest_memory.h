@@ -123,7 +123,8 @@ class DirtyLog {
   // *freed is a subset of *dirty. Both vectors are resized to (num_pages + 63) / 64
   // words. freed may be null (then this is Harvest()).
   void Harvest(std::vector<uint64_t>* dirty, std::vector<uint64_t>* freed);
-  // Marks every page written (start of a migration: "everything must be sent").
+  // Marks every page written ("everything must be sent", e.g. after a restore), except freed
+  // pages, which stay freed.
   void MarkAll();
   uint64_t CountDirty() const;  // marks 1 and 2
   uint64_t CountFreed() const;  // marks 2

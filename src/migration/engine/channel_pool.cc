@@ -19,8 +19,7 @@ ChannelPool::ChannelPool(std::vector<std::unique_ptr<Socket>> sockets, const Ram
       cache_(cache),
       selector_(selector),
       limiter_(limiter),
-      worker_cpu_ns_(new std::atomic<uint64_t>[sockets_.size()]),
-      conn_rate_(sockets_.size(), 0) {
+      worker_cpu_ns_(new std::atomic<uint64_t>[sockets_.size()]) {
   sample_ns_ = NowNs();
   for (size_t i = 0; i < sockets_.size(); ++i) {
     worker_cpu_ns_[i].store(0);
@@ -107,21 +106,27 @@ void ChannelPool::MaybeSamplePath() {
   const uint64_t every = link_.load() > 0 ? kSampleEveryNs : kSampleEarlyNs;
   if (now < due || !next_sample_ns_.compare_exchange_strong(due, now + every)) return;
   std::lock_guard<std::mutex> l(sample_mu_);
-  double link = 0;
-  for (size_t i = 0; i < sockets_.size(); ++i) {
-    const Socket::PathInfo p = sockets_[i]->Path();
-    // An application-limited sample says how fast we sent, not how fast the path is.
-    if (!p.app_limited && p.delivery_rate_bps > 0) conn_rate_[i] = p.delivery_rate_bps;
-    link += conn_rate_[i];
+  uint64_t acked = 0;
+  bool queued = true;  // every connection has data it could not send yet: the path is the limit
+  for (auto& sock : sockets_) {
+    const Socket::PathInfo p = sock->Path();
+    acked += p.bytes_acked;
+    queued = queued && p.notsent_bytes > 0;
   }
-  if (limiter_->rate() && !unlimited_.load())
-    link = link > 0 ? std::min(link, static_cast<double>(limiter_->rate())) : static_cast<double>(limiter_->rate());
+  const double wall = static_cast<double>(now - sample_ns_);
+  if (wall >= 1e6 && acked > sample_acked_) {
+    const double rate = static_cast<double>(acked - sample_acked_) * 1e9 / wall;
+    if (queued) path_bound_ = path_bound_ > 0 ? 0.7 * path_bound_ + 0.3 * rate : rate;
+    else path_floor_ = std::max(path_floor_, rate);
+  }
+  sample_acked_ = acked;
+  double link = std::max(path_bound_, path_floor_);
+  if (limiter_->rate() && !unlimited_.load()) link = link > 0 ? std::min(link, static_cast<double>(limiter_->rate())) : static_cast<double>(limiter_->rate());
   link_.store(link);
   if (link > 0) selector_->ReportLink(link);
   // Spare cores: idle ones plus those our own codec work keeps busy now.
   const double idle = host_cpu_.IdleCores();
   const uint64_t codec_ns = tally().codec_cpu_ns;
-  const double wall = static_cast<double>(now - sample_ns_);
   const double ours = wall > 0 ? static_cast<double>(codec_ns - sample_codec_ns_) / wall : 0;
   sample_ns_ = now;
   sample_codec_ns_ = codec_ns;
@@ -132,10 +137,8 @@ void ChannelPool::LiftRateLimit() {
   unlimited_.store(true);
   if (!limiter_->rate()) return;
   std::lock_guard<std::mutex> l(sample_mu_);
-  double path = 0;
-  for (double r : conn_rate_) path += r;
-  link_.store(path);
-  selector_->ReportLink(path);  // 0: never measured unlimited: raw
+  link_.store(path_bound_);
+  selector_->ReportLink(path_bound_);  // 0: the cap held us back all along, the path is faster: raw
 }
 
 uint64_t ChannelPool::records() const {

@@ -100,7 +100,9 @@ class ChannelPool {
   HostCpuSampler host_cpu_;           // GUARDED_BY(sample_mu_)
   uint64_t sample_ns_ = 0;            // GUARDED_BY(sample_mu_)
   uint64_t sample_codec_ns_ = 0;      // GUARDED_BY(sample_mu_)
-  std::vector<double> conn_rate_;     // GUARDED_BY(sample_mu_): per connection, last unlimited rate
+  uint64_t sample_acked_ = 0;         // GUARDED_BY(sample_mu_): bytes acked at the last sample
+  double path_bound_ = 0;             // GUARDED_BY(sample_mu_): rate while network-bound (the path's)
+  double path_floor_ = 0;             // GUARDED_BY(sample_mu_): the most achieved otherwise
   std::atomic<double> link_{0};
 };
 

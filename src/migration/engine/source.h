@@ -54,6 +54,12 @@ class SourceMigration {
   static std::unique_ptr<SourceMigration> Start(SourceVm* vm, SourceParams params);
   ~SourceMigration();  // cancels if still running, joins
 
+  // Progress and results (GET /vm/migration). Besides the timing fields: transferred_bytes (every
+  // byte written to the connections), pages_by_encoding (pages sent per encoding - zero, raw, lz4,
+  // zstd, delta, free; runs count each page - and held_back: hold-backs by layering, a page held
+  // back in three passes counts three times), resent_bytes (wire bytes of pages that had been sent
+  // before), source_cpu_ms (CPU time of the migration's threads), codec (the codec choice's model
+  // and per-codec batches), delta_cache, history (one entry per round).
   nlohmann::json Stats() const;
   MigrationStatus status() const { return status_.load(); }
   // Cancels in any phase before the commit point; the source VM keeps (or resumes) running.

@@ -41,12 +41,12 @@ class Socket {
   std::string peer() const { return peer_; }
 
   Status WriteAll(std::span<const uint8_t> data);
-  // The kernel's view of the connection (TCP_INFO): smoothed RTT and the delivery rate of the
-  // last ACKed data, which measures the path when the sender was not application-limited.
+  // The kernel's view of the connection (TCP_INFO): smoothed RTT, bytes the peer acknowledged so
+  // far, and bytes still waiting in the send buffer (not sent yet).
   struct PathInfo {
     double rtt_ms = 0;
-    double delivery_rate_bps = 0;  // bytes/s
-    bool app_limited = true;
+    uint64_t bytes_acked = 0;
+    uint32_t notsent_bytes = 0;
   };
   PathInfo Path() const;
   // timeout_ms < 0: no timeout. EOF before `buf` is full is an error (kIo).
