@@ -117,7 +117,7 @@ class Encoder : public ::testing::Test {
  protected:
   static constexpr uint64_t kPages = 64;
   Encoder() : ram_(kPages * kWirePageSize, 0) {}
-  RamView View() { return RamView{ram_.data(), ram_.size(), nullptr, -1, {}}; }
+  const uint8_t* View() { return ram_.data(); }
   uint8_t* Page(uint64_t p) { return ram_.data() + p * kWirePageSize; }
   void Random(uint64_t p, uint64_t seed) {
     std::mt19937_64 r(seed);

@@ -25,7 +25,7 @@ void EncodeTally::Add(const EncodeTally& o) {
   delta_produced += o.delta_produced;
 }
 
-PageEncoder::PageEncoder(const RamView& ram, EncoderConfig cfg, DeltaCache* cache, CodecSelector* selector)
+PageEncoder::PageEncoder(const uint8_t* ram, EncoderConfig cfg, DeltaCache* cache, CodecSelector* selector)
     : ram_(ram), cfg_(cfg), cache_((cfg.caps & kCapDelta) ? cache : nullptr), selector_(selector) {}
 
 void PageEncoder::Forget(uint64_t gfn, uint64_t count) {
@@ -37,7 +37,7 @@ std::span<const uint8_t> PageEncoder::EncodeV1(std::span<const PageRun> runs, ui
   v1_.Reset(seq);
   for (const PageRun& r : runs) {
     for (uint64_t p = r.gfn; p < r.gfn + r.count; ++p) {
-      const uint8_t* src = ram_.host + p * kWirePageSize;
+      const uint8_t* src = ram_ + p * kWirePageSize;
       if (r.kind != RunKind::kScan || IsZeroPage(src)) {
         v1_.AddZero(p);
         ++t->zero;
@@ -86,7 +86,7 @@ std::span<const uint8_t> PageEncoder::Encode(std::span<const PageRun> runs, uint
         break;
       case RunKind::kScan:
         for (uint64_t p = r.gfn; p < r.gfn + r.count; ++p) {
-          const uint8_t* src = ram_.host + p * kWirePageSize;
+          const uint8_t* src = ram_ + p * kWirePageSize;
           if (IsZeroPage(src)) {
             v2_.AddZero(p);
             ++t->zero;

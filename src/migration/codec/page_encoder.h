@@ -22,7 +22,7 @@
 #include "common/compress.h"
 #include "migration/codec/codec_selector.h"
 #include "migration/codec/delta_cache.h"
-#include "migration/engine/scheduler.h"
+#include "migration/codec/page_run.h"
 #include "migration/protocol/pages.h"
 
 namespace ferry::migration {
@@ -44,8 +44,9 @@ struct EncoderConfig {
 
 class PageEncoder {
  public:
-  // cache may be null (deltas off); selector is required for version 2.
-  PageEncoder(const RamView& ram, EncoderConfig cfg, DeltaCache* cache, CodecSelector* selector);
+  // ram: guest RAM (page i at ram + i * 4096); cache may be null (deltas off); selector is
+  // required for version 2.
+  PageEncoder(const uint8_t* ram, EncoderConfig cfg, DeltaCache* cache, CodecSelector* selector);
   // One record for `runs` with sequence number `seq` (a run's `resend`: its pages were sent
   // before, so their copies may evict other cache entries). The span stays valid until the next
   // Encode.
@@ -55,7 +56,7 @@ class PageEncoder {
   std::span<const uint8_t> EncodeV1(std::span<const PageRun> runs, uint64_t seq, EncodeTally* t);
   void Forget(uint64_t gfn, uint64_t count);
 
-  const RamView ram_;
+  const uint8_t* const ram_;
   const EncoderConfig cfg_;
   DeltaCache* cache_;
   CodecSelector* selector_;

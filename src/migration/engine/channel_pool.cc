@@ -69,7 +69,7 @@ Status ChannelPool::Flush() {
 
 void ChannelPool::Worker(size_t index) {
   Socket& sock = *sockets_[index];
-  PageEncoder encoder(ram_, opts_.encoder, cache_, selector_);
+  PageEncoder encoder(ram_.host, opts_.encoder, cache_, selector_);
   for (;;) {
     Batch b;
     {

@@ -32,6 +32,8 @@
 
 #include "common/host_cpu.h"
 #include "migration/codec/page_encoder.h"
+#include "migration/engine/scheduler.h"
+#include "migration/engine/vm_interface.h"
 #include "migration/transport/tcp.h"
 
 namespace ferry::migration {

@@ -34,17 +34,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "migration/codec/page_run.h"
 #include "migration/engine/vm_interface.h"
 
 namespace ferry::migration {
-
-enum class RunKind : uint8_t { kScan, kZero, kFree };
-struct PageRun {
-  uint64_t gfn = 0;
-  uint32_t count = 0;
-  RunKind kind = RunKind::kScan;
-  bool resend = false;  // the pages were handed out before
-};
 
 // One unit of work for a sender.
 struct Batch {
