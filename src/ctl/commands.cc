@@ -35,6 +35,7 @@ void PrintJson(const nlohmann::json& j) { std::printf("%s\n", j.dump(2).c_str())
 
 struct MigrateOptions {
   std::string to;
+  std::string mode;             // auto|precopy|postcopy; empty: server default (auto)
   uint32_t channels = 0;        // 0: server default
   uint32_t downtime_ms = 0;     // 0: server default
   std::string max_bandwidth;    // bytes/s with k/M/G suffix; empty: unlimited
@@ -51,6 +52,7 @@ struct MigrateOptions {
 
 int Migrate(const ApiClient& api, const MigrateOptions& o, bool json) {
   nlohmann::json body = {{"to", o.to}};
+  if (!o.mode.empty()) body["mode"] = o.mode;
   if (o.channels) body["channels"] = o.channels;
   if (o.downtime_ms) body["downtime_ms"] = o.downtime_ms;
   if (!o.max_bandwidth.empty()) {
@@ -177,6 +179,10 @@ int RunCli(int argc, char** argv) {
   auto* migrate = app.add_subcommand("migrate", "live-migrate the VM to a destination started with --incoming");
   add_common(migrate);
   migrate->add_option("--to", mo.to, "destination, tcp:HOST:PORT")->required();
+  migrate->add_option("--mode", mo.mode,
+                      "auto (default: pre-copy, switching to post-copy by itself when pre-copy would not converge), precopy, "
+                      "postcopy (one pre-copy pass, then post-copy)")
+      ->check(CLI::IsMember({"auto", "precopy", "postcopy"}));
   migrate->add_option("--channels", mo.channels, "parallel data channels (default 4)")->check(CLI::Range(1, 16));
   migrate->add_option("--downtime-ms", mo.downtime_ms, "downtime target (default 300)")->check(CLI::Range(1, 600000));
   migrate->add_option("--max-bandwidth", mo.max_bandwidth, "rate limit in bytes/s (k/M/G suffixes; default unlimited)");
@@ -197,6 +203,8 @@ int RunCli(int argc, char** argv) {
   add_common(status);
   auto* cancel = app.add_subcommand("cancel", "cancel the running migration (the source keeps running)");
   add_common(cancel);
+  auto* postcopy = app.add_subcommand("migrate-postcopy", "switch the running migration to post-copy now (as QEMU's migrate-start-postcopy)");
+  add_common(postcopy);
   auto* pause = app.add_subcommand("pause", "pause the VM");
   add_common(pause);
   auto* resume = app.add_subcommand("resume", "resume the VM");
@@ -217,6 +225,7 @@ int RunCli(int argc, char** argv) {
   if (migrate->parsed()) return Migrate(api, mo, json);
   if (status->parsed()) return Status(api, json);
   if (cancel->parsed()) return Simple(api, "/vm/migration/cancel", nlohmann::json::object(), json);
+  if (postcopy->parsed()) return Simple(api, "/vm/migration/postcopy", nlohmann::json::object(), json);
   if (pause->parsed()) return Simple(api, "/vm/pause", nlohmann::json::object(), json);
   if (resume->parsed()) return Simple(api, "/vm/resume", nlohmann::json::object(), json);
   if (shutdown->parsed()) return Simple(api, "/vm/shutdown", nlohmann::json::object(), json);

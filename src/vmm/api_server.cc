@@ -96,6 +96,7 @@ Result<std::unique_ptr<ApiServer>> ApiServer::Start(const std::string& path, Vm*
       else Reply(res, 200, *st);
     });
     svr.Put("/vm/migration/cancel", [mig](const httplib::Request&, httplib::Response& res) { ReplyStatus(res, mig->Cancel()); });
+    svr.Put("/vm/migration/postcopy", [mig](const httplib::Request&, httplib::Response& res) { ReplyStatus(res, mig->StartPostcopy()); });
   }
   svr.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
     if (res.status == 404) ReplyError(res, 404, "no such endpoint: " + req.method + " " + req.path);

@@ -39,6 +39,12 @@ Status VmMigrationManager::Cancel() {
   return current_->Cancel();
 }
 
+Status VmMigrationManager::StartPostcopy() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (!current_) return Errorf(ErrorCode::kNotFound, "no migration has been started");
+  return current_->StartPostcopy();
+}
+
 bool VmMigrationManager::active() {
   std::lock_guard<std::mutex> l(mu_);
   return current_ && !migration::IsFinal(current_->status());

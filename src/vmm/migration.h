@@ -35,6 +35,8 @@ class VmMigrationManager : public migration::SourceVm {
   Status Start(const nlohmann::json& body);
   Result<nlohmann::json> Stats();
   Status Cancel();
+  // PUT /vm/migration/postcopy: the running pre-copy switches to post-copy.
+  Status StartPostcopy();
   // True while a migration is between setup and its final status (the API refuses
   // pause/resume/snapshot then).
   bool active();

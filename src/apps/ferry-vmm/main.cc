@@ -1,6 +1,8 @@
 // ferry-vmm: boot (or restore) one VM and serve its API.
 #include <signal.h>
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -83,6 +85,15 @@ int main(int argc, char** argv) {
     set_on_signal([inc = in->get()] { inc->Abort(); });
     auto r = (*in)->Run(&target);
     set_on_signal([] { std::exit(1); });
+    if (!r && (*in)->guest_started()) {
+      // Post-copy failed after the guest started here: pages it has not received exist only on
+      // the source. It must never run on with them missing, and tearing the machine down would
+      // wait for vCPUs that wait for those pages: stop the process now.
+      std::fprintf(stderr, "ferry-vmm: failed: %s; the guest is stopped (it cannot run without the pages the source still holds)\n",
+                   r.error().message().c_str());
+      std::fflush(stderr);
+      _exit(3);
+    }
     if (!r) {
       // The prepared machine (if any) is torn down with `target`.
       std::fprintf(stderr, "ferry-vmm: %s\n", r.error().message().c_str());
@@ -90,6 +101,9 @@ int main(int argc, char** argv) {
     }
     spdlog::info("incoming migration {} from {}: {} pages in {} batches, restore {:.2f} ms, resume {:.2f} ms, total {:.0f} ms",
                  r->uuid, r->source, r->pages, r->batches, r->restore_ms, r->resume_ms, r->total_ms);
+    if (r->postcopy_ms > 0)
+      spdlog::info("incoming migration {}: post-copy of {} pages in {:.1f} ms, {} demand faults (p50 {} us, p99 {} us)", r->uuid,
+                   r->postcopy_missing, r->postcopy_ms, r->faults.demand_faults, r->faults.p50_us, r->faults.p99_us);
     vm = target.TakeVm();
     started = true;
   } else {

@@ -61,6 +61,9 @@ class ChannelPool {
   // when the cap held every connection back all along (the path is faster than the cap).
   void LiftRateLimit();
 
+  // A sequence number for a record sent outside the pool (post-copy: requested pages on the
+  // control connection), from the same counter as the pool's records.
+  uint64_t TakeSeq() { return next_seq_.fetch_add(1); }
   // Records written so far (END carries the total).
   uint64_t records() const;
   EncodeTally tally() const;

@@ -83,7 +83,7 @@ Status IncomingMigration::AcceptControl(const IncomingParams& params) {
       control_ = std::make_unique<ControlChannel>(std::move(sock));
       channel_used_.assign(hello_.channels, false);
     }
-    control_->Start();
+    control_->Start([this](const Record& r) { return FoldControl(r); });
     if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
     spdlog::info("incoming: migration {} from {}: protocol v{}, {} data channels, capabilities {:#x}", FormatUuid(hello_.uuid),
                  peer, version_, hello_.channels, caps_);
@@ -181,6 +181,7 @@ Status IncomingMigration::ApplyRecord(const Record& rec, Decompressor& dec, std:
 }
 
 Status IncomingMigration::ApplyEntries(const PagesView& v) {
+  PageSink* const sink = active_sink_.load(std::memory_order_acquire);
   uint64_t zero = 0, raw = 0, delta = 0, free = 0;
   for (const auto& e : v.entries) {
     for (uint64_t p = e.gfn; p < e.gfn + e.count; ++p) {
@@ -191,11 +192,11 @@ Status IncomingMigration::ApplyEntries(const PagesView& v) {
                       e.base_seq, last);
       if (v.seq <= last) continue;  // an older copy than what we have
       switch (e.kind) {
-        case PageKind::kRaw: FERRY_RETURN_IF_ERROR(sink_->WritePage(p, e.data), "apply"); ++raw; break;
+        case PageKind::kRaw: FERRY_RETURN_IF_ERROR(sink->WritePage(p, e.data), "apply"); ++raw; break;
         case PageKind::kZero:
-        case PageKind::kZeroRun: FERRY_RETURN_IF_ERROR(sink_->ZeroPage(p), "apply"); ++zero; break;
-        case PageKind::kFreeRun: FERRY_RETURN_IF_ERROR(sink_->FreePage(p), "apply"); ++free; break;
-        case PageKind::kDelta: FERRY_RETURN_IF_ERROR(sink_->ApplyDelta(p, e.data), "apply"); ++delta; break;
+        case PageKind::kZeroRun: FERRY_RETURN_IF_ERROR(sink->ZeroPage(p), "apply"); ++zero; break;
+        case PageKind::kFreeRun: FERRY_RETURN_IF_ERROR(sink->FreePage(p), "apply"); ++free; break;
+        case PageKind::kDelta: FERRY_RETURN_IF_ERROR(sink->ApplyDelta(p, e.data), "apply"); ++delta; break;
       }
       last = v.seq;
     }
@@ -272,6 +273,7 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   ram_pages_ = ram_.size / kWirePageSize;
   last_seq_.assign(ram_pages_, 0);
   sink_ = std::make_unique<MemoryPageSink>(ram_);
+  active_sink_.store(sink_.get(), std::memory_order_release);
   ram_ready_.store(true, std::memory_order_release);
   FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kConfigAck, {}), "send CONFIG_ACK");
 
@@ -290,6 +292,10 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
       end = *e;
       t_end_ = NowNs();
       break;
+    } else if (r->type() == RecordType::kPostcopy && (caps_ & kCapPostcopy) && !postcopy_start_) {
+      auto pc = DecodePostcopyStart(r->payload, ram_pages_);
+      if (!pc) return std::unexpected(pc.error());
+      postcopy_start_ = std::move(*pc);
     } else {
       return Errorf(ErrorCode::kCorrupt, "unexpected {} on the control channel", TypeName(*r));
     }
@@ -305,6 +311,10 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   }
   if (pages_applied_ != end.pages)
     return Errorf(ErrorCode::kCorrupt, "END announced {} pages, but {} arrived", end.pages, pages_applied_.load());
+  if (postcopy_start_) {
+    FERRY_RETURN_IF_ERROR(StartPostcopy(), "post-copy");
+    out->postcopy_missing = postcopy_start_->missing_pages;
+  }
   const uint64_t t_restore = NowNs();
   FERRY_RETURN_IF_ERROR(vm->Restore(state), "restore state");
   out->restore_ms = MsFromNs(NowNs() - t_restore);
@@ -314,10 +324,80 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   if (!go) return std::unexpected(go.error());
   if (go->type() != RecordType::kGo) return Errorf(ErrorCode::kCorrupt, "expected GO, got {}", TypeName(*go));
   const uint64_t t_go = NowNs();
+  guest_started_.store(true);
   FERRY_RETURN_IF_ERROR(vm->Start(), "start the guest");
   out->resume_ms = MsFromNs(NowNs() - t_go);
-  // The guest runs: from here on, failures no longer matter to the source's VM.
-  (void)control_->Send(RecordType::kResumed, EncodeU64(static_cast<uint64_t>(out->resume_ms * 1000)));
+  if (!postcopy_) {
+    // The guest runs: from here on, failures no longer matter to the source's VM.
+    (void)control_->Send(RecordType::kResumed, EncodeU64(static_cast<uint64_t>(out->resume_ms * 1000)));
+    return {};
+  }
+  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kResumed, EncodeU64(static_cast<uint64_t>(out->resume_ms * 1000))),
+                        "send RESUMED");
+  auto s = PostcopyLoop(params, out);
+  out->postcopy_ms = MsFromNs(NowNs() - t_go);
+  return s;
+}
+
+// ---------------------------------------------------------------- post-copy
+
+Status IncomingMigration::StartPostcopy() {
+  auto request = [this](uint64_t gfn, uint32_t count) {
+    return control_->Send(RecordType::kPageRequest, Encode(PageRequest{gfn, count}));
+  };
+  auto pc = PostcopyRam::Start(ram_, *postcopy_start_, request);
+  if (!pc) return std::unexpected(pc.error());
+  postcopy_ = std::move(*pc);
+  // No page record is in flight (END's count arrived); from here pages go to the post-copy sink.
+  active_sink_.store(postcopy_.get(), std::memory_order_release);
+  postcopy_active_.store(true, std::memory_order_release);
+  spdlog::info("incoming: post-copy: the guest starts without {} pages", postcopy_start_->missing_pages);
+  return {};
+}
+
+bool IncomingMigration::FoldControl(const Record& r) {
+  if (r.type() != RecordType::kEncodedPages || !postcopy_active_.load(std::memory_order_acquire)) return false;
+  Status s = ApplyRecord(r, ctl_dec_, &ctl_scratch_);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (s) ++ctl_batches_;
+    else if (!data_error_) data_error_ = s.error().WithContext("requested pages");
+  }
+  cv_.notify_all();
+  return static_cast<bool>(s);  // a bad record is queued: the control loop fails on it with data_error_
+}
+
+Status IncomingMigration::PostcopyLoop(const IncomingParams& params, IncomingResult* out) {
+  auto r = control_->Next(params.idle_timeout_ms);
+  if (!r) return std::unexpected(r.error().WithContext("post-copy"));
+  if (r->type() != RecordType::kPostcopyEnd) {
+    if (auto d = CheckDataError(); !d) return std::unexpected(d.error());
+    return Errorf(ErrorCode::kCorrupt, "post-copy: expected POSTCOPY_END, got {}", TypeName(*r));
+  }
+  auto end = DecodeEnd(r->payload);
+  if (!end) return std::unexpected(end.error().WithContext("POSTCOPY_END"));
+  {
+    std::unique_lock<std::mutex> l(mu_);
+    bool ok = cv_.wait_for(l, std::chrono::milliseconds(params.idle_timeout_ms), [&] {
+      return data_error_.has_value() || batches_applied_ + ctl_batches_ >= end->batches;
+    });
+    if (data_error_) return std::unexpected(*data_error_);
+    if (!ok)
+      return Errorf(ErrorCode::kTimeout, "POSTCOPY_END announced {} page records, only {} arrived", end->batches,
+                    batches_applied_ + ctl_batches_);
+    if (batches_applied_ + ctl_batches_ != end->batches)
+      return Errorf(ErrorCode::kCorrupt, "POSTCOPY_END announced {} page records, but {} arrived", end->batches,
+                    batches_applied_ + ctl_batches_);
+  }
+  if (pages_applied_ != end->pages)
+    return Errorf(ErrorCode::kCorrupt, "POSTCOPY_END announced {} pages, but {} arrived", end->pages, pages_applied_.load());
+  if (auto f = postcopy_->failure()) return std::unexpected(*f);
+  FERRY_RETURN_IF_ERROR(postcopy_->Finish(), "post-copy");
+  out->faults = postcopy_->Stats();
+  spdlog::info("incoming: post-copy complete: {} pages, {} demand faults (p50 {} us, p99 {} us), {} local faults, {} duplicates",
+               postcopy_->missing(), out->faults.demand_faults, out->faults.p50_us, out->faults.p99_us, out->faults.local_faults,
+               out->faults.duplicate_pages);
+  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kPostcopyDone, Encode(out->faults)), "send POSTCOPY_DONE");
   return {};
 }
 

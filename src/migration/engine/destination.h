@@ -5,7 +5,15 @@
 // CONFIG, applies page records from every data connection through a PageSink - per page, an
 // entry is applied only if its record's seq is higher than the page's (a delta only onto the
 // exact copy it was made against) - restores STATE after END once every record arrived,
-// reports READY, and runs the guest on GO. Connections that do not belong (bad preamble, wrong
+// reports READY, and runs the guest on GO.
+// Post-copy (kCapPostcopy): a POSTCOPY record before END lists the pages the source has not
+// sent; after every earlier page record is applied they are dropped here, guest RAM goes to a
+// PostcopyRam (userfaultfd: an access to a missing page waits, a PAGE_REQUEST asks the source
+// for it), the state is restored and the guest runs on GO while the rest arrives - pushed on the
+// data connections, requested pages on the control connection. Run() returns once POSTCOPY_END
+// came and every page is in place (POSTCOPY_DONE). If post-copy fails after GO the guest must
+// not run on: guest_started() tells the VMM, which must stop without running it (the
+// missing pages stay registered so nothing reads them as zero). Connections that do not belong (bad preamble, wrong
 // uuid or version, garbage) are refused with an ERROR record and dropped without disturbing
 // the migration.
 //
@@ -25,6 +33,7 @@
 
 #include "common/error.h"
 #include "migration/engine/page_sink.h"
+#include "migration/engine/postcopy_ram.h"
 #include "migration/engine/vm_interface.h"
 #include "migration/protocol/pages.h"
 #include "migration/transport/control_channel.h"
@@ -53,6 +62,10 @@ struct IncomingResult {
   double restore_ms = 0;
   double resume_ms = 0;
   double total_ms = 0;
+  // Post-copy (postcopy_ms = 0: the migration was a pre-copy).
+  uint64_t postcopy_missing = 0;  // pages the guest started without
+  double postcopy_ms = 0;         // GO -> last page in place
+  PostcopyDone faults;
 };
 
 class IncomingMigration {
@@ -65,6 +78,10 @@ class IncomingMigration {
   Result<IncomingResult> Run(DestinationVm* vm, const IncomingParams& params = {});
   // Thread-safe: makes Run() fail promptly (operator interrupt).
   void Abort();
+  // True once the guest was started (GO) - also when Run() then failed in post-copy: the VMM
+  // must then stop without running the guest again.
+  bool guest_started() const { return guest_started_.load(); }
+  bool postcopy_pending() const { return postcopy_ != nullptr && !postcopy_->complete(); }
 
  private:
   explicit IncomingMigration(std::unique_ptr<Listener> l) : listener_(std::move(l)) {}
@@ -75,6 +92,10 @@ class IncomingMigration {
   Status ApplyEntries(const PagesView& v);
   void ProgressLoop();
   Status ControlLoop(DestinationVm* vm, const IncomingParams& params, IncomingResult* out);
+  Status StartPostcopy();
+  Status PostcopyLoop(const IncomingParams& params, IncomingResult* out);
+  // Control-channel fold (reader thread, channel lock held): pages requested in post-copy.
+  bool FoldControl(const Record& r);
   void DataFailed(const Error& e);
   Status CheckDataError();
   void Cleanup();
@@ -103,6 +124,16 @@ class IncomingMigration {
   RamView ram_;
   uint64_t ram_pages_ = 0;
   std::unique_ptr<PageSink> sink_;
+  // Post-copy: the missing pages (POSTCOPY), then the sink that places them. active_sink_ is
+  // sink_ or postcopy_, switched while no page record is being applied (all announced ones are).
+  std::optional<PostcopyStart> postcopy_start_;  // control thread only
+  std::unique_ptr<PostcopyRam> postcopy_;
+  std::atomic<PageSink*> active_sink_{nullptr};
+  std::atomic<bool> postcopy_active_{false};
+  std::atomic<bool> guest_started_{false};
+  Decompressor ctl_dec_;                // control reader thread only
+  std::vector<uint8_t> ctl_scratch_;    // control reader thread only
+  uint64_t ctl_batches_ = 0;            // GUARDED_BY(mu_): page records applied from the control connection
   static constexpr size_t kStripes = 256;
   std::mutex stripes_[kStripes];
   std::vector<uint64_t> last_seq_;  // GUARDED_BY(stripes_[gfn % kStripes])

@@ -102,6 +102,7 @@ TEST(MigrationEngine, NonConvergencePolicies) {
     p.downtime_ms = 1;
     p.stall_rounds = 2;
     p.policy = policy;
+    p.mode = MigrationMode::kPrecopy;  // converge_policy is mode precopy's (auto would switch to post-copy)
     auto m = SourceMigration::Start(&src, p);
     m->Wait();
     in.thread.join();

@@ -9,6 +9,15 @@ namespace ferry::migration {
 
 uint64_t DefaultDeltaCache(uint64_t ram_bytes) { return std::min<uint64_t>(ram_bytes / 4, 256ull << 20) / 4096 * 4096; }
 
+std::string_view ModeName(MigrationMode m) {
+  switch (m) {
+    case MigrationMode::kAuto: return "auto";
+    case MigrationMode::kPrecopy: return "precopy";
+    case MigrationMode::kPostcopy: return "postcopy";
+  }
+  return "?";
+}
+
 Result<SourceParams> ParseSourceParams(const nlohmann::json& body) {
   if (!body.is_object()) return Errorf(ErrorCode::kInvalidArgument, "request body must be a JSON object");
   SourceParams p;
@@ -31,6 +40,12 @@ Result<SourceParams> ParseSourceParams(const nlohmann::json& body) {
       if (!ep) return std::unexpected(ep.error());
       if (ep->host.empty() || ep->port == 0) return Errorf(ErrorCode::kInvalidArgument, "\"to\": '{}' needs a host and a port", p.to);
       have_to = true;
+    } else if (k == "mode") {
+      const std::string m = v.is_string() ? v.get<std::string>() : "";
+      if (m == "auto") p.mode = MigrationMode::kAuto;
+      else if (m == "precopy") p.mode = MigrationMode::kPrecopy;
+      else if (m == "postcopy") p.mode = MigrationMode::kPostcopy;
+      else return Errorf(ErrorCode::kInvalidArgument, "\"mode\" must be \"auto\", \"precopy\" or \"postcopy\"");
     } else if (k == "channels") {
       FERRY_RETURN_IF_ERROR(get_uint(k, 1, kMaxChannels, &x), "migrate");
       p.channels = static_cast<uint32_t>(x);

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 #include <nlohmann/json.hpp>
 
@@ -14,8 +15,15 @@
 
 namespace ferry::migration {
 
+// auto: pre-copy that switches to post-copy by itself when it would not reach a small pause in
+// reasonable time (and the destination can do post-copy); precopy: never post-copy (the
+// converge policy decides); postcopy: one pre-copy pass, then post-copy.
+enum class MigrationMode { kAuto, kPrecopy, kPostcopy };
+std::string_view ModeName(MigrationMode m);
+
 struct SourceParams {
   std::string to;                 // tcp:HOST:PORT
+  MigrationMode mode = MigrationMode::kAuto;  // "mode": auto | precopy | postcopy
   uint32_t channels = 4;          // data connections (1..16)
   uint64_t downtime_ms = 300;     // target VMM downtime
   uint64_t max_bandwidth = 0;     // bytes/s over all channels while the guest runs, 0 = unlimited

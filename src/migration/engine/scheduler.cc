@@ -152,4 +152,34 @@ bool PageScheduler::NextBatch(const BatchLimits& limits, Batch* out) {
   return !out->runs.empty();
 }
 
+uint64_t PageScheduler::TakeAllPending(PageBitmap* scan, std::vector<PageRun>* nodata, uint32_t max_run) {
+  scan->assign((pages_ + 63) / 64, 0);
+  nodata->clear();
+  uint64_t n = 0;
+  for (uint64_t p = 0; p < pages_; ++p) {
+    const uint8_t s = state_[p];
+    if (!(s & kPending)) continue;
+    if (s & (kFree | kZero)) {
+      const RunKind kind = (s & kFree) ? RunKind::kFree : RunKind::kZero;
+      if (!nodata->empty() && nodata->back().kind == kind && nodata->back().gfn + nodata->back().count == p &&
+          nodata->back().count < max_run)
+        ++nodata->back().count;
+      else
+        nodata->push_back(PageRun{p, 1, kind, (s & kSent) != 0});
+    } else {
+      SetPage(*scan, p);
+      ++n;
+    }
+    state_[p] = static_cast<uint8_t>((s & ~(kPending | kZero)) | kSent);
+  }
+  pending_ = 0;
+  order_.clear();
+  order_class_.clear();
+  deferred_.clear();
+  cursor_run_ = 0;
+  cursor_page_ = 0;
+  deferred_cursor_ = 0;
+  return n;
+}
+
 }  // namespace ferry::migration

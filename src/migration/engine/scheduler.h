@@ -81,6 +81,10 @@ class PageScheduler {
   // Hands out the next pages of the pass; false when the pass is over.
   bool NextBatch(const BatchLimits& limits, Batch* out);
   const PassStats& pass() const { return pass_; }
+  // Post-copy: hands out every page pending now (held back ones too) and ends the pass. Pages to
+  // read go to `scan` (a bitmap), known-zero and free pages to `nodata` as runs of at most
+  // max_run pages. Returns how many pages went to `scan`.
+  uint64_t TakeAllPending(PageBitmap* scan, std::vector<PageRun>* nodata, uint32_t max_run);
   uint64_t pending() const { return pending_; }
   uint64_t pages() const { return pages_; }
   const LayeringConfig& config() const { return cfg_; }

@@ -59,6 +59,7 @@ std::string_view MigrationStatusName(MigrationStatus s) {
     case MigrationStatus::kSetup: return "setup";
     case MigrationStatus::kActive: return "active";
     case MigrationStatus::kDevice: return "device";
+    case MigrationStatus::kPostcopy: return "postcopy-active";
     case MigrationStatus::kCompleted: return "completed";
     case MigrationStatus::kFailed: return "failed";
     case MigrationStatus::kCancelled: return "cancelled";
@@ -93,9 +94,29 @@ void SourceMigration::Wait() {
 }
 
 void SourceMigration::Shutdown() {
+  {
+    std::lock_guard<std::mutex> l(req_mu_);
+    responder_stop_ = true;
+  }
+  req_cv_.notify_all();
+  if (responder_.joinable() && responder_.get_id() != std::this_thread::get_id()) responder_.join();
   std::lock_guard<std::mutex> l(ctl_mu_);
   if (pool_) pool_->Cancel(Error(ErrorCode::kCancelled, "migration ended"));
   if (control_) control_->Shutdown();
+}
+
+Status SourceMigration::StartPostcopy() {
+  std::lock_guard<std::mutex> l(commit_mu_);
+  const MigrationStatus st = status();
+  if (IsFinal(st)) return Errorf(ErrorCode::kBusy, "migration already {}", MigrationStatusName(st));
+  if (params_.mode == MigrationMode::kPrecopy) return Errorf(ErrorCode::kInvalidArgument, "this migration runs in mode precopy");
+  if (st == MigrationStatus::kSetup) return Errorf(ErrorCode::kBusy, "migration is still connecting; ask again once it is active");
+  if (st != MigrationStatus::kActive || postcopy_requested_)
+    return Errorf(ErrorCode::kBusy, "migration is past pre-copy (status {})", MigrationStatusName(st));
+  if (!(caps_.load() & kCapPostcopy)) return Errorf(ErrorCode::kUnsupported, "the destination cannot do post-copy");
+  postcopy_requested_.store(true);
+  spdlog::info("migration {}: post-copy requested", FormatUuid(uuid_));
+  return {};
 }
 
 Status SourceMigration::Cancel() {
@@ -133,6 +154,7 @@ void SourceMigration::Run() {
       case Phase::kIterate: next = Round(); break;
       case Phase::kStopCopy: next = StopAndCopy(); break;
       case Phase::kCommit: next = Commit(); break;
+      case Phase::kPostcopy: next = Postcopy(); break;
       case Phase::kDone: break;
     }
     SampleCpu();
@@ -148,7 +170,7 @@ void SourceMigration::Run() {
     }
     phase = *next;
     if (phase == Phase::kIterate) SetStatus(MigrationStatus::kActive);
-    if (phase == Phase::kStopCopy) SetStatus(MigrationStatus::kDevice);
+    if (phase == Phase::kStopCopy || phase == Phase::kPostcopy) SetStatus(MigrationStatus::kDevice);
   }
   {
     std::lock_guard<std::mutex> l(stats_mu_);
@@ -215,6 +237,7 @@ Status SourceMigration::Handshake(const Endpoint& ep, uint32_t version) {
   if (cm.automatic || cm.codec == Compression::kLz4) want |= kCapLz4;
   if (cm.automatic || cm.codec == Compression::kZstd) want |= kCapZstd;
   if (params_.delta_cache != 0) want |= kCapDelta;
+  if (params_.mode != MigrationMode::kPrecopy) want |= kCapPostcopy;
   want = NegotiateCaps(version, want);
   {
     std::lock_guard<std::mutex> l(ctl_mu_);
@@ -222,6 +245,18 @@ Status SourceMigration::Handshake(const Endpoint& ep, uint32_t version) {
     control_ = std::make_unique<ControlChannel>(std::move(*sock));
   }
   control_->Start([this](const Record& r) {
+    if (r.type() == RecordType::kPageRequest) {
+      auto rq = DecodePageRequest(r.payload, pages_);
+      if (!rq) return false;  // queued: fails the next wait
+      {
+        std::lock_guard<std::mutex> l(req_mu_);
+        requests_.push_back(*rq);
+      }
+      last_request_.store(rq->gfn);
+      requests_seen_.fetch_add(1);
+      req_cv_.notify_all();
+      return true;
+    }
     if (r.type() != RecordType::kProgress) return false;
     auto pr = DecodeProgress(r.payload);
     if (pr) dest_applied_ = std::max(dest_applied_, pr->batches);
@@ -256,6 +291,10 @@ Result<SourceMigration::Phase> SourceMigration::Connect() {
     hs = Handshake(*ep, kMinProtocolVersion);
   }
   if (!hs) return std::unexpected(hs.error());
+  if (params_.mode == MigrationMode::kPostcopy && !(caps_ & kCapPostcopy))
+    return Errorf(ErrorCode::kUnsupported, "mode postcopy: the destination cannot do post-copy (protocol v{}, capabilities {})", version_.load(),
+                  CapNames(caps_).dump());
+  policy_cfg_.allow_postcopy = params_.mode == MigrationMode::kAuto && (caps_ & kCapPostcopy);
   spdlog::info("migration {}: protocol v{}, capabilities {}", FormatUuid(uuid_), version_, CapNames(caps_).dump());
 
   std::vector<std::unique_ptr<Socket>> data;
@@ -317,6 +356,7 @@ Result<uint64_t> SourceMigration::SendPass(bool final, uint64_t holdback_budget)
   Batch b;
   while (scheduler_->NextBatch(limits, &b)) {
     FERRY_RETURN_IF_ERROR(pool_->Submit(std::move(b)), "send pages");
+    if (!final && postcopy_requested_) break;  // the rest goes in post-copy
     b = Batch{};
     if (sample && NowNs() >= next_sample) {
       scheduler_->SetHoldbackBudget(HoldbackBudget());
@@ -375,6 +415,7 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
   auto sampled = SendPass(false, HoldbackBudget());
   if (!sampled) return std::unexpected(sampled.error().WithContext(fmt::format("iteration {}", it)));
   const PassStats pass = scheduler_->pass();
+  if (postcopy_requested_) return Phase::kPostcopy;
   FERRY_RETURN_IF_ERROR(pool_->Flush(), fmt::format("iteration {}", it));
   // Measure the round end to end (socket buffers can hold many MiB the destination has not
   // applied yet) and never pause the VM with a backlog in flight: it would all be downtime.
@@ -440,6 +481,7 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
                static_cast<double>(bytes) / (1 << 20), MsFromNs(ns), bytes_per_page_, m.remaining_pages, d.predicted_downtime_ms,
                d.reason);
   ++round_;
+  if (params_.mode == MigrationMode::kPostcopy || postcopy_requested_) return Phase::kPostcopy;
   switch (d.kind) {
     case DecisionKind::kIterate: return Phase::kIterate;
     case DecisionKind::kStop:
@@ -458,9 +500,12 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
       converged_ = false;
       return Errorf(ErrorCode::kTimeout, "{}", d.reason);
     }
-    case DecisionKind::kPostcopy: break;
+    case DecisionKind::kPostcopy:
+      if (!(caps_ & kCapPostcopy)) break;
+      spdlog::info("migration: {}", d.reason);
+      return Phase::kPostcopy;
   }
-  return Errorf(ErrorCode::kUnsupported, "the policy asked for post-copy, which this engine does not offer");
+  return Errorf(ErrorCode::kUnsupported, "the policy asked for post-copy, which the destination does not offer");
 }
 
 Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
@@ -539,6 +584,180 @@ Result<SourceMigration::Phase> SourceMigration::Commit() {
   return Phase::kDone;
 }
 
+// ---------------------------------------------------------------- post-copy
+
+Result<SourceMigration::Phase> SourceMigration::Postcopy() {
+  const uint64_t t_pause = NowNs();
+  {
+    std::lock_guard<std::mutex> l(stats_mu_);
+    pause_ns_ = t_pause;
+    mode_ran_ = "postcopy";
+  }
+  FERRY_RETURN_IF_ERROR(vm_->Pause(), "pause source VM");
+  paused_by_us_ = true;
+  if (cpu_share_set_ != 1.0) {
+    (void)vm_->SetCpuShare(1.0);
+    cpu_share_set_ = 1.0;
+  }
+  PageBitmap dirty, freed;
+  ram_.dirty->Harvest(&dirty, &freed);
+  scheduler_->AddHarvest(dirty, freed);
+  pool_->LiftRateLimit();
+  FERRY_RETURN_IF_ERROR(pool_->Flush(), "post-copy switch");
+  // Pages known to be zero or free cost nothing to send: they go now, as runs. The rest is missing.
+  std::vector<PageRun> nodata;
+  pc_missing_count_ = scheduler_->TakeAllPending(&pc_missing_, &nodata, 1u << 16);
+  for (size_t i = 0; i < nodata.size(); i += kBatchEntries) {
+    Batch b;
+    b.runs.assign(nodata.begin() + static_cast<ptrdiff_t>(i), nodata.begin() + static_cast<ptrdiff_t>(std::min(nodata.size(), i + kBatchEntries)));
+    FERRY_RETURN_IF_ERROR(pool_->Submit(std::move(b)), "post-copy switch");
+  }
+  // The destination drops its copies of the missing pages: no delta may refer to them.
+  if (cache_ && cache_->enabled())
+    for (uint64_t p = 0; p < pages_; ++p)
+      if (TestPage(pc_missing_, p)) cache_->Erase(p);
+  pc_claimed_.reset(new std::atomic<uint64_t>[pc_missing_.size()]);
+  for (size_t i = 0; i < pc_missing_.size(); ++i) pc_claimed_[i].store(0, std::memory_order_relaxed);
+  FERRY_RETURN_IF_ERROR(pool_->Flush(), "post-copy switch");
+  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kPostcopy, Encode(PostcopyStart{pages_, pc_missing_count_, pc_missing_})),
+                        "send POSTCOPY");
+  responder_ = std::thread([this] { Responder(); });
+  auto state = vm_->SaveState();
+  if (!state) return std::unexpected(state.error().WithContext("save VM state"));
+  uint64_t state_bytes = 0;
+  for (const auto& rec : *state) {
+    FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kState, Encode(rec)), "send state");
+    state_bytes += rec.blob.size();
+  }
+  const EncodeTally t = pool_->tally();
+  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kEnd, Encode(End{t.records, t.pages})), "send END");
+  const uint64_t t_end = NowNs();
+  auto ready = control_->Await(RecordType::kReady, params_.reply_timeout_ms);
+  if (!ready) return std::unexpected(ready.error().WithContext("waiting for the destination to restore"));
+  spdlog::info("migration: post-copy switch: {} pages missing, {} bytes of state, destination READY after {:.2f} ms",
+               pc_missing_count_, state_bytes, MsFromNs(NowNs() - t_end));
+  {
+    std::lock_guard<std::mutex> l(stats_mu_);
+    final_pages_ms_ = MsFromNs(t_end - t_pause);
+    state_ms_ = MsFromNs(NowNs() - t_end);
+    postcopy_pages_ = pc_missing_count_;
+    history_.push_back({{"iteration", iterations_}, {"postcopy", true}, {"missing_pages", pc_missing_count_},
+                        {"state_bytes", state_bytes}, {"ms", final_pages_ms_}});
+  }
+  auto committed = Commit();  // GO: the guest runs on the destination from here
+  if (!committed) return std::unexpected(committed.error());
+  {
+    std::lock_guard<std::mutex> l(stats_mu_);
+    go_ns_ = NowNs();
+  }
+  SetStatus(MigrationStatus::kPostcopy);
+  FERRY_RETURN_IF_ERROR(PushMissing(), "post-copy push");
+  {
+    std::unique_lock<std::mutex> l(req_mu_);
+    req_cv_.wait(l, [&] { return !responder_busy_ || responder_error_; });
+    responder_stop_ = true;
+  }
+  req_cv_.notify_all();
+  responder_.join();
+  EncodeTally rt;
+  {
+    std::lock_guard<std::mutex> l(req_mu_);
+    if (responder_error_) return std::unexpected(*responder_error_);
+    rt = responder_tally_;
+  }
+  const EncodeTally all = pool_->tally();
+  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kPostcopyEnd, Encode(End{all.records + rt.records, all.pages + rt.pages})),
+                        "send POSTCOPY_END");
+  auto done = control_->Await(RecordType::kPostcopyDone, params_.reply_timeout_ms);
+  if (!done) return std::unexpected(done.error().WithContext("waiting for POSTCOPY_DONE"));
+  auto d = DecodePostcopyDone(done->payload);
+  if (!d) return std::unexpected(d.error());
+  std::lock_guard<std::mutex> l(stats_mu_);
+  pc_done_ = *d;
+  postcopy_ms_ = MsFromNs(NowNs() - go_ns_);
+  spdlog::info("migration: post-copy done in {:.1f} ms: {} pages, {} demand faults (p50 {} us, p99 {} us), {} requested records",
+               postcopy_ms_, pc_missing_count_, d->demand_faults, d->p50_us, d->p99_us, rt.records);
+  return Phase::kDone;
+}
+
+Status SourceMigration::PushMissing() {
+  uint64_t cursor = 0, seen = requests_seen_.load();
+  for (;;) {
+    if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled");
+    if (const uint64_t n = requests_seen_.load(); n != seen) {
+      // Follow the guest: continue right after the page it asked for last.
+      seen = n;
+      const uint64_t g = last_request_.load();
+      if (g < pages_) cursor = (g + 1) % pages_;
+    }
+    Batch b;
+    uint64_t taken = 0, scanned = 0;
+    while (taken < kBatchScanPages && scanned < pages_) {
+      const uint64_t w = cursor / 64;
+      if (cursor % 64 == 0 && (pc_missing_[w] & ~pc_claimed_[w].load(std::memory_order_relaxed)) == 0) {
+        const uint64_t step = std::min<uint64_t>(64, pages_ - cursor);
+        scanned += step;
+        cursor = (cursor + step) % pages_;
+        continue;
+      }
+      const uint64_t p = cursor;
+      cursor = (cursor + 1) % pages_;
+      ++scanned;
+      if (!TestPage(pc_missing_, p) || !Claim(p)) continue;
+      if (!b.runs.empty() && b.runs.back().gfn + b.runs.back().count == p) ++b.runs.back().count;
+      else b.runs.push_back(PageRun{p, 1, RunKind::kScan, true});
+      ++taken;
+    }
+    if (taken == 0) break;
+    FERRY_RETURN_IF_ERROR(pool_->Submit(std::move(b)), "send pages");
+  }
+  return pool_->Flush();
+}
+
+void SourceMigration::Responder() {
+  PageEncoder enc(ram_.host, {version_.load(), caps_.load() & ~kCapDelta}, nullptr, selector_.get());
+  for (;;) {
+    PageRequest rq;
+    {
+      std::unique_lock<std::mutex> l(req_mu_);
+      req_cv_.wait(l, [&] { return responder_stop_ || !requests_.empty(); });
+      // Stopped: every page is on the wire already (the push is complete), queued requests too.
+      if (responder_stop_) return;
+      rq = requests_.front();
+      requests_.pop_front();
+      responder_busy_ = true;
+    }
+    Status s = SendRequested(rq.gfn, rq.count, &enc);
+    {
+      std::lock_guard<std::mutex> l(req_mu_);
+      responder_busy_ = false;
+      if (!s && !responder_error_) responder_error_ = s.error().WithContext("send requested pages");
+    }
+    req_cv_.notify_all();
+    if (!s) {
+      control_->Interrupt(s.error());
+      return;
+    }
+  }
+}
+
+Status SourceMigration::SendRequested(uint64_t gfn, uint32_t count, PageEncoder* enc) {
+  std::vector<PageRun> runs;
+  for (uint64_t p = gfn; p < gfn + count; ++p) {
+    if (!TestPage(pc_missing_, p)) continue;  // not missing: the destination resolves it itself
+    (void)Claim(p);  // sent now even if the push claimed it: it may be queued behind megabytes
+    if (!runs.empty() && runs.back().gfn + runs.back().count == p) ++runs.back().count;
+    else runs.push_back(PageRun{p, 1, RunKind::kScan, true});
+  }
+  if (runs.empty()) return {};
+  EncodeTally t;
+  const std::span<const uint8_t> rec = enc->Encode(runs, pool_->TakeSeq(), &t);
+  FERRY_RETURN_IF_ERROR(control_->socket().WriteAll(rec), "control channel");
+  std::lock_guard<std::mutex> l(req_mu_);
+  responder_tally_.Add(t);
+  return {};
+}
+
 // ---------------------------------------------------------------- stats
 
 nlohmann::json SourceMigration::Stats() const {
@@ -607,6 +826,11 @@ nlohmann::json SourceMigration::Stats() const {
     j["downtime_phases"] = {{"final_pages_ms", final_pages_ms_}, {"state_ms", state_ms_}, {"resume_ms", resume_ms_}};
     j["remaining_bytes"] = 0;
   }
+  j["mode"] = mode_ran_;
+  j["postcopy_ms"] = postcopy_ms_;
+  j["postcopy_pages"] = postcopy_pages_;
+  j["demand_faults"] = pc_done_.demand_faults;
+  j["fault_latency_ms"] = {{"p50", pc_done_.p50_us / 1000.0}, {"p99", pc_done_.p99_us / 1000.0}, {"max", pc_done_.max_us / 1000.0}};
   if (!error_.empty()) j["error"] = error_;
   return j;
 }

@@ -13,9 +13,18 @@
 //              throttle
 //   kStopCopy  pause, every page still pending (dirty + held back), STATE records, END; READY
 //   kCommit    GO - the commit point - then RESUMED
+//   kPostcopy  (instead of kStopCopy + kCommit; protocol v2 with kCapPostcopy) pause, the pending
+//              known-zero and free pages as runs, POSTCOPY with the pages still to send, STATE,
+//              END; READY; GO (the commit point); RESUMED - the guest runs on the destination -
+//              then every missing page: pushed on the data channels starting after the latest
+//              requested page (locality), while a responder thread answers PAGE_REQUESTs on the
+//              control connection at once; POSTCOPY_END; POSTCOPY_DONE. Entered when the
+//              operator asks (StartPostcopy), in mode postcopy after the first pass, or when the
+//              policy decides so in mode auto.
 //   then a final status: completed | failed | cancelled | failed-unknown
 // Any failure before GO resumes the source VM (and restores full vCPU speed). After GO a lost
-// connection leaves the source paused: status "failed-unknown" (docs/protocol.md).
+// connection leaves the source paused: status "failed-unknown" (docs/protocol.md); in
+// post-copy the source then still holds every page it has not sent.
 //
 // Threading: Start() spawns the migration thread; the control channel has a reader thread and
 // the channel pool one worker per data connection, all for the whole migration. Stats() and
@@ -23,6 +32,8 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -40,12 +51,13 @@
 #include "migration/engine/policy.h"
 #include "migration/engine/scheduler.h"
 #include "migration/engine/vm_interface.h"
+#include "migration/protocol/postcopy.h"
 #include "migration/transport/control_channel.h"
 #include "migration/transport/tcp.h"
 
 namespace ferry::migration {
 
-enum class MigrationStatus { kSetup, kActive, kDevice, kCompleted, kFailed, kCancelled, kFailedUnknown };
+enum class MigrationStatus { kSetup, kActive, kDevice, kPostcopy, kCompleted, kFailed, kCancelled, kFailedUnknown };
 std::string_view MigrationStatusName(MigrationStatus s);
 inline bool IsFinal(MigrationStatus s) { return s >= MigrationStatus::kCompleted; }
 
@@ -66,9 +78,12 @@ class SourceMigration {
   Status Cancel();
   // Blocks until the migration reached a final status.
   void Wait();
+  // Switches a running pre-copy to post-copy (as QEMU's migrate-start-postcopy): the current pass
+  // ends early and the guest moves to the destination with the rest of its pages missing.
+  Status StartPostcopy();
 
  private:
-  enum class Phase { kConnect, kIterate, kStopCopy, kCommit, kDone };
+  enum class Phase { kConnect, kIterate, kStopCopy, kCommit, kPostcopy, kDone };
 
   SourceMigration(SourceVm* vm, SourceParams params);
   void Run();
@@ -77,6 +92,16 @@ class SourceMigration {
   Result<Phase> Round();
   Result<Phase> StopAndCopy();
   Result<Phase> Commit();
+  Result<Phase> Postcopy();
+  // Post-copy helpers: the responder thread's loop, pages to a control-connection record, the
+  // background push.
+  void Responder();
+  Status SendRequested(uint64_t gfn, uint32_t count, PageEncoder* enc);
+  Status PushMissing();
+  bool Claim(uint64_t p) {
+    const uint64_t bit = 1ull << (p % 64);
+    return !(pc_claimed_[p / 64].fetch_or(bit, std::memory_order_relaxed) & bit);
+  }
   // Runs one pass of the scheduler into the channel pool (sampling the dirty log inside long
   // passes); returns the pages those samples marked.
   Result<uint64_t> SendPass(bool final, uint64_t holdback_budget);
@@ -130,12 +155,35 @@ class SourceMigration {
   std::mutex commit_mu_;
   bool committed_ = false;  // GUARDED_BY(commit_mu_)
 
+  // Post-copy. The missing set is fixed before POSTCOPY is sent; claims are atomic (a page is
+  // pushed once; a requested page is sent at once even if claimed, the destination drops the
+  // second copy).
+  std::atomic<bool> postcopy_requested_{false};
+  PageBitmap pc_missing_;
+  uint64_t pc_missing_count_ = 0;
+  std::unique_ptr<std::atomic<uint64_t>[]> pc_claimed_;
+  std::thread responder_;
+  std::mutex req_mu_;
+  std::condition_variable req_cv_;
+  std::deque<PageRequest> requests_;       // GUARDED_BY(req_mu_)
+  bool responder_stop_ = false;            // GUARDED_BY(req_mu_)
+  bool responder_busy_ = false;            // GUARDED_BY(req_mu_)
+  std::optional<Error> responder_error_;   // GUARDED_BY(req_mu_)
+  EncodeTally responder_tally_;            // GUARDED_BY(req_mu_)
+  std::atomic<uint64_t> last_request_{UINT64_MAX};  // gfn of the latest request (push locality)
+  std::atomic<uint64_t> requests_seen_{0};
+
   // Statistics. GUARDED_BY(stats_mu_) unless atomic.
   mutable std::mutex stats_mu_;
   uint64_t start_ns_ = 0, setup_ns_ = 0, end_ns_ = 0;
   uint64_t pause_ns_ = 0;
   double final_pages_ms_ = 0, state_ms_ = 0, resume_ms_ = 0, downtime_ms_ = 0;
   double expected_downtime_ms_ = 0, bandwidth_bps_ = 0, dirty_rate_ = 0, rtt_ms_ = 0;
+  std::string mode_ran_ = "precopy";
+  uint64_t go_ns_ = 0;
+  double postcopy_ms_ = 0;
+  uint64_t postcopy_pages_ = 0;
+  PostcopyDone pc_done_;
   uint64_t remaining_pages_ = 0, iterations_ = 0, held_back_total_ = 0;
   bool converged_ = true;
   std::string error_;

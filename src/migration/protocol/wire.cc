@@ -65,11 +65,15 @@ std::string_view RecordTypeName(RecordType t) {
     case RecordType::kCancel: return "CANCEL";
     case RecordType::kProgress: return "PROGRESS";
     case RecordType::kEncodedPages: return "ENCODED_PAGES";
+    case RecordType::kPostcopy: return "POSTCOPY";
+    case RecordType::kPageRequest: return "PAGE_REQUEST";
+    case RecordType::kPostcopyEnd: return "POSTCOPY_END";
+    case RecordType::kPostcopyDone: return "POSTCOPY_DONE";
   }
   return "UNKNOWN";
 }
 
-bool IsKnownRecordType(uint16_t t) { return t >= 1 && t <= 15; }
+bool IsKnownRecordType(uint16_t t) { return t >= 1 && t <= 19; }
 
 Uuid NewUuid() {
   Uuid u{};

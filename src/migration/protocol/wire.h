@@ -42,6 +42,8 @@ enum class RecordType : uint16_t {
   kHello = 1, kHelloAck = 2, kDataHello = 3, kConfig = 4, kConfigAck = 5, kPages = 6, kState = 7,
   kEnd = 8, kReady = 9, kGo = 10, kResumed = 11, kError = 12, kCancel = 13, kProgress = 14,
   kEncodedPages = 15,  // version 2 only
+  // Post-copy (version 2 with kCapPostcopy; postcopy.h):
+  kPostcopy = 16, kPageRequest = 17, kPostcopyEnd = 18, kPostcopyDone = 19,
 };
 std::string_view RecordTypeName(RecordType t);
 bool IsKnownRecordType(uint16_t t);
@@ -153,8 +155,12 @@ inline constexpr uint64_t kCapLz4 = 1ull << 2;       // lz4-compressed bodies
 inline constexpr uint64_t kCapZstd = 1ull << 3;      // zstd-compressed bodies
 inline constexpr uint64_t kCapDelta = 1ull << 4;     // DELTA entries (XBZRLE against the last copy sent)
 inline constexpr uint64_t kCapFreePages = 1ull << 5; // FREE_RUN entries (pages the guest reported free)
+// kCapPostcopy: the destination can run the guest before every page arrived (POSTCOPY,
+// PAGE_REQUEST, POSTCOPY_END, POSTCOPY_DONE; docs/protocol.md "Post-copy").
+inline constexpr uint64_t kCapPostcopy = 1ull << 6;
 inline constexpr uint64_t kCapsV1 = kCapProgress;
-inline constexpr uint64_t kCapsSupported = kCapProgress | kCapZeroRuns | kCapLz4 | kCapZstd | kCapDelta | kCapFreePages;
+inline constexpr uint64_t kCapsSupported =
+    kCapProgress | kCapZeroRuns | kCapLz4 | kCapZstd | kCapDelta | kCapFreePages | kCapPostcopy;
 // What a peer of `version` may acknowledge out of `offered`.
 inline uint64_t NegotiateCaps(uint32_t version, uint64_t offered, uint64_t supported = kCapsSupported) {
   return offered & supported & (version >= 2 ? kCapsSupported : kCapsV1);
