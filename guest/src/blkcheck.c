@@ -1,7 +1,12 @@
-/* blkcheck:mode=write|verify,seed=S,mib=M[,dev=/dev/vda]
+/* blkcheck:mode=write|verify,seed=S,mib=M[,dev=/dev/vda][,repeat=N,delay_ms=D]
  * Layout: sector 0 = header {"FERRYBLK", u64 seed, u64 length, u64 checksum}; data at offset 4096 =
- * splitmix64 words seeded with `seed`; checksum = FNV-1a 64 over the data bytes. */
+ * splitmix64 words seeded with `seed`; checksum = FNV-1a 64 over the data bytes.
+ * verify with repeat=N: N passes D ms apart, each after dropping the device's page cache (BLKFLSBUF), so
+ * every pass reads the disk again by DMA into freshly allocated page cache pages; a line every 5 s. */
 #include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -36,14 +41,33 @@ int main(int argc, char **argv) {
     say("blkcheck written crc=%016llx", (unsigned long long)sum);
     return 0;
   }
+  long long repeat = opt_int(a, "repeat", 1), delay_ms = opt_int(a, "delay_ms", 0);
+  if (repeat < 1) repeat = 1;
   unsigned char hdr[32], *got = malloc(len);
-  if (pread(fd, hdr, 32, 0) != 32 || memcmp(hdr, "FERRYBLK", 8) != 0) { say("blkcheck FAIL no header"); return 1; }
-  uint64_t hseed, hlen, hsum;
-  memcpy(&hseed, hdr + 8, 8); memcpy(&hlen, hdr + 16, 8); memcpy(&hsum, hdr + 24, 8);
-  if (hseed != seed || hlen != len) { say("blkcheck FAIL header seed/len mismatch"); return 1; }
-  if (pread(fd, got, len, 4096) != (ssize_t)len) { say("blkcheck FAIL read error"); return 1; }
-  uint64_t gsum = fnv(1469598103934665603ull, got, len);
-  if (gsum != sum || hsum != sum) { say("blkcheck FAIL crc=%016llx expected=%016llx", (unsigned long long)gsum, (unsigned long long)sum); return 1; }
-  say("blkcheck ok crc=%016llx", (unsigned long long)gsum);
+  struct timespec t0, now;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  for (long long pass = 1; pass <= repeat; pass++) {
+    if (repeat > 1) (void)ioctl(fd, BLKFLSBUF, 0);
+    if (pread(fd, hdr, 32, 0) != 32 || memcmp(hdr, "FERRYBLK", 8) != 0) { say("blkcheck FAIL no header pass=%lld", pass); return 1; }
+    uint64_t hseed, hlen, hsum;
+    memcpy(&hseed, hdr + 8, 8); memcpy(&hlen, hdr + 16, 8); memcpy(&hsum, hdr + 24, 8);
+    if (hseed != seed || hlen != len) { say("blkcheck FAIL header seed/len mismatch pass=%lld", pass); return 1; }
+    memset(got, 0, len);
+    if (pread(fd, got, len, 4096) != (ssize_t)len) { say("blkcheck FAIL read error pass=%lld", pass); return 1; }
+    uint64_t gsum = fnv(1469598103934665603ull, got, len);
+    if (gsum != sum || hsum != sum) {
+      say("blkcheck FAIL crc=%016llx expected=%016llx pass=%lld", (unsigned long long)gsum, (unsigned long long)sum, pass);
+      return 1;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (repeat == 1 || pass == repeat || now.tv_sec - t0.tv_sec >= 5) {
+      say("blkcheck ok crc=%016llx passes=%lld", (unsigned long long)gsum, pass);
+      t0 = now;
+    }
+    if (delay_ms > 0 && pass < repeat) {
+      struct timespec d = {delay_ms / 1000, (delay_ms % 1000) * 1000000L};
+      nanosleep(&d, 0);
+    }
+  }
   return 0;
 }

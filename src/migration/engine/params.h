@@ -27,7 +27,8 @@ struct SourceParams {
   uint32_t channels = 4;          // data connections (1..16)
   uint64_t downtime_ms = 300;     // target VMM downtime
   uint64_t max_bandwidth = 0;     // bytes/s over all channels while the guest runs, 0 = unlimited
-                                  // (the stop-and-copy goes at full speed, as in QEMU)
+                                  // (the stop-and-copy goes at full speed, as in QEMU; the
+                                  // post-copy push is limited, pages the guest waits for are not)
   // Not converging = the remaining dirty set did not shrink by 10% for `stall_rounds`
   // rounds. force: stop-and-copy anyway (reports the expected downtime); fail: give up
   // (source keeps running); continue: keep iterating up to max_iterations, then fail.

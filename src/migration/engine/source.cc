@@ -46,7 +46,8 @@ PageBitmap HoleMap(int fd, uint64_t size) {
 nlohmann::json CapNames(uint64_t caps) {
   nlohmann::json a = nlohmann::json::array();
   const std::pair<uint64_t, const char*> names[] = {{kCapProgress, "progress"}, {kCapZeroRuns, "zero_runs"}, {kCapLz4, "lz4"},
-                                                    {kCapZstd, "zstd"},         {kCapDelta, "delta"},         {kCapFreePages, "free_pages"}};
+                                                    {kCapZstd, "zstd"},         {kCapDelta, "delta"},         {kCapFreePages, "free_pages"},
+                                                    {kCapPostcopy, "postcopy"}};
   for (auto& [bit, name] : names)
     if (caps & bit) a.push_back(name);
   return a;
@@ -602,7 +603,8 @@ Result<SourceMigration::Phase> SourceMigration::Postcopy() {
   PageBitmap dirty, freed;
   ram_.dirty->Harvest(&dirty, &freed);
   scheduler_->AddHarvest(dirty, freed);
-  pool_->LiftRateLimit();
+  // max_bandwidth keeps limiting the background push (the guest runs meanwhile, as in the live
+  // phase); requested pages go on the control connection, outside the limit.
   FERRY_RETURN_IF_ERROR(pool_->Flush(), "post-copy switch");
   // Pages known to be zero or free cost nothing to send: they go now, as runs. The rest is missing.
   std::vector<PageRun> nodata;
