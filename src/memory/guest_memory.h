@@ -1,6 +1,6 @@
 // Guest RAM and its dirty log.
 //
-// GuestMemory is one memfd-backed host mapping (post-copy will register it with
+// GuestMemory is one memfd-backed host mapping (a post-copy destination registers it with
 // userfaultfd). Every path that writes guest RAM -- CPU stores and device DMA --
 // must mark the page in the DirtyLog *after* the data store, so that a concurrent
 // harvest either sees the mark or the copy taken after the harvest sees the data.

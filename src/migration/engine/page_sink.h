@@ -1,7 +1,7 @@
 // Where a destination puts the pages it receives. The receiver (destination.cc) decodes page
 // records and decides, per page, whether an entry is newer than what the page holds (per-page
 // sequence numbers); a PageSink only performs the writes. Today's sink copies into the guest's
-// RAM mapping; post-copy will add a userfaultfd sink that places pages atomically (UFFDIO_COPY)
+// RAM mapping; in post-copy PostcopyRam (postcopy_ram.h) is the userfaultfd sink that places pages atomically (UFFDIO_COPY)
 // into a mapping whose missing pages fault.
 //
 // Threads: called from several data-channel reader threads at once, never for the same page

@@ -13,7 +13,7 @@
 //   kStop      stop and copy now (predicted pause within the target, or forced);
 //   kFail      give up, the source keeps running (policy fail, or continue past max rounds);
 //   kThrottle  keep iterating with the vCPUs slowed to `cpu_share` (only when allowed);
-//   kPostcopy  switch to post-copy (only when allowed; no engine offers it yet).
+//   kPostcopy  switch to post-copy (only when allowed: mode auto with a destination that can).
 #pragma once
 
 #include <cstdint>
