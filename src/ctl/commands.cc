@@ -45,6 +45,7 @@ struct MigrateOptions {
   std::string delta_cache;  // SIZE, 0 = off; empty: server default
   std::string layering;     // on|off; empty: server default (on)
   uint32_t protocol_version = 0;
+  uint32_t recover_timeout_ms = 0;  // 0: server default (60 s)
   bool keep_source = false;
   bool no_progress = false;
   double poll_s = 0.2;
@@ -70,6 +71,7 @@ int Migrate(const ApiClient& api, const MigrateOptions& o, bool json) {
   }
   if (!o.layering.empty()) body["layering"] = o.layering;
   if (o.protocol_version) body["protocol_version"] = o.protocol_version;
+  if (o.recover_timeout_ms) body["recover_timeout_ms"] = o.recover_timeout_ms;
   if (auto r = api.Put("/vm/migrate", body); !r) return Fail(r.error());
 
   // Ctrl-C asks the source to cancel; we keep polling until it reports a final status.
@@ -196,6 +198,9 @@ int RunCli(int argc, char** argv) {
       ->check(CLI::IsMember({"on", "off"}));
   migrate->add_option("--protocol-version", mo.protocol_version, "speak at most this migration protocol version (default: the newest)")
       ->check(CLI::Range(1, 2));
+  migrate->add_option("--recover-timeout-ms", mo.recover_timeout_ms,
+                      "post-copy: how long to keep reconnecting after the connection was cut (default 60000)")
+      ->check(CLI::Range(1000, 3600000));
   migrate->add_flag("--keep-source", mo.keep_source, "leave the (paused, migrated) source process running after success");
   migrate->add_flag("--no-progress", mo.no_progress, "no progress output on stderr");
 
@@ -205,6 +210,10 @@ int RunCli(int argc, char** argv) {
   add_common(cancel);
   auto* postcopy = app.add_subcommand("migrate-postcopy", "switch the running migration to post-copy now (as QEMU's migrate-start-postcopy)");
   add_common(postcopy);
+  std::string recover_to;
+  auto* recover = app.add_subcommand("migrate-recover", "a post-copy migration whose connection was cut: reconnect to this destination address");
+  add_common(recover);
+  recover->add_option("--to", recover_to, "the destination, tcp:HOST:PORT")->required();
   auto* pause = app.add_subcommand("pause", "pause the VM");
   add_common(pause);
   auto* resume = app.add_subcommand("resume", "resume the VM");
@@ -226,6 +235,7 @@ int RunCli(int argc, char** argv) {
   if (status->parsed()) return Status(api, json);
   if (cancel->parsed()) return Simple(api, "/vm/migration/cancel", nlohmann::json::object(), json);
   if (postcopy->parsed()) return Simple(api, "/vm/migration/postcopy", nlohmann::json::object(), json);
+  if (recover->parsed()) return Simple(api, "/vm/migration/recover", {{"to", recover_to}}, json);
   if (pause->parsed()) return Simple(api, "/vm/pause", nlohmann::json::object(), json);
   if (resume->parsed()) return Simple(api, "/vm/resume", nlohmann::json::object(), json);
   if (shutdown->parsed()) return Simple(api, "/vm/shutdown", nlohmann::json::object(), json);

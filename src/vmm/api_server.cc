@@ -97,6 +97,12 @@ Result<std::unique_ptr<ApiServer>> ApiServer::Start(const std::string& path, Vm*
     });
     svr.Put("/vm/migration/cancel", [mig](const httplib::Request&, httplib::Response& res) { ReplyStatus(res, mig->Cancel()); });
     svr.Put("/vm/migration/postcopy", [mig](const httplib::Request&, httplib::Response& res) { ReplyStatus(res, mig->StartPostcopy()); });
+    svr.Put("/vm/migration/recover", [mig](const httplib::Request& req, httplib::Response& res) {
+      auto body = nlohmann::json::parse(req.body, nullptr, false);
+      if (body.is_discarded() || !body.is_object() || !body.contains("to") || !body["to"].is_string() || body.size() != 1)
+        return ReplyError(res, 400, "request body must be {\"to\": \"tcp:HOST:PORT\"}");
+      ReplyStatus(res, mig->Recover(body["to"].get<std::string>()));
+    });
   }
   svr.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
     if (res.status == 404) ReplyError(res, 404, "no such endpoint: " + req.method + " " + req.path);

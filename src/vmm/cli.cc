@@ -46,6 +46,10 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
   app.add_flag("--balloon", cl.vm.board.balloon, "virtio-balloon with free page reporting");
   app.add_option("--restore", cl.restore, "restore a snapshot file instead of booting");
   app.add_option("--incoming", cl.incoming, "wait for a live migration on tcp:ADDR:PORT instead of booting");
+  app.add_option("--recover-timeout-ms", cl.recover_timeout_ms,
+                 "with --incoming: how long post-copy waits for a source whose connection was cut to reconnect")
+      ->check(CLI::Range(1000, 3600000))
+      ->capture_default_str();
   app.add_option("--log-level", cl.log_level, "trace|debug|info|warn|error")->capture_default_str();
   try {
     app.parse(argc, argv);

@@ -15,6 +15,7 @@ struct VmmCommandLine {
   std::string api_socket;
   std::string restore;
   std::string incoming;  // tcp:ADDR:PORT
+  int recover_timeout_ms = 60000;  // --incoming: post-copy waits this long for a cut source to return
   std::string log_level = "info";
 };
 

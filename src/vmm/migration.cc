@@ -45,6 +45,12 @@ Status VmMigrationManager::StartPostcopy() {
   return current_->StartPostcopy();
 }
 
+Status VmMigrationManager::Recover(const std::string& to) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (!current_) return Errorf(ErrorCode::kNotFound, "no migration has been started");
+  return current_->Recover(to);
+}
+
 bool VmMigrationManager::active() {
   std::lock_guard<std::mutex> l(mu_);
   return current_ && !migration::IsFinal(current_->status());

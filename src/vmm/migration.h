@@ -37,6 +37,8 @@ class VmMigrationManager : public migration::SourceVm {
   Status Cancel();
   // PUT /vm/migration/postcopy: the running pre-copy switches to post-copy.
   Status StartPostcopy();
+  // PUT /vm/migration/recover: a post-copy whose connection was cut reconnects to `to`.
+  Status Recover(const std::string& to);
   // True while a migration is between setup and its final status (the API refuses
   // pause/resume/snapshot then).
   bool active();

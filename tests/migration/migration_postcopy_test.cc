@@ -153,3 +153,52 @@ TEST_F(PostcopyTest, SourceKilledDuringPostcopyStopsTheDestinationWithoutRunning
 
 }  // namespace
 }  // namespace ferry::test
+
+namespace ferry::test {
+namespace {
+
+// Both VMMs in a namespace of their own, so the nftables rule that cuts the path drops nothing else.
+TEST_F(PostcopyTest, RecoversFromADroppedPathAndAKilledConnection) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root (network namespace, nftables, userfaultfd)";
+  if (Sh("command -v nft >/dev/null") != 0) GTEST_SKIP() << "nft missing: run scripts/setup";
+  NetNs ns("ferrypr" + std::to_string(getpid() % 100000));
+  ASSERT_TRUE(ns.ok());
+  VmProcess src(GuestArgs("memdirty:mib=64,rate=40000,bytes=4096,verify=0"), dir_, ns.name());
+  ASSERT_TRUE(src.Start());
+  ASSERT_TRUE(src.WaitConsole("memdirty started", 20s)) << src.Console() << src.Stderr();
+  const int port = FreePort();
+  auto dst = Incoming(port, {"--recover-timeout-ms", "60000"}, ns.name());
+  const std::string nft = "ip netns exec " + ns.name() + " nft ";
+  ASSERT_EQ(Sh(nft + "add table inet fcut"), 0);
+  ASSERT_EQ(Sh(nft + "'add chain inet fcut out { type filter hook output priority 0; }'"), 0);
+  // A slow push (8 MiB/s) keeps post-copy running for seconds.
+  ASSERT_EQ(src.Api("PUT", "/vm/migrate",
+                    R"({"to": "tcp:127.0.0.1:)" + std::to_string(port) +
+                        R"(", "mode": "postcopy", "max_bandwidth": 8388608, "compress": "none"})"),
+            202)
+      << src.last_api_error();
+  ASSERT_EQ(WaitMigrationStatus(src, "postcopy-active", 60s), "postcopy-active") << src.Get("/vm/migration").dump() << src.Stderr();
+  // 1. The path drops everything (both directions): detected by the unacknowledged pings.
+  ASSERT_EQ(Sh(nft + "add rule inet fcut out tcp dport " + std::to_string(port) + " drop"), 0);
+  ASSERT_EQ(Sh(nft + "add rule inet fcut out tcp sport " + std::to_string(port) + " drop"), 0);
+  ASSERT_EQ(WaitMigrationStatus(src, "postcopy-paused", 20s), "postcopy-paused") << src.Get("/vm/migration").dump();
+  std::this_thread::sleep_for(2s);  // reconnect attempts fail meanwhile (cuts during recovery)
+  ASSERT_EQ(Sh(nft + "flush chain inet fcut out"), 0);
+  ASSERT_EQ(WaitMigrationStatus(src, "postcopy-active", 20s), "postcopy-active") << src.Get("/vm/migration").dump() << src.Stderr();
+  // 2. A killed connection (RST) right after the recovery.
+  ASSERT_EQ(Sh("ip netns exec " + ns.name() + " ss -K dst 127.0.0.1 dport = " + std::to_string(port) + " >/dev/null"), 0);
+  const std::string st = WaitMigrationStatus(src, "completed", 120s);
+  auto stats = src.Get("/vm/migration");
+  ASSERT_EQ(st, "completed") << stats.dump() << src.Stderr() << dst->Stderr();
+  std::printf("recovery: %s\n", stats.dump().c_str());
+  EXPECT_EQ(stats["mode"], "postcopy");
+  EXPECT_GE(stats["recoveries"].get<int>(), 2) << stats.dump();
+  ASSERT_TRUE(MemverifyOk(*dst, 64 * 256)) << dst->Console() << dst->Stderr();
+  EXPECT_EQ(dst->Console().find("FAIL"), std::string::npos) << dst->Console();
+  (void)Sh(nft + "delete table inet fcut");
+  EXPECT_EQ(src.Api("PUT", "/vm/shutdown", "{}"), 200);
+  EXPECT_EQ(dst->Api("PUT", "/vm/shutdown", "{}"), 200);
+}
+
+}  // namespace
+}  // namespace ferry::test

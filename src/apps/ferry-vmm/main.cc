@@ -83,7 +83,9 @@ int main(int argc, char** argv) {
     spdlog::info("waiting for an incoming migration on {} (port {})", cl->incoming, (*in)->port());
     ferry::VmMigrationTarget target(cl->vm);
     set_on_signal([inc = in->get()] { inc->Abort(); });
-    auto r = (*in)->Run(&target);
+    ferry::migration::IncomingParams params;
+    params.recover_timeout_ms = cl->recover_timeout_ms;
+    auto r = (*in)->Run(&target, params);
     set_on_signal([] { std::exit(1); });
     if (!r && (*in)->guest_started()) {
       // Post-copy failed after the guest started here: pages it has not received exist only on

@@ -99,6 +99,10 @@ uint32_t DeltaCache::ClockVictim(Shard& sh) {
 
 bool DeltaCache::EncodeDelta(uint64_t gfn, const uint8_t* page, uint8_t* out, size_t limit, size_t* out_len,
                              uint64_t* base_seq, bool* was_cached) {
+  if (frozen_.load(std::memory_order_relaxed)) {
+    if (was_cached) *was_cached = false;
+    return false;
+  }
   if (was_cached) *was_cached = false;
   if (slots_ == 0 || gfn >= ram_pages_) return false;
   Shard& sh = ShardOf(gfn);
@@ -123,6 +127,7 @@ bool DeltaCache::EncodeDelta(uint64_t gfn, const uint8_t* page, uint8_t* out, si
 }
 
 bool DeltaCache::Insert(uint64_t gfn, const uint8_t* page, uint64_t seq, bool may_evict) {
+  if (frozen_.load(std::memory_order_relaxed)) return false;
   if (slots_ == 0 || gfn >= ram_pages_) return false;
   Shard& sh = ShardOf(gfn);
   std::lock_guard lk(sh.mu);

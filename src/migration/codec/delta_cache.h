@@ -38,6 +38,7 @@
 // entry between that thread's EncodeDelta and Insert.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -55,6 +56,9 @@ class DeltaCache {
   DeltaCache& operator=(const DeltaCache&) = delete;
 
   bool enabled() const { return slots_ != 0; }
+  // From now on no delta is made and nothing is cached (post-copy: the destination dropped the
+  // copies deltas would refer to, and a page sent now may be lost with a cut connection).
+  void Freeze() { frozen_.store(true); }
 
   // If gfn is cached: XBZRLE-encodes `page` (kDeltaPageSize bytes, a stable copy) against the
   // cached contents into out[0, limit), sets *out_len (>= 1; see XbzrleEncode for an unchanged
@@ -114,6 +118,7 @@ class DeltaCache {
   uint32_t slots_ = 0;      // 0: disabled
   unsigned num_shards_ = 0;  // a power of two
   unsigned shard_bits_ = 0;  // log2(num_shards_)
+  std::atomic<bool> frozen_{false};
   uint8_t* data_ = nullptr;     // slots_ * 4096 bytes (mmap)
   uint32_t* index_ = nullptr;   // ram_pages_ entries: slot + 1, 0 = not cached (mmap)
   size_t data_map_bytes_ = 0, index_map_bytes_ = 0;

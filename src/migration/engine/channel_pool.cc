@@ -20,6 +20,7 @@ ChannelPool::ChannelPool(std::vector<std::unique_ptr<Socket>> sockets, const Ram
       selector_(selector),
       limiter_(limiter),
       worker_cpu_ns_(new std::atomic<uint64_t>[sockets_.size()]) {
+  next_seq_.store(std::max<uint64_t>(opts_.first_seq, 1));
   sample_ns_ = NowNs();
   for (size_t i = 0; i < sockets_.size(); ++i) {
     worker_cpu_ns_[i].store(0);

@@ -44,6 +44,7 @@ class ChannelPool {
     EncoderConfig encoder;
     size_t high_watermark = 8;
     size_t low_watermark = 4;
+    uint64_t first_seq = 1;  // a pool replacing another (post-copy recovery) continues its sequence
   };
   ChannelPool(std::vector<std::unique_ptr<Socket>> sockets, const RamView& ram, Options opts, DeltaCache* cache,
               CodecSelector* selector, RateLimiter* limiter);
@@ -64,6 +65,11 @@ class ChannelPool {
   // A sequence number for a record sent outside the pool (post-copy: requested pages on the
   // control connection), from the same counter as the pool's records.
   uint64_t TakeSeq() { return next_seq_.fetch_add(1); }
+  uint64_t next_seq() const { return next_seq_.load(); }
+  // TCP_USER_TIMEOUT on every data connection (post-copy: a dead path fails within `ms`).
+  void SetUserTimeout(int ms) {
+    for (auto& s : sockets_) s->SetUserTimeout(ms);
+  }
   // Records written so far (END carries the total).
   uint64_t records() const;
   EncodeTally tally() const;

@@ -29,6 +29,7 @@ void IncomingMigration::Abort() {
   std::lock_guard<std::mutex> l(mu_);
   for (auto& d : data_) d->Shutdown();
   if (control_) control_->Interrupt(Error(ErrorCode::kCancelled, "interrupted by the operator"));
+  cv_.notify_all();
 }
 
 void IncomingMigration::Cleanup() {
@@ -103,6 +104,21 @@ void IncomingMigration::AcceptLoop(const IncomingParams& params) {
     Result<DataHello> dh = std::unexpected(Error(ErrorCode::kBusy, "a migration is already in progress"));
     if (!pre) {
       dh = std::unexpected(pre.error());
+    } else if (pre->role == Role::kControl) {
+      // A source coming back after a cut during post-copy: HELLO with this migration's uuid.
+      auto rec = ReadRecord(*sock, params.handshake_timeout_ms);
+      Result<Hello> h = rec ? (rec->type() == RecordType::kHello ? DecodeHello(rec->payload)
+                                                                 : Errorf(ErrorCode::kCorrupt, "expected HELLO, got {}", TypeName(*rec)))
+                            : std::unexpected(rec.error());
+      if (h && h->uuid == hello_.uuid && pre->version == version_) {
+        std::lock_guard<std::mutex> l(mu_);
+        if (recovering_ && !recover_sock_) {
+          recover_sock_ = std::move(sock);
+          cv_.notify_all();
+          continue;
+        }
+      }
+      dh = h ? Errorf(ErrorCode::kBusy, "a migration is already in progress") : std::unexpected(h.error());
     } else if (pre->role == Role::kData) {
       auto rec = ReadRecord(*sock, params.handshake_timeout_ms);
       if (!rec) dh = std::unexpected(rec.error());
@@ -121,6 +137,7 @@ void IncomingMigration::AcceptLoop(const IncomingParams& params) {
       continue;
     }
     channel_used_[dh->channel] = true;
+    if (postcopy_active_.load()) sock->SetUserTimeout(params.liveness_timeout_ms);
     Socket* raw = sock.get();
     data_.push_back(std::move(sock));
     readers_.emplace_back([this, raw, ch = dh->channel] { DataReader(raw, ch); });
@@ -210,15 +227,28 @@ Status IncomingMigration::ApplyEntries(const PagesView& v) {
 }
 
 void IncomingMigration::ProgressLoop() {
-  uint64_t sent = 0;
+  uint64_t sent = 0, last_send = NowNs();
   std::unique_lock<std::mutex> l(mu_);
-  while (!stopping_) {
-    cv_.wait_for(l, std::chrono::milliseconds(50), [&] { return stopping_ || batches_applied_ != sent || data_error_; });
-    if (stopping_ || data_error_) return;
-    if (batches_applied_ == sent) continue;
+  while (!stopping_ && !progress_stop_) {
+    cv_.wait_for(l, std::chrono::milliseconds(50),
+                 [&] { return stopping_ || progress_stop_ || batches_applied_ != sent || data_error_; });
+    if (stopping_ || progress_stop_ || data_error_) return;
+    if (batches_applied_ == sent) {
+      // Post-copy: a quiet connection is still checked (the source pings as well; a path that
+      // drops everything fails the connection after liveness_timeout_ms).
+      if (postcopy_active_.load() && NowNs() - last_send > 250'000'000) {
+        l.unlock();
+        last_send = NowNs();
+        auto s = SendControl(RecordType::kPing, {}, false);
+        l.lock();
+        if (!s) return;
+      }
+      continue;
+    }
     sent = batches_applied_;
     l.unlock();
-    auto s = control_->Send(RecordType::kProgress, Encode(Progress{sent, bytes_received_.load()}), false);
+    last_send = NowNs();
+    auto s = SendControl(RecordType::kProgress, Encode(Progress{sent, bytes_received_.load()}), false);
     // Coalesce: at most one PROGRESS per millisecond; the next loop reports what arrived meanwhile.
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
     l.lock();
@@ -229,13 +259,14 @@ void IncomingMigration::ProgressLoop() {
 Result<IncomingResult> IncomingMigration::Run(DestinationVm* vm, const IncomingParams& params) {
   const uint64_t t0 = NowNs();
   IncomingResult out;
+  liveness_timeout_ms_ = params.liveness_timeout_ms;
   FERRY_RETURN_IF_ERROR(AcceptControl(params), "incoming migration");
   out.uuid = FormatUuid(hello_.uuid);
   out.source = control_->socket().peer();
   out.protocol_version = version_;
   out.capabilities = caps_;
   acceptor_ = std::thread([this, params] { AcceptLoop(params); });
-  if (caps_ & kCapProgress) progress_ = std::thread([this] { ProgressLoop(); });
+  if (caps_ & kCapProgress) StartProgress();
   auto s = ControlLoop(vm, params, &out);
   if (!s && aborted_) s = Errorf(ErrorCode::kCancelled, "interrupted by the operator");
   if (!s) {
@@ -343,7 +374,7 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
 
 Status IncomingMigration::StartPostcopy() {
   auto request = [this](uint64_t gfn, uint32_t count) {
-    return control_->Send(RecordType::kPageRequest, Encode(PageRequest{gfn, count}));
+    return SendControl(RecordType::kPageRequest, Encode(PageRequest{gfn, count}));
   };
   auto pc = PostcopyRam::Start(ram_, *postcopy_start_, request);
   if (!pc) return std::unexpected(pc.error());
@@ -351,6 +382,11 @@ Status IncomingMigration::StartPostcopy() {
   // No page record is in flight (END's count arrived); from here pages go to the post-copy sink.
   active_sink_.store(postcopy_.get(), std::memory_order_release);
   postcopy_active_.store(true, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    control_->socket().SetUserTimeout(liveness_timeout_ms_);
+    for (auto& d : data_) d->SetUserTimeout(liveness_timeout_ms_);
+  }
   spdlog::info("incoming: post-copy: the guest starts without {} pages", postcopy_start_->missing_pages);
   return {};
 }
@@ -367,9 +403,37 @@ bool IncomingMigration::FoldControl(const Record& r) {
   return static_cast<bool>(s);  // a bad record is queued: the control loop fails on it with data_error_
 }
 
-Status IncomingMigration::PostcopyLoop(const IncomingParams& params, IncomingResult* out) {
+Status IncomingMigration::SendControl(RecordType type, std::span<const uint8_t> payload, bool mandatory) {
+  std::lock_guard<std::mutex> l(send_mu_);
+  return control_->Send(type, payload, mandatory);
+}
+
+void IncomingMigration::StartProgress() {
+  progress_stop_.store(false);
+  progress_ = std::thread([this] { ProgressLoop(); });
+}
+
+void IncomingMigration::StopProgress() {
+  progress_stop_.store(true);
+  cv_.notify_all();
+  if (progress_.joinable()) progress_.join();
+}
+
+bool IncomingMigration::Recoverable(const Error& e) {
+  if (aborted_ || stopping_) return false;
+  // The source's own ERROR or CANCEL ends it for good; so does anything but a lost connection
+  // (a corrupt record, a page that was not missing, ...).
+  if (control_->PeerVerdict(0)) return false;
+  return e.code() == ErrorCode::kIo || e.code() == ErrorCode::kTimeout;
+}
+
+Status IncomingMigration::PostcopyWait(const IncomingParams& params) {
   auto r = control_->Next(params.idle_timeout_ms);
-  if (!r) return std::unexpected(r.error().WithContext("post-copy"));
+  if (!r) {
+    if (auto d = CheckDataError(); !d && d.error().code() != ErrorCode::kIo && d.error().code() != ErrorCode::kTimeout)
+      return std::unexpected(d.error());
+    return std::unexpected(r.error().WithContext("post-copy"));
+  }
   if (r->type() != RecordType::kPostcopyEnd) {
     if (auto d = CheckDataError(); !d) return std::unexpected(d.error());
     return Errorf(ErrorCode::kCorrupt, "post-copy: expected POSTCOPY_END, got {}", TypeName(*r));
@@ -378,26 +442,85 @@ Status IncomingMigration::PostcopyLoop(const IncomingParams& params, IncomingRes
   if (!end) return std::unexpected(end.error().WithContext("POSTCOPY_END"));
   {
     std::unique_lock<std::mutex> l(mu_);
-    bool ok = cv_.wait_for(l, std::chrono::milliseconds(params.idle_timeout_ms), [&] {
-      return data_error_.has_value() || batches_applied_ + ctl_batches_ >= end->batches;
-    });
+    auto applied = [&] { return batches_applied_ + ctl_batches_ - gen_batches_base_; };
+    bool ok = cv_.wait_for(l, std::chrono::milliseconds(params.idle_timeout_ms),
+                           [&] { return data_error_.has_value() || applied() >= end->batches; });
     if (data_error_) return std::unexpected(*data_error_);
-    if (!ok)
-      return Errorf(ErrorCode::kTimeout, "POSTCOPY_END announced {} page records, only {} arrived", end->batches,
-                    batches_applied_ + ctl_batches_);
-    if (batches_applied_ + ctl_batches_ != end->batches)
-      return Errorf(ErrorCode::kCorrupt, "POSTCOPY_END announced {} page records, but {} arrived", end->batches,
-                    batches_applied_ + ctl_batches_);
+    if (!ok) return Errorf(ErrorCode::kTimeout, "POSTCOPY_END announced {} page records, only {} arrived", end->batches, applied());
+    if (applied() != end->batches)
+      return Errorf(ErrorCode::kCorrupt, "POSTCOPY_END announced {} page records, but {} arrived", end->batches, applied());
   }
-  if (pages_applied_ != end->pages)
-    return Errorf(ErrorCode::kCorrupt, "POSTCOPY_END announced {} pages, but {} arrived", end->pages, pages_applied_.load());
+  if (pages_applied_ - gen_pages_base_ != end->pages)
+    return Errorf(ErrorCode::kCorrupt, "POSTCOPY_END announced {} pages, but {} arrived", end->pages, pages_applied_ - gen_pages_base_);
   if (auto f = postcopy_->failure()) return std::unexpected(*f);
+  if (!postcopy_->complete())
+    return Errorf(ErrorCode::kCorrupt, "POSTCOPY_END, but {} pages are still missing", postcopy_->missing() - postcopy_->placed());
+  return {};
+}
+
+Status IncomingMigration::AwaitRecovery(const IncomingParams& params, const Error& why) {
+  spdlog::warn("incoming: post-copy interrupted ({}); {} of {} pages still missing; waiting up to {} ms for the source to reconnect",
+               why.message(), postcopy_->missing() - postcopy_->placed(), postcopy_->missing(), params.recover_timeout_ms);
+  StopProgress();
+  std::vector<std::thread> readers;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& d : data_) d->Shutdown();
+    readers.swap(readers_);
+    recovering_ = true;
+  }
+  control_->Shutdown();
+  for (auto& t : readers) t.join();
+  std::unique_ptr<Socket> sock;
+  {
+    std::unique_lock<std::mutex> l(mu_);
+    data_.clear();
+    channel_used_.assign(channel_used_.size(), false);
+    const bool back = cv_.wait_for(l, std::chrono::milliseconds(params.recover_timeout_ms),
+                                   [&] { return recover_sock_ != nullptr || aborted_.load(); });
+    recovering_ = false;
+    if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
+    if (!back)
+      return Errorf(ErrorCode::kTimeout, "post-copy: the source did not reconnect within {} ms (after: {})", params.recover_timeout_ms,
+                    why.message());
+    sock = std::move(recover_sock_);
+    data_error_.reset();
+    gen_batches_base_ = batches_applied_ + ctl_batches_;
+  }
+  gen_pages_base_ = pages_applied_;
+  sock->SetUserTimeout(params.liveness_timeout_ms);
+  {
+    std::lock_guard<std::mutex> sl(send_mu_);
+    std::lock_guard<std::mutex> l(mu_);
+    retired_controls_.push_back(std::move(control_));
+    control_ = std::make_unique<ControlChannel>(std::move(sock));
+  }
+  control_->Start([this](const Record& r) { return FoldControl(r); });
+  ++recoveries_;
+  FERRY_RETURN_IF_ERROR(SendControl(RecordType::kHelloAck, Encode(HelloAck{hello_.uuid, caps_})), "recovery");
+  const PostcopyStart now = postcopy_->MissingNow();
+  FERRY_RETURN_IF_ERROR(SendControl(RecordType::kRecover, Encode(now)), "recovery");
+  FERRY_RETURN_IF_ERROR(postcopy_->RequestOutstanding(), "recovery");
+  StartProgress();
+  spdlog::info("incoming: post-copy resumes with source {} ({} pages still missing)", control_->socket().peer(), now.missing_pages);
+  return {};
+}
+
+Status IncomingMigration::PostcopyLoop(const IncomingParams& params, IncomingResult* out) {
+  for (;;) {
+    auto s = PostcopyWait(params);
+    if (s) break;
+    if (!Recoverable(s.error())) return s;
+    FERRY_RETURN_IF_ERROR(AwaitRecovery(params, s.error()), "post-copy");
+  }
   FERRY_RETURN_IF_ERROR(postcopy_->Finish(), "post-copy");
   out->faults = postcopy_->Stats();
-  spdlog::info("incoming: post-copy complete: {} pages, {} demand faults (p50 {} us, p99 {} us), {} local faults, {} duplicates",
+  out->recoveries = recoveries_;
+  spdlog::info("incoming: post-copy complete: {} pages, {} demand faults (p50 {} us, p99 {} us), {} local faults, {} duplicates, "
+               "{} recoveries",
                postcopy_->missing(), out->faults.demand_faults, out->faults.p50_us, out->faults.p99_us, out->faults.local_faults,
-               out->faults.duplicate_pages);
-  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kPostcopyDone, Encode(out->faults)), "send POSTCOPY_DONE");
+               out->faults.duplicate_pages, recoveries_);
+  FERRY_RETURN_IF_ERROR(SendControl(RecordType::kPostcopyDone, Encode(out->faults)), "send POSTCOPY_DONE");
   return {};
 }
 

@@ -47,6 +47,12 @@ struct IncomingParams {
   // What this destination accepts (tests use these to stand in for an older build).
   uint32_t max_protocol_version = kProtocolVersion;
   uint64_t capabilities = kCapsSupported;
+  // Post-copy: how long a destination whose connection to the source was cut waits for the
+  // source to reconnect (the guest keeps running on the pages it has; threads that touch a
+  // missing page wait) before it gives up (failed; the guest never runs on without its pages).
+  int recover_timeout_ms = 60000;
+  // Post-copy: a connection on which nothing is acknowledged for this long counts as cut.
+  int liveness_timeout_ms = 3000;
 };
 
 struct IncomingResult {
@@ -65,6 +71,7 @@ struct IncomingResult {
   // Post-copy (postcopy_ms = 0: the migration was a pre-copy).
   uint64_t postcopy_missing = 0;  // pages the guest started without
   double postcopy_ms = 0;         // GO -> last page in place
+  uint32_t recoveries = 0;        // connections re-established during post-copy
   PostcopyDone faults;
 };
 
@@ -94,6 +101,14 @@ class IncomingMigration {
   Status ControlLoop(DestinationVm* vm, const IncomingParams& params, IncomingResult* out);
   Status StartPostcopy();
   Status PostcopyLoop(const IncomingParams& params, IncomingResult* out);
+  Status PostcopyWait(const IncomingParams& params);
+  // A cut during post-copy: drop every connection, wait for the source to come back (HELLO with
+  // this migration's uuid on the listening port), tell it what is still missing (RECOVER).
+  Status AwaitRecovery(const IncomingParams& params, const Error& why);
+  bool Recoverable(const Error& e);
+  void StartProgress();
+  void StopProgress();
+  Status SendControl(RecordType type, std::span<const uint8_t> payload, bool mandatory = true);
   // Control-channel fold (reader thread, channel lock held): pages requested in post-copy.
   bool FoldControl(const Record& r);
   void DataFailed(const Error& e);
@@ -101,7 +116,10 @@ class IncomingMigration {
   void Cleanup();
 
   std::unique_ptr<Listener> listener_;
-  std::unique_ptr<ControlChannel> control_;  // set once under mu_ after the handshake
+  // Set under mu_ after the handshake; replaced (under mu_ and send_mu_) when post-copy recovers.
+  std::unique_ptr<ControlChannel> control_;
+  std::vector<std::unique_ptr<ControlChannel>> retired_controls_;  // kept alive for late readers
+  std::mutex send_mu_;  // sends from other threads (PAGE_REQUEST) vs replacing control_
   Hello hello_;
   uint32_t version_ = kProtocolVersion;  // of this migration (the control preamble's)
   uint64_t caps_ = 0;                    // acknowledged capabilities
@@ -131,6 +149,14 @@ class IncomingMigration {
   std::atomic<PageSink*> active_sink_{nullptr};
   std::atomic<bool> postcopy_active_{false};
   std::atomic<bool> guest_started_{false};
+  std::atomic<bool> progress_stop_{false};
+  // Recovery: the acceptor hands a returning source's control connection over here.
+  bool recovering_ = false;                     // GUARDED_BY(mu_)
+  std::unique_ptr<Socket> recover_sock_;        // GUARDED_BY(mu_)
+  uint64_t gen_batches_base_ = 0;               // GUARDED_BY(mu_): records applied before this connection
+  uint64_t gen_pages_base_ = 0;                 // control thread only
+  uint32_t recoveries_ = 0;                     // control thread only
+  int liveness_timeout_ms_ = 3000;              // from the IncomingParams of Run()
   Decompressor ctl_dec_;                // control reader thread only
   std::vector<uint8_t> ctl_scratch_;    // control reader thread only
   uint64_t ctl_batches_ = 0;            // GUARDED_BY(mu_): page records applied from the control connection

@@ -138,3 +138,128 @@ TEST(MigrationPostcopy, DestinationWithoutPostcopyKeepsPrecopyOrRefusesModePostc
 
 }  // namespace
 }  // namespace ferry::migration
+
+namespace ferry::migration {
+namespace {
+using namespace ferry::migration::test;
+
+// A TCP relay between the source and the destination whose connections the test can cut.
+class CuttableProxy {
+ public:
+  explicit CuttableProxy(uint16_t to_port) : to_port_(to_port) {
+    listener_ = std::move(*Listener::Listen(*ParseEndpoint("tcp:127.0.0.1:0")));
+    acceptor_ = std::thread([this] {
+      for (;;) {
+        auto in = listener_->Accept(-1);
+        if (!in) return;
+        auto out = Socket::Connect(*ParseEndpoint(fmt::format("tcp:127.0.0.1:{}", to_port_)), 2000);
+        if (!out) continue;
+        std::lock_guard<std::mutex> l(mu_);
+        auto pair = std::make_shared<std::pair<std::unique_ptr<Socket>, std::unique_ptr<Socket>>>(std::move(*in), std::move(*out));
+        pairs_.push_back(pair);
+        pumps_.emplace_back([pair] { Pump(*pair->first, *pair->second); });
+        pumps_.emplace_back([pair] { Pump(*pair->second, *pair->first); });
+      }
+    });
+  }
+  ~CuttableProxy() {
+    listener_->Shutdown();
+    acceptor_.join();
+    Cut();
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& t : pumps_) t.join();
+  }
+  std::string to() const { return fmt::format("tcp:127.0.0.1:{}", listener_->port()); }
+  // Closes every connection relayed so far (both ends see a reset/EOF).
+  int Cut() {
+    std::lock_guard<std::mutex> l(mu_);
+    int n = 0;
+    for (auto& p : pairs_) {
+      p->first->Shutdown();
+      p->second->Shutdown();
+      ++n;
+    }
+    pairs_.clear();
+    return n;
+  }
+
+ private:
+  static void Pump(Socket& from, Socket& to) {
+    uint8_t buf[65536];
+    for (;;) {
+      ssize_t n = read(from.fd(), buf, sizeof buf);
+      if (n <= 0 || !to.WriteAll({buf, static_cast<size_t>(n)})) break;
+    }
+    from.Shutdown();
+    to.Shutdown();
+  }
+  uint16_t to_port_;
+  std::unique_ptr<Listener> listener_;
+  std::thread acceptor_;
+  std::mutex mu_;
+  std::vector<std::shared_ptr<std::pair<std::unique_ptr<Socket>, std::unique_ptr<Socket>>>> pairs_;
+  std::vector<std::thread> pumps_;
+};
+
+TEST(MigrationPostcopy, SurvivesACutAndASecondCutDuringRecovery) {
+  FakeSource src;
+  src.set_write_delay_us(0);
+  TouchingDestination dst;
+  IncomingParams ip;
+  ip.recover_timeout_ms = 20000;
+  Incoming in(&dst, ip);
+  CuttableProxy proxy(in.in->port());
+  auto p = Params(proxy.to());
+  p.mode = MigrationMode::kPostcopy;
+  p.max_bandwidth = 4 << 20;  // a post-copy push of seconds
+  p.compress = *ParseCompressMode("none");
+  p.recover_timeout_ms = 20000;
+  auto m = SourceMigration::Start(&src, p);
+  auto wait_status = [&](MigrationStatus want, int ms) {
+    for (int i = 0; i < ms / 5 && m->status() != want && !IsFinal(m->status()); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    return m->status() == want;
+  };
+  ASSERT_TRUE(wait_status(MigrationStatus::kPostcopy, 30000)) << m->Stats().dump(2);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_GT(proxy.Cut(), 0);
+  ASSERT_TRUE(wait_status(MigrationStatus::kPostcopyPaused, 10000)) << m->Stats().dump(2);
+  // Back in post-copy, cut again right away (the recovery's own connections).
+  ASSERT_TRUE(wait_status(MigrationStatus::kPostcopy, 15000)) << m->Stats().dump(2);
+  EXPECT_GT(proxy.Cut(), 0);
+  m->Wait();
+  in.thread.join();
+  ExpectPostcopied(*m, src, dst, in);
+  EXPECT_GE(m->Stats()["recoveries"].get<int>(), 2) << m->Stats().dump(2);
+  EXPECT_GE(in.result->recoveries, 2u);
+}
+
+TEST(MigrationPostcopy, DestinationGoneForGoodLeavesTheSourcePausedWithItsPages) {
+  FakeSource src;
+  src.set_write_delay_us(0);
+  FakeDestination dst;  // nothing touches its RAM: nothing waits forever for a page after the failure
+  IncomingParams ip;
+  ip.recover_timeout_ms = 1500;
+  Incoming in(&dst, ip);
+  CuttableProxy proxy(in.in->port());
+  auto p = Params(proxy.to());
+  p.mode = MigrationMode::kPostcopy;
+  p.max_bandwidth = 4 << 20;
+  p.compress = *ParseCompressMode("none");
+  p.recover_timeout_ms = 1000;
+  auto m = SourceMigration::Start(&src, p);
+  for (int i = 0; i < 6000 && m->status() != MigrationStatus::kPostcopy; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ASSERT_EQ(m->status(), MigrationStatus::kPostcopy);
+  // The destination's port is unreachable through the proxy from now on: the source gives up.
+  in.in->Abort();  // stands in for a destination that cannot be reached again
+  proxy.Cut();
+  m->Wait();
+  in.thread.join();
+  EXPECT_EQ(m->status(), MigrationStatus::kFailedUnknown) << m->Stats().dump(2);
+  EXPECT_TRUE(src.paused()) << "the source keeps the pages the destination misses: never resumed";
+  EXPECT_FALSE(src.migrated());
+  ASSERT_FALSE(in.result);
+  EXPECT_TRUE(in.in->guest_started());
+}
+
+}  // namespace
+}  // namespace ferry::migration

@@ -46,6 +46,9 @@ Result<SourceParams> ParseSourceParams(const nlohmann::json& body) {
       else if (m == "precopy") p.mode = MigrationMode::kPrecopy;
       else if (m == "postcopy") p.mode = MigrationMode::kPostcopy;
       else return Errorf(ErrorCode::kInvalidArgument, "\"mode\" must be \"auto\", \"precopy\" or \"postcopy\"");
+    } else if (k == "recover_timeout_ms") {
+      FERRY_RETURN_IF_ERROR(get_uint(k, 1000, 3600000, &x), "migrate");
+      p.recover_timeout_ms = static_cast<int>(x);
     } else if (k == "channels") {
       FERRY_RETURN_IF_ERROR(get_uint(k, 1, kMaxChannels, &x), "migrate");
       p.channels = static_cast<uint32_t>(x);

@@ -40,6 +40,10 @@ struct SourceParams {
   int64_t delta_cache = -1;          // "delta_cache" bytes; 0 = off; -1 = default (DefaultDeltaCache)
   bool layering = true;              // "layering": on | off
   uint32_t max_protocol_version = kProtocolVersion;  // "protocol_version": speak at most this version
+  // Post-copy: how long the source tries to reach the destination again after a cut connection
+  // ("recover_timeout_ms"); PUT /vm/migration/recover may give a new address meanwhile.
+  int recover_timeout_ms = 60000;
+  int liveness_timeout_ms = 3000;  // post-copy: unacknowledged data for this long = cut
   int connect_timeout_ms = 5000;
   int reply_timeout_ms = 60000;   // CONFIG_ACK, READY, RESUMED
 };

@@ -213,8 +213,10 @@ Status PostcopyRam::Resolve(uint64_t addr) {
   (void)fault_ns_[gfn].compare_exchange_strong(expected, NowNs());
   demand_faults_.fetch_add(1, std::memory_order_relaxed);
   // The page may have been placed between the check and the request: then the request only
-  // costs a duplicate, and the placement woke the waiter already.
-  return request_(gfn, 1);
+  // costs a duplicate, and the placement woke the waiter already. A request that cannot be sent
+  // now (the connection is being recovered) is sent again by RequestOutstanding().
+  if (auto s = request_(gfn, 1); !s) spdlog::debug("post-copy: request for page {} not sent: {}", gfn, s.error().message());
+  return {};
 }
 
 void PostcopyRam::FaultLoop() {
@@ -256,6 +258,27 @@ Status PostcopyRam::Finish() {
     uffdio_range range{reinterpret_cast<uintptr_t>(ram_.host), ram_.size};
     FERRY_RETURN_IF_ERROR(Ioctl(uffd_, UFFDIO_UNREGISTER, &range, "unregister guest RAM"), "post-copy");
     registered_ = false;
+  }
+  return {};
+}
+
+PostcopyStart PostcopyRam::MissingNow() const {
+  PostcopyStart m{pages_, 0, std::vector<uint64_t>(missing_.size(), 0)};
+  for (size_t w = 0; w < missing_.size(); ++w) {
+    m.missing[w] = missing_[w] & ~placed_bits_[w].load(std::memory_order_acquire);
+    m.missing_pages += static_cast<uint64_t>(__builtin_popcountll(m.missing[w]));
+  }
+  return m;
+}
+
+Status PostcopyRam::RequestOutstanding() {
+  for (size_t w = 0; w < missing_.size(); ++w) {
+    uint64_t bits = requested_bits_[w].load() & ~placed_bits_[w].load(std::memory_order_acquire);
+    while (bits) {
+      const int b = __builtin_ctzll(bits);
+      bits &= bits - 1;
+      FERRY_RETURN_IF_ERROR(request_(w * 64 + static_cast<uint64_t>(b), 1), "post-copy: request again");
+    }
   }
   return {};
 }

@@ -19,6 +19,9 @@
 // registration stays (the object is not destroyed while the guest may run): threads waiting for
 // pages keep waiting; the VMM must stop without running the guest (vm_interface.h).
 //
+// `request` may fail (no connection while post-copy recovers): the page stays marked requested
+// and RequestOutstanding() asks again once a connection is back.
+//
 // Threads: WritePage/ZeroPage/FreePage from the receiver's threads, never for the same page at
 // once (the receiver's stripe locks); the fault thread is internal; the accessors from any thread.
 #pragma once
@@ -55,6 +58,11 @@ class PostcopyRam final : public PageSink {
   bool complete() const { return placed_.load() == missing_count_; }
   // Every missing page is in place: unregisters RAM and stops the fault thread.
   Status Finish();
+  // Recovery: the pages still missing now (POSTCOPY layout, for RECOVER), and the requests to
+  // send again - pages asked for that have not arrived (the request or its answer may have been
+  // lost with the connection).
+  PostcopyStart MissingNow() const;
+  Status RequestOutstanding();
   // Fault statistics so far.
   PostcopyDone Stats() const;
   // The fault thread's error (it stops handling faults then), if any.

@@ -61,6 +61,7 @@ std::string_view MigrationStatusName(MigrationStatus s) {
     case MigrationStatus::kActive: return "active";
     case MigrationStatus::kDevice: return "device";
     case MigrationStatus::kPostcopy: return "postcopy-active";
+    case MigrationStatus::kPostcopyPaused: return "postcopy-paused";
     case MigrationStatus::kCompleted: return "completed";
     case MigrationStatus::kFailed: return "failed";
     case MigrationStatus::kCancelled: return "cancelled";
@@ -95,15 +96,47 @@ void SourceMigration::Wait() {
 }
 
 void SourceMigration::Shutdown() {
-  {
-    std::lock_guard<std::mutex> l(req_mu_);
-    responder_stop_ = true;
-  }
-  req_cv_.notify_all();
-  if (responder_.joinable() && responder_.get_id() != std::this_thread::get_id()) responder_.join();
+  StopResponder();
+  StopPinger();
   std::lock_guard<std::mutex> l(ctl_mu_);
   if (pool_) pool_->Cancel(Error(ErrorCode::kCancelled, "migration ended"));
   if (control_) control_->Shutdown();
+}
+
+bool SourceMigration::FoldControl(const Record& r) {
+  if (r.type() == RecordType::kPageRequest) {
+    auto rq = DecodePageRequest(r.payload, pages_);
+    if (!rq) return false;  // queued: fails the next wait
+    {
+      std::lock_guard<std::mutex> l(req_mu_);
+      requests_.push_back(*rq);
+    }
+    last_request_.store(rq->gfn);
+    requests_seen_.fetch_add(1);
+    req_cv_.notify_all();
+    return true;
+  }
+  if (r.type() != RecordType::kProgress) return false;
+  auto pr = DecodeProgress(r.payload);
+  if (pr) dest_applied_ = std::max(dest_applied_, pr->batches);
+  return pr.has_value();  // a malformed PROGRESS is queued and fails the next wait
+}
+
+Status SourceMigration::Recover(const std::string& to) {
+  auto ep = ParseEndpoint(to);
+  if (!ep) return std::unexpected(ep.error());
+  if (ep->host.empty() || ep->port == 0) return Errorf(ErrorCode::kInvalidArgument, "\"to\": '{}' needs a host and a port", to);
+  const MigrationStatus st = status();
+  if (st != MigrationStatus::kPostcopyPaused && st != MigrationStatus::kPostcopy)
+    return Errorf(ErrorCode::kBusy, "recover applies to a post-copy migration (status {})", MigrationStatusName(st));
+  {
+    std::lock_guard<std::mutex> l(recover_mu_);
+    recover_to_ = to;
+    recover_kick_ = true;
+  }
+  recover_cv_.notify_all();
+  spdlog::info("migration {}: recovery address {}", FormatUuid(uuid_), to);
+  return {};
 }
 
 Status SourceMigration::StartPostcopy() {
@@ -245,24 +278,7 @@ Status SourceMigration::Handshake(const Endpoint& ep, uint32_t version) {
     if (control_) control_->Shutdown();
     control_ = std::make_unique<ControlChannel>(std::move(*sock));
   }
-  control_->Start([this](const Record& r) {
-    if (r.type() == RecordType::kPageRequest) {
-      auto rq = DecodePageRequest(r.payload, pages_);
-      if (!rq) return false;  // queued: fails the next wait
-      {
-        std::lock_guard<std::mutex> l(req_mu_);
-        requests_.push_back(*rq);
-      }
-      last_request_.store(rq->gfn);
-      requests_seen_.fetch_add(1);
-      req_cv_.notify_all();
-      return true;
-    }
-    if (r.type() != RecordType::kProgress) return false;
-    auto pr = DecodeProgress(r.payload);
-    if (pr) dest_applied_ = std::max(dest_applied_, pr->batches);
-    return pr.has_value();  // a malformed PROGRESS is queued and fails the next wait
-  });
+  control_->Start([this](const Record& r) { return FoldControl(r); });
   FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kHello, Encode(Hello{uuid_, want, params_.channels, kWirePageSize})),
                         "control channel");
   hello_sent_.store(true);
@@ -614,16 +630,15 @@ Result<SourceMigration::Phase> SourceMigration::Postcopy() {
     b.runs.assign(nodata.begin() + static_cast<ptrdiff_t>(i), nodata.begin() + static_cast<ptrdiff_t>(std::min(nodata.size(), i + kBatchEntries)));
     FERRY_RETURN_IF_ERROR(pool_->Submit(std::move(b)), "post-copy switch");
   }
-  // The destination drops its copies of the missing pages: no delta may refer to them.
-  if (cache_ && cache_->enabled())
-    for (uint64_t p = 0; p < pages_; ++p)
-      if (TestPage(pc_missing_, p)) cache_->Erase(p);
+  // The destination drops its copies of the missing pages, and a page pushed from now on may be
+  // lost with a cut connection: no more deltas.
+  if (cache_) cache_->Freeze();
   pc_claimed_.reset(new std::atomic<uint64_t>[pc_missing_.size()]);
   for (size_t i = 0; i < pc_missing_.size(); ++i) pc_claimed_[i].store(0, std::memory_order_relaxed);
   FERRY_RETURN_IF_ERROR(pool_->Flush(), "post-copy switch");
   FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kPostcopy, Encode(PostcopyStart{pages_, pc_missing_count_, pc_missing_})),
                         "send POSTCOPY");
-  responder_ = std::thread([this] { Responder(); });
+  StartResponder();
   auto state = vm_->SaveState();
   if (!state) return std::unexpected(state.error().WithContext("save VM state"));
   uint64_t state_bytes = 0;
@@ -653,33 +668,193 @@ Result<SourceMigration::Phase> SourceMigration::Postcopy() {
     go_ns_ = NowNs();
   }
   SetStatus(MigrationStatus::kPostcopy);
+  control_->socket().SetUserTimeout(params_.liveness_timeout_ms);
+  pool_->SetUserTimeout(params_.liveness_timeout_ms);
+  StartPinger();
+  Result<Record> done = std::unexpected(Error(ErrorCode::kInternal, "no POSTCOPY_DONE"));
+  for (;;) {
+    auto s = PostcopyRun();
+    if (s) {
+      done = control_->Await(RecordType::kPostcopyDone, params_.reply_timeout_ms);
+      if (done) break;
+      s = std::unexpected(done.error().WithContext("waiting for POSTCOPY_DONE"));
+    }
+    if (!Recoverable(s.error())) return std::unexpected(s.error());
+    FERRY_RETURN_IF_ERROR(Reconnect(s.error()), "post-copy");
+  }
+  StopPinger();
+  auto d = DecodePostcopyDone(done->payload);
+  if (!d) return std::unexpected(d.error());
+  std::lock_guard<std::mutex> l(stats_mu_);
+  pc_done_ = *d;
+  postcopy_ms_ = MsFromNs(NowNs() - go_ns_);
+  spdlog::info("migration: post-copy done in {:.1f} ms: {} pages, {} demand faults (p50 {} us, p99 {} us), {} recoveries",
+               postcopy_ms_, pc_missing_count_, d->demand_faults, d->p50_us, d->p99_us, recoveries_);
+  return Phase::kDone;
+}
+
+Status SourceMigration::PostcopyRun() {
   FERRY_RETURN_IF_ERROR(PushMissing(), "post-copy push");
   {
     std::unique_lock<std::mutex> l(req_mu_);
     req_cv_.wait(l, [&] { return !responder_busy_ || responder_error_; });
-    responder_stop_ = true;
   }
-  req_cv_.notify_all();
-  responder_.join();
+  StopResponder();
   EncodeTally rt;
   {
     std::lock_guard<std::mutex> l(req_mu_);
     if (responder_error_) return std::unexpected(*responder_error_);
     rt = responder_tally_;
   }
+  // This connection's totals (all of the migration's for the first one).
   const EncodeTally all = pool_->tally();
-  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kPostcopyEnd, Encode(End{all.records + rt.records, all.pages + rt.pages})),
-                        "send POSTCOPY_END");
-  auto done = control_->Await(RecordType::kPostcopyDone, params_.reply_timeout_ms);
-  if (!done) return std::unexpected(done.error().WithContext("waiting for POSTCOPY_DONE"));
-  auto d = DecodePostcopyDone(done->payload);
-  if (!d) return std::unexpected(d.error());
-  std::lock_guard<std::mutex> l(stats_mu_);
-  pc_done_ = *d;
-  postcopy_ms_ = MsFromNs(NowNs() - go_ns_);
-  spdlog::info("migration: post-copy done in {:.1f} ms: {} pages, {} demand faults (p50 {} us, p99 {} us), {} requested records",
-               postcopy_ms_, pc_missing_count_, d->demand_faults, d->p50_us, d->p99_us, rt.records);
-  return Phase::kDone;
+  return control_->Send(RecordType::kPostcopyEnd, Encode(End{all.records + rt.records, all.pages + rt.pages}));
+}
+
+bool SourceMigration::Recoverable(const Error& e) {
+  // The destination's own ERROR ends it for good; anything but a lost connection too.
+  if (control_->PeerVerdict(0)) return false;
+  return e.code() == ErrorCode::kIo || e.code() == ErrorCode::kTimeout;
+}
+
+void SourceMigration::StartResponder() {
+  {
+    std::lock_guard<std::mutex> l(req_mu_);
+    responder_stop_ = false;
+    responder_busy_ = false;
+    responder_error_.reset();
+    responder_tally_ = EncodeTally{};
+    requests_.clear();
+  }
+  responder_ = std::thread([this] { Responder(); });
+}
+
+void SourceMigration::StopResponder() {
+  {
+    std::lock_guard<std::mutex> l(req_mu_);
+    responder_stop_ = true;
+  }
+  req_cv_.notify_all();
+  if (responder_.joinable() && responder_.get_id() != std::this_thread::get_id()) responder_.join();
+}
+
+void SourceMigration::StartPinger() {
+  pinger_stop_.store(false);
+  pinger_ = std::thread([this] {
+    // A quiet post-copy connection is still checked: with TCP_USER_TIMEOUT, a path that drops
+    // everything fails the connection instead of hanging it.
+    while (!pinger_stop_.load()) {
+      std::unique_lock<std::mutex> l(recover_mu_);
+      recover_cv_.wait_for(l, std::chrono::milliseconds(250), [&] { return pinger_stop_.load(); });
+      l.unlock();
+      if (pinger_stop_.load()) return;
+      (void)control_->Send(RecordType::kPing, {}, false);
+    }
+  });
+}
+
+void SourceMigration::StopPinger() {
+  pinger_stop_.store(true);
+  recover_cv_.notify_all();
+  if (pinger_.joinable() && pinger_.get_id() != std::this_thread::get_id()) pinger_.join();
+}
+
+Status SourceMigration::Reconnect(const Error& why) {
+  SetStatus(MigrationStatus::kPostcopyPaused);
+  spdlog::warn("migration {}: post-copy connection lost ({}); the guest waits on the destination for pages it has not got; "
+               "reconnecting for up to {} ms",
+               FormatUuid(uuid_), why.message(), params_.recover_timeout_ms);
+  StopPinger();
+  StopResponder();
+  uint64_t next_seq;
+  {
+    std::lock_guard<std::mutex> l(ctl_mu_);
+    retired_tally_.Add(pool_->tally());
+    retired_bytes_ += pool_->bytes_written() + control_->socket().bytes_written();
+    retired_cpu_ns_ += pool_->cpu_ns() + control_->reader_cpu_ns();
+    next_seq = pool_->next_seq();
+    pool_->Cancel(why);
+    control_->Shutdown();
+  }
+  {
+    std::lock_guard<std::mutex> l(ctl_mu_);
+    pool_.reset();  // joins its workers
+  }
+  const uint64_t deadline = NowNs() + static_cast<uint64_t>(params_.recover_timeout_ms) * 1'000'000;
+  for (uint32_t attempt = 1;; ++attempt) {
+    std::string to;
+    {
+      std::lock_guard<std::mutex> l(recover_mu_);
+      to = recover_to_.empty() ? params_.to : recover_to_;
+      recover_kick_ = false;
+    }
+    auto s = TryReconnect(to, next_seq);
+    if (s) break;
+    spdlog::warn("migration {}: reconnect {} to {} failed: {}", FormatUuid(uuid_), attempt, to, s.error().message());
+    {
+      std::lock_guard<std::mutex> l(ctl_mu_);
+      if (pool_) {
+        pool_->Cancel(s.error());
+      }
+      if (control_) control_->Shutdown();
+    }
+    {
+      std::lock_guard<std::mutex> l(ctl_mu_);
+      pool_.reset();
+    }
+    if (NowNs() >= deadline)
+      return Errorf(ErrorCode::kTimeout, "post-copy: could not reach the destination again within {} ms (last: {}); the source "
+                    "keeps the pages the destination misses and stays paused", params_.recover_timeout_ms, s.error().message());
+    std::unique_lock<std::mutex> l(recover_mu_);
+    recover_cv_.wait_for(l, std::chrono::milliseconds(std::min<uint64_t>(1000, (deadline - NowNs()) / 1'000'000 + 1)),
+                         [&] { return recover_kick_; });
+  }
+  {
+    std::lock_guard<std::mutex> l(stats_mu_);
+    ++recoveries_;
+  }
+  SetStatus(MigrationStatus::kPostcopy);
+  StartResponder();
+  StartPinger();
+  return {};
+}
+
+Status SourceMigration::TryReconnect(const std::string& to, uint64_t next_seq) {
+  auto ep = ParseEndpoint(to);
+  if (!ep) return std::unexpected(ep.error());
+  const uint64_t caps = caps_.load();
+  FERRY_RETURN_IF_ERROR(Handshake(*ep, version_.load()), "reconnect");
+  if (caps_.load() != caps) {
+    caps_.store(caps);
+    return Errorf(ErrorCode::kCorrupt, "reconnect: the destination acknowledged other capabilities");
+  }
+  auto rec = control_->Await(RecordType::kRecover, params_.connect_timeout_ms);
+  if (!rec) return std::unexpected(rec.error().WithContext("reconnect"));
+  auto now = DecodePostcopyStart(rec->payload, pages_);
+  if (!now) return std::unexpected(now.error().WithContext("RECOVER"));
+  for (size_t w = 0; w < pc_missing_.size(); ++w)
+    if (now->missing[w] & ~pc_missing_[w]) return Errorf(ErrorCode::kCorrupt, "RECOVER: pages missing that were never missing");
+  std::vector<std::unique_ptr<Socket>> data;
+  for (uint32_t i = 0; i < params_.channels; ++i) {
+    auto d = Socket::Connect(*ep, params_.connect_timeout_ms);
+    if (!d) return std::unexpected(d.error().WithContext(fmt::format("data channel {}", i)));
+    FERRY_RETURN_IF_ERROR(WritePreamble(**d, Role::kData, version_), "data channel");
+    FERRY_RETURN_IF_ERROR(WriteRecord(**d, RecordType::kDataHello, Encode(DataHello{uuid_, i})), "data channel");
+    (*d)->SetUserTimeout(params_.liveness_timeout_ms);
+    data.push_back(std::move(*d));
+  }
+  control_->socket().SetUserTimeout(params_.liveness_timeout_ms);
+  // What the destination misses now is sent again (what was on the wire may be lost).
+  for (size_t w = 0; w < pc_missing_.size(); ++w) pc_claimed_[w].store(pc_missing_[w] & ~now->missing[w]);
+  ChannelPool::Options opts;
+  opts.encoder = {version_, caps_};
+  opts.high_watermark = 2 * params_.channels;
+  opts.low_watermark = params_.channels;
+  opts.first_seq = next_seq;
+  std::lock_guard<std::mutex> l(ctl_mu_);
+  pool_ = std::make_unique<ChannelPool>(std::move(data), ram_, opts, cache_.get(), selector_.get(), &limiter_);
+  spdlog::info("migration {}: post-copy reconnected to {}; {} pages still missing there", FormatUuid(uuid_), to, now->missing_pages);
+  return {};
 }
 
 Status SourceMigration::PushMissing() {
@@ -769,10 +944,13 @@ nlohmann::json SourceMigration::Stats() const {
   nlohmann::json codec = nullptr, cache = nullptr;
   {
     std::lock_guard<std::mutex> cl(ctl_mu_);
+    transferred += retired_bytes_;
+    cpu_ns += retired_cpu_ns_;
+    t = retired_tally_;
     if (pool_) {
       transferred += pool_->bytes_written();
       cpu_ns += pool_->cpu_ns();
-      t = pool_->tally();
+      t.Add(pool_->tally());
     }
     if (control_) {
       transferred += control_->socket().bytes_written();
@@ -831,6 +1009,8 @@ nlohmann::json SourceMigration::Stats() const {
   j["mode"] = mode_ran_;
   j["postcopy_ms"] = postcopy_ms_;
   j["postcopy_pages"] = postcopy_pages_;
+  j["recoveries"] = recoveries_;
+  j["recover_timeout_ms"] = params_.recover_timeout_ms;
   j["demand_faults"] = pc_done_.demand_faults;
   j["fault_latency_ms"] = {{"p50", pc_done_.p50_us / 1000.0}, {"p99", pc_done_.p99_us / 1000.0}, {"max", pc_done_.max_us / 1000.0}};
   if (!error_.empty()) j["error"] = error_;

@@ -57,7 +57,7 @@
 
 namespace ferry::migration {
 
-enum class MigrationStatus { kSetup, kActive, kDevice, kPostcopy, kCompleted, kFailed, kCancelled, kFailedUnknown };
+enum class MigrationStatus { kSetup, kActive, kDevice, kPostcopy, kPostcopyPaused, kCompleted, kFailed, kCancelled, kFailedUnknown };
 std::string_view MigrationStatusName(MigrationStatus s);
 inline bool IsFinal(MigrationStatus s) { return s >= MigrationStatus::kCompleted; }
 
@@ -81,6 +81,9 @@ class SourceMigration {
   // Switches a running pre-copy to post-copy (as QEMU's migrate-start-postcopy): the current pass
   // ends early and the guest moves to the destination with the rest of its pages missing.
   Status StartPostcopy();
+  // Post-copy recovery (PUT /vm/migration/recover): while the connection is being re-established
+  // (status postcopy-paused), try `to` (tcp:HOST:PORT) from now on, at once.
+  Status Recover(const std::string& to);
 
  private:
   enum class Phase { kConnect, kIterate, kStopCopy, kCommit, kPostcopy, kDone };
@@ -98,6 +101,18 @@ class SourceMigration {
   void Responder();
   Status SendRequested(uint64_t gfn, uint32_t count, PageEncoder* enc);
   Status PushMissing();
+  // One connection's worth of post-copy: push, POSTCOPY_END, POSTCOPY_DONE.
+  Status PostcopyRun();
+  // A cut after GO: re-establish the connections (retrying until recover_timeout_ms) and learn
+  // what the destination still misses.
+  Status Reconnect(const Error& why);
+  Status TryReconnect(const std::string& to, uint64_t next_seq);
+  bool Recoverable(const Error& e);
+  bool FoldControl(const Record& r);
+  void StartResponder();
+  void StopResponder();
+  void StartPinger();
+  void StopPinger();
   bool Claim(uint64_t p) {
     const uint64_t bit = 1ull << (p % 64);
     return !(pc_claimed_[p / 64].fetch_or(bit, std::memory_order_relaxed) & bit);
@@ -172,6 +187,16 @@ class SourceMigration {
   EncodeTally responder_tally_;            // GUARDED_BY(req_mu_)
   std::atomic<uint64_t> last_request_{UINT64_MAX};  // gfn of the latest request (push locality)
   std::atomic<uint64_t> requests_seen_{0};
+  std::thread pinger_;
+  std::atomic<bool> pinger_stop_{false};
+  std::mutex recover_mu_;
+  std::condition_variable recover_cv_;
+  std::string recover_to_;   // GUARDED_BY(recover_mu_): operator's new address ("" = params_.to)
+  bool recover_kick_ = false;  // GUARDED_BY(recover_mu_)
+  // Figures of pools and control channels replaced by a recovery. GUARDED_BY(ctl_mu_).
+  EncodeTally retired_tally_;
+  uint64_t retired_bytes_ = 0, retired_cpu_ns_ = 0;
+  uint32_t recoveries_ = 0;  // GUARDED_BY(stats_mu_)
 
   // Statistics. GUARDED_BY(stats_mu_) unless atomic.
   mutable std::mutex stats_mu_;

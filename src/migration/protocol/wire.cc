@@ -69,11 +69,13 @@ std::string_view RecordTypeName(RecordType t) {
     case RecordType::kPageRequest: return "PAGE_REQUEST";
     case RecordType::kPostcopyEnd: return "POSTCOPY_END";
     case RecordType::kPostcopyDone: return "POSTCOPY_DONE";
+    case RecordType::kPing: return "PING";
+    case RecordType::kRecover: return "RECOVER";
   }
   return "UNKNOWN";
 }
 
-bool IsKnownRecordType(uint16_t t) { return t >= 1 && t <= 19; }
+bool IsKnownRecordType(uint16_t t) { return t >= 1 && t <= 21; }
 
 Uuid NewUuid() {
   Uuid u{};

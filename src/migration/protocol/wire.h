@@ -44,6 +44,8 @@ enum class RecordType : uint16_t {
   kEncodedPages = 15,  // version 2 only
   // Post-copy (version 2 with kCapPostcopy; postcopy.h):
   kPostcopy = 16, kPageRequest = 17, kPostcopyEnd = 18, kPostcopyDone = 19,
+  kPing = 20,     // either way, not mandatory, empty: keeps a quiet post-copy connection checked
+  kRecover = 21,  // post-copy recovery: the destination's pages still missing (PostcopyStart layout)
 };
 std::string_view RecordTypeName(RecordType t);
 bool IsKnownRecordType(uint16_t t);

@@ -32,6 +32,8 @@ void ControlChannel::ReaderLoop() {
       cv_.notify_all();
       return;
     }
+    last_rx_ns_.store(NowNs(), std::memory_order_relaxed);
+    if (r.type() == RecordType::kPing) continue;  // liveness only
     if (fold_ && fold_(r)) {
       cv_.notify_all();
       continue;

@@ -5,7 +5,8 @@
 // without queueing them. Consumers take records in order:
 //   - ERROR from the peer becomes that error (code and message, prefixed "peer: "),
 //   - CANCEL becomes kCancelled with the peer's reason,
-//   - records of unknown type without the mandatory flag are skipped,
+//   - records of unknown type without the mandatory flag are skipped, and so is PING (liveness:
+//     any record received counts, last_rx_ns()),
 //   - Await(want) fails with kCorrupt on any other record than `want`.
 // Interrupt(e) makes every current and later wait fail with e (local cancel, a failed data
 // channel); a lost connection fails every wait with the read error.
@@ -63,6 +64,8 @@ class ControlChannel {
   std::optional<Error> failure() const;
   // CPU time the reader thread used so far (ns).
   uint64_t reader_cpu_ns() const { return reader_cpu_ns_.load(std::memory_order_relaxed); }
+  // When the last record of any kind arrived (NowNs clock; 0 = none yet).
+  uint64_t last_rx_ns() const { return last_rx_ns_.load(std::memory_order_relaxed); }
 
  private:
   void ReaderLoop();
@@ -76,6 +79,7 @@ class ControlChannel {
   Fold fold_;
   std::thread reader_;
   std::atomic<uint64_t> reader_cpu_ns_{0};
+  std::atomic<uint64_t> last_rx_ns_{0};
 
   mutable std::mutex mu_;
   std::condition_variable cv_;        // consumers: records, fold effects, errors

@@ -160,6 +160,11 @@ Status Socket::ReadExact(std::span<uint8_t> buf, int timeout_ms) {
   return {};
 }
 
+void Socket::SetUserTimeout(int ms) {
+  unsigned v = static_cast<unsigned>(std::max(ms, 0));
+  setsockopt(fd_, IPPROTO_TCP, TCP_USER_TIMEOUT, &v, sizeof v);
+}
+
 void Socket::Shutdown() { shutdown(fd_, SHUT_RDWR); }
 
 Socket::PathInfo Socket::Path() const {

@@ -52,6 +52,9 @@ class Socket {
   // timeout_ms < 0: no timeout. EOF before `buf` is full is an error (kIo).
   Status ReadExact(std::span<uint8_t> buf, int timeout_ms);
   void Shutdown();
+  // TCP_USER_TIMEOUT: the connection fails when sent data stays unacknowledged this long (a peer
+  // that vanished or a path that drops everything), instead of after minutes of retransmissions.
+  void SetUserTimeout(int ms);
   uint64_t bytes_written() const { return bytes_written_.load(std::memory_order_relaxed); }
 
  private:
