@@ -136,7 +136,7 @@ TEST_F(PostcopyTest, SourceKilledDuringPostcopyStopsTheDestinationWithoutRunning
   ASSERT_TRUE(src.Start());
   ASSERT_TRUE(src.WaitConsole("memdirty started", 20s)) << src.Console() << src.Stderr();
   const int port = FreePort();
-  auto dst = Incoming(port);
+  auto dst = Incoming(port, {"--recover-timeout-ms", "3000"});  // how long it waits for a source to come back
   // A slow push (4 MiB/s) keeps post-copy running for seconds.
   auto put = src.Api("PUT", "/vm/migrate",
                      R"({"to": "tcp:127.0.0.1:)" + std::to_string(port) + R"(", "mode": "postcopy", "max_bandwidth": 4194304, "compress": "none"})");
@@ -149,6 +149,7 @@ TEST_F(PostcopyTest, SourceKilledDuringPostcopyStopsTheDestinationWithoutRunning
   EXPECT_EQ(rc, 3) << dst->Stderr();
   EXPECT_NE(dst->Stderr().find("failed:"), std::string::npos) << dst->Stderr();
   EXPECT_NE(dst->Stderr().find("the guest is stopped"), std::string::npos) << dst->Stderr();
+  EXPECT_NE(dst->Stderr().find("did not reconnect within 3000 ms"), std::string::npos) << dst->Stderr();
 }
 
 }  // namespace

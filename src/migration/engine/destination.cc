@@ -476,6 +476,7 @@ Status IncomingMigration::AwaitRecovery(const IncomingParams& params, const Erro
     std::unique_lock<std::mutex> l(mu_);
     data_.clear();
     channel_used_.assign(channel_used_.size(), false);
+    data_error_.reset();  // the cut is handled here; what fails from now on is reported
     const bool back = cv_.wait_for(l, std::chrono::milliseconds(params.recover_timeout_ms),
                                    [&] { return recover_sock_ != nullptr || aborted_.load(); });
     recovering_ = false;
@@ -484,7 +485,7 @@ Status IncomingMigration::AwaitRecovery(const IncomingParams& params, const Erro
       return Errorf(ErrorCode::kTimeout, "post-copy: the source did not reconnect within {} ms (after: {})", params.recover_timeout_ms,
                     why.message());
     sock = std::move(recover_sock_);
-    data_error_.reset();
+    data_error_.reset();  // a reader of the old connections may have failed meanwhile
     gen_batches_base_ = batches_applied_ + ctl_batches_;
   }
   gen_pages_base_ = pages_applied_;
