@@ -106,10 +106,12 @@ Status Vm::MarkMigrated(const std::string& destination) {
 }
 
 Status Vm::AnnounceNetwork() {
-  return Post([this]() -> Status {
+  auto announce = [this]() -> Status {
     if (!board_->net_device()) return {};
     return AnnounceMac(board_->net_device());
-  });
+  };
+  if (!thread_.joinable()) return announce();  // not started: the caller's thread owns the board
+  return Post(announce);
 }
 
 Result<std::unique_ptr<Vm>> Vm::Restore(VmOptions options, const std::string& snapshot_path) {
@@ -160,6 +162,9 @@ int Vm::Wait() {
 
 void Vm::MachineLoop() {
   Vcpu& vcpu = board_->vcpu();
+  // Frames that reached the TAP before the start (a migration destination: the guest's clients
+  // switch to it at the announce, which precedes Start) are delivered before the first slice.
+  if (state() == VmState::kRunning) (void)loop_->Poll(0);
   while (!stop_.load()) {
     // Commands from other threads.
     std::deque<std::packaged_task<Status()>> cmds;
