@@ -8,7 +8,10 @@
 //   sent, received (distinct probes answered), lost (sent - received), duplicates,
 //   max_gap_ms (longest silence between replies while sending, including a trailing one),
 //   max_gap_start_s, first_reply_s, rtt_ms {p50, p99, max} (per answered probe),
-//   duration_s (sending time), rate_hz, target.
+//   duration_s (sending time), rate_hz, target, start_mono_s (CLOCK_MONOTONIC at the start) and
+//   gaps: every silence longer than --gap-list-ms as [start_mono_s, end_mono_s] (the reply before
+//   and the reply after it, or the end of sending; CLOCK_MONOTONIC seconds, comparable with other
+//   processes' clocks).
 // Run it inside a namespace with `ip netns exec NS ferry-udp-probe ...`.
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -55,11 +58,12 @@ double Percentile(std::vector<double> v, double p) {
 int main(int argc, char** argv) {
   CLI::App app{"ferry-udp-probe: UDP echo client measuring the longest gap between replies"};
   std::string target;
-  double rate = 1000, duration = 0, drain = 1.0;
+  double rate = 1000, duration = 0, drain = 1.0, gap_list_ms = 50;
   app.add_option("--to", target, "echo server IP:PORT")->required();
   app.add_option("--rate", rate, "datagrams per second")->check(CLI::Range(1.0, 100000.0));
   app.add_option("--duration", duration, "seconds (0: until SIGINT/SIGTERM)")->check(CLI::Range(0.0, 86400.0));
   app.add_option("--drain", drain, "seconds to wait for late replies after the last probe")->check(CLI::Range(0.0, 60.0));
+  app.add_option("--gap-list-ms", gap_list_ms, "list every silence longer than this")->check(CLI::Range(0.1, 1e6));
   CLI11_PARSE(app, argc, argv);
 
   auto colon = target.rfind(':');
@@ -88,6 +92,7 @@ int main(int argc, char** argv) {
   std::vector<double> sent_at;      // send time of probe N
   std::vector<bool> answered;       // probe N was answered
   std::vector<double> rtts;       // ms
+  std::string gaps;               // JSON array body
   char buf[64];
   auto receive_all = [&](bool sending) {
     char r[64];
@@ -103,6 +108,8 @@ int main(int argc, char** argv) {
       rtts.push_back((t - sent_at[static_cast<size_t>(k)]) * 1000);
       ++received;
       if (!sending) continue;  // late replies after the end count as answered, not for the gap
+      if (last_reply >= 0 && (t - last_reply) * 1000 > gap_list_ms)
+        gaps += fmt::format("{}[{:.6f},{:.6f}]", gaps.empty() ? "" : ",", last_reply, t);
       if (last_reply >= 0 && t - last_reply > max_gap) {
         max_gap = t - last_reply;
         max_gap_at = last_reply - start;
@@ -134,6 +141,8 @@ int main(int argc, char** argv) {
     max_gap = end - last_reply;
     max_gap_at = last_reply - start;
   }
+  if (last_reply >= 0 && (end - last_reply) * 1000 > gap_list_ms)
+    gaps += fmt::format("{}[{:.6f},{:.6f}]", gaps.empty() ? "" : ",", last_reply, end);
   // Drain: replies to the last probes are still in flight.
   g_stop.store(false);
   for (const double until = Now() + drain; received < sent && Now() < until && !g_stop.load();) {
@@ -142,11 +151,11 @@ int main(int argc, char** argv) {
     if (ppoll(&p, 1, &ts, nullptr) > 0) receive_all(false);
   }
   std::printf("%s\n",
-              fmt::format(R"({{"target":"{}","rate_hz":{},"duration_s":{:.3f},"sent":{},"received":{},"lost":{},"duplicates":{},"max_gap_ms":{:.3f},"max_gap_start_s":{:.3f},"first_reply_s":{:.3f},"rtt_ms":{{"p50":{:.3f},"p99":{:.3f},"max":{:.3f}}}}})",
+              fmt::format(R"({{"target":"{}","rate_hz":{},"duration_s":{:.3f},"sent":{},"received":{},"lost":{},"duplicates":{},"max_gap_ms":{:.3f},"max_gap_start_s":{:.3f},"first_reply_s":{:.3f},"rtt_ms":{{"p50":{:.3f},"p99":{:.3f},"max":{:.3f}}},"start_mono_s":{:.6f},"gaps":[{}]}})",
                           target, rate, end - start, sent, received, sent - received, duplicates,
                           last_reply < 0 ? (end - start) * 1000 : max_gap * 1000, max_gap_at,
                           first_reply < 0 ? -1.0 : first_reply - start, Percentile(rtts, 0.5), Percentile(rtts, 0.99),
-                          rtts.empty() ? -1.0 : *std::max_element(rtts.begin(), rtts.end()))
+                          rtts.empty() ? -1.0 : *std::max_element(rtts.begin(), rtts.end()), start, gaps)
                   .c_str());
   std::fflush(stdout);
   close(fd);
