@@ -107,6 +107,43 @@ static void say_meminfo(void) {
       total >= 0 && free_kb >= 0 ? total - free_kb : -1);
 }
 
+/* Network counters on one line: UDP (from /proc/net/snmp), eth0 (sysfs) and the softnet backlog drops. */
+static long long sysfs_counter(const char *name) {
+  char path[96];
+  snprintf(path, sizeof path, "/sys/class/net/eth0/statistics/%s", name);
+  FILE *f = fopen(path, "r");
+  long long v = -1;
+  if (f) { if (fscanf(f, "%lld", &v) != 1) v = -1; fclose(f); }
+  return v;
+}
+
+static void say_netstat(void) {
+  long long udp[9];
+  int n = 0;
+  for (int i = 0; i < 9; i++) udp[i] = -1;
+  FILE *f = fopen("/proc/net/snmp", "r");
+  char line[512];
+  int seen_header = 0;
+  while (f && fgets(line, sizeof line, f)) {
+    if (strncmp(line, "Udp: ", 5) != 0) continue;
+    if (!seen_header) { seen_header = 1; continue; }  /* the first Udp: line names the fields */
+    n = sscanf(line + 5, "%lld %lld %lld %lld %lld %lld %lld %lld %lld", &udp[0], &udp[1], &udp[2], &udp[3], &udp[4],
+               &udp[5], &udp[6], &udp[7], &udp[8]);
+    break;
+  }
+  if (f) fclose(f);
+  long long backlog_drops = 0;
+  unsigned processed, dropped;
+  f = fopen("/proc/net/softnet_stat", "r");
+  while (f && fscanf(f, "%x %x%*[^\n]", &processed, &dropped) == 2) backlog_drops += dropped;
+  if (f) fclose(f);
+  /* Udp fields: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors */
+  say("netstat udp_in=%lld udp_noports=%lld udp_inerrors=%lld udp_out=%lld udp_rcvbuf_errors=%lld udp_sndbuf_errors=%lld "
+      "eth0_rx_packets=%lld eth0_rx_dropped=%lld eth0_tx_packets=%lld eth0_tx_dropped=%lld backlog_drops=%lld fields=%d",
+      udp[0], udp[1], udp[2], udp[3], udp[4], udp[5], sysfs_counter("rx_packets"), sysfs_counter("rx_dropped"),
+      sysfs_counter("tx_packets"), sysfs_counter("tx_dropped"), backlog_drops, n);
+}
+
 static void signal_workload(const char *name, int sig) {
   int found = 0;
   for (int i = 0; i < nwl; i++)
@@ -151,7 +188,8 @@ int main(void) {
       else if (strcmp(line, "status") == 0) {
         for (int i = 0; i < nwl; i++) say("workload %s pid=%d %s", wl[i].name, wl[i].pid, wl[i].pid ? "running" : "exited");
         say_meminfo();
-      } else if (strcmp(line, "poweroff") == 0) {
+      } else if (strcmp(line, "netstat") == 0) say_netstat();
+      else if (strcmp(line, "poweroff") == 0) {
         say("powering off");
         sync();
         reboot(RB_POWER_OFF);

@@ -120,10 +120,12 @@ Status VmMigrationTarget::Restore(const std::vector<migration::StateRecord>& sta
 
 Status VmMigrationTarget::Start() {
   if (!vm_) return Errorf(ErrorCode::kBusy, "start before configuration");
-  FERRY_RETURN_IF_ERROR(vm_->Start(false), "start");
-  // Tell the bridge where the guest's MAC lives now (the guest keeps MAC and IP).
+  // Tell the bridge where the guest's MAC lives now (the guest keeps MAC and IP), before the
+  // guest runs: the clients' next frames then come here while the machine thread starts
+  // (announcing after the start waited for the machine thread's first slice).
   auto s = vm_->AnnounceNetwork();
   if (!s) spdlog::warn("incoming: MAC announcement failed: {}", s.error().message());
+  FERRY_RETURN_IF_ERROR(vm_->Start(false), "start");
   return {};
 }
 

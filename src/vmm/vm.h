@@ -77,7 +77,10 @@ class Vm {
   Status SetCpuShare(double fraction);
   // The guest runs elsewhere now: stay paused forever.
   Status MarkMigrated(const std::string& destination);
-  // Sends a gratuitous RARP for the guest MAC (after a migration), if it has a NIC.
+  // Sends a gratuitous RARP for the guest MAC (after a migration), if it has a NIC. Before
+  // Start() it runs on the calling thread (no machine thread owns the board yet), so a
+  // migration destination announces before the guest's first instruction; afterwards it is
+  // a command to the machine thread.
   Status AnnounceNetwork();
   std::string Prometheus();
 

@@ -357,7 +357,10 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   const uint64_t t_go = NowNs();
   guest_started_.store(true);
   FERRY_RETURN_IF_ERROR(vm->Start(), "start the guest");
-  out->resume_ms = MsFromNs(NowNs() - t_go);
+  const uint64_t t_running = NowNs();
+  out->resume_ms = MsFromNs(t_running - t_go);
+  // CLOCK_MONOTONIC, so a client's clock on this host can be compared (bench/echo-floor --migrate).
+  spdlog::info("incoming: GO -> guest running {:.2f} ms (monotonic {:.6f} s)", out->resume_ms, static_cast<double>(t_running) / 1e9);
   if (!postcopy_) {
     // The guest runs: from here on, failures no longer matter to the source's VM.
     (void)control_->Send(RecordType::kResumed, EncodeU64(static_cast<uint64_t>(out->resume_ms * 1000)));
