@@ -296,6 +296,28 @@ Status SourceMigration::Handshake(const Endpoint& ep, uint32_t version) {
   return {};
 }
 
+Result<std::vector<std::unique_ptr<Socket>>> SourceMigration::ConnectDataChannels(const Endpoint& ep) {
+  std::vector<std::unique_ptr<Socket>> data;
+  for (uint32_t i = 0; i < params_.channels; ++i) {
+    auto d = Socket::Connect(ep, params_.connect_timeout_ms);
+    if (!d) return std::unexpected(d.error().WithContext(fmt::format("data channel {}", i)));
+    FERRY_RETURN_IF_ERROR(WritePreamble(**d, Role::kData, version_), "data channel");
+    FERRY_RETURN_IF_ERROR(WriteRecord(**d, RecordType::kDataHello, Encode(DataHello{uuid_, i})), "data channel");
+    data.push_back(std::move(*d));
+    if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
+  }
+  return data;
+}
+
+ChannelPool::Options SourceMigration::PoolOptions(uint64_t first_seq) const {
+  ChannelPool::Options opts;
+  opts.encoder = {version_, caps_};
+  opts.high_watermark = 2 * params_.channels;
+  opts.low_watermark = params_.channels;
+  opts.first_seq = first_seq;
+  return opts;
+}
+
 Result<SourceMigration::Phase> SourceMigration::Connect() {
   auto ep = ParseEndpoint(params_.to);
   if (!ep) return std::unexpected(ep.error());
@@ -314,15 +336,8 @@ Result<SourceMigration::Phase> SourceMigration::Connect() {
   policy_cfg_.allow_postcopy = params_.mode == MigrationMode::kAuto && (caps_ & kCapPostcopy);
   spdlog::info("migration {}: protocol v{}, capabilities {}", FormatUuid(uuid_), version_, CapNames(caps_).dump());
 
-  std::vector<std::unique_ptr<Socket>> data;
-  for (uint32_t i = 0; i < params_.channels; ++i) {
-    auto d = Socket::Connect(*ep, params_.connect_timeout_ms);
-    if (!d) return std::unexpected(d.error().WithContext(fmt::format("data channel {}", i)));
-    FERRY_RETURN_IF_ERROR(WritePreamble(**d, Role::kData, version_), "data channel");
-    FERRY_RETURN_IF_ERROR(WriteRecord(**d, RecordType::kDataHello, Encode(DataHello{uuid_, i})), "data channel");
-    data.push_back(std::move(*d));
-    if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
-  }
+  auto data = ConnectDataChannels(*ep);
+  if (!data) return std::unexpected(data.error());
   auto config = vm_->Config();
   if (!config) return std::unexpected(config.error().WithContext("read VM configuration"));
   FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kConfig, EncodeConfig(*config)), "send configuration");
@@ -332,16 +347,12 @@ Result<SourceMigration::Phase> SourceMigration::Connect() {
   // The stages.
   const uint64_t cache_bytes = params_.delta_cache < 0 ? DefaultDeltaCache(ram_.size) : static_cast<uint64_t>(params_.delta_cache);
   const bool delta = (caps_ & kCapDelta) && cache_bytes > 0;
-  ChannelPool::Options opts;
-  opts.encoder = {version_, caps_};
-  opts.high_watermark = 2 * params_.channels;
-  opts.low_watermark = params_.channels;
   {
     std::lock_guard<std::mutex> l(ctl_mu_);
     cache_ = std::make_unique<DeltaCache>(delta ? cache_bytes : 0, pages_);
     selector_ = std::make_unique<CodecSelector>(params_.compress, caps_ & kCapLz4, caps_ & kCapZstd, delta, params_.channels);
     if (params_.max_bandwidth) selector_->ReportLink(static_cast<double>(params_.max_bandwidth));
-    pool_ = std::make_unique<ChannelPool>(std::move(data), ram_, opts, cache_.get(), selector_.get(), &limiter_);
+    pool_ = std::make_unique<ChannelPool>(std::move(*data), ram_, PoolOptions(1), cache_.get(), selector_.get(), &limiter_);
     scheduler_ = std::make_unique<PageScheduler>(pages_, LayeringConfig{params_.layering, 8, 2});
   }
   if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
@@ -548,20 +559,11 @@ Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
   const PassStats pass = scheduler_->pass();
   FERRY_RETURN_IF_ERROR(pool_->Flush(), "final pages");
   const uint64_t t_pages = NowNs();
-  auto state = vm_->SaveState();
-  if (!state) return std::unexpected(state.error().WithContext("save VM state"));
-  const uint64_t t_saved = NowNs();
-  uint64_t state_bytes = 0;
-  for (const auto& rec : *state) {
-    FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kState, Encode(rec)), "send state");
-    state_bytes += rec.blob.size();
-  }
+  auto handover = HandOverState();
+  if (!handover) return std::unexpected(handover.error());
+  const uint64_t t_saved = handover->saved_ns, t_end = handover->end_ns, t_ready = handover->ready_ns;
+  const uint64_t state_bytes = handover->state_bytes;
   const EncodeTally t = pool_->tally();
-  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kEnd, Encode(End{t.records, t.pages})), "send END");
-  const uint64_t t_end = NowNs();
-  auto ready = control_->Await(RecordType::kReady, params_.reply_timeout_ms);
-  if (!ready) return std::unexpected(ready.error().WithContext("waiting for the destination to restore"));
-  const uint64_t t_ready = NowNs();
   spdlog::info("migration: stop-and-copy: {} pages, final pages {:.2f} ms, save state {:.2f} ms ({} bytes), send state + END {:.2f} ms, "
                "destination READY after {:.2f} ms",
                pass.pages, MsFromNs(t_pages - t_pause), MsFromNs(t_saved - t_pages), state_bytes, MsFromNs(t_end - t_saved),
@@ -582,6 +584,24 @@ Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
                       {"ms", final_pages_ms_},
                       {"final", true}});
   return Phase::kCommit;
+}
+
+Result<SourceMigration::Handover> SourceMigration::HandOverState() {
+  Handover h;
+  auto state = vm_->SaveState();
+  if (!state) return std::unexpected(state.error().WithContext("save VM state"));
+  h.saved_ns = NowNs();
+  for (const auto& rec : *state) {
+    FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kState, Encode(rec)), "send state");
+    h.state_bytes += rec.blob.size();
+  }
+  const EncodeTally t = pool_->tally();
+  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kEnd, Encode(End{t.records, t.pages})), "send END");
+  h.end_ns = NowNs();
+  auto ready = control_->Await(RecordType::kReady, params_.reply_timeout_ms);
+  if (!ready) return std::unexpected(ready.error().WithContext("waiting for the destination to restore"));
+  h.ready_ns = NowNs();
+  return h;
 }
 
 Result<SourceMigration::Phase> SourceMigration::Commit() {
@@ -638,19 +658,10 @@ Result<SourceMigration::Phase> SourceMigration::Postcopy() {
   FERRY_RETURN_IF_ERROR(pool_->Flush(), "post-copy switch");
   FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kPostcopy, Encode(PostcopyStart{pages_, pc_missing_count_, pc_missing_})),
                         "send POSTCOPY");
-  StartResponder();
-  auto state = vm_->SaveState();
-  if (!state) return std::unexpected(state.error().WithContext("save VM state"));
-  uint64_t state_bytes = 0;
-  for (const auto& rec : *state) {
-    FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kState, Encode(rec)), "send state");
-    state_bytes += rec.blob.size();
-  }
-  const EncodeTally t = pool_->tally();
-  FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kEnd, Encode(End{t.records, t.pages})), "send END");
-  const uint64_t t_end = NowNs();
-  auto ready = control_->Await(RecordType::kReady, params_.reply_timeout_ms);
-  if (!ready) return std::unexpected(ready.error().WithContext("waiting for the destination to restore"));
+  StartResponder();  // the destination's restore may touch missing pages already
+  auto handover = HandOverState();
+  if (!handover) return std::unexpected(handover.error());
+  const uint64_t t_end = handover->end_ns, state_bytes = handover->state_bytes;
   spdlog::info("migration: post-copy switch: {} pages missing, {} bytes of state, destination READY after {:.2f} ms",
                pc_missing_count_, state_bytes, MsFromNs(NowNs() - t_end));
   {
@@ -834,25 +845,14 @@ Status SourceMigration::TryReconnect(const std::string& to, uint64_t next_seq) {
   if (!now) return std::unexpected(now.error().WithContext("RECOVER"));
   for (size_t w = 0; w < pc_missing_.size(); ++w)
     if (now->missing[w] & ~pc_missing_[w]) return Errorf(ErrorCode::kCorrupt, "RECOVER: pages missing that were never missing");
-  std::vector<std::unique_ptr<Socket>> data;
-  for (uint32_t i = 0; i < params_.channels; ++i) {
-    auto d = Socket::Connect(*ep, params_.connect_timeout_ms);
-    if (!d) return std::unexpected(d.error().WithContext(fmt::format("data channel {}", i)));
-    FERRY_RETURN_IF_ERROR(WritePreamble(**d, Role::kData, version_), "data channel");
-    FERRY_RETURN_IF_ERROR(WriteRecord(**d, RecordType::kDataHello, Encode(DataHello{uuid_, i})), "data channel");
-    (*d)->SetUserTimeout(params_.liveness_timeout_ms);
-    data.push_back(std::move(*d));
-  }
+  auto data = ConnectDataChannels(*ep);
+  if (!data) return std::unexpected(data.error());
+  for (auto& d : *data) d->SetUserTimeout(params_.liveness_timeout_ms);
   control_->socket().SetUserTimeout(params_.liveness_timeout_ms);
   // What the destination misses now is sent again (what was on the wire may be lost).
   for (size_t w = 0; w < pc_missing_.size(); ++w) pc_claimed_[w].store(pc_missing_[w] & ~now->missing[w]);
-  ChannelPool::Options opts;
-  opts.encoder = {version_, caps_};
-  opts.high_watermark = 2 * params_.channels;
-  opts.low_watermark = params_.channels;
-  opts.first_seq = next_seq;
   std::lock_guard<std::mutex> l(ctl_mu_);
-  pool_ = std::make_unique<ChannelPool>(std::move(data), ram_, opts, cache_.get(), selector_.get(), &limiter_);
+  pool_ = std::make_unique<ChannelPool>(std::move(*data), ram_, PoolOptions(next_seq), cache_.get(), selector_.get(), &limiter_);
   spdlog::info("migration {}: post-copy reconnected to {}; {} pages still missing there", FormatUuid(uuid_), to, now->missing_pages);
   return {};
 }

@@ -91,9 +91,17 @@ class SourceMigration {
   SourceMigration(SourceVm* vm, SourceParams params);
   void Run();
   Result<Phase> Connect();
+  Result<std::vector<std::unique_ptr<Socket>>> ConnectDataChannels(const Endpoint& ep);
+  ChannelPool::Options PoolOptions(uint64_t first_seq) const;
   Status Handshake(const Endpoint& ep, uint32_t version);
   Result<Phase> Round();
   Result<Phase> StopAndCopy();
+  // Paused, pages sent: saves the VM state, sends STATE records and END (the page records so
+  // far) and waits for READY (the destination applied everything and restored).
+  struct Handover {
+    uint64_t state_bytes = 0, saved_ns = 0, end_ns = 0, ready_ns = 0;
+  };
+  Result<Handover> HandOverState();
   Result<Phase> Commit();
   Result<Phase> Postcopy();
   // Post-copy helpers: the responder thread's loop, pages to a control-connection record, the

@@ -7,6 +7,7 @@
 
 #include "common/crc32c.h"
 #include "common/state_io.h"
+#include "migration/protocol/decode_util.h"
 
 namespace ferry::migration {
 namespace {
@@ -34,17 +35,7 @@ void PutShortString(StateWriter& w, std::string_view s, size_t max) {
   w.PutRaw({reinterpret_cast<const uint8_t*>(s.data()), s.size()});
 }
 
-Status Finish(const StateReader& r, std::string_view what) {
-  if (r.remaining() != 0) return Errorf(ErrorCode::kCorrupt, "{}: {} trailing bytes", what, r.remaining());
-  return {};
-}
-
-#define FERRY_WIRE_GET(lhs, expr, what)                                          \
-  do {                                                                           \
-    auto ferry_v_ = (expr);                                                      \
-    if (!ferry_v_) return std::unexpected(ferry_v_.error().WithContext(what));   \
-    lhs = *ferry_v_;                                                             \
-  } while (0)
+Status Finish(const StateReader& r, std::string_view what) { return detail::FinishPayload(r, what); }
 
 }  // namespace
 
