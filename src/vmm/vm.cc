@@ -155,8 +155,23 @@ int Vm::Wait() {
   return exit_code_;
 }
 
+void Vm::RecordActivity(bool idle_after) {
+  ActivityRecorder::Totals t;
+  t.dirty_pages = board_->memory().dirty_log().NewlyDirtied();
+  t.instructions = board_->vcpu().counters().instructions_retired;
+  for (Device* d : io_devices_) {
+    const DeviceActivity a = d->Activity();
+    t.net_packets += a.packets;
+    t.blk_requests += a.requests;
+  }
+  activity_.Record(NowNs(), t, idle_after);
+}
+
+migration::ActivitySeries Vm::RecentActivity(size_t max_windows) const { return activity_.Recent(max_windows, NowNs()); }
+
 void Vm::MachineLoop() {
   Vcpu& vcpu = board_->vcpu();
+  io_devices_ = board_->devices();
   while (!stop_.load()) {
     // Commands from other threads.
     std::deque<std::packaged_task<Status()>> cmds;
@@ -168,6 +183,7 @@ void Vm::MachineLoop() {
     if (stop_.load()) break;
 
     if (state() != VmState::kRunning) {
+      RecordActivity(true);
       console_->Flush();
       // Only wake-ups for commands: device backends (TAP rx, console input) must not
       // change guest memory or device state while paused (snapshot, migration).
@@ -176,6 +192,7 @@ void Vm::MachineLoop() {
     }
     const uint64_t t_slice = NowNs();
     VcpuRunResult r = vcpu.Run(kSliceInstructions);
+    RecordActivity(false);
     const double share = cpu_share_.load(std::memory_order_relaxed);
     if (share < 1.0) {
       // Throttled (migration): after running for t, stay off the CPU for t * (1 - share) / share,
@@ -203,7 +220,10 @@ void Vm::MachineLoop() {
           uint64_t ticks = deadline > now ? deadline - now : 0;
           ms = static_cast<int>(std::min<uint64_t>(100, (ticks + 9999) / 10000));
         }
-        if (ms > 0) (void)loop_->Poll(ms);
+        if (ms > 0) {
+          RecordActivity(true);
+          (void)loop_->Poll(ms);
+        }
         break;
       }
       case VcpuExitReason::kShutdown:
