@@ -20,6 +20,12 @@ constexpr uint64_t kSampleIntervalNs = 100'000'000;
 // Before round 0 (layering): a first look, then the rest of the warm-up if the guest writes.
 constexpr uint64_t kWarmupFirstNs = 20'000'000, kWarmupNs = 100'000'000;
 constexpr double kWarmupMinPagesPerS = 1000;
+// The watch: one look per activity window, the history the policy judges by.
+constexpr uint64_t kWatchTickNs = static_cast<uint64_t>(kActivityWindowMs * 1e6);
+// The destination's restore + resume before it is measured (a few device records, a RARP).
+constexpr double kDestinationFixedMs = 1.0;
+// Windows of activity kept in the stop record (stats "stop").
+constexpr size_t kStopActivityWindows = 20;
 
 // Pages of a memfd that were never written (holes) read as zero: no need to touch them.
 PageBitmap HoleMap(int fd, uint64_t size) {
@@ -131,6 +137,7 @@ void SourceMigration::Run() {
     switch (phase) {
       case Phase::kConnect: next = Connect(); break;
       case Phase::kIterate: next = Round(); break;
+      case Phase::kWatch: next = Watch(); break;
       case Phase::kStopCopy: next = StopAndCopy(); break;
       case Phase::kCommit: next = Commit(); break;
       case Phase::kDone: break;
@@ -396,15 +403,19 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
 
   ram_.dirty->Harvest(&dirty, &freed);
   const uint64_t dirtied = *sampled + scheduler_->AddHarvest(dirty, freed);
+  // The state estimate is a command to the VM (a round trip to its vCPU thread): its latency is
+  // what pausing the VM and saving its state cost at the start of the pause.
+  const uint64_t t_call = NowNs();
   state_bytes_ = vm_->EstimateStateBytes();
-  RoundMeasurement m;
+  const double call_ms = MsFromNs(NowNs() - t_call);
+  vm_call_ms_ = it == 0 ? call_ms : 0.5 * vm_call_ms_ + 0.5 * call_ms;
+  bandwidth_ = bw;
+  rtt_last_ms_ = control_->socket().Path().rtt_ms;
+  RoundMeasurement m = LinkMeasurement();
   m.round = it;
   m.remaining_pages = scheduler_->pending();
-  m.wire_bytes_per_page = bytes_per_page_;
-  m.bandwidth_bytes_per_s = bw;
-  m.state_bytes = state_bytes_;
-  m.rtt_ms = control_->socket().Path().rtt_ms;
   m.dirty_pages_per_s = static_cast<double>(dirtied) * 1e9 / static_cast<double>(ns);
+  m.round_ms = MsFromNs(ns);
   const Decision d = Decide(policy_cfg_, m, &policy_state_);
   const uint64_t resent = t.resent_wire_bytes - before.resent_wire_bytes;
   {
@@ -414,6 +425,7 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
     dirty_rate_ = m.dirty_pages_per_s;
     remaining_pages_ = m.remaining_pages;
     expected_downtime_ms_ = d.predicted_downtime_ms;
+    predicted_downtime_ms_ = d.predicted_downtime_ms;
     rtt_ms_ = m.rtt_ms;
     held_back_total_ += pass.held_back;
     history_.push_back({{"iteration", it},
@@ -432,6 +444,7 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
                         {"held_back", pass.held_back},
                         {"hot_threshold", {{"k", pass.hot_k}, {"r", pass.window}, {"candidates", pass.hot_candidates}}},
                         {"expected_downtime_ms", d.predicted_downtime_ms},
+                        {"predicted_downtime_ms", d.predicted_downtime_ms},
                         {"decision", DecisionName(d.kind)}});
   }
   spdlog::info("migration: iteration {}: {} pages ({} zero, {} held back, k={}/{}), {:.1f} MiB in {:.1f} ms, {:.0f} B/page; "
@@ -442,12 +455,14 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
   ++round_;
   switch (d.kind) {
     case DecisionKind::kIterate: return Phase::kIterate;
+    case DecisionKind::kWatch: return Phase::kWatch;
     case DecisionKind::kStop:
       if (!d.converged) {
         std::lock_guard<std::mutex> l(stats_mu_);
         converged_ = false;
         spdlog::warn("migration: {}", d.reason);
       }
+      NoteStop(d, {{"after", "round"}});
       return Phase::kStopCopy;
     case DecisionKind::kThrottle:
       FERRY_RETURN_IF_ERROR(vm_->SetCpuShare(d.cpu_share), "throttle");
@@ -461,6 +476,105 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
     case DecisionKind::kPostcopy: break;
   }
   return Errorf(ErrorCode::kUnsupported, "the policy asked for post-copy, which this engine does not offer");
+}
+
+RoundMeasurement SourceMigration::LinkMeasurement() const {
+  RoundMeasurement m;
+  m.wire_bytes_per_page = bytes_per_page_;
+  m.bandwidth_bytes_per_s = bandwidth_;
+  m.state_bytes = state_bytes_;
+  m.rtt_ms = rtt_last_ms_;
+  // Pausing the VM and saving its state: two commands to its vCPU thread; then the
+  // destination's restore and resume.
+  m.fixed_ms = 2 * vm_call_ms_ + kDestinationFixedMs;
+  return m;
+}
+
+void SourceMigration::NoteStop(const Decision& d, const nlohmann::json& extra) {
+  const ActivitySeries act = vm_->RecentActivity(kStopActivityWindows);
+  nlohmann::json windows = nlohmann::json::array();
+  const uint64_t now = NowNs();
+  for (const ActivityWindow& w : act.windows)
+    windows.push_back({{"ms_before_stop", MsFromNs(now > w.start_ns ? now - w.start_ns : 0)},
+                       {"dirty_pages", w.dirty_pages},
+                       {"instructions", w.instructions},
+                       {"net_packets", w.net_packets},
+                       {"blk_requests", w.blk_requests}});
+  nlohmann::json j = {{"reason", d.reason}, {"predicted_downtime_ms", d.predicted_downtime_ms}, {"activity", windows}};
+  for (auto& [k, v] : extra.items()) j[k] = v;
+  spdlog::info("migration: stop-and-copy now: {}", d.reason);
+  std::lock_guard<std::mutex> l(stats_mu_);
+  predicted_downtime_ms_ = d.predicted_downtime_ms;
+  expected_downtime_ms_ = d.predicted_downtime_ms;
+  stop_ = std::move(j);
+}
+
+Result<SourceMigration::Phase> SourceMigration::Watch() {
+  const uint64_t t_begin = NowNs();
+  const EncodeTally before = pool_->tally();
+  const size_t history_windows = static_cast<size_t>(policy_cfg_.history_ms / kActivityWindowMs);
+  PageBitmap dirty, freed;
+  uint64_t ticks = 0, pages = 0;
+  Decision d;
+  LullAnalysis lull;
+  for (;; ++ticks) {
+    if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
+    // One look per window: the first at once (the round's harvest is pending), then every 10 ms.
+    const uint64_t due = t_begin + ticks * kWatchTickNs;
+    if (const uint64_t now = NowNs(); due > now) std::this_thread::sleep_for(std::chrono::nanoseconds(due - now));
+    const uint64_t t_harvest = NowNs();
+    if (ticks > 0) {
+      ram_.dirty->Harvest(&dirty, &freed);
+      scheduler_->AddHarvest(dirty, freed);
+    }
+    // Everything dirtied goes now, hot pages too: the set stays at its floor.
+    round_pages_base_.store(pool_->tally().pages);
+    auto sent = SendPass(false, 0);
+    if (!sent) return std::unexpected(sent.error().WithContext("watch"));
+    pages += scheduler_->pass().pages;
+    FERRY_RETURN_IF_ERROR(pool_->Flush(), "watch");
+    FERRY_RETURN_IF_ERROR(WaitDrained(), "watch");
+    WatchMeasurement wm;
+    wm.link = LinkMeasurement();
+    wm.link.remaining_pages = scheduler_->pending();
+    wm.elapsed_ms = MsFromNs(NowNs() - t_begin);
+    wm.exposure_ms = MsFromNs(NowNs() - t_harvest);
+    wm.activity = vm_->RecentActivity(history_windows);
+    d = DecideWatch(policy_cfg_, wm, &lull);
+    {
+      std::lock_guard<std::mutex> l(stats_mu_);
+      expected_downtime_ms_ = d.predicted_downtime_ms;
+      predicted_downtime_ms_ = d.predicted_downtime_ms;
+      remaining_pages_ = wm.link.remaining_pages;
+    }
+    if (d.kind != DecisionKind::kWatch) break;
+  }
+  const EncodeTally t = pool_->tally();
+  const nlohmann::json lull_json = {{"windows", lull.windows},
+                                    {"quiet_windows", lull.quiet_windows},
+                                    {"trailing_quiet", lull.trailing_quiet},
+                                    {"varying_signals", lull.varying_signals},
+                                    {"longest_busy_ms", lull.longest_busy_ms},
+                                    {"last_dirty_pages", lull.last_dirty_per_window},
+                                    {"quiet_dirty_pages", lull.quiet_dirty_per_window}};
+  const double ms = MsFromNs(NowNs() - t_begin);
+  {
+    std::lock_guard<std::mutex> l(stats_mu_);
+    history_.push_back({{"iteration", iterations_},
+                        {"watch", true},
+                        {"ticks", ticks + 1},
+                        {"pages", pages},
+                        {"bytes", t.wire_bytes - before.wire_bytes},
+                        {"ms", ms},
+                        {"lull", lull_json},
+                        {"expected_downtime_ms", d.predicted_downtime_ms},
+                        {"predicted_downtime_ms", d.predicted_downtime_ms},
+                        {"decision", DecisionName(d.kind)}});
+  }
+  spdlog::info("migration: watched {} windows in {:.1f} ms ({} pages sent): {}", ticks + 1, ms, pages, d.reason);
+  if (d.kind == DecisionKind::kIterate) return Phase::kIterate;
+  NoteStop(d, {{"after", "watch"}, {"watch_ms", ms}, {"lull", lull_json}});
+  return Phase::kStopCopy;
 }
 
 Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
@@ -582,6 +696,8 @@ nlohmann::json SourceMigration::Stats() const {
       {"setup_ms", MsFromNs(setup_ns_)},
       {"total_ms", MsFromNs(now - start_ns_)},
       {"expected_downtime_ms", expected_downtime_ms_},
+      {"predicted_downtime_ms", predicted_downtime_ms_},
+      {"stop", stop_},
       {"transferred_bytes", transferred},
       {"total_ram_bytes", ram_.size},
       {"remaining_bytes", remaining_pages_ * kWirePageSize},
