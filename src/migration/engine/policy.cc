@@ -51,7 +51,11 @@ Decision Decide(const PolicyConfig& cfg, const RoundMeasurement& m, PolicyState*
   if (d.predicted_downtime_ms <= cfg.downtime_target_ms) {
     // Within the target is not a reason to stop: the pause shrinks as long as rounds shrink the set.
     const bool short_round = m.round_ms <= 2 * kActivityWindowMs;
-    if (shrunk && !short_round && !at_cap) {
+    // Small enough for the watch: what remains goes out within one activity window.
+    const double pages_ms = static_cast<double>(m.remaining_pages) * std::max(m.wire_bytes_per_page, 0.0) * 1000.0 /
+                            std::max(m.bandwidth_bytes_per_s, 1.0);
+    const bool small_set = pages_ms <= kActivityWindowMs;
+    if (shrunk && !short_round && !small_set && !at_cap) {
       d.kind = DecisionKind::kIterate;
       d.reason = fmt::format("predicted downtime {:.1f} ms is within the {:.0f} ms target, but the round shrank the remaining set to {} pages",
                              d.predicted_downtime_ms, cfg.downtime_target_ms, m.remaining_pages);
@@ -62,6 +66,7 @@ Decision Decide(const PolicyConfig& cfg, const RoundMeasurement& m, PolicyState*
                            d.predicted_downtime_ms, cfg.downtime_target_ms,
                            at_cap ? fmt::format("{} rounds ran", m.round + 1)
                            : short_round ? fmt::format("the round took only {:.1f} ms", m.round_ms)
+                           : small_set   ? fmt::format("the remaining {} pages take {:.1f} ms to send", m.remaining_pages, pages_ms)
                                          : std::string("the remaining set no longer shrinks"));
     return d;
   }
@@ -105,7 +110,7 @@ Decision Decide(const PolicyConfig& cfg, const RoundMeasurement& m, PolicyState*
   return d;
 }
 
-LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a) {
+LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, uint64_t dirty_valid_from_ns) {
   LullAnalysis r;
   const double window_ms = static_cast<double>(a.window_ns) / 1e6;
   const size_t keep = window_ms > 0 ? static_cast<size_t>(cfg.history_ms / window_ms) : a.windows.size();
@@ -113,6 +118,10 @@ LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a) {
   r.windows = n;
   if (n == 0) return r;
   const ActivityWindow* w = a.windows.data() + (a.windows.size() - n);
+  // Windows [first_dirty, n) have dirty-page figures.
+  size_t first_dirty = 0;
+  while (first_dirty < n && w[first_dirty].start_ns < dirty_valid_from_ns) ++first_dirty;
+  r.dirty_windows = n - first_dirty;
   auto value = [&](size_t i, int sig) -> double {
     switch (sig) {
       case 0: return static_cast<double>(w[i].dirty_pages);
@@ -125,25 +134,29 @@ LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a) {
   constexpr double kFloor[4] = {2, 0, 1, 1};
   double threshold[4];
   for (int sig = 0; sig < 4; ++sig) {
+    const size_t from = sig == 0 ? first_dirty : 0, m = n - from;
+    threshold[sig] = 0;
+    if (m == 0) continue;
     double sum = 0;
-    for (size_t i = 0; i < n; ++i) sum += value(i, sig);
-    threshold[sig] = cfg.quiet_fraction * sum / static_cast<double>(n) + kFloor[sig];
+    for (size_t i = from; i < n; ++i) sum += value(i, sig);
+    threshold[sig] = cfg.quiet_fraction * sum / static_cast<double>(m) + kFloor[sig];
     size_t quiet = 0;
-    for (size_t i = 0; i < n; ++i) quiet += value(i, sig) <= threshold[sig];
+    for (size_t i = from; i < n; ++i) quiet += value(i, sig) <= threshold[sig];
     // Varying: quiet in at least 5% and busy in at least 5% of the windows.
-    if (quiet * 20 >= n && (n - quiet) * 20 >= n) r.varying_signals |= 1u << sig;
+    if (quiet * 20 >= m && (m - quiet) * 20 >= m) r.varying_signals |= 1u << sig;
   }
   auto quiet_window = [&](size_t i) {
     for (int sig = 0; sig < 4; ++sig)
-      if ((r.varying_signals >> sig & 1) && value(i, sig) > threshold[sig]) return false;
+      if ((r.varying_signals >> sig & 1) && (sig != 0 || i >= first_dirty) && value(i, sig) > threshold[sig]) return false;
     return true;
   };
   size_t busy_run = 0, longest_busy = 0;
   double quiet_dirty = 0;
+  size_t quiet_with_dirty = 0;
   for (size_t i = 0; i < n; ++i) {
     if (quiet_window(i)) {
       ++r.quiet_windows;
-      quiet_dirty += value(i, 0);
+      if (i >= first_dirty) quiet_dirty += value(i, 0), ++quiet_with_dirty;
       ++r.trailing_quiet;
       busy_run = 0;
     } else {
@@ -152,21 +165,21 @@ LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a) {
     }
   }
   r.longest_busy_ms = static_cast<double>(longest_busy) * window_ms;
-  r.last_dirty_per_window = value(n - 1, 0);
-  r.quiet_dirty_per_window = r.quiet_windows ? quiet_dirty / static_cast<double>(r.quiet_windows) : 0;
+  r.last_dirty_per_window = first_dirty < n ? value(n - 1, 0) : 0;
+  r.quiet_dirty_per_window = quiet_with_dirty ? quiet_dirty / static_cast<double>(quiet_with_dirty) : 0;
   return r;
 }
 
 Decision DecideWatch(const PolicyConfig& cfg, const WatchMeasurement& m, LullAnalysis* out) {
-  const LullAnalysis a = AnalyzeActivity(cfg, m.activity);
+  const LullAnalysis a = AnalyzeActivity(cfg, m.activity, m.dirty_valid_from_ns);
   if (out) *out = a;
   const double window_ms = std::max(static_cast<double>(m.activity.window_ns) / 1e6, 1e-3);
   RoundMeasurement now = m.link;
   now.remaining_pages += static_cast<uint64_t>(std::llround(a.last_dirty_per_window * std::max(m.exposure_ms, 0.0) / window_ms));
   Decision d;
   d.predicted_downtime_ms = PredictDowntimeMs(now);
-  const std::string seen = fmt::format("{}/{} quiet windows, {} trailing, signals {:#x}, {:.0f} ms watched", a.quiet_windows, a.windows,
-                                       a.trailing_quiet, a.varying_signals, m.elapsed_ms);
+  const std::string seen = fmt::format("{}/{} quiet windows ({} with dirty pages), {} trailing, signals {:#x}, {:.0f} ms watched",
+                                       a.quiet_windows, a.windows, a.dirty_windows, a.trailing_quiet, a.varying_signals, m.elapsed_ms);
   if (d.predicted_downtime_ms > cfg.downtime_target_ms) {
     if (m.elapsed_ms >= cfg.max_watch_ms) {
       d.kind = DecisionKind::kIterate;
@@ -181,6 +194,9 @@ Decision DecideWatch(const PolicyConfig& cfg, const WatchMeasurement& m, LullAna
   d.kind = DecisionKind::kStop;
   if (a.windows == 0) {
     d.reason = fmt::format("no activity series from the VMM: stopping at the floor (predicted {:.1f} ms)", d.predicted_downtime_ms);
+  } else if (a.varying_signals == 0 && a.dirty_windows < cfg.min_dirty_windows && m.elapsed_ms < cfg.max_watch_ms) {
+    d.kind = DecisionKind::kWatch;
+    d.reason = fmt::format("no varying activity yet in {} windows of dirty-page history: watching ({})", a.dirty_windows, seen);
   } else if (a.varying_signals == 0) {
     d.reason = fmt::format("steady activity, no lull to wait for: predicted downtime {:.1f} ms ({})", d.predicted_downtime_ms, seen);
   } else if (a.trailing_quiet >= cfg.lull_windows) {

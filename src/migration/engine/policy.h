@@ -12,9 +12,9 @@
 // Stop condition (seed 001: from the service's activity and the dirty rate). A prediction within
 // the target is never a reason to stop by itself:
 //   1. Rounds (Decide, at the end of every round): keep iterating while a round still shrinks
-//      the remaining set by >= 10% and takes more than two activity windows; once the set stops
-//      shrinking (or rounds are that short) and the prediction is within the target, start
-//      watching (kWatch). Not converging (prediction over the target and no shrinking for
+//      the remaining set by >= 10%, takes more than two activity windows and leaves more than
+//      one window's worth of sending; once the set stops shrinking (or is that small, or rounds
+//      are that short) and the prediction is within the target, start watching (kWatch). Not converging (prediction over the target and no shrinking for
 //      `stall_rounds`, or `max_iterations`) follows `on_stall`: force | fail | continue.
 //   2. Watch (DecideWatch, every 10 ms window): the engine keeps the remaining set at its floor
 //      (harvest + send every window) and reads the VMM's activity series (vm_interface.h).
@@ -25,8 +25,9 @@
 //      every varying signal is. Then:
 //        - the last `lull_windows` windows quiet: stop now (a lull: fewest pages dirtied since
 //          the last send, least guest work and traffic held up by the pause);
-//        - no varying signal (steady or idle activity): no lull will come; the set is at its
-//          floor after the first watched window, stop;
+//        - no varying signal (steady or idle activity) in a history of at least
+//          min_dirty_windows windows with dirty-page figures: no lull will come; the set is at
+//          its floor after the first watched window, stop (with less history: keep watching);
 //        - else wait for a lull, at most 1.5x the longest busy run in the history (bounded by
 //          max_watch_ms); past that, stop anyway;
 //      but only with the prediction within the target; past the budget with a prediction over
@@ -69,6 +70,7 @@ struct PolicyConfig {
   double quiet_fraction = 0.25;  // quiet: at most this share of the signal's mean over the history
   uint32_t lull_windows = 2;     // a lull: this many quiet windows in a row, the newest last
   double max_watch_ms = 2000;    // never watch longer than this
+  uint32_t min_dirty_windows = 20;  // "steady" needs this much dirty-page history
   double history_ms = 3000;      // activity that makes the baseline (what the VMM keeps, at most)
 };
 
@@ -113,19 +115,23 @@ struct WatchMeasurement {
   double elapsed_ms = 0;        // since the watch began
   double exposure_ms = 0;       // from the last harvest to a pause now (pages dirtied meanwhile join the pause)
   ActivitySeries activity;      // the VMM's recent windows, newest last (the history)
+  // Windows starting before this carry no dirty-page figure (nobody harvested before the
+  // migration: the count dies down as marks pile up); the other signals count in all windows.
+  uint64_t dirty_valid_from_ns = 0;
 };
 
 // What the watch saw in the activity (for the decision's reason and the statistics).
 struct LullAnalysis {
   uint32_t varying_signals = 0;   // bit 0 dirty pages, 1 instructions, 2 packets, 3 block requests
   size_t windows = 0;             // history windows looked at
+  size_t dirty_windows = 0;       // of those, with a dirty-page figure
   size_t quiet_windows = 0;       // of those, quiet
   size_t trailing_quiet = 0;      // quiet windows at the end, newest last
   double longest_busy_ms = 0;     // longest run of non-quiet windows in the history
   double last_dirty_per_window = 0;   // dirty pages in the newest window
   double quiet_dirty_per_window = 0;  // mean dirty pages of the quiet windows
 };
-LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a);
+LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, uint64_t dirty_valid_from_ns = 0);
 
 // Every activity window during the watch: kStop, kWatch (keep looking) or kIterate (back to
 // rounds). predicted_downtime_ms: a pause now (remaining pages + those dirtied during exposure

@@ -67,9 +67,19 @@ TEST(Policy, ShortRoundsOrTheLastRoundGoToTheWatch) {
   RoundMeasurement m = M(0, 100'000);
   m.round_ms = 900;
   EXPECT_EQ(Decide(cfg, m, &st).kind, DecisionKind::kIterate);
-  m = M(1, 200);  // shrank a lot, but the round took 8 ms: rounds are as short as the watch's looks
+  m = M(1, 20'000, 1000);  // shrank a lot, but the round took 8 ms: rounds are as short as the watch's looks
   m.round_ms = 8;
   EXPECT_EQ(Decide(cfg, m, &st).kind, DecisionKind::kWatch);
+  PolicyState st3;
+  m = M(0, 200);  // the first round (a long one), but 200 pages take 8 ms to send: the watch sends them
+  m.round_ms = 900;
+  Decision d = Decide(cfg, m, &st3);
+  EXPECT_EQ(d.kind, DecisionKind::kWatch);
+  EXPECT_NE(d.reason.find("take 8.2 ms to send"), std::string::npos) << d.reason;
+  m = M(0, 300);  // 12 ms: another round first
+  m.round_ms = 900;
+  PolicyState st4;
+  EXPECT_EQ(Decide(cfg, m, &st4).kind, DecisionKind::kIterate);
   cfg.max_iterations = 3;
   PolicyState st2;
   for (uint32_t r = 0; r < 3; ++r) {
@@ -262,6 +272,33 @@ TEST(PolicyWatch, ASteadySignalDoesNotHideALullInAVaryingOne) {
   a.windows.back().net_packets = 30;  // a packet burst in the last window
   EXPECT_EQ(DecideWatch(cfg, W(a), &la).kind, DecisionKind::kWatch);
   EXPECT_TRUE(la.varying_signals & 4);
+}
+
+TEST(PolicyWatch, DirtyPagesCountOnlySinceHarvestingBeganTheOtherSignalsAlways) {
+  PolicyConfig cfg;
+  LullAnalysis a;
+  // Before harvesting began the dirty count died down (marks piled up): 0 in the first 150
+  // windows. Only the 32 windows since count: the bursts show in them and in the instructions.
+  ActivitySeries s = Bursty(182);
+  for (size_t i = 0; i < 150; ++i) s.windows[i].dirty_pages = 0;
+  WatchMeasurement m = W(s);
+  m.dirty_valid_from_ns = s.windows[150].start_ns;
+  Decision d = DecideWatch(cfg, m, &a);
+  EXPECT_EQ(a.dirty_windows, 32u);
+  EXPECT_EQ(a.varying_signals, 3u);
+  EXPECT_EQ(d.kind, DecisionKind::kStop) << d.reason;
+  EXPECT_NEAR(a.quiet_dirty_per_window, 0.5, 0.5) << "the dead windows do not count as quiet dirty windows";
+  // Ten windows of steady dirtying since harvesting began, nothing else going on: too little to
+  // call it steady; with 20 it is.
+  s = Series(300, [](size_t i, ActivityWindow* w) { w->dirty_pages = i >= 290 ? 200 : 0; });
+  m = W(s);
+  m.dirty_valid_from_ns = s.windows[290].start_ns;
+  d = DecideWatch(cfg, m, &a);
+  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
+  EXPECT_EQ(a.varying_signals, 0u);
+  m.dirty_valid_from_ns = s.windows[280].start_ns;
+  for (size_t i = 280; i < 290; ++i) m.activity.windows[i].dirty_pages = 200;
+  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
 }
 
 TEST(PolicyWatch, WaitsForALullOnlyAsLongAsTheHistorySuggests) {

@@ -540,6 +540,9 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     wm.elapsed_ms = MsFromNs(NowNs() - t_begin);
     wm.exposure_ms = MsFromNs(NowNs() - t_harvest);
     wm.activity = vm_->RecentActivity(history_windows);
+    // Pages "newly dirtied" count pages first written since the last harvest: before the rounds
+    // began nobody harvested and the count dies down as marks pile up.
+    wm.dirty_valid_from_ns = rounds_start_ns_;
     d = DecideWatch(policy_cfg_, wm, &lull);
     {
       std::lock_guard<std::mutex> l(stats_mu_);
@@ -564,6 +567,11 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
                         {"watch", true},
                         {"ticks", ticks + 1},
                         {"pages", pages},
+                        {"resent_bytes", t.resent_wire_bytes - before.resent_wire_bytes},
+                        {"zero_pages", t.zero - before.zero},
+                        {"free_pages", t.free - before.free},
+                        {"delta_pages", t.delta - before.delta},
+                        {"compressed_pages", (t.lz4 + t.zstd) - (before.lz4 + before.zstd)},
                         {"bytes", t.wire_bytes - before.wire_bytes},
                         {"ms", ms},
                         {"lull", lull_json},

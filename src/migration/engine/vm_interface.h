@@ -50,7 +50,9 @@ struct RamView {
 // a lull: policy.h). Plain counters, nothing VMM-specific.
 struct ActivityWindow {
   uint64_t start_ns = 0;      // window start, common/clock.h NowNs() (CLOCK_MONOTONIC)
-  uint64_t dirty_pages = 0;   // pages first written in the window since the last harvest
+  uint64_t dirty_pages = 0;   // pages first written in the window since the last harvest (so
+                              // comparable across windows only while the dirty log is harvested
+                              // regularly, as during a migration)
   uint64_t instructions = 0;  // guest instructions retired
   uint64_t net_packets = 0;   // network frames received + transmitted
   uint64_t blk_requests = 0;  // block requests completed
