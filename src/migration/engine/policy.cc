@@ -140,10 +140,18 @@ LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, u
     double sum = 0;
     for (size_t i = from; i < n; ++i) sum += value(i, sig);
     threshold[sig] = cfg.quiet_fraction * sum / static_cast<double>(m) + kFloor[sig];
-    size_t quiet = 0;
-    for (size_t i = from; i < n; ++i) quiet += value(i, sig) <= threshold[sig];
-    // Varying: quiet in at least 5% and busy in at least 5% of the windows.
-    if (quiet * 20 >= m && (m - quiet) * 20 >= m) r.varying_signals |= 1u << sig;
+    // Varying: over spans as long as a lull (sums of lull_windows windows, so activity the VMM
+    // handles in batches - packets between two vCPU slices - is not mistaken for bursts),
+    // quiet in at least 5% and busy in at least 5% of the spans.
+    const size_t span = std::clamp<size_t>(cfg.lull_windows, 1, m);
+    const double span_threshold = cfg.quiet_fraction * sum * static_cast<double>(span) / static_cast<double>(m) + kFloor[sig];
+    size_t quiet = 0, spans = 0;
+    for (size_t i = from; i + span <= n; ++i, ++spans) {
+      double v = 0;
+      for (size_t k = 0; k < span; ++k) v += value(i + k, sig);
+      quiet += v <= span_threshold;
+    }
+    if (quiet * 20 >= spans && (spans - quiet) * 20 >= spans) r.varying_signals |= 1u << sig;
   }
   auto quiet_window = [&](size_t i) {
     for (int sig = 0; sig < 4; ++sig)

@@ -20,8 +20,9 @@
 //      (harvest + send every window) and reads the VMM's activity series (vm_interface.h).
 //      Each signal (dirty pages, instructions, packets, block requests) has a mean over the
 //      history; a window is quiet for a signal at <= quiet_fraction of its mean (plus a small
-//      floor). Only signals that vary - quiet in some history windows and busy in others -
-//      tell a lull from a burst; steady and absent signals are ignored. A window is quiet when
+//      floor). Only signals that vary - quiet in some spans of `lull_windows` windows and busy in
+//      others (spans, so that work the VMM does in batches is not taken for bursts) - tell a
+//      lull from a burst; steady and absent signals are ignored. A window is quiet when
 //      every varying signal is. Then:
 //        - the last `lull_windows` windows quiet: stop now (a lull: fewest pages dirtied since
 //          the last send, least guest work and traffic held up by the pause);

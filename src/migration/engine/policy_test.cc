@@ -266,6 +266,11 @@ TEST(PolicyWatch, ASteadySignalDoesNotHideALullInAVaryingOne) {
   LullAnalysis la;
   EXPECT_EQ(DecideWatch(cfg, W(a), &la).kind, DecisionKind::kStop);
   EXPECT_FALSE(la.varying_signals & 4) << "packets are steady";
+  // Nor does traffic the VMM handles in batches (40 packets every other window).
+  a = Bursty(182);
+  for (size_t i = 0; i < a.windows.size(); ++i) a.windows[i].net_packets = i % 2 ? 40 : 0;
+  EXPECT_EQ(DecideWatch(cfg, W(a), &la).kind, DecisionKind::kStop);
+  EXPECT_FALSE(la.varying_signals & 4) << "batched packets are steady";
   // Traffic that stops with the bursts is a varying signal: a window with packets is busy.
   a = Bursty(182);
   for (size_t i = 0; i < a.windows.size(); ++i) a.windows[i].net_packets = a.windows[i].dirty_pages > 100 ? 30 : 0;
