@@ -5,9 +5,10 @@
 // Prediction: the pause of a stop-and-copy now would last
 //     (remaining pages x measured wire bytes per page + state bytes) / measured bandwidth
 //   + round trips of the stop-and-copy (END..READY, GO..RESUMED) x measured RTT
-//   + fixed costs (pausing the VM and saving its state, measured as the VMM's command latency;
-//     the destination's restore + resume)
-// where the bytes per page are what the codecs actually produced for re-sent pages.
+//   + fixed costs (pausing the VM and saving its state, the destination's restore and start:
+//     four commands to a VM, each as long as the source VM's measured command latency)
+// where the bytes per page are what the codecs actually produced for re-sent pages (during the
+// watch: the bytes per page and the rate of its own small sends, which are what a pause sends).
 //
 // Stop condition (seed 001: from the service's activity and the dirty rate). A prediction within
 // the target is never a reason to stop by itself:

@@ -22,8 +22,6 @@ constexpr uint64_t kWarmupFirstNs = 20'000'000, kWarmupNs = 100'000'000;
 constexpr double kWarmupMinPagesPerS = 1000;
 // The watch: one look per activity window, the history the policy judges by.
 constexpr uint64_t kWatchTickNs = static_cast<uint64_t>(kActivityWindowMs * 1e6);
-// The destination's restore + resume before it is measured (a few device records, a RARP).
-constexpr double kDestinationFixedMs = 1.0;
 // Windows of activity kept in the stop record (stats "stop").
 constexpr size_t kStopActivityWindows = 20;
 
@@ -484,9 +482,9 @@ RoundMeasurement SourceMigration::LinkMeasurement() const {
   m.bandwidth_bytes_per_s = bandwidth_;
   m.state_bytes = state_bytes_;
   m.rtt_ms = rtt_last_ms_;
-  // Pausing the VM and saving its state: two commands to its vCPU thread; then the
-  // destination's restore and resume.
-  m.fixed_ms = 2 * vm_call_ms_ + kDestinationFixedMs;
+  // Pausing the VM and saving its state: two commands to its vCPU thread; the destination's
+  // restore and start are two such commands to its VM (taken to cost the same).
+  m.fixed_ms = 4 * vm_call_ms_;
   return m;
 }
 
@@ -517,6 +515,8 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
   uint64_t ticks = 0, pages = 0;
   Decision d;
   LullAnalysis lull;
+  nlohmann::json model;  // the prediction's inputs at the last look
+  uint64_t watch_bytes = 0, watch_ns = 0, watch_pages = 0;  // what the looks sent and how long it took to apply
   for (;; ++ticks) {
     if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
     // One look per window: the first at once (the round's harvest is pending), then every 10 ms.
@@ -528,14 +528,27 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
       scheduler_->AddHarvest(dirty, freed);
     }
     // Everything dirtied goes now, hot pages too: the set stays at its floor.
-    round_pages_base_.store(pool_->tally().pages);
+    const EncodeTally tick_before = pool_->tally();
+    round_pages_base_.store(tick_before.pages);
+    const uint64_t t_send = NowNs();
     auto sent = SendPass(false, 0);
     if (!sent) return std::unexpected(sent.error().WithContext("watch"));
     pages += scheduler_->pass().pages;
     FERRY_RETURN_IF_ERROR(pool_->Flush(), "watch");
     FERRY_RETURN_IF_ERROR(WaitDrained(), "watch");
+    // The looks send small sets end to end, as the pause will: their rate (bytes written until
+    // the destination applied them) is the better figure for the pause than the rounds' rate.
+    // Their bytes per page are those of re-sent pages, as in the pause.
+    const EncodeTally tick_after = pool_->tally();
+    if (const uint64_t b = tick_after.wire_bytes - tick_before.wire_bytes; b > 0) {
+      watch_bytes += b;
+      watch_ns += NowNs() - t_send;
+      watch_pages += tick_after.pages - tick_before.pages;
+    }
     WatchMeasurement wm;
     wm.link = LinkMeasurement();
+    if (watch_bytes > 0 && watch_ns > 0) wm.link.bandwidth_bytes_per_s = static_cast<double>(watch_bytes) * 1e9 / static_cast<double>(watch_ns);
+    if (watch_pages > 0) wm.link.wire_bytes_per_page = static_cast<double>(watch_bytes) / static_cast<double>(watch_pages);
     wm.link.remaining_pages = scheduler_->pending();
     wm.elapsed_ms = MsFromNs(NowNs() - t_begin);
     wm.exposure_ms = MsFromNs(NowNs() - t_harvest);
@@ -544,6 +557,13 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     // began nobody harvested and the count dies down as marks pile up.
     wm.dirty_valid_from_ns = rounds_start_ns_;
     d = DecideWatch(policy_cfg_, wm, &lull);
+    model = {{"held_over_pages", wm.link.remaining_pages},
+             {"exposure_ms", wm.exposure_ms},
+             {"wire_bytes_per_page", wm.link.wire_bytes_per_page},
+             {"bandwidth_bytes_per_s", wm.link.bandwidth_bytes_per_s},
+             {"state_bytes", wm.link.state_bytes},
+             {"rtt_ms", wm.link.rtt_ms},
+             {"fixed_ms", wm.link.fixed_ms}};
     {
       std::lock_guard<std::mutex> l(stats_mu_);
       expected_downtime_ms_ = d.predicted_downtime_ms;
@@ -581,7 +601,7 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
   }
   spdlog::info("migration: watched {} windows in {:.1f} ms ({} pages sent): {}", ticks + 1, ms, pages, d.reason);
   if (d.kind == DecisionKind::kIterate) return Phase::kIterate;
-  NoteStop(d, {{"after", "watch"}, {"watch_ms", ms}, {"lull", lull_json}});
+  NoteStop(d, {{"after", "watch"}, {"watch_ms", ms}, {"lull", lull_json}, {"model", model}});
   return Phase::kStopCopy;
 }
 
