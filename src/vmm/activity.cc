@@ -14,7 +14,7 @@ void ActivityRecorder::CloseWindowsBefore(uint64_t t_ns) {
     // A long wait: skip to the window holding t_ns, zero windows in between (at most a ring's worth).
     if (t_ns - next >= kCapacity * kWindowNs) {
       ring_.clear();
-      cur_.start_ns = next + (t_ns - next) / kWindowNs * kWindowNs - (kCapacity - 1) * kWindowNs;
+      cur_.start_ns = next + (t_ns - next) / kWindowNs * kWindowNs - kCapacity * kWindowNs;
     }
   }
 }
