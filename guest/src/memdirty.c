@@ -1,5 +1,6 @@
-/* memdirty:mib=N,rate=PAGES_PER_S|max,bytes=B,verify=SECS,pattern=random|text|sparse,words=W,hot=H,hotpct=P
- * Dirties pages at a steady rate with a verifiable pattern (see guest/README.md for the exact definitions):
+/* memdirty:mib=N,rate=PAGES_PER_S|max,bytes=B,verify=SECS,pattern=random|text|sparse,words=W,hot=H,hotpct=P,
+ *          burst_on_ms=ON,burst_off_ms=OFF
+ * Dirties pages at a steady rate (or in bursts: ON ms at the rate, then OFF ms without a single write, repeated) with a verifiable pattern (see guest/README.md for the exact definitions):
  *   random  page p at generation g holds  PRNG(p,g)[0:B] ++ PRNG(p,0)[B:4096]   (incompressible; the default)
  *   text    page p at generation g holds  Text(p,g)[0:B] ++ Text(p,0)[B:4096]   (compresses like real text)
  *   sparse  Text(p,0) with W scattered 8-byte words rewritten per generation    (a delta of W*8 bytes)
@@ -198,9 +199,11 @@ int main(int argc, char **argv) {
   long long mib = opt_int(a, "mib", 64), rate = opt_int(a, "rate", 20000), bytes = opt_int(a, "bytes", 4096);
   long long verify_every = opt_int(a, "verify", 10), words = opt_int(a, "words", 4);
   long long hot = opt_int(a, "hot", 0), hotpct = opt_int(a, "hotpct", 90);
+  long long burst_on = opt_int(a, "burst_on_ms", 0), burst_off = opt_int(a, "burst_off_ms", 0);
   struct set s = {0};
   if (mib <= 0 || bytes < 8 || bytes > PAGE || rate < 0 || !parse_pattern(a, &s.pat) || words < 1 ||
-      words > PWORDS || hot < 0 || hot >= mib || hotpct < 0 || hotpct > 100) {
+      words > PWORDS || hot < 0 || hot >= mib || hotpct < 0 || hotpct > 100 || burst_on < 0 || burst_off < 0 ||
+      (burst_off > 0 && burst_on == 0)) {
     say("memdirty: bad arguments '%s'", a);
     return 2;
   }
@@ -215,13 +218,33 @@ int main(int argc, char **argv) {
   text_init();
   for (size_t p = 0; p < s.pages; p++) base_page(&s, s.mem + p * PWORDS, p);
   signal(SIGUSR1, on_usr1);
-  say("memdirty started mib=%lld rate=%lld bytes=%lld pattern=%s words=%lld hot=%lld hotpct=%lld", mib, rate, bytes,
-      pattern_name[s.pat], words, hot, hotpct);
+  if (burst_off > 0)
+    say("memdirty started mib=%lld rate=%lld bytes=%lld pattern=%s words=%lld hot=%lld hotpct=%lld burst_on_ms=%lld burst_off_ms=%lld",
+        mib, rate, bytes, pattern_name[s.pat], words, hot, hotpct, burst_on, burst_off);
+  else
+    say("memdirty started mib=%lld rate=%lld bytes=%lld pattern=%s words=%lld hot=%lld hotpct=%lld", mib, rate, bytes,
+        pattern_name[s.pat], words, hot, hotpct);
 
   uint64_t rng = 0x1234567ull, done = 0, window_done = 0;
   double start = now_s(), last_stat = start, last_verify = start;
+  /* Bursts: phase k starts at start + k*(ON+OFF); the writes pause for OFF ms after ON ms of writing. Time at rest
+   * does not count towards the rate (no catch-up burst after a rest). */
+  const double on_s = (double)burst_on / 1000.0, period_s = (double)(burst_on + burst_off) / 1000.0, phase0 = start;
+  int resting = 0;
   for (;;) {
     double t = now_s();
+    if (burst_off > 0) {
+      double pos = (t - phase0) - (double)(long long)((t - phase0) / period_s) * period_s;
+      if (pos >= on_s) {
+        resting = 1;
+        double left = period_s - pos;
+        struct timespec ts = {0, (long)((left < 0.01 ? left : 0.01) * 1e9) + 1000};
+        if (verify_now) { verify_now = 0; verify(&s); }
+        nanosleep(&ts, NULL);
+        continue;
+      }
+      if (resting) { resting = 0; if (rate) start = t - (double)done / (double)rate; }
+    }
     uint64_t target = rate ? (uint64_t)((t - start) * (double)rate) : done + 256;
     if (target > done + 4096) { start = t - (double)done / (double)rate; target = done; } /* don't burst after a stall */
     while (done < target) {

@@ -17,6 +17,13 @@
 
 namespace ferry {
 
+// Cumulative I/O a device has done for the guest (an activity signal: live migration
+// stops in lulls). Devices without guest I/O report zeros.
+struct DeviceActivity {
+  uint64_t packets = 0;   // network frames received and transmitted
+  uint64_t requests = 0;  // block requests completed
+};
+
 class Device : public MmioDevice {
  public:
   // Stable identifier used as the key of this device's state in snapshots and
@@ -27,6 +34,8 @@ class Device : public MmioDevice {
   // changing the device on failure.
   virtual Status RestoreState(std::span<const uint8_t> blob) = 0;
   virtual nlohmann::json Metrics() const = 0;
+  // Cumulative I/O counters (cheap: read on the machine thread every 10 ms). Default: none.
+  virtual DeviceActivity Activity() const { return {}; }
   // Called after every device was restored and before the vCPU resumes (re-raise
   // interrupt lines, re-arm backends). Default: nothing.
   virtual void PostRestore() {}

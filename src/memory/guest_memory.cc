@@ -26,6 +26,7 @@ void DirtyLog::MarkRange(uint64_t offset, uint64_t len) {
   uint64_t first = offset >> kPageShift;
   uint64_t last = (offset + len - 1) >> kPageShift;
   for (uint64_t p = first; p <= last && p < num_pages_; ++p) {
+    if (marks_[p].load(std::memory_order_relaxed) != kMarkWritten) newly_dirtied_.fetch_add(1, std::memory_order_relaxed);
     marks_[p].store(kMarkWritten, std::memory_order_release);
     NoteCodeWrite(p);
   }

@@ -37,6 +37,14 @@
 // stay isolated in the guest until the device hands the buffer back): nothing writes
 // the reported pages between the start of Discard and the return of MarkFreed.
 //
+// Activity count: every write path that finds a page's mark not already 1 (clean, or
+// freed) counts one "newly dirtied" page in a cumulative counter (NewlyDirtied()). Between
+// two harvests a page counts at most once per free report, so the count over an interval
+// is the number of distinct pages first written in it since the last harvest: a cheap
+// activity signal (migration's stop condition), not part of the marking protocol. The
+// check is a relaxed load before the unconditional store, so under a concurrent
+// harvest a write may count twice or not at all (a signal, not an exact figure).
+//
 // Threading: MarkPage/MarkRange/IsDirty/IsFreed/Harvest/MarkFreed/CountDirty are
 // thread-safe (atomics); MarkFreed and Harvest call the listeners, so they may block
 // until a running vCPU serviced the request (see HarvestListener). Listener
@@ -84,6 +92,7 @@ class DirtyLog {
   // page index relative to RAM base
   void MarkPage(uint64_t page) {
     if (page < num_pages_) {
+      if (marks_[page].load(std::memory_order_relaxed) != kMarkWritten) newly_dirtied_.fetch_add(1, std::memory_order_relaxed);
       marks_[page].store(kMarkWritten, std::memory_order_release);
       NoteCodeWrite(page);
     }
@@ -105,6 +114,11 @@ class DirtyLog {
   }
   // For the CPU backend's store path, which stores kMarkWritten (and only that) itself.
   uint8_t* raw_marks() { return reinterpret_cast<uint8_t*>(marks_.get()); }
+  // The activity counter (see the file comment); the CPU's store path adds 1 when the mark it
+  // is about to store 1 into was not 1.
+  std::atomic<uint64_t>* raw_newly_dirtied() { return &newly_dirtied_; }
+  // Cumulative pages newly dirtied (any thread).
+  uint64_t NewlyDirtied() const { return newly_dirtied_.load(std::memory_order_relaxed); }
 
   // Code-page watch, for a CPU backend that caches decoded instructions (one per VM).
   // The backend sets raw_code_watch()[page] = 1 while it holds decoded code of that page
@@ -144,6 +158,7 @@ class DirtyLog {
   std::unique_ptr<std::atomic<uint8_t>[]> marks_;
   std::unique_ptr<std::atomic<uint8_t>[]> code_watch_;
   std::atomic<uint64_t> code_gen_{0};
+  std::atomic<uint64_t> newly_dirtied_{0};
   std::atomic<bool> enabled_{true};
   std::vector<HarvestListener*> listeners_;
 };

@@ -91,6 +91,8 @@ uint64_t VmMigrationManager::EstimateStateBytes() {
 
 Status VmMigrationManager::SetCpuShare(double fraction) { return vm_->SetCpuShare(fraction); }
 
+migration::ActivitySeries VmMigrationManager::RecentActivity(size_t max_windows) { return vm_->RecentActivity(max_windows); }
+
 void VmMigrationManager::OnMigrated(const std::string& destination) {
   auto s = vm_->MarkMigrated(destination);
   if (!s) spdlog::error("migration: cannot mark the VM migrated: {}", s.error().message());

@@ -51,6 +51,7 @@ class VmMigrationManager : public migration::SourceVm {
   Result<std::vector<migration::StateRecord>> SaveState() override;
   uint64_t EstimateStateBytes() override;
   Status SetCpuShare(double fraction) override;
+  migration::ActivitySeries RecentActivity(size_t max_windows) override;
   void OnMigrated(const std::string& destination) override;
 
  private:

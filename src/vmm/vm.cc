@@ -160,8 +160,23 @@ int Vm::Wait() {
   return exit_code_;
 }
 
+void Vm::RecordActivity(bool idle_after) {
+  ActivityRecorder::Totals t;
+  t.dirty_pages = board_->memory().dirty_log().NewlyDirtied();
+  t.instructions = board_->vcpu().counters().instructions_retired;
+  for (Device* d : io_devices_) {
+    const DeviceActivity a = d->Activity();
+    t.net_packets += a.packets;
+    t.blk_requests += a.requests;
+  }
+  activity_.Record(NowNs(), t, idle_after);
+}
+
+migration::ActivitySeries Vm::RecentActivity(size_t max_windows) const { return activity_.Recent(max_windows, NowNs()); }
+
 void Vm::MachineLoop() {
   Vcpu& vcpu = board_->vcpu();
+  io_devices_ = board_->devices();
   // Frames that reached the TAP before the start (a migration destination: the guest's clients
   // switch to it at the announce, which precedes Start) are delivered before the first slice.
   if (state() == VmState::kRunning) (void)loop_->Poll(0);
@@ -176,6 +191,7 @@ void Vm::MachineLoop() {
     if (stop_.load()) break;
 
     if (state() != VmState::kRunning) {
+      RecordActivity(true);
       console_->Flush();
       // Only wake-ups for commands: device backends (TAP rx, console input) must not
       // change guest memory or device state while paused (snapshot, migration).
@@ -184,6 +200,7 @@ void Vm::MachineLoop() {
     }
     const uint64_t t_slice = NowNs();
     VcpuRunResult r = vcpu.Run(kSliceInstructions);
+    RecordActivity(false);
     const double share = cpu_share_.load(std::memory_order_relaxed);
     if (share < 1.0) {
       // Throttled (migration): after running for t, stay off the CPU for t * (1 - share) / share,
@@ -211,7 +228,10 @@ void Vm::MachineLoop() {
           uint64_t ticks = deadline > now ? deadline - now : 0;
           ms = static_cast<int>(std::min<uint64_t>(100, (ticks + 9999) / 10000));
         }
-        if (ms > 0) (void)loop_->Poll(ms);
+        if (ms > 0) {
+          RecordActivity(true);
+          (void)loop_->Poll(ms);
+        }
         break;
       }
       case VcpuExitReason::kShutdown:

@@ -23,6 +23,7 @@
 #include "common/event_loop.h"
 #include "machine/board.h"
 #include "migration/protocol/wire.h"
+#include "vmm/activity.h"
 #include "vmm/console.h"
 
 namespace ferry {
@@ -75,6 +76,9 @@ class Vm {
   Result<uint64_t> StateBytes();
   // Throttle: the vCPU runs only `fraction` (0 < f <= 1) of the time (migration convergence).
   Status SetCpuShare(double fraction);
+  // The last `max_windows` 10 ms windows of guest activity (any thread, no round trip to the
+  // machine thread; vmm/activity.h).
+  migration::ActivitySeries RecentActivity(size_t max_windows) const;
   // The guest runs elsewhere now: stay paused forever.
   Status MarkMigrated(const std::string& destination);
   // Sends a gratuitous RARP for the guest MAC (after a migration), if it has a NIC. Before
@@ -92,6 +96,8 @@ class Vm {
   void SetState(VmState s) { state_.store(s); }
   Status DoPause();
   Status DoResume();
+  // Machine thread: reports the activity totals now (idle_after: about to wait).
+  void RecordActivity(bool idle_after);
 
   VmOptions options_;
   std::unique_ptr<EventLoop> loop_;
@@ -106,6 +112,8 @@ class Vm {
   uint64_t started_ns_ = 0;
   std::atomic<double> cpu_share_{1.0};
   double throttle_debt_ns_ = 0;  // machine thread only
+  ActivityRecorder activity_;     // locks itself
+  std::vector<Device*> io_devices_;  // machine thread only: the board's devices (activity counters)
 
   std::mutex mu_;
   std::deque<std::packaged_task<Status()>> commands_;  // GUARDED_BY(mu_)

@@ -44,9 +44,10 @@ bool RiscvCpu::PhysWrite(uint64_t pa, unsigned size, uint64_t v) {
   if (pa >= ram_base_ && pa - ram_base_ <= ram_size_ - size) {
     uint64_t off = pa - ram_base_;
     std::memcpy(ram_host_ + off, &v, size);
-    // Mark after the data store (see guest_memory.h).
-    __atomic_store_n(&dirty_marks_[off >> 12], 1, __ATOMIC_RELEASE);
-    if (((off + size - 1) >> 12) != (off >> 12)) __atomic_store_n(&dirty_marks_[(off + size - 1) >> 12], 1, __ATOMIC_RELEASE);
+    // Mark after the data store (see guest_memory.h); count pages that were not marked yet
+    // (the activity signal).
+    MarkWritten(off >> 12);
+    if (((off + size - 1) >> 12) != (off >> 12)) MarkWritten((off + size - 1) >> 12);
     // Self-modifying code: drop decoded instructions of the written page(s). Pages with
     // decoded code never have write-TLB entries, so every such store comes through here.
     if (__builtin_expect(code_watch_[off >> 12] != 0, 0)) InvalidateCodePage(off >> 12);

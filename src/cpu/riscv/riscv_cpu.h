@@ -157,6 +157,12 @@ class RiscvCpu final : public Vcpu {
   bool FpEnabled() const { return (mstatus_ & kMstatusFS) != 0; }
   void MarkFsDirty() { mstatus_ |= kMstatusFS; }
   bool HandleEcall();
+  // Stores the dirty mark 1 of a RAM page (after the data store) and counts the page in the
+  // DirtyLog's activity counter when its mark was not 1 yet (guest_memory.h).
+  void MarkWritten(uint64_t page) {
+    if (__atomic_load_n(&dirty_marks_[page], __ATOMIC_RELAXED) != 1) newly_dirtied_->fetch_add(1, std::memory_order_relaxed);
+    __atomic_store_n(&dirty_marks_[page], 1, __ATOMIC_RELEASE);
+  }
 
   // --- state ---
   int hart_id_;
@@ -165,6 +171,7 @@ class RiscvCpu final : public Vcpu {
   uint64_t ram_base_;
   uint64_t ram_size_;
   uint8_t* dirty_marks_;
+  std::atomic<uint64_t>* newly_dirtied_;  // DirtyLog::raw_newly_dirtied()
 
   uint64_t x_[33] = {};  // x_[32]: write sink for rd = x0 in decoded instructions (not architectural)
   uint64_t f_[32] = {};

@@ -29,6 +29,7 @@ RiscvCpu::RiscvCpu(int hart_id, const VcpuEnv& env) : hart_id_(hart_id), env_(en
   ram_base_ = env.memory ? env.memory->base() : 0;
   ram_size_ = env.memory ? env.memory->size() : 0;
   dirty_marks_ = env.memory ? env.memory->dirty_log().raw_marks() : nullptr;
+  newly_dirtied_ = env.memory ? env.memory->dirty_log().raw_newly_dirtied() : nullptr;
   misa_ = kMisa;
   if (env.memory) {
     env.memory->dirty_log().AddListener(this);

@@ -33,6 +33,35 @@ TEST(MigrationEngine, PreCopyWithConcurrentWritesTransfersEveryPage) {
   EXPECT_LT(stats["transferred_bytes"].get<uint64_t>(), kRam);
 }
 
+// Stop condition from activity: a writer that writes in 300 ms bursts with 150 ms rests. A stop
+// at a random moment lands in a rest a third of the time; the watch must pick rests (4 runs of 5
+// at least: random stops would pass with probability 0.05), and the pause must begin there.
+TEST(MigrationEngine, BurstyWriterIsStoppedInARest) {
+  int in_rest = 0;
+  std::string log;
+  for (int run = 0; run < 5; ++run) {
+    FakeSource src;
+    src.set_bursts(300, 150);
+    // A history of a few bursts; each run starts the migration at another point of the cycle.
+    std::this_thread::sleep_for(std::chrono::milliseconds(1000 + 97 * run));
+    FakeDestination dst;
+    Incoming in(&dst);
+    auto m = SourceMigration::Start(&src, Params(in.to));
+    m->Wait();
+    in.thread.join();
+    const auto stats = m->Stats();
+    ASSERT_EQ(m->status(), MigrationStatus::kCompleted) << stats.dump(2);
+    EXPECT_EQ(std::memcmp(src.mem().host(), dst.mem()->host(), kRam), 0) << "destination RAM differs";
+    ASSERT_TRUE(stats["stop"].is_object()) << stats.dump(2);
+    EXPECT_GT(stats["predicted_downtime_ms"].get<double>(), 0.0);
+    // The pause began in a rest, and not at its very edge (the writer had rested >= 10 ms).
+    const bool rest = !src.OnPhaseAt(src.pause_ns()) && !src.OnPhaseAt(src.pause_ns() - 10'000'000);
+    in_rest += rest;
+    log += fmt::format("run {}: {} ({})\n", run, rest ? "rest" : "burst", stats["stop"]["reason"].get<std::string>());
+  }
+  EXPECT_GE(in_rest, 4) << log;
+}
+
 TEST(MigrationEngine, ConfigMismatchFailsBeforeAnyPageAndSourceKeepsRunning) {
   FakeSource src;
   struct Picky : FakeDestination {

@@ -4,11 +4,14 @@
 #pragma once
 
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <random>
 #include <thread>
 
 #include <fmt/format.h>
 
+#include "common/clock.h"
 #include "memory/guest_memory.h"
 #include "migration/engine/destination.h"
 #include "migration/engine/source.h"
@@ -48,10 +51,25 @@ class FakeSource : public SourceVm {
   }
   ~FakeSource() override { StopWriter(); }
   void set_write_delay_us(int us) { delay_us_ = us; }
+  // Bursts: the writer writes for on_ms, then rests for off_ms, from now on (0, 0: steady).
+  void set_bursts(int on_ms, int off_ms) {
+    burst_t0_ns_ = NowNs();
+    burst_off_ms_ = off_ms;
+    burst_on_ms_ = on_ms;
+  }
+  // Whether the writer was (or is) in a writing phase at `ns`.
+  bool OnPhaseAt(uint64_t ns) const {
+    const int on = burst_on_ms_, off = burst_off_ms_;
+    if (on + off == 0) return true;
+    const uint64_t period = static_cast<uint64_t>(on + off) * 1'000'000;
+    return (ns - burst_t0_ns_) % period < static_cast<uint64_t>(on) * 1'000'000;
+  }
+  uint64_t pause_ns() const { return pause_ns_; }
 
   RamView Ram() override { return {mem_->host(), mem_->size(), tracker_.get(), mem_->memfd(), {}}; }
   Result<nlohmann::json> Config() override { return nlohmann::json{{"ram", kRam}}; }
   Status Pause() override {
+    pause_ns_ = NowNs();
     StopWriter();
     paused_ = true;
     return {};
@@ -70,6 +88,14 @@ class FakeSource : public SourceVm {
     return {};
   }
   void OnMigrated(const std::string&) override { migrated_ = true; }
+  // 10 ms windows of pages newly dirtied and writes (as instructions), recorded by the writer.
+  ActivitySeries RecentActivity(size_t max_windows) override {
+    std::lock_guard<std::mutex> l(act_mu_);
+    ActivitySeries s;
+    const size_t n = std::min(max_windows, windows_.size());
+    s.windows.assign(windows_.end() - static_cast<std::ptrdiff_t>(n), windows_.end());
+    return s;
+  }
 
   GuestMemory& mem() { return *mem_; }
   bool paused() const { return paused_; }
@@ -94,6 +120,12 @@ class FakeSource : public SourceVm {
     writer_ = std::thread([this] {
       std::mt19937_64 rng(7);
       while (!stop_) {
+        RollWindows();
+        if (!OnPhaseAt(NowNs())) {
+          std::this_thread::sleep_for(std::chrono::microseconds(200));
+          continue;
+        }
+        ++write_count_;
         uint64_t page = hot_pages_ && rng() % 10 != 0 ? rng() % hot_pages_ : rng() % mem_->num_pages();
         uint64_t v = rng();
         if (writes_ == Writes::kTextEdits) {
@@ -107,6 +139,24 @@ class FakeSource : public SourceVm {
       }
     });
   }
+  // The writer closes the 10 ms windows that ended (empty ones included).
+  void RollWindows() {
+    const uint64_t now = NowNs();
+    std::lock_guard<std::mutex> l(act_mu_);
+    if (win_start_ns_ == 0) {
+      win_start_ns_ = now;
+      win_dirty_ = mem_->dirty_log().NewlyDirtied();
+      win_writes_ = write_count_;
+    }
+    while (now >= win_start_ns_ + 10'000'000) {
+      const uint64_t dirty = mem_->dirty_log().NewlyDirtied(), writes = write_count_;
+      windows_.push_back({win_start_ns_, dirty - win_dirty_, writes - win_writes_, 0, 0});
+      if (windows_.size() > 512) windows_.pop_front();
+      win_dirty_ = dirty;
+      win_writes_ = writes;
+      win_start_ns_ += 10'000'000;
+    }
+  }
   void StopWriter() {
     stop_ = true;
     if (writer_.joinable()) writer_.join();
@@ -118,6 +168,11 @@ class FakeSource : public SourceVm {
   std::thread writer_;
   std::atomic<bool> stop_{false};
   std::atomic<int> delay_us_{20};
+  std::atomic<int> burst_on_ms_{0}, burst_off_ms_{0};
+  std::atomic<uint64_t> burst_t0_ns_{0}, pause_ns_{0}, write_count_{0};
+  std::mutex act_mu_;
+  std::deque<ActivityWindow> windows_;  // GUARDED_BY(act_mu_)
+  uint64_t win_start_ns_ = 0, win_dirty_ = 0, win_writes_ = 0;  // GUARDED_BY(act_mu_)
   bool paused_ = false, migrated_ = false;
   double cpu_share_ = 1.0;
 };

@@ -1,6 +1,7 @@
 #include "migration/engine/policy.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include <fmt/format.h>
 
@@ -22,6 +23,7 @@ std::string_view DecisionName(DecisionKind k) {
     case DecisionKind::kFail: return "fail";
     case DecisionKind::kThrottle: return "throttle";
     case DecisionKind::kPostcopy: return "postcopy";
+    case DecisionKind::kWatch: return "watch";
   }
   return "?";
 }
@@ -38,19 +40,36 @@ Decision Decide(const PolicyConfig& cfg, const RoundMeasurement& m, PolicyState*
   Decision d;
   d.predicted_downtime_ms = PredictDowntimeMs(m);
   d.cpu_share = st->cpu_share;
-  if (d.predicted_downtime_ms <= cfg.downtime_target_ms) {
-    d.kind = DecisionKind::kStop;
-    d.reason = fmt::format("predicted downtime {:.1f} ms is within the {:.0f} ms target", d.predicted_downtime_ms,
-                           cfg.downtime_target_ms);
-    return d;
-  }
-  if (st->best_remaining == UINT64_MAX || m.remaining_pages < st->best_remaining / 10 * 9) {
+  const bool shrunk = st->best_remaining == UINT64_MAX || m.remaining_pages < st->best_remaining / 10 * 9;
+  if (shrunk) {
     st->best_remaining = m.remaining_pages;
     st->stall = 0;
   } else {
     ++st->stall;
   }
   const bool at_cap = m.round + 1 >= cfg.max_iterations;
+  if (d.predicted_downtime_ms <= cfg.downtime_target_ms) {
+    // Within the target is not a reason to stop: the pause shrinks as long as rounds shrink the set.
+    const bool short_round = m.round_ms <= 2 * kActivityWindowMs;
+    // Small enough for the watch: what remains goes out within one activity window.
+    const double pages_ms = static_cast<double>(m.remaining_pages) * std::max(m.wire_bytes_per_page, 0.0) * 1000.0 /
+                            std::max(m.bandwidth_bytes_per_s, 1.0);
+    const bool small_set = pages_ms <= kActivityWindowMs;
+    if (shrunk && !short_round && !small_set && !at_cap) {
+      d.kind = DecisionKind::kIterate;
+      d.reason = fmt::format("predicted downtime {:.1f} ms is within the {:.0f} ms target, but the round shrank the remaining set to {} pages",
+                             d.predicted_downtime_ms, cfg.downtime_target_ms, m.remaining_pages);
+      return d;
+    }
+    d.kind = DecisionKind::kWatch;
+    d.reason = fmt::format("predicted downtime {:.1f} ms is within the {:.0f} ms target and {}: watching for a lull",
+                           d.predicted_downtime_ms, cfg.downtime_target_ms,
+                           at_cap ? fmt::format("{} rounds ran", m.round + 1)
+                           : short_round ? fmt::format("the round took only {:.1f} ms", m.round_ms)
+                           : small_set   ? fmt::format("the remaining {} pages take {:.1f} ms to send", m.remaining_pages, pages_ms)
+                                         : std::string("the remaining set no longer shrinks"));
+    return d;
+  }
   const bool stalled = st->stall >= cfg.stall_rounds;
   const double send_pages_per_s = std::max(m.bandwidth_bytes_per_s, 1.0) / std::max(m.wire_bytes_per_page, 1.0);
 
@@ -88,6 +107,117 @@ Decision Decide(const PolicyConfig& cfg, const RoundMeasurement& m, PolicyState*
   }
   d.kind = DecisionKind::kIterate;
   d.reason = fmt::format("predicted downtime {:.1f} ms > {:.0f} ms", d.predicted_downtime_ms, cfg.downtime_target_ms);
+  return d;
+}
+
+LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, uint64_t dirty_valid_from_ns) {
+  LullAnalysis r;
+  const double window_ms = static_cast<double>(a.window_ns) / 1e6;
+  const size_t keep = window_ms > 0 ? static_cast<size_t>(cfg.history_ms / window_ms) : a.windows.size();
+  const size_t n = std::min(keep, a.windows.size());
+  r.windows = n;
+  if (n == 0) return r;
+  const ActivityWindow* w = a.windows.data() + (a.windows.size() - n);
+  // Windows [first_dirty, n) have dirty-page figures.
+  size_t first_dirty = 0;
+  while (first_dirty < n && w[first_dirty].start_ns < dirty_valid_from_ns) ++first_dirty;
+  r.dirty_windows = n - first_dirty;
+  auto value = [&](size_t i, int sig) -> double {
+    switch (sig) {
+      case 0: return static_cast<double>(w[i].dirty_pages);
+      case 1: return static_cast<double>(w[i].instructions);
+      case 2: return static_cast<double>(w[i].net_packets);
+      default: return static_cast<double>(w[i].blk_requests);
+    }
+  };
+  // Absolute floors: a couple of pages, packets or requests per window are noise, not activity.
+  constexpr double kFloor[4] = {2, 0, 1, 1};
+  double threshold[4];
+  for (int sig = 0; sig < 4; ++sig) {
+    const size_t from = sig == 0 ? first_dirty : 0, m = n - from;
+    threshold[sig] = 0;
+    if (m == 0) continue;
+    double sum = 0;
+    for (size_t i = from; i < n; ++i) sum += value(i, sig);
+    threshold[sig] = cfg.quiet_fraction * sum / static_cast<double>(m) + kFloor[sig];
+    // Varying: over spans as long as a lull (sums of lull_windows windows, so activity the VMM
+    // handles in batches - packets between two vCPU slices - is not mistaken for bursts),
+    // quiet in at least 5% and busy in at least 5% of the spans.
+    const size_t span = std::clamp<size_t>(cfg.lull_windows, 1, m);
+    const double span_threshold = cfg.quiet_fraction * sum * static_cast<double>(span) / static_cast<double>(m) + kFloor[sig];
+    size_t quiet = 0, spans = 0;
+    for (size_t i = from; i + span <= n; ++i, ++spans) {
+      double v = 0;
+      for (size_t k = 0; k < span; ++k) v += value(i + k, sig);
+      quiet += v <= span_threshold;
+    }
+    if (quiet * 20 >= spans && (spans - quiet) * 20 >= spans) r.varying_signals |= 1u << sig;
+  }
+  auto quiet_window = [&](size_t i) {
+    for (int sig = 0; sig < 4; ++sig)
+      if ((r.varying_signals >> sig & 1) && (sig != 0 || i >= first_dirty) && value(i, sig) > threshold[sig]) return false;
+    return true;
+  };
+  size_t busy_run = 0, longest_busy = 0;
+  double quiet_dirty = 0;
+  size_t quiet_with_dirty = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (quiet_window(i)) {
+      ++r.quiet_windows;
+      if (i >= first_dirty) quiet_dirty += value(i, 0), ++quiet_with_dirty;
+      ++r.trailing_quiet;
+      busy_run = 0;
+    } else {
+      r.trailing_quiet = 0;
+      longest_busy = std::max(longest_busy, ++busy_run);
+    }
+  }
+  r.longest_busy_ms = static_cast<double>(longest_busy) * window_ms;
+  r.last_dirty_per_window = first_dirty < n ? value(n - 1, 0) : 0;
+  r.quiet_dirty_per_window = quiet_with_dirty ? quiet_dirty / static_cast<double>(quiet_with_dirty) : 0;
+  return r;
+}
+
+Decision DecideWatch(const PolicyConfig& cfg, const WatchMeasurement& m, LullAnalysis* out) {
+  const LullAnalysis a = AnalyzeActivity(cfg, m.activity, m.dirty_valid_from_ns);
+  if (out) *out = a;
+  const double window_ms = std::max(static_cast<double>(m.activity.window_ns) / 1e6, 1e-3);
+  RoundMeasurement now = m.link;
+  now.remaining_pages += static_cast<uint64_t>(std::llround(a.last_dirty_per_window * std::max(m.exposure_ms, 0.0) / window_ms));
+  Decision d;
+  d.predicted_downtime_ms = PredictDowntimeMs(now);
+  const std::string seen = fmt::format("{}/{} quiet windows ({} with dirty pages), {} trailing, signals {:#x}, {:.0f} ms watched",
+                                       a.quiet_windows, a.windows, a.dirty_windows, a.trailing_quiet, a.varying_signals, m.elapsed_ms);
+  if (d.predicted_downtime_ms > cfg.downtime_target_ms) {
+    if (m.elapsed_ms >= cfg.max_watch_ms) {
+      d.kind = DecisionKind::kIterate;
+      d.reason = fmt::format("predicted downtime {:.1f} ms > {:.0f} ms after watching {:.0f} ms: back to rounds", d.predicted_downtime_ms,
+                             cfg.downtime_target_ms, m.elapsed_ms);
+    } else {
+      d.kind = DecisionKind::kWatch;
+      d.reason = fmt::format("predicted downtime {:.1f} ms > {:.0f} ms", d.predicted_downtime_ms, cfg.downtime_target_ms);
+    }
+    return d;
+  }
+  d.kind = DecisionKind::kStop;
+  if (a.windows == 0) {
+    d.reason = fmt::format("no activity series from the VMM: stopping at the floor (predicted {:.1f} ms)", d.predicted_downtime_ms);
+  } else if (a.varying_signals == 0 && a.dirty_windows < cfg.min_dirty_windows && m.elapsed_ms < cfg.max_watch_ms) {
+    d.kind = DecisionKind::kWatch;
+    d.reason = fmt::format("no varying activity yet in {} windows of dirty-page history: watching ({})", a.dirty_windows, seen);
+  } else if (a.varying_signals == 0) {
+    d.reason = fmt::format("steady activity, no lull to wait for: predicted downtime {:.1f} ms ({})", d.predicted_downtime_ms, seen);
+  } else if (a.trailing_quiet >= cfg.lull_windows) {
+    d.reason = fmt::format("lull: predicted downtime {:.1f} ms ({})", d.predicted_downtime_ms, seen);
+  } else {
+    const double budget = std::min(cfg.max_watch_ms, 1.5 * a.longest_busy_ms + cfg.lull_windows * window_ms);
+    if (m.elapsed_ms >= budget) {
+      d.reason = fmt::format("no lull within {:.0f} ms: predicted downtime {:.1f} ms ({})", budget, d.predicted_downtime_ms, seen);
+    } else {
+      d.kind = DecisionKind::kWatch;
+      d.reason = fmt::format("busy: waiting up to {:.0f} ms for a lull ({})", budget, seen);
+    }
+  }
   return d;
 }
 

@@ -1,16 +1,44 @@
-// Convergence policy of a pre-copy migration: a pure function from one round's measurements
-// (and the policy's small state carried between rounds) to a decision. No I/O, no clocks, no
-// threads: unit-tested without sockets (policy_test.cc).
+// Convergence policy of a pre-copy migration: pure functions from measurements (and the
+// policy's small state carried between calls) to a decision. No I/O, no clocks, no threads:
+// unit-tested without sockets (policy_test.cc).
 //
 // Prediction: the pause of a stop-and-copy now would last
 //     (remaining pages x measured wire bytes per page + state bytes) / measured bandwidth
 //   + round trips of the stop-and-copy (END..READY, GO..RESUMED) x measured RTT
-//   + the destination's measured fixed cost (restore + resume, once known; else an estimate)
-// where the bytes per page are what the codecs actually produced for re-sent pages.
+//   + fixed costs (pausing the VM and saving its state, the destination's restore and start:
+//     four commands to a VM, each as long as the source VM's measured command latency)
+// where the bytes per page are what the codecs actually produced for re-sent pages (during the
+// watch: the bytes per page and the rate of its own small sends, which are what a pause sends).
+//
+// Stop condition (seed 001: from the service's activity and the dirty rate). A prediction within
+// the target is never a reason to stop by itself:
+//   1. Rounds (Decide, at the end of every round): keep iterating while a round still shrinks
+//      the remaining set by >= 10%, takes more than two activity windows and leaves more than
+//      one window's worth of sending; once the set stops shrinking (or is that small, or rounds
+//      are that short) and the prediction is within the target, start watching (kWatch). Not converging (prediction over the target and no shrinking for
+//      `stall_rounds`, or `max_iterations`) follows `on_stall`: force | fail | continue.
+//   2. Watch (DecideWatch, every 10 ms window): the engine keeps the remaining set at its floor
+//      (harvest + send every window) and reads the VMM's activity series (vm_interface.h).
+//      Each signal (dirty pages, instructions, packets, block requests) has a mean over the
+//      history; a window is quiet for a signal at <= quiet_fraction of its mean (plus a small
+//      floor). Only signals that vary - quiet in some spans of `lull_windows` windows and busy in
+//      others (spans, so that work the VMM does in batches is not taken for bursts) - tell a
+//      lull from a burst; steady and absent signals are ignored. A window is quiet when
+//      every varying signal is. Then:
+//        - the last `lull_windows` windows quiet: stop now (a lull: fewest pages dirtied since
+//          the last send, least guest work and traffic held up by the pause);
+//        - no varying signal (steady or idle activity) in a history of at least
+//          min_dirty_windows windows with dirty-page figures: no lull will come; the set is at
+//          its floor after the first watched window, stop (with less history: keep watching);
+//        - else wait for a lull, at most 1.5x the longest busy run in the history (bounded by
+//          max_watch_ms); past that, stop anyway;
+//      but only with the prediction within the target; past the budget with a prediction over
+//      it, go back to rounds (kIterate).
 //
 // Decisions:
 //   kIterate   send another round;
-//   kStop      stop and copy now (predicted pause within the target, or forced);
+//   kWatch     send what is dirtied every activity window and look for a lull (DecideWatch);
+//   kStop      stop and copy now (a lull, or forced);
 //   kFail      give up, the source keeps running (policy fail, or continue past max rounds);
 //   kThrottle  keep iterating with the vCPUs slowed to `cpu_share` (only when allowed);
 //   kPostcopy  switch to post-copy (only when allowed: mode auto with a destination that can).
@@ -19,8 +47,14 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
+
+#include "migration/engine/vm_interface.h"
 
 namespace ferry::migration {
+
+// The length of the VMM's activity windows the engine and the policy work with.
+inline constexpr double kActivityWindowMs = 10;
 
 enum class ConvergePolicy { kForce, kFail, kContinue };
 std::string_view PolicyName(ConvergePolicy p);
@@ -34,6 +68,12 @@ struct PolicyConfig {
   bool allow_throttle = false;
   bool allow_postcopy = false;
   double min_cpu_share = 0.2;  // throttling never goes below this share
+  // The lull watch (see the file comment).
+  double quiet_fraction = 0.25;  // quiet: at most this share of the signal's mean over the history
+  uint32_t lull_windows = 2;     // a lull: this many quiet windows in a row, the newest last
+  double max_watch_ms = 2000;    // never watch longer than this
+  uint32_t min_dirty_windows = 20;  // "steady" needs this much dirty-page history
+  double history_ms = 3000;      // activity that makes the baseline (what the VMM keeps, at most)
 };
 
 struct RoundMeasurement {
@@ -45,9 +85,10 @@ struct RoundMeasurement {
   double rtt_ms = 0;                  // measured control-connection RTT
   double fixed_ms = 1.0;              // destination restore + resume (estimate or measured)
   double dirty_pages_per_s = 0;       // pages dirtied per second during the round
+  double round_ms = 0;                // how long the round took (send + drain)
 };
 
-enum class DecisionKind { kIterate, kStop, kFail, kThrottle, kPostcopy };
+enum class DecisionKind { kIterate, kStop, kFail, kThrottle, kPostcopy, kWatch };
 std::string_view DecisionName(DecisionKind k);
 
 struct Decision {
@@ -66,6 +107,37 @@ struct PolicyState {
 };
 
 double PredictDowntimeMs(const RoundMeasurement& m);
+// At the end of a round: iterate, watch, stop (forced), fail, throttle or post-copy.
 Decision Decide(const PolicyConfig& cfg, const RoundMeasurement& m, PolicyState* state);
+
+// One look during the watch, after the engine harvested and sent what was dirtied.
+struct WatchMeasurement {
+  RoundMeasurement link;        // bytes per page, bandwidth, state, RTT, fixed costs; remaining_pages:
+                                //   pages still pending after this window's send (held over)
+  double elapsed_ms = 0;        // since the watch began
+  double exposure_ms = 0;       // from the last harvest to a pause now (pages dirtied meanwhile join the pause)
+  ActivitySeries activity;      // the VMM's recent windows, newest last (the history)
+  // Windows starting before this carry no dirty-page figure (nobody harvested before the
+  // migration: the count dies down as marks pile up); the other signals count in all windows.
+  uint64_t dirty_valid_from_ns = 0;
+};
+
+// What the watch saw in the activity (for the decision's reason and the statistics).
+struct LullAnalysis {
+  uint32_t varying_signals = 0;   // bit 0 dirty pages, 1 instructions, 2 packets, 3 block requests
+  size_t windows = 0;             // history windows looked at
+  size_t dirty_windows = 0;       // of those, with a dirty-page figure
+  size_t quiet_windows = 0;       // of those, quiet
+  size_t trailing_quiet = 0;      // quiet windows at the end, newest last
+  double longest_busy_ms = 0;     // longest run of non-quiet windows in the history
+  double last_dirty_per_window = 0;   // dirty pages in the newest window
+  double quiet_dirty_per_window = 0;  // mean dirty pages of the quiet windows
+};
+LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, uint64_t dirty_valid_from_ns = 0);
+
+// Every activity window during the watch: kStop, kWatch (keep looking) or kIterate (back to
+// rounds). predicted_downtime_ms: a pause now (remaining pages + those dirtied during exposure
+// at the newest window's rate).
+Decision DecideWatch(const PolicyConfig& cfg, const WatchMeasurement& m, LullAnalysis* analysis = nullptr);
 
 }  // namespace ferry::migration

@@ -30,22 +30,64 @@ TEST(Policy, PredictionUsesMeasuredBytesPerPageStateAndRtt) {
   EXPECT_DOUBLE_EQ(PredictDowntimeMs(m), 100.0 + 50.0 + 40.0 + 3.0);
 }
 
-TEST(Policy, StopsWhenThePredictionFitsTheTarget) {
+TEST(Policy, WithinTheTargetItIteratesWhileRoundsShrinkThenWatches) {
   PolicyConfig cfg;
   cfg.downtime_target_ms = 300;
   PolicyState st;
   // 10,000 pages x 4 KiB at 100 MB/s = 410 ms: iterate.
-  Decision d = Decide(cfg, M(0, 10'000), &st);
+  RoundMeasurement m = M(0, 10'000);
+  m.round_ms = 500;
+  Decision d = Decide(cfg, m, &st);
   EXPECT_EQ(d.kind, DecisionKind::kIterate);
   EXPECT_NEAR(d.predicted_downtime_ms, 409.6, 0.1);
-  // The same pages at 1 KiB each after the codecs: 102 ms, stop.
-  d = Decide(cfg, M(1, 10'000, 1024), &st);
-  EXPECT_EQ(d.kind, DecisionKind::kStop);
+  // The same pages at 1 KiB each after the codecs: 102 ms, within the target, but the set
+  // shrank in this round (first look at 1 KiB): keep going.
+  m = M(1, 5'000, 1024);
+  m.round_ms = 60;
+  d = Decide(cfg, m, &st);
+  EXPECT_EQ(d.kind, DecisionKind::kIterate) << d.reason;
+  EXPECT_NEAR(d.predicted_downtime_ms, 51.2, 0.1);
+  // Shrinking by less than 10%: the set is at its floor, watch for a lull.
+  m = M(2, 4'700, 1024);
+  m.round_ms = 60;
+  d = Decide(cfg, m, &st);
+  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
   EXPECT_TRUE(d.converged);
-  // A long RTT alone can keep it from stopping.
-  RoundMeasurement far = M(2, 10, 4096, 100e6);
+  // A long RTT alone keeps it iterating.
+  PolicyState st2;
+  RoundMeasurement far = M(0, 10, 4096, 100e6);
   far.rtt_ms = 200;
-  EXPECT_EQ(Decide(cfg, far, &st).kind, DecisionKind::kIterate);
+  far.round_ms = 5;
+  EXPECT_EQ(Decide(cfg, far, &st2).kind, DecisionKind::kIterate);
+}
+
+TEST(Policy, ShortRoundsOrTheLastRoundGoToTheWatch) {
+  PolicyConfig cfg;
+  PolicyState st;
+  RoundMeasurement m = M(0, 100'000);
+  m.round_ms = 900;
+  EXPECT_EQ(Decide(cfg, m, &st).kind, DecisionKind::kIterate);
+  m = M(1, 20'000, 1000);  // shrank a lot, but the round took 8 ms: rounds are as short as the watch's looks
+  m.round_ms = 8;
+  EXPECT_EQ(Decide(cfg, m, &st).kind, DecisionKind::kWatch);
+  PolicyState st3;
+  m = M(0, 200);  // the first round (a long one), but 200 pages take 8 ms to send: the watch sends them
+  m.round_ms = 900;
+  Decision d = Decide(cfg, m, &st3);
+  EXPECT_EQ(d.kind, DecisionKind::kWatch);
+  EXPECT_NE(d.reason.find("take 8.2 ms to send"), std::string::npos) << d.reason;
+  m = M(0, 300);  // 12 ms: another round first
+  m.round_ms = 900;
+  PolicyState st4;
+  EXPECT_EQ(Decide(cfg, m, &st4).kind, DecisionKind::kIterate);
+  cfg.max_iterations = 3;
+  PolicyState st2;
+  for (uint32_t r = 0; r < 3; ++r) {
+    m = M(r, 1000 >> r);  // halves every round, always within the target
+    m.round_ms = 100;
+    const Decision d = Decide(cfg, m, &st2);
+    EXPECT_EQ(d.kind, r < 2 ? DecisionKind::kIterate : DecisionKind::kWatch) << r << ": " << d.reason;
+  }
 }
 
 TEST(Policy, NonConvergenceFollowsTheConfiguredPolicy) {
@@ -131,6 +173,158 @@ TEST(Policy, PostcopyOnlyWhenAllowed) {
   cfg.allow_postcopy = true;
   PolicyState st2;
   EXPECT_EQ(Decide(cfg, m, &st2).kind, DecisionKind::kPostcopy);
+}
+
+// --- the watch: stop in a lull ---
+
+// A history of `n` windows whose dirty pages come from f(i) (oldest first).
+template <typename F>
+ActivitySeries Series(size_t n, F f) {
+  ActivitySeries a;
+  for (size_t i = 0; i < n; ++i) {
+    ActivityWindow w;
+    w.start_ns = i * a.window_ns;
+    f(i, &w);
+    a.windows.push_back(w);
+  }
+  return a;
+}
+// Bursts of 20 windows at about 200 pages each, then 20 quiet windows (shifted by `shift` windows).
+ActivitySeries Bursty(size_t n, size_t shift = 0) {
+  return Series(n, [&](size_t i, ActivityWindow* w) {
+    const bool on = (i + shift) % 40 < 20;
+    w->dirty_pages = on ? 190 + i % 20 : i % 2;
+    w->instructions = on ? 5'000'000 : 20'000;
+  });
+}
+WatchMeasurement W(ActivitySeries a, double elapsed_ms = 10, uint64_t remaining = 0) {
+  WatchMeasurement m;
+  m.link = M(0, remaining, 200, 200e6);
+  m.link.fixed_ms = 1;
+  m.activity = std::move(a);
+  m.elapsed_ms = elapsed_ms;
+  m.exposure_ms = 2;
+  return m;
+}
+
+TEST(PolicyWatch, StopsOnlyOnceTheLastWindowsAreQuiet) {
+  PolicyConfig cfg;
+  LullAnalysis a;
+  // Cycles of 20 busy and 20 quiet windows; 170 windows end 10 windows into a burst.
+  Decision d = DecideWatch(cfg, W(Bursty(170)), &a);
+  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
+  EXPECT_EQ(a.trailing_quiet, 0u);
+  EXPECT_TRUE(a.varying_signals & 1) << "dirty pages vary";
+  EXPECT_TRUE(a.varying_signals & 2) << "instructions vary";
+  EXPECT_NEAR(a.longest_busy_ms, 200, 0.1);
+  // One quiet window: not a lull yet.
+  d = DecideWatch(cfg, W(Bursty(181)));
+  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
+  // Two: a lull.
+  d = DecideWatch(cfg, W(Bursty(182)), &a);
+  EXPECT_EQ(d.kind, DecisionKind::kStop) << d.reason;
+  EXPECT_NE(d.reason.find("lull"), std::string::npos) << d.reason;
+  EXPECT_EQ(a.trailing_quiet, 2u);
+  // Deep into the quiet phase: still a lull.
+  EXPECT_EQ(DecideWatch(cfg, W(Bursty(195))).kind, DecisionKind::kStop);
+}
+
+TEST(PolicyWatch, PredictionCountsThePagesDirtiedSinceTheLastHarvest) {
+  PolicyConfig cfg;
+  // Busy window: 200 pages per 10 ms; exposure 2 ms -> 40 pages; 200 B each at 200 MB/s + 1 ms fixed.
+  const ActivitySeries busy = Series(50, [](size_t, ActivityWindow* w) { w->dirty_pages = 200; });
+  Decision d = DecideWatch(cfg, W(busy, 10, 10));
+  EXPECT_NEAR(d.predicted_downtime_ms, (10 + 40) * 200 * 1000.0 / 200e6 + 1, 1e-6);
+  const ActivitySeries idle = Series(50, [](size_t, ActivityWindow* w) { w->dirty_pages = 0; });
+  d = DecideWatch(cfg, W(idle, 10, 10));
+  EXPECT_NEAR(d.predicted_downtime_ms, 10 * 200 * 1000.0 / 200e6 + 1, 1e-6);
+}
+
+TEST(PolicyWatch, SteadyOrIdleActivityStopsAtOnce) {
+  PolicyConfig cfg;
+  LullAnalysis a;
+  const ActivitySeries steady = Series(300, [](size_t i, ActivityWindow* w) {
+    w->dirty_pages = 180 + (i * 7) % 40;
+    w->instructions = 4'000'000 + (i * 13) % 100'000;
+  });
+  Decision d = DecideWatch(cfg, W(steady), &a);
+  EXPECT_EQ(d.kind, DecisionKind::kStop) << d.reason;
+  EXPECT_EQ(a.varying_signals, 0u);
+  EXPECT_NE(d.reason.find("steady"), std::string::npos) << d.reason;
+  const ActivitySeries idle = Series(300, [](size_t, ActivityWindow*) {});
+  EXPECT_EQ(DecideWatch(cfg, W(idle)).kind, DecisionKind::kStop);
+  // No series at all (a VMM without activity signals): the set is at its floor, stop.
+  d = DecideWatch(cfg, W(ActivitySeries{}));
+  EXPECT_EQ(d.kind, DecisionKind::kStop);
+}
+
+TEST(PolicyWatch, ASteadySignalDoesNotHideALullInAVaryingOne) {
+  PolicyConfig cfg;
+  // A 1 kHz echo: 20 packets in every window, whatever memory does.
+  ActivitySeries a = Bursty(182);
+  for (auto& w : a.windows) w.net_packets = 20;
+  LullAnalysis la;
+  EXPECT_EQ(DecideWatch(cfg, W(a), &la).kind, DecisionKind::kStop);
+  EXPECT_FALSE(la.varying_signals & 4) << "packets are steady";
+  // Nor does traffic the VMM handles in batches (40 packets every other window).
+  a = Bursty(182);
+  for (size_t i = 0; i < a.windows.size(); ++i) a.windows[i].net_packets = i % 2 ? 40 : 0;
+  EXPECT_EQ(DecideWatch(cfg, W(a), &la).kind, DecisionKind::kStop);
+  EXPECT_FALSE(la.varying_signals & 4) << "batched packets are steady";
+  // Traffic that stops with the bursts is a varying signal: a window with packets is busy.
+  a = Bursty(182);
+  for (size_t i = 0; i < a.windows.size(); ++i) a.windows[i].net_packets = a.windows[i].dirty_pages > 100 ? 30 : 0;
+  a.windows.back().net_packets = 30;  // a packet burst in the last window
+  EXPECT_EQ(DecideWatch(cfg, W(a), &la).kind, DecisionKind::kWatch);
+  EXPECT_TRUE(la.varying_signals & 4);
+}
+
+TEST(PolicyWatch, DirtyPagesCountOnlySinceHarvestingBeganTheOtherSignalsAlways) {
+  PolicyConfig cfg;
+  LullAnalysis a;
+  // Before harvesting began the dirty count died down (marks piled up): 0 in the first 150
+  // windows. Only the 32 windows since count: the bursts show in them and in the instructions.
+  ActivitySeries s = Bursty(182);
+  for (size_t i = 0; i < 150; ++i) s.windows[i].dirty_pages = 0;
+  WatchMeasurement m = W(s);
+  m.dirty_valid_from_ns = s.windows[150].start_ns;
+  Decision d = DecideWatch(cfg, m, &a);
+  EXPECT_EQ(a.dirty_windows, 32u);
+  EXPECT_EQ(a.varying_signals, 3u);
+  EXPECT_EQ(d.kind, DecisionKind::kStop) << d.reason;
+  EXPECT_NEAR(a.quiet_dirty_per_window, 0.5, 0.5) << "the dead windows do not count as quiet dirty windows";
+  // Ten windows of steady dirtying since harvesting began, nothing else going on: too little to
+  // call it steady; with 20 it is.
+  s = Series(300, [](size_t i, ActivityWindow* w) { w->dirty_pages = i >= 290 ? 200 : 0; });
+  m = W(s);
+  m.dirty_valid_from_ns = s.windows[290].start_ns;
+  d = DecideWatch(cfg, m, &a);
+  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
+  EXPECT_EQ(a.varying_signals, 0u);
+  m.dirty_valid_from_ns = s.windows[280].start_ns;
+  for (size_t i = 280; i < 290; ++i) m.activity.windows[i].dirty_pages = 200;
+  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
+}
+
+TEST(PolicyWatch, WaitsForALullOnlyAsLongAsTheHistorySuggests) {
+  PolicyConfig cfg;
+  // Busy runs of 200 ms: wait up to 1.5 x 200 + 20 = 320 ms.
+  EXPECT_EQ(DecideWatch(cfg, W(Bursty(170), 300)).kind, DecisionKind::kWatch);
+  const Decision d = DecideWatch(cfg, W(Bursty(170), 330));
+  EXPECT_EQ(d.kind, DecisionKind::kStop);
+  EXPECT_NE(d.reason.find("no lull within 320 ms"), std::string::npos) << d.reason;
+  // Never past max_watch_ms, even when the history has long busy runs.
+  cfg.max_watch_ms = 100;
+  EXPECT_EQ(DecideWatch(cfg, W(Bursty(170), 100)).kind, DecisionKind::kStop);
+}
+
+TEST(PolicyWatch, OverTheTargetItKeepsSendingThenGoesBackToRounds) {
+  PolicyConfig cfg;
+  cfg.downtime_target_ms = 5;
+  // 100,000 pages held over: 100 ms predicted, even in a lull.
+  EXPECT_EQ(DecideWatch(cfg, W(Bursty(195), 50, 100'000)).kind, DecisionKind::kWatch);
+  const Decision d = DecideWatch(cfg, W(Bursty(195), 2000, 100'000));
+  EXPECT_EQ(d.kind, DecisionKind::kIterate) << d.reason;
 }
 
 }  // namespace

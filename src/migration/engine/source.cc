@@ -20,6 +20,10 @@ constexpr uint64_t kSampleIntervalNs = 100'000'000;
 // Before round 0 (layering): a first look, then the rest of the warm-up if the guest writes.
 constexpr uint64_t kWarmupFirstNs = 20'000'000, kWarmupNs = 100'000'000;
 constexpr double kWarmupMinPagesPerS = 1000;
+// The watch: one look per activity window, the history the policy judges by.
+constexpr uint64_t kWatchTickNs = static_cast<uint64_t>(kActivityWindowMs * 1e6);
+// Windows of activity kept in the stop record (stats "stop").
+constexpr size_t kStopActivityWindows = 20;
 
 // Pages of a memfd that were never written (holes) read as zero: no need to touch them.
 PageBitmap HoleMap(int fd, uint64_t size) {
@@ -186,6 +190,7 @@ void SourceMigration::Run() {
     switch (phase) {
       case Phase::kConnect: next = Connect(); break;
       case Phase::kIterate: next = Round(); break;
+      case Phase::kWatch: next = Watch(); break;
       case Phase::kStopCopy: next = StopAndCopy(); break;
       case Phase::kCommit: next = Commit(); break;
       case Phase::kPostcopy: next = Postcopy(); break;
@@ -465,15 +470,19 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
 
   ram_.dirty->Harvest(&dirty, &freed);
   const uint64_t dirtied = *sampled + scheduler_->AddHarvest(dirty, freed);
+  // The state estimate is a command to the VM (a round trip to its vCPU thread): its latency is
+  // what pausing the VM and saving its state cost at the start of the pause.
+  const uint64_t t_call = NowNs();
   state_bytes_ = vm_->EstimateStateBytes();
-  RoundMeasurement m;
+  const double call_ms = MsFromNs(NowNs() - t_call);
+  vm_call_ms_ = it == 0 ? call_ms : 0.5 * vm_call_ms_ + 0.5 * call_ms;
+  bandwidth_ = bw;
+  rtt_last_ms_ = control_->socket().Path().rtt_ms;
+  RoundMeasurement m = LinkMeasurement();
   m.round = it;
   m.remaining_pages = scheduler_->pending();
-  m.wire_bytes_per_page = bytes_per_page_;
-  m.bandwidth_bytes_per_s = bw;
-  m.state_bytes = state_bytes_;
-  m.rtt_ms = control_->socket().Path().rtt_ms;
   m.dirty_pages_per_s = static_cast<double>(dirtied) * 1e9 / static_cast<double>(ns);
+  m.round_ms = MsFromNs(ns);
   const Decision d = Decide(policy_cfg_, m, &policy_state_);
   const uint64_t resent = t.resent_wire_bytes - before.resent_wire_bytes;
   {
@@ -483,6 +492,7 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
     dirty_rate_ = m.dirty_pages_per_s;
     remaining_pages_ = m.remaining_pages;
     expected_downtime_ms_ = d.predicted_downtime_ms;
+    predicted_downtime_ms_ = d.predicted_downtime_ms;
     rtt_ms_ = m.rtt_ms;
     held_back_total_ += pass.held_back;
     history_.push_back({{"iteration", it},
@@ -501,6 +511,7 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
                         {"held_back", pass.held_back},
                         {"hot_threshold", {{"k", pass.hot_k}, {"r", pass.window}, {"candidates", pass.hot_candidates}}},
                         {"expected_downtime_ms", d.predicted_downtime_ms},
+                        {"predicted_downtime_ms", d.predicted_downtime_ms},
                         {"decision", DecisionName(d.kind)}});
   }
   spdlog::info("migration: iteration {}: {} pages ({} zero, {} held back, k={}/{}), {:.1f} MiB in {:.1f} ms, {:.0f} B/page; "
@@ -512,12 +523,14 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
   if (params_.mode == MigrationMode::kPostcopy || postcopy_requested_) return Phase::kPostcopy;
   switch (d.kind) {
     case DecisionKind::kIterate: return Phase::kIterate;
+    case DecisionKind::kWatch: return Phase::kWatch;
     case DecisionKind::kStop:
       if (!d.converged) {
         std::lock_guard<std::mutex> l(stats_mu_);
         converged_ = false;
         spdlog::warn("migration: {}", d.reason);
       }
+      NoteStop(d, {{"after", "round"}});
       return Phase::kStopCopy;
     case DecisionKind::kThrottle:
       FERRY_RETURN_IF_ERROR(vm_->SetCpuShare(d.cpu_share), "throttle");
@@ -534,6 +547,136 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
       return Phase::kPostcopy;
   }
   return Errorf(ErrorCode::kUnsupported, "the policy asked for post-copy, which the destination does not offer");
+}
+
+RoundMeasurement SourceMigration::LinkMeasurement() const {
+  RoundMeasurement m;
+  m.wire_bytes_per_page = bytes_per_page_;
+  m.bandwidth_bytes_per_s = bandwidth_;
+  m.state_bytes = state_bytes_;
+  m.rtt_ms = rtt_last_ms_;
+  // Pausing the VM and saving its state: two commands to its vCPU thread; the destination's
+  // restore and start are two such commands to its VM (taken to cost the same).
+  m.fixed_ms = 4 * vm_call_ms_;
+  return m;
+}
+
+void SourceMigration::NoteStop(const Decision& d, const nlohmann::json& extra) {
+  const ActivitySeries act = vm_->RecentActivity(kStopActivityWindows);
+  nlohmann::json windows = nlohmann::json::array();
+  const uint64_t now = NowNs();
+  for (const ActivityWindow& w : act.windows)
+    windows.push_back({{"ms_before_stop", MsFromNs(now > w.start_ns ? now - w.start_ns : 0)},
+                       {"dirty_pages", w.dirty_pages},
+                       {"instructions", w.instructions},
+                       {"net_packets", w.net_packets},
+                       {"blk_requests", w.blk_requests}});
+  nlohmann::json j = {{"reason", d.reason}, {"predicted_downtime_ms", d.predicted_downtime_ms}, {"activity", windows}};
+  for (auto& [k, v] : extra.items()) j[k] = v;
+  spdlog::info("migration: stop-and-copy now: {}", d.reason);
+  std::lock_guard<std::mutex> l(stats_mu_);
+  predicted_downtime_ms_ = d.predicted_downtime_ms;
+  expected_downtime_ms_ = d.predicted_downtime_ms;
+  stop_ = std::move(j);
+}
+
+Result<SourceMigration::Phase> SourceMigration::Watch() {
+  const uint64_t t_begin = NowNs();
+  const EncodeTally before = pool_->tally();
+  const size_t history_windows = static_cast<size_t>(policy_cfg_.history_ms / kActivityWindowMs);
+  PageBitmap dirty, freed;
+  uint64_t ticks = 0, pages = 0;
+  Decision d;
+  LullAnalysis lull;
+  nlohmann::json model;  // the prediction's inputs at the last look
+  uint64_t watch_bytes = 0, watch_ns = 0, watch_pages = 0;  // what the looks sent and how long it took to apply
+  for (;; ++ticks) {
+    if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
+    if (postcopy_requested_ || params_.mode == MigrationMode::kPostcopy) return Phase::kPostcopy;
+    // One look per window: the first at once (the round's harvest is pending), then every 10 ms.
+    const uint64_t due = t_begin + ticks * kWatchTickNs;
+    if (const uint64_t now = NowNs(); due > now) std::this_thread::sleep_for(std::chrono::nanoseconds(due - now));
+    const uint64_t t_harvest = NowNs();
+    if (ticks > 0) {
+      ram_.dirty->Harvest(&dirty, &freed);
+      scheduler_->AddHarvest(dirty, freed);
+    }
+    // Everything dirtied goes now, hot pages too: the set stays at its floor.
+    const EncodeTally tick_before = pool_->tally();
+    round_pages_base_.store(tick_before.pages);
+    const uint64_t t_send = NowNs();
+    auto sent = SendPass(false, 0);
+    if (!sent) return std::unexpected(sent.error().WithContext("watch"));
+    pages += scheduler_->pass().pages;
+    FERRY_RETURN_IF_ERROR(pool_->Flush(), "watch");
+    FERRY_RETURN_IF_ERROR(WaitDrained(), "watch");
+    // The looks send small sets end to end, as the pause will: their rate (bytes written until
+    // the destination applied them) is the better figure for the pause than the rounds' rate.
+    // Their bytes per page are those of re-sent pages, as in the pause.
+    const EncodeTally tick_after = pool_->tally();
+    if (const uint64_t b = tick_after.wire_bytes - tick_before.wire_bytes; b > 0) {
+      watch_bytes += b;
+      watch_ns += NowNs() - t_send;
+      watch_pages += tick_after.pages - tick_before.pages;
+    }
+    WatchMeasurement wm;
+    wm.link = LinkMeasurement();
+    if (watch_bytes > 0 && watch_ns > 0) wm.link.bandwidth_bytes_per_s = static_cast<double>(watch_bytes) * 1e9 / static_cast<double>(watch_ns);
+    if (watch_pages > 0) wm.link.wire_bytes_per_page = static_cast<double>(watch_bytes) / static_cast<double>(watch_pages);
+    wm.link.remaining_pages = scheduler_->pending();
+    wm.elapsed_ms = MsFromNs(NowNs() - t_begin);
+    wm.exposure_ms = MsFromNs(NowNs() - t_harvest);
+    wm.activity = vm_->RecentActivity(history_windows);
+    // Pages "newly dirtied" count pages first written since the last harvest: before the rounds
+    // began nobody harvested and the count dies down as marks pile up.
+    wm.dirty_valid_from_ns = rounds_start_ns_;
+    d = DecideWatch(policy_cfg_, wm, &lull);
+    model = {{"held_over_pages", wm.link.remaining_pages},
+             {"exposure_ms", wm.exposure_ms},
+             {"wire_bytes_per_page", wm.link.wire_bytes_per_page},
+             {"bandwidth_bytes_per_s", wm.link.bandwidth_bytes_per_s},
+             {"state_bytes", wm.link.state_bytes},
+             {"rtt_ms", wm.link.rtt_ms},
+             {"fixed_ms", wm.link.fixed_ms}};
+    {
+      std::lock_guard<std::mutex> l(stats_mu_);
+      expected_downtime_ms_ = d.predicted_downtime_ms;
+      predicted_downtime_ms_ = d.predicted_downtime_ms;
+      remaining_pages_ = wm.link.remaining_pages;
+    }
+    if (d.kind != DecisionKind::kWatch) break;
+  }
+  const EncodeTally t = pool_->tally();
+  const nlohmann::json lull_json = {{"windows", lull.windows},
+                                    {"quiet_windows", lull.quiet_windows},
+                                    {"trailing_quiet", lull.trailing_quiet},
+                                    {"varying_signals", lull.varying_signals},
+                                    {"longest_busy_ms", lull.longest_busy_ms},
+                                    {"last_dirty_pages", lull.last_dirty_per_window},
+                                    {"quiet_dirty_pages", lull.quiet_dirty_per_window}};
+  const double ms = MsFromNs(NowNs() - t_begin);
+  {
+    std::lock_guard<std::mutex> l(stats_mu_);
+    history_.push_back({{"iteration", iterations_},
+                        {"watch", true},
+                        {"ticks", ticks + 1},
+                        {"pages", pages},
+                        {"resent_bytes", t.resent_wire_bytes - before.resent_wire_bytes},
+                        {"zero_pages", t.zero - before.zero},
+                        {"free_pages", t.free - before.free},
+                        {"delta_pages", t.delta - before.delta},
+                        {"compressed_pages", (t.lz4 + t.zstd) - (before.lz4 + before.zstd)},
+                        {"bytes", t.wire_bytes - before.wire_bytes},
+                        {"ms", ms},
+                        {"lull", lull_json},
+                        {"expected_downtime_ms", d.predicted_downtime_ms},
+                        {"predicted_downtime_ms", d.predicted_downtime_ms},
+                        {"decision", DecisionName(d.kind)}});
+  }
+  spdlog::info("migration: watched {} windows in {:.1f} ms ({} pages sent): {}", ticks + 1, ms, pages, d.reason);
+  if (d.kind == DecisionKind::kIterate) return Phase::kIterate;
+  NoteStop(d, {{"after", "watch"}, {"watch_ms", ms}, {"lull", lull_json}, {"model", model}});
+  return Phase::kStopCopy;
 }
 
 Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
@@ -981,6 +1124,8 @@ nlohmann::json SourceMigration::Stats() const {
       {"setup_ms", MsFromNs(setup_ns_)},
       {"total_ms", MsFromNs(now - start_ns_)},
       {"expected_downtime_ms", expected_downtime_ms_},
+      {"predicted_downtime_ms", predicted_downtime_ms_},
+      {"stop", stop_},
       {"transferred_bytes", transferred},
       {"total_ram_bytes", ram_.size},
       {"remaining_bytes", remaining_pages_ * kWirePageSize},

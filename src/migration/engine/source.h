@@ -9,8 +9,12 @@
 //              ChannelPool's workers encode (PageEncoder: zero runs, deltas against the
 //              DeltaCache, compression chosen by the CodecSelector) and send them, the round
 //              ends when the destination has applied everything (PROGRESS); the dirty log is
-//              harvested and the convergence policy (policy.h) decides: iterate, stop, fail or
-//              throttle
+//              harvested and the convergence policy (policy.h) decides: iterate, watch, stop
+//              (forced), fail or throttle
+//   kWatch     the set no longer shrinks and a pause would fit the target: every 10 ms activity
+//              window, harvest and send what was dirtied (nothing held back), read the VM's
+//              activity series and let the policy (DecideWatch) stop in a lull, keep watching,
+//              or go back to rounds
 //   kStopCopy  pause, every page still pending (dirty + held back), STATE records, END; READY
 //   kCommit    GO - the commit point - then RESUMED
 //   kPostcopy  (instead of kStopCopy + kCommit; protocol v2 with kCapPostcopy) pause, the pending
@@ -71,7 +75,9 @@ class SourceMigration {
   // zstd, delta, free; runs count each page - and held_back: hold-backs by layering, a page held
   // back in three passes counts three times), resent_bytes (wire bytes of pages that had been sent
   // before), source_cpu_ms (CPU time of the migration's threads), codec (the codec choice's model
-  // and per-codec batches), delta_cache, history (one entry per round).
+  // and per-codec batches), delta_cache, history (one entry per round and one for the watch),
+  // predicted_downtime_ms (the prediction the stop was decided on; while running the latest),
+  // stop (why and when the stop-and-copy began: reason, activity before the pause).
   nlohmann::json Stats() const;
   MigrationStatus status() const { return status_.load(); }
   // Cancels in any phase before the commit point; the source VM keeps (or resumes) running.
@@ -86,7 +92,7 @@ class SourceMigration {
   Status Recover(const std::string& to);
 
  private:
-  enum class Phase { kConnect, kIterate, kStopCopy, kCommit, kPostcopy, kDone };
+  enum class Phase { kConnect, kIterate, kWatch, kStopCopy, kCommit, kPostcopy, kDone };
 
   SourceMigration(SourceVm* vm, SourceParams params);
   void Run();
@@ -95,6 +101,11 @@ class SourceMigration {
   ChannelPool::Options PoolOptions(uint64_t first_seq) const;
   Status Handshake(const Endpoint& ep, uint32_t version);
   Result<Phase> Round();
+  Result<Phase> Watch();
+  // The link figures of the last round for a prediction (remaining pages left 0).
+  RoundMeasurement LinkMeasurement() const;
+  // Records why the stop-and-copy begins now (stats "stop").
+  void NoteStop(const Decision& d, const nlohmann::json& extra);
   Result<Phase> StopAndCopy();
   // Paused, pages sent: saves the VM state, sends STATE records and END (the page records so
   // far) and waits for READY (the destination applied everything and restored).
@@ -172,6 +183,9 @@ class SourceMigration {
   uint64_t total_round_bytes_ = 0, total_round_ns_ = 0;
   double bytes_per_page_ = kWirePageSize;
   uint64_t state_bytes_ = 0;
+  double bandwidth_ = 0;        // bytes/s of the rounds so far (end to end)
+  double vm_call_ms_ = 0;       // latency of a command to the VM (EstimateStateBytes), smoothed
+  double rtt_last_ms_ = 0;
   EncodeTally last_tally_;
 
   // Cancel vs commit: once GO is sent the migration can no longer be cancelled.
@@ -217,6 +231,8 @@ class SourceMigration {
   double postcopy_ms_ = 0;
   uint64_t postcopy_pages_ = 0;
   PostcopyDone pc_done_;
+  double predicted_downtime_ms_ = 0;  // at the stop decision (before it: the latest prediction)
+  nlohmann::json stop_ = nullptr;
   uint64_t remaining_pages_ = 0, iterations_ = 0, held_back_total_ = 0;
   bool converged_ = true;
   std::string error_;

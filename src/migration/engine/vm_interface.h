@@ -1,6 +1,6 @@
 // What the migration engine needs from a VMM, and nothing more: a RAM view with a dirty
-// tracker, the guest-visible configuration, pause/resume, a throttle, and opaque named state
-// records. The engine never sees CPU or device details (a KVM backend or another VMM
+// tracker, the guest-visible configuration, pause/resume, a throttle, activity signals (for
+// the stop condition), and opaque named state records. The engine never sees CPU or device details (a KVM backend or another VMM
 // implements the same interfaces). Implemented for ferry-vmm in src/vmm/migration*.
 #pragma once
 
@@ -46,6 +46,25 @@ struct RamView {
   std::function<Status(uint64_t first_page, uint64_t count)> discard;
 };
 
+// The guest's recent activity as a time series of fixed windows (the stop condition waits for
+// a lull: policy.h). Plain counters, nothing VMM-specific.
+struct ActivityWindow {
+  uint64_t start_ns = 0;      // window start, common/clock.h NowNs() (CLOCK_MONOTONIC)
+  uint64_t dirty_pages = 0;   // pages first written in the window since the last harvest (so
+                              // comparable across windows only while the dirty log is harvested
+                              // regularly, as during a migration)
+  uint64_t instructions = 0;  // guest instructions retired
+  uint64_t net_packets = 0;   // network frames received + transmitted
+  uint64_t blk_requests = 0;  // block requests completed
+};
+struct ActivitySeries {
+  uint64_t window_ns = 10'000'000;
+  // Complete windows, oldest first, consecutive (window i starts at windows[0].start_ns +
+  // i * window_ns). Windows in which the VM did not run (paused, or asleep waiting for an
+  // interrupt) are present with zero activity. Empty if the VMM records nothing.
+  std::vector<ActivityWindow> windows;
+};
+
 // Threading: every method may be called from the migration thread; implementations
 // marshal to their own threads (ferry-vmm posts to the machine thread).
 class SourceVm {
@@ -61,6 +80,10 @@ class SourceVm {
   virtual Result<std::vector<StateRecord>> SaveState() = 0;
   // Bytes SaveState() would produce now (the VM keeps running); for the downtime prediction.
   virtual uint64_t EstimateStateBytes() = 0;
+  // The last `max_windows` complete activity windows (at most what the VMM keeps, a few
+  // seconds). Cheap (no round trip to the vCPU thread needed): called every 10 ms while the
+  // engine watches for a lull.
+  virtual ActivitySeries RecentActivity(size_t max_windows) = 0;
   // Throttle hook: the fraction (0 < f <= 1) of time the vCPUs may run; 1 = full speed. The
   // engine restores 1 before it returns, whatever the outcome.
   virtual Status SetCpuShare(double fraction) = 0;

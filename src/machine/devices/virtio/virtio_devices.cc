@@ -52,6 +52,7 @@ class VirtioBlk final : public VirtioMmioDevice {
     }
     if (any) SignalUsed();
   }
+  DeviceActivity Activity() const override { return {.packets = 0, .requests = requests_}; }
   nlohmann::json DeviceMetrics() const override {
     return {{"path", path_}, {"read_bytes", read_bytes_}, {"write_bytes", write_bytes_}, {"requests", requests_}, {"io_errors", io_errors_}};
   }
@@ -171,6 +172,7 @@ class VirtioNet final : public VirtioMmioDevice {
     }
     if (any) SignalUsed();
   }
+  DeviceActivity Activity() const override { return {.packets = rx_packets_ + tx_packets_, .requests = 0}; }
   nlohmann::json DeviceMetrics() const override {
     return {{"tap", tap_}, {"mac", FormatMacStr()}, {"rx_packets", rx_packets_}, {"rx_bytes", rx_bytes_},
             {"rx_dropped", rx_dropped_}, {"tx_packets", tx_packets_}, {"tx_bytes", tx_bytes_},
