@@ -79,6 +79,10 @@ class Vm {
   Status MarkMigrated(const std::string& destination);
   // Sends a gratuitous RARP for the guest MAC (after a migration), if it has a NIC.
   Status AnnounceNetwork();
+  // From any thread, without waiting for the machine thread (it may be blocked in the kernel on
+  // a post-copy page that will never arrive): the vCPU stops at its next exit check and the guest
+  // never runs again; state error with `reason`. Device backends are not polled any more.
+  void Halt(const std::string& reason);
   std::string Prometheus();
 
  private:
