@@ -100,9 +100,19 @@ Result<std::unique_ptr<ApiServer>> ApiServer::StartIncoming(const std::string& p
 }
 
 void ApiServer::AttachVm(Vm* vm, VmMigrationManager* mig) {
-  std::lock_guard<std::mutex> l(mu_);
-  vm_ = vm;
-  mig_ = mig;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    vm_ = vm;
+    mig_ = mig;
+  }
+  attached_.notify_all();
+}
+
+ApiServer::Target ApiServer::target() const {
+  std::unique_lock<std::mutex> l(mu_);
+  if (!vm_ && incoming_ && incoming_->phase() == migration::IncomingPhase::kCompleted)
+    attached_.wait_for(l, std::chrono::seconds(5), [&] { return vm_ != nullptr; });
+  return {vm_, mig_};
 }
 
 Result<std::unique_ptr<ApiServer>> ApiServer::Serve(const std::string& path, Vm* vm, VmMigrationManager* mig,

@@ -12,7 +12,8 @@
 // failed) with the incoming phase, GET /vm/migration the destination's progress
 // (migration/engine/incoming_stats.h), PUT /vm/migration/cancel aborts the migration before GO
 // (409 after it), every other PUT gets 409 with the reason. AttachVm hands the same socket over
-// to the migrated VM without a gap; GET /vm/migration keeps showing the incoming migration's
+// to the migrated VM without a gap (a request that arrives once the migration completed waits,
+// at most 5 s, for the hand-over); GET /vm/migration keeps showing the incoming migration's
 // result until an outgoing migration is started.
 //
 // Threads: httplib's worker threads run the handlers; AttachVm may be called from any thread,
@@ -20,6 +21,7 @@
 #pragma once
 
 #include <functional>
+#include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -59,12 +61,12 @@ class ApiServer {
     Vm* vm;
     VmMigrationManager* mig;
   };
-  Target target() const {
-    std::lock_guard<std::mutex> l(mu_);
-    return {vm_, mig_};
-  }
+  // The attached VM (null members before AttachVm). Once the incoming migration completed, waits
+  // (bounded) for the hand-over, so a client never sees a completed migration without its VM.
+  Target target() const;
 
   mutable std::mutex mu_;
+  mutable std::condition_variable attached_;           // AttachVm happened
   Vm* vm_ = nullptr;                                   // GUARDED_BY(mu_): null until a VM is attached
   VmMigrationManager* mig_ = nullptr;                  // GUARDED_BY(mu_)
   migration::IncomingMigration* incoming_ = nullptr;   // const after Start (destinations only)
