@@ -144,9 +144,11 @@ int Status(const ApiClient& api, bool json) {
     const auto& c = (*vm)["config"];
     if (c.contains("mem_mib")) std::printf("  memory: %s MiB\n", c["mem_mib"].dump().c_str());
   }
+  if (auto e = vm->find("error"); e != vm->end() && e->is_string()) std::printf("  error: %s\n", e->get<std::string>().c_str());
   if (mig) {
     const std::string s = mig->value("status", "");
-    if (IsFinal(s)) std::printf("%s", FormatSummary(*mig).c_str());
+    if (mig->value("role", "") == "destination") std::printf("%s", FormatIncoming(*mig).c_str());
+    else if (IsFinal(s)) std::printf("%s", FormatSummary(*mig).c_str());
     else std::printf("%s\n", FormatProgressLine(*mig).c_str());
   } else if (mig.error().code() == ErrorCode::kNotFound) {
     std::printf("migration: none\n");

@@ -77,4 +77,32 @@ std::string FormatSummary(const nlohmann::json& st) {
   return s;
 }
 
+std::string FormatIncoming(const nlohmann::json& st) {
+  const std::string phase = Str(st, "phase");
+  if (phase == "waiting") return fmt::format("incoming migration: waiting for a source on {}\n", Str(st, "listen"));
+  std::string s = fmt::format("incoming migration {} from {}: {} (listening on {})\n", Str(st, "uuid"), Str(st, "source"), phase,
+                              Str(st, "listen"));
+  s += fmt::format("  received {} in {} records: {} pages", FormatBytes(Num(st, "received_bytes")),
+                   static_cast<uint64_t>(Num(st, "received_records")), static_cast<uint64_t>(Num(st, "received_pages")));
+  if (auto k = st.find("pages_by_kind"); k != st.end() && k->is_object())
+    s += fmt::format(" (zero {}, raw {}, delta {}, free {})", static_cast<uint64_t>(Num(*k, "zero")),
+                     static_cast<uint64_t>(Num(*k, "raw")), static_cast<uint64_t>(Num(*k, "delta")),
+                     static_cast<uint64_t>(Num(*k, "free")));
+  s += fmt::format(" of {} RAM, {:.0f} ms\n", FormatBytes(Num(st, "total_ram_bytes")), Num(st, "total_ms"));
+  if (Str(st, "mode") == "postcopy") {
+    double p50 = 0, p99 = 0;
+    if (auto l = st.find("fault_latency_ms"); l != st.end() && l->is_object()) {
+      p50 = Num(*l, "p50");
+      p99 = Num(*l, "p99");
+    }
+    s += fmt::format("  post-copy: {} of {} pages still missing, {} demand faults (p50 {:.2f} ms, p99 {:.2f} ms), {:.0f} ms\n",
+                     static_cast<uint64_t>(Num(st, "postcopy_remaining_pages")), static_cast<uint64_t>(Num(st, "postcopy_pages")),
+                     static_cast<uint64_t>(Num(st, "demand_faults")), p50, p99, Num(st, "postcopy_ms"));
+  }
+  if (phase == "running-postcopy" || phase == "completed")
+    s += fmt::format("  restore {:.2f} ms, resume {:.2f} ms\n", Num(st, "restore_ms"), Num(st, "resume_ms"));
+  if (auto e = Str(st, "error"); !e.empty()) s += fmt::format("  error: {}\n", e);
+  return s;
+}
+
 }  // namespace ferry::ctl

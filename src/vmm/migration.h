@@ -1,6 +1,7 @@
 // ferry-vmm's side of live migration: adapters from Vm to the VMM-neutral engine
 // (src/migration/engine/vm_interface.h) and the source's migration manager behind
-// PUT /vm/migrate, GET /vm/migration, PUT /vm/migration/cancel.
+// PUT /vm/migrate, GET /vm/migration, PUT /vm/migration/cancel (a destination's API before the VM
+// exists is served from the engine's IncomingMigration directly: api_server.h).
 #pragma once
 
 #include <memory>
@@ -70,6 +71,9 @@ class VmMigrationTarget : public migration::DestinationVm {
   Status Restore(const std::vector<migration::StateRecord>& state) override;
   Status Start() override;
   std::unique_ptr<Vm> TakeVm() { return std::move(vm_); }
+  // The prepared (or started) VM, null before the configuration arrived; the thread that ran
+  // IncomingMigration::Run may use it once Run returned.
+  Vm* vm() const { return vm_.get(); }
 
  private:
   VmOptions options_;

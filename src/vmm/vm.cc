@@ -381,6 +381,17 @@ Result<nlohmann::json> Vm::Info() {
   return info;
 }
 
+void Vm::Halt(const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    error_ = reason;
+  }
+  // The machine loop runs the vCPU only in state kRunning and checks it before every slice.
+  SetState(VmState::kError);
+  board_->vcpu().RequestExit();
+  loop_->Wake();
+}
+
 std::string Vm::Prometheus() {
   auto info = Info();
   if (!info) return "";

@@ -86,6 +86,10 @@ class Vm {
   // migration destination announces before the guest's first instruction; afterwards it is
   // a command to the machine thread.
   Status AnnounceNetwork();
+  // From any thread, without waiting for the machine thread (it may be blocked in the kernel on
+  // a post-copy page that will never arrive): the vCPU stops at its next exit check and the guest
+  // never runs again; state error with `reason`. Device backends are not polled any more.
+  void Halt(const std::string& reason);
   std::string Prometheus();
 
  private:

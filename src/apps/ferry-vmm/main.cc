@@ -5,8 +5,10 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <chrono>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -17,6 +19,12 @@
 #include "vmm/cli.h"
 #include "vmm/migration.h"
 #include "vmm/vm.h"
+
+namespace {
+// After a post-copy failure (the guest halted, the process must exit): how long GET /vm and
+// GET /vm/migration keep reporting the failure before the process exits with code 3.
+constexpr int kFailedLingerMs = 3000;
+}  // namespace
 
 int main(int argc, char** argv) {
   // Logs go to stderr so the guest console can own stdout.
@@ -71,31 +79,56 @@ int main(int argc, char** argv) {
     }
   }
 
-  ferry::Result<std::unique_ptr<ferry::Vm>> vm = std::unexpected(ferry::Error(ferry::ErrorCode::kInternal, "no VM"));
+  // Declared in this order so the API server (last) goes first: its handlers use the others.
+  std::unique_ptr<ferry::Vm> vm;
+  std::unique_ptr<ferry::VmMigrationManager> migrations;
+  std::unique_ptr<ferry::migration::IncomingMigration> incoming;
+  std::optional<ferry::VmMigrationTarget> target;
+  std::unique_ptr<ferry::ApiServer> api;
   bool started = false;
   if (!cl->incoming.empty()) {
-    // Destination of a live migration: the VM is built from the stream and runs on GO.
+    // Destination of a live migration: the VM is built from the stream and runs on GO. The API
+    // answers from the moment we listen (progress, cancel before GO); the VM joins it afterwards.
     auto in = ferry::migration::IncomingMigration::Listen(cl->incoming);
     if (!in) {
       std::fprintf(stderr, "ferry-vmm: %s\n", in.error().message().c_str());
       return 1;
     }
-    spdlog::info("waiting for an incoming migration on {} (port {})", cl->incoming, (*in)->port());
-    ferry::VmMigrationTarget target(cl->vm);
-    set_on_signal([inc = in->get()] { inc->Abort(); });
+    incoming = std::move(*in);
+    if (!cl->api_socket.empty()) {
+      auto a = ferry::ApiServer::StartIncoming(cl->api_socket, incoming.get());
+      if (!a) {
+        // Nothing has arrived yet: fail now rather than receive a VM nobody can operate.
+        std::fprintf(stderr, "ferry-vmm: %s\n", a.error().message().c_str());
+        return 1;
+      }
+      api = std::move(*a);
+    }
+    spdlog::info("waiting for an incoming migration on {} (port {})", cl->incoming, incoming->port());
+    target.emplace(cl->vm);
+    set_on_signal([inc = incoming.get()] { inc->Abort(); });
     ferry::migration::IncomingParams params;
     params.recover_timeout_ms = cl->recover_timeout_ms;
-    auto r = (*in)->Run(&target, params);
-    set_on_signal([] { std::exit(1); });
-    if (!r && (*in)->guest_started()) {
+    auto r = incoming->Run(&*target, params);
+    if (!r && incoming->guest_started()) {
       // Post-copy failed after the guest started here: pages it has not received exist only on
       // the source. It must never run on with them missing, and tearing the machine down would
-      // wait for vCPUs that wait for those pages: stop the process now.
+      // wait for vCPUs that wait for those pages: halt the vCPU (without waiting for the machine
+      // thread), let the API report phase "failed" with the reason for a bounded time, then stop
+      // the process.
+      set_on_signal([] { _exit(3); });
+      if (ferry::Vm* v = target->vm()) v->Halt("incoming migration failed after GO: " + r.error().message());
       std::fprintf(stderr, "ferry-vmm: failed: %s; the guest is stopped (it cannot run without the pages the source still holds)\n",
                    r.error().message().c_str());
+      if (api) {
+        std::fprintf(stderr, "ferry-vmm: the API reports the failure for %d ms, then the process exits\n", kFailedLingerMs);
+        std::fflush(stderr);
+        std::this_thread::sleep_for(std::chrono::milliseconds(kFailedLingerMs));
+      }
       std::fflush(stderr);
       _exit(3);
     }
+    set_on_signal([] { std::exit(1); });
     if (!r) {
       // The prepared machine (if any) is torn down with `target`.
       std::fprintf(stderr, "ferry-vmm: %s\n", r.error().message().c_str());
@@ -106,41 +139,41 @@ int main(int argc, char** argv) {
     if (r->postcopy_ms > 0)
       spdlog::info("incoming migration {}: post-copy of {} pages in {:.1f} ms, {} demand faults (p50 {} us, p99 {} us)", r->uuid,
                    r->postcopy_missing, r->postcopy_ms, r->faults.demand_faults, r->faults.p50_us, r->faults.p99_us);
-    vm = target.TakeVm();
+    vm = target->TakeVm();
     started = true;
   } else {
-    vm = cl->restore.empty() ? ferry::Vm::Create(cl->vm) : ferry::Vm::Restore(cl->vm, cl->restore);
-  }
-  if (!vm) {
-    std::fprintf(stderr, "ferry-vmm: %s\n", vm.error().message().c_str());
-    return 1;
-  }
-  ferry::VmMigrationManager migrations(vm->get());
-  // The machine runs before the API socket appears, so a client that sees the socket always
-  // finds a running VM (never a "not started" window right after boot or restore).
-  auto s = started ? ferry::Status{} : (*vm)->Start();
-  if (!s) {
-    std::fprintf(stderr, "ferry-vmm: %s\n", s.error().message().c_str());
-    return 1;
-  }
-  std::unique_ptr<ferry::ApiServer> api;
-  if (!cl->api_socket.empty()) {
-    auto a = ferry::ApiServer::Start(cl->api_socket, vm->get(), &migrations);
-    if (!a && !cl->incoming.empty()) {
-      // This VM is the only copy now (the source has handed it over): keep it running
-      // without an API rather than lose it.
-      spdlog::error("{}; the migrated VM keeps running without an API socket", a.error().message());
-    } else if (!a) {
-      std::fprintf(stderr, "ferry-vmm: %s\n", a.error().message().c_str());
-      (void)(*vm)->Shutdown();
-      (void)(*vm)->Wait();
+    auto v = cl->restore.empty() ? ferry::Vm::Create(cl->vm) : ferry::Vm::Restore(cl->vm, cl->restore);
+    if (!v) {
+      std::fprintf(stderr, "ferry-vmm: %s\n", v.error().message().c_str());
       return 1;
-    } else {
+    }
+    vm = std::move(*v);
+  }
+  migrations = std::make_unique<ferry::VmMigrationManager>(vm.get());
+  if (api) {
+    // Same socket, no gap: from now on the API serves the migrated VM.
+    api->AttachVm(vm.get(), migrations.get());
+  } else {
+    // The machine runs before the API socket appears, so a client that sees the socket always
+    // finds a running VM (never a "not started" window right after boot or restore).
+    auto s = started ? ferry::Status{} : vm->Start();
+    if (!s) {
+      std::fprintf(stderr, "ferry-vmm: %s\n", s.error().message().c_str());
+      return 1;
+    }
+    if (!cl->api_socket.empty()) {
+      auto a = ferry::ApiServer::Start(cl->api_socket, vm.get(), migrations.get());
+      if (!a) {
+        std::fprintf(stderr, "ferry-vmm: %s\n", a.error().message().c_str());
+        (void)vm->Shutdown();
+        (void)vm->Wait();
+        return 1;
+      }
       api = std::move(*a);
     }
   }
-  set_on_signal([&] { (void)(*vm)->Shutdown(); });
-  int code = (*vm)->Wait();
+  set_on_signal([&] { (void)vm->Shutdown(); });
+  int code = vm->Wait();
   set_on_signal([] {});
   api.reset();
   return code;

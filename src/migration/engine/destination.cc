@@ -1,5 +1,7 @@
 #include "migration/engine/destination.h"
 
+#include <algorithm>
+
 #include <spdlog/spdlog.h>
 
 #include "common/clock.h"
@@ -18,7 +20,9 @@ Result<std::unique_ptr<IncomingMigration>> IncomingMigration::Listen(const std::
   if (!ep) return std::unexpected(ep.error().WithContext("--incoming"));
   auto l = Listener::Listen(*ep);
   if (!l) return std::unexpected(l.error().WithContext("--incoming"));
-  return std::unique_ptr<IncomingMigration>(new IncomingMigration(std::move(*l)));
+  std::unique_ptr<IncomingMigration> in(new IncomingMigration(std::move(*l)));
+  in->listen_ = endpoint;
+  return in;
 }
 
 IncomingMigration::~IncomingMigration() { Cleanup(); }
@@ -260,11 +264,16 @@ Result<IncomingResult> IncomingMigration::Run(DestinationVm* vm, const IncomingP
   const uint64_t t0 = NowNs();
   IncomingResult out;
   liveness_timeout_ms_ = params.liveness_timeout_ms;
-  FERRY_RETURN_IF_ERROR(AcceptControl(params), "incoming migration");
+  if (auto a = AcceptControl(params); !a) {
+    SetFinal(a, out);
+    return std::unexpected(a.error().WithContext("incoming migration"));
+  }
   out.uuid = FormatUuid(hello_.uuid);
   out.source = control_->socket().peer();
   out.protocol_version = version_;
   out.capabilities = caps_;
+  t_start_ns_.store(NowNs());
+  SetPhase(IncomingPhase::kReceiving, out);
   acceptor_ = std::thread([this, params] { AcceptLoop(params); });
   if (caps_ & kCapProgress) StartProgress();
   auto s = ControlLoop(vm, params, &out);
@@ -276,6 +285,7 @@ Result<IncomingResult> IncomingMigration::Run(DestinationVm* vm, const IncomingP
     if (auto peer = control_->PeerVerdict(e.code() == ErrorCode::kCancelled ? 0 : 50)) e = *peer;
     else if (auto d = CheckDataError(); !d && e.code() != ErrorCode::kCancelled) e = d.error();
     SendError(control_->socket(), e);
+    SetFinal(std::unexpected(e), out);
     Cleanup();
     return std::unexpected(e.WithContext("incoming migration"));
   }
@@ -287,6 +297,7 @@ Result<IncomingResult> IncomingMigration::Run(DestinationVm* vm, const IncomingP
   out.delta_pages = delta_pages_;
   out.free_pages = free_pages_;
   out.total_ms = MsFromNs(NowNs() - t0);
+  SetFinal({}, out);
   Cleanup();
   return out;
 }
@@ -342,6 +353,7 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   }
   if (pages_applied_ != end.pages)
     return Errorf(ErrorCode::kCorrupt, "END announced {} pages, but {} arrived", end.pages, pages_applied_.load());
+  SetPhase(IncomingPhase::kRestoring, *out);
   if (postcopy_start_) {
     FERRY_RETURN_IF_ERROR(StartPostcopy(), "post-copy");
     out->postcopy_missing = postcopy_start_->missing_pages;
@@ -355,7 +367,13 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   if (!go) return std::unexpected(go.error());
   if (go->type() != RecordType::kGo) return Errorf(ErrorCode::kCorrupt, "expected GO, got {}", TypeName(*go));
   const uint64_t t_go = NowNs();
-  guest_started_.store(true);
+  {
+    // The commit point: a Cancel() either came first (the guest never starts here) or is refused.
+    std::lock_guard<std::mutex> l(commit_mu_);
+    if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
+    guest_started_.store(true);
+  }
+  t_go_ns_.store(t_go);
   FERRY_RETURN_IF_ERROR(vm->Start(), "start the guest");
   const uint64_t t_running = NowNs();
   out->resume_ms = MsFromNs(t_running - t_go);
@@ -368,6 +386,7 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   }
   FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kResumed, EncodeU64(static_cast<uint64_t>(out->resume_ms * 1000))),
                         "send RESUMED");
+  SetPhase(IncomingPhase::kPostcopy, *out);
   auto s = PostcopyLoop(params, out);
   out->postcopy_ms = MsFromNs(NowNs() - t_go);
   return s;
@@ -382,6 +401,7 @@ Status IncomingMigration::StartPostcopy() {
   auto pc = PostcopyRam::Start(ram_, *postcopy_start_, request);
   if (!pc) return std::unexpected(pc.error());
   postcopy_ = std::move(*pc);
+  pc_view_.store(postcopy_.get());
   // No page record is in flight (END's count arrived); from here pages go to the post-copy sink.
   active_sink_.store(postcopy_.get(), std::memory_order_release);
   postcopy_active_.store(true, std::memory_order_release);
@@ -515,7 +535,9 @@ Status IncomingMigration::PostcopyLoop(const IncomingParams& params, IncomingRes
     auto s = PostcopyWait(params);
     if (s) break;
     if (!Recoverable(s.error())) return s;
+    SetPhase(IncomingPhase::kPostcopyPaused, *out);
     FERRY_RETURN_IF_ERROR(AwaitRecovery(params, s.error()), "post-copy");
+    SetPhase(IncomingPhase::kPostcopy, *out);
   }
   FERRY_RETURN_IF_ERROR(postcopy_->Finish(), "post-copy");
   out->faults = postcopy_->Stats();
@@ -526,6 +548,83 @@ Status IncomingMigration::PostcopyLoop(const IncomingParams& params, IncomingRes
                out->faults.duplicate_pages, recoveries_);
   FERRY_RETURN_IF_ERROR(SendControl(RecordType::kPostcopyDone, Encode(out->faults)), "send POSTCOPY_DONE");
   return {};
+}
+
+// ---------------------------------------------------------------- progress
+
+Status IncomingMigration::Cancel() {
+  std::lock_guard<std::mutex> l(commit_mu_);
+  if (guest_started_.load())
+    return Errorf(ErrorCode::kBusy,
+                  "the guest already runs on this destination (GO was received): an incoming migration can only be "
+                  "cancelled before GO");
+  const IncomingPhase p = phase_.load();
+  if (IsFinal(p)) return Errorf(ErrorCode::kBusy, "the incoming migration has already ended ({})", IncomingPhaseName(p));
+  Abort();
+  return {};
+}
+
+void IncomingMigration::SetPhase(IncomingPhase p, const IncomingResult& out) {
+  {
+    std::lock_guard<std::mutex> l(stats_mu_);
+    info_.uuid = out.uuid;
+    info_.source = out.source;
+    info_.protocol_version = out.protocol_version;
+    info_.capabilities = out.capabilities;
+    info_.channels = hello_.channels;
+    info_.restore_ms = out.restore_ms;
+    info_.resume_ms = out.resume_ms;
+    info_.postcopy_ms = out.postcopy_ms;
+  }
+  phase_.store(p);
+}
+
+void IncomingMigration::SetFinal(const Status& s, const IncomingResult& out) {
+  t_final_ns_.store(NowNs());
+  IncomingPhase p = IncomingPhase::kCompleted;
+  if (!s) {
+    p = s.error().code() == ErrorCode::kCancelled ? IncomingPhase::kCancelled : IncomingPhase::kFailed;
+    std::lock_guard<std::mutex> l(stats_mu_);
+    info_.error = s.error().message();
+    if (guest_started_.load())
+      info_.error += " (after GO: the guest cannot run on without the pages the source still holds)";
+  }
+  SetPhase(p, out);
+}
+
+IncomingProgress IncomingMigration::Stats() const {
+  // The phase first: once it is final, info_ holds the final figures (SetFinal stores it last).
+  const IncomingPhase phase = phase_.load();
+  IncomingProgress p;
+  {
+    std::lock_guard<std::mutex> l(stats_mu_);
+    p = info_;
+  }
+  p.phase = phase;
+  p.listen = listen_;
+  const uint64_t now = NowNs(), start = t_start_ns_.load(), fin = t_final_ns_.load(), go = t_go_ns_.load();
+  const uint64_t end = fin ? fin : now;
+  if (start && end > start) p.total_ms = MsFromNs(end - start);
+  if (ram_ready_.load(std::memory_order_acquire)) p.ram_bytes = ram_pages_ * kWirePageSize;
+  p.received_bytes = bytes_received_.load();
+  p.received_pages = pages_applied_.load();
+  p.zero_pages = zero_pages_.load();
+  p.raw_pages = raw_pages_.load();
+  p.delta_pages = delta_pages_.load();
+  p.free_pages = free_pages_.load();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    p.received_records = batches_applied_ + ctl_batches_;
+  }
+  if (const PostcopyRam* pc = pc_view_.load()) {
+    p.postcopy = true;
+    p.postcopy_pages = pc->missing();
+    p.postcopy_remaining_pages = pc->missing() - std::min(pc->placed(), pc->missing());
+    p.faults = pc->Stats();
+    // Final: GO -> last page in place as Run() measured it; before: GO -> now.
+    if (p.postcopy_ms == 0 && go && end > go) p.postcopy_ms = MsFromNs(end - go);
+  }
+  return p;
 }
 
 }  // namespace ferry::migration

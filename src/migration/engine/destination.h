@@ -17,9 +17,15 @@
 // uuid or version, garbage) are refused with an ERROR record and dropped without disturbing
 // the migration.
 //
+// Progress (GET /vm/migration on the destination): phase() and Stats() answer from any thread
+// at any time, from Listen() on and after Run() returned (final figures), without waiting for
+// the migration's threads; incoming_stats.h lists the phases and fields.
+//
 // Threading: Run() blocks the calling thread; it uses the control channel's reader thread, one
 // accept thread, one reader thread per data connection and a PROGRESS thread, all joined before
-// Run() returns. Abort() is thread-safe.
+// Run() returns. Abort(), Cancel(), phase() and Stats() are thread-safe. Cancel() and the
+// handling of GO are serialised by commit_mu_, so a cancel either wins before GO (the guest never
+// starts here) or is refused (it runs here).
 #pragma once
 
 #include <atomic>
@@ -32,6 +38,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "migration/engine/incoming_stats.h"
 #include "migration/engine/page_sink.h"
 #include "migration/engine/postcopy_ram.h"
 #include "migration/engine/vm_interface.h"
@@ -85,6 +92,12 @@ class IncomingMigration {
   Result<IncomingResult> Run(DestinationVm* vm, const IncomingParams& params = {});
   // Thread-safe: makes Run() fail promptly (operator interrupt).
   void Abort();
+  // Thread-safe: Abort() if GO has not been handled yet (the source then resumes its VM);
+  // kBusy once the guest started here (it is the only running copy) or the migration ended.
+  Status Cancel();
+  IncomingPhase phase() const { return phase_.load(); }
+  // Thread-safe snapshot of the progress so far (the final figures once Run() returned).
+  IncomingProgress Stats() const;
   // True once the guest was started (GO) - also when Run() then failed in post-copy: the VMM
   // must then stop without running the guest again.
   bool guest_started() const { return guest_started_.load(); }
@@ -114,8 +127,12 @@ class IncomingMigration {
   void DataFailed(const Error& e);
   Status CheckDataError();
   void Cleanup();
+  // Progress publication (control thread): the phase, and the figures of `out` known so far.
+  void SetPhase(IncomingPhase p, const IncomingResult& out);
+  void SetFinal(const Status& s, const IncomingResult& out);
 
   std::unique_ptr<Listener> listener_;
+  std::string listen_;  // the endpoint given to Listen (const after it)
   // Set under mu_ after the handshake; replaced (under mu_ and send_mu_) when post-copy recovers.
   std::unique_ptr<ControlChannel> control_;
   std::vector<std::unique_ptr<ControlChannel>> retired_controls_;  // kept alive for late readers
@@ -129,7 +146,7 @@ class IncomingMigration {
   std::atomic<bool> aborted_{false};
   uint64_t t_end_ = 0;  // END received (control thread only; for the downtime log)
 
-  std::mutex mu_;
+  mutable std::mutex mu_;  // mutable: Stats() reads the counters it guards
   std::condition_variable cv_;
   std::vector<std::unique_ptr<Socket>> data_;   // GUARDED_BY(mu_)
   std::vector<std::thread> readers_;            // GUARDED_BY(mu_)
@@ -165,6 +182,16 @@ class IncomingMigration {
   std::vector<uint64_t> last_seq_;  // GUARDED_BY(stripes_[gfn % kStripes])
   std::atomic<uint64_t> pages_applied_{0}, bytes_received_{0};
   std::atomic<uint64_t> zero_pages_{0}, raw_pages_{0}, delta_pages_{0}, free_pages_{0};
+
+  // Progress for Stats() (incoming_stats.h).
+  std::atomic<IncomingPhase> phase_{IncomingPhase::kWaiting};
+  std::atomic<uint64_t> t_start_ns_{0};  // control connection accepted
+  std::atomic<uint64_t> t_go_ns_{0};     // GO handled (post-copy time runs from here)
+  std::atomic<uint64_t> t_final_ns_{0};  // final phase reached
+  std::atomic<PostcopyRam*> pc_view_{nullptr};  // postcopy_ once started (lives as long as *this)
+  std::mutex commit_mu_;                 // Cancel() vs the handling of GO (guest_started_)
+  mutable std::mutex stats_mu_;
+  IncomingProgress info_;                // GUARDED_BY(stats_mu_): identity, times and final figures
 };
 
 }  // namespace ferry::migration

@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/clock.h"
+#include "migration/engine/incoming_stats.h"
 
 namespace ferry::migration {
 namespace {
@@ -47,15 +48,7 @@ PageBitmap HoleMap(int fd, uint64_t size) {
   return hole;
 }
 
-nlohmann::json CapNames(uint64_t caps) {
-  nlohmann::json a = nlohmann::json::array();
-  const std::pair<uint64_t, const char*> names[] = {{kCapProgress, "progress"}, {kCapZeroRuns, "zero_runs"}, {kCapLz4, "lz4"},
-                                                    {kCapZstd, "zstd"},         {kCapDelta, "delta"},         {kCapFreePages, "free_pages"},
-                                                    {kCapPostcopy, "postcopy"}};
-  for (auto& [bit, name] : names)
-    if (caps & bit) a.push_back(name);
-  return a;
-}
+nlohmann::json CapNames(uint64_t caps) { return CapabilityNames(caps); }
 
 }  // namespace
 
