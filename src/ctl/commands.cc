@@ -44,6 +44,7 @@ struct MigrateOptions {
   std::string compress;     // auto|none|lz4|zstd[:LEVEL]; empty: server default (auto)
   std::string delta_cache;  // SIZE, 0 = off; empty: server default
   std::string layering;     // on|off; empty: server default (on)
+  std::string throttle;     // on|off; empty: server default (on; mode precopy only)
   uint32_t protocol_version = 0;
   uint32_t recover_timeout_ms = 0;  // 0: server default (60 s)
   bool keep_source = false;
@@ -70,6 +71,7 @@ int Migrate(const ApiClient& api, const MigrateOptions& o, bool json) {
     body["delta_cache"] = *sz;
   }
   if (!o.layering.empty()) body["layering"] = o.layering;
+  if (!o.throttle.empty()) body["throttle"] = o.throttle;
   if (o.protocol_version) body["protocol_version"] = o.protocol_version;
   if (o.recover_timeout_ms) body["recover_timeout_ms"] = o.recover_timeout_ms;
   if (auto r = api.Put("/vm/migrate", body); !r) return Fail(r.error());
@@ -197,6 +199,9 @@ int RunCli(int argc, char** argv) {
   migrate->add_option("--delta-cache", mo.delta_cache,
                       "cache of sent pages for delta encoding of re-sent pages, e.g. 64M; 0 = off (default: 1/4 of guest RAM, at most 256M)");
   migrate->add_option("--layering", mo.layering, "hold back pages that keep being dirtied until the final round: on (default) | off")
+      ->check(CLI::IsMember({"on", "off"}));
+  migrate->add_option("--throttle", mo.throttle,
+                      "mode precopy: slow the guest's vCPUs when it outruns the link, only as much as needed: on (default) | off")
       ->check(CLI::IsMember({"on", "off"}));
   migrate->add_option("--protocol-version", mo.protocol_version, "speak at most this migration protocol version (default: the newest)")
       ->check(CLI::Range(1, 2));

@@ -132,6 +132,7 @@ TEST(MigrationEngine, NonConvergencePolicies) {
     p.stall_rounds = 2;
     p.policy = policy;
     p.mode = MigrationMode::kPrecopy;  // converge_policy is mode precopy's (auto would switch to post-copy)
+    p.throttle = false;                // and without throttling it decides alone
     auto m = SourceMigration::Start(&src, p);
     m->Wait();
     in.thread.join();
@@ -213,6 +214,35 @@ TEST(MigrationEngine, ParseSourceParams) {
                    nlohmann::json{{"to", "tcp:h:1"}, {"max_bandwidth", -5}}, nlohmann::json::array()}) {
     EXPECT_FALSE(ParseSourceParams(bad)) << bad.dump();
   }
+}
+
+}  // namespace
+}  // namespace ferry::migration
+
+namespace ferry::migration {
+namespace {
+using namespace ferry::migration::test;
+
+TEST(MigrationEngine, PrecopyConvergesByThrottlingOnlyAsMuchAsNeeded) {
+  FakeSource src;
+  src.set_write_delay_us(200);  // ~5,000 writes/s over 4,096 pages: more than 8 MiB/s (2,048 pages/s) carries
+  FakeDestination dst;
+  Incoming in(&dst);
+  auto p = Params(in.to);
+  p.mode = MigrationMode::kPrecopy;
+  p.max_bandwidth = 8 << 20;
+  p.compress = *ParseCompressMode("none");
+  auto m = SourceMigration::Start(&src, p);
+  m->Wait();
+  in.thread.join();
+  const nlohmann::json st = m->Stats();
+  ASSERT_EQ(m->status(), MigrationStatus::kCompleted) << st.dump(2);
+  EXPECT_EQ(st["mode"], "precopy");
+  EXPECT_TRUE(st["converged"].get<bool>()) << st.dump(2);
+  EXPECT_GT(st["throttle_max_pct"].get<double>(), 0.0) << "the guest outran the link: it had to be slowed";
+  EXPECT_LT(st["throttle_max_pct"].get<double>(), 80.0) << "slowed more than the floor allows";
+  EXPECT_EQ(src.cpu_share(), 1.0) << "full speed again at the pause";
+  EXPECT_TRUE(SameRam(src, dst));
 }
 
 }  // namespace

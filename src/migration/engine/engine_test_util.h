@@ -119,7 +119,13 @@ class FakeSource : public SourceVm {
     stop_ = false;
     writer_ = std::thread([this] {
       std::mt19937_64 rng(7);
+      uint64_t slice_start = NowNs();
       while (!stop_) {
+        // The throttle, as a VMM applies it: run 1 ms, then stay off for as long as the share says.
+        if (const double share = cpu_share_.load(); share < 1.0 && NowNs() - slice_start >= 1'000'000) {
+          std::this_thread::sleep_for(std::chrono::nanoseconds(static_cast<uint64_t>((NowNs() - slice_start) * (1.0 / share - 1.0))));
+          slice_start = NowNs();
+        }
         RollWindows();
         if (!OnPhaseAt(NowNs())) {
           std::this_thread::sleep_for(std::chrono::microseconds(200));
@@ -174,7 +180,7 @@ class FakeSource : public SourceVm {
   std::deque<ActivityWindow> windows_;  // GUARDED_BY(act_mu_)
   uint64_t win_start_ns_ = 0, win_dirty_ = 0, win_writes_ = 0;  // GUARDED_BY(act_mu_)
   bool paused_ = false, migrated_ = false;
-  double cpu_share_ = 1.0;
+  std::atomic<double> cpu_share_{1.0};
 };
 
 class FakeDestination : public DestinationVm {

@@ -95,6 +95,11 @@ Result<SourceParams> ParseSourceParams(const nlohmann::json& body) {
       else if (v.is_string() && v.get<std::string>() == "on") p.layering = true;
       else if (v.is_string() && v.get<std::string>() == "off") p.layering = false;
       else return Errorf(ErrorCode::kInvalidArgument, "\"layering\" must be \"on\" or \"off\"");
+    } else if (k == "throttle") {
+      if (v.is_boolean()) p.throttle = v.get<bool>();
+      else if (v.is_string() && v.get<std::string>() == "on") p.throttle = true;
+      else if (v.is_string() && v.get<std::string>() == "off") p.throttle = false;
+      else return Errorf(ErrorCode::kInvalidArgument, "\"throttle\" must be \"on\" or \"off\"");
     } else if (k == "protocol_version") {
       FERRY_RETURN_IF_ERROR(get_uint(k, kMinProtocolVersion, kProtocolVersion, &x), "migrate");
       p.max_protocol_version = static_cast<uint32_t>(x);

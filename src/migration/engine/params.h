@@ -39,6 +39,9 @@ struct SourceParams {
   CompressMode compress;             // "compress": auto | none | lz4 | zstd[:LEVEL]
   int64_t delta_cache = -1;          // "delta_cache" bytes; 0 = off; -1 = default (DefaultDeltaCache)
   bool layering = true;              // "layering": on | off
+  // "throttle": on | off. Mode precopy slows the vCPUs when the guest outruns the link (only as
+  // much as convergence needs; full speed again at the pause). Off: converge_policy alone decides.
+  bool throttle = true;
   uint32_t max_protocol_version = kProtocolVersion;  // "protocol_version": speak at most this version
   // Post-copy: how long the source tries to reach the destination again after a cut connection
   // ("recover_timeout_ms"); PUT /vm/migration/recover may give a new address meanwhile.

@@ -79,9 +79,12 @@ Decision Decide(const PolicyConfig& cfg, const RoundMeasurement& m, PolicyState*
                            send_pages_per_s);
     return d;
   }
-  if (cfg.allow_throttle && stalled && st->cpu_share > cfg.min_cpu_share && m.dirty_pages_per_s > 0) {
+  // The guest dirties about as fast as the link carries (or faster): rounds cannot shrink the set.
+  const bool outrun = m.round >= 1 && m.dirty_pages_per_s >= 0.9 * send_pages_per_s;
+  if (cfg.allow_throttle && (stalled || outrun) && st->cpu_share > cfg.min_cpu_share && m.dirty_pages_per_s > 0) {
     // Slow the guest only as much as convergence needs: aim at dirtying at most half of what
-    // the link carries, from the share it has now.
+    // the link carries, from the share it has now (at once when it outruns the link, not only
+    // after stall_rounds of no progress); the engine restores full speed at the pause.
     const double needed = st->cpu_share * 0.5 * send_pages_per_s / m.dirty_pages_per_s;
     st->cpu_share = std::clamp(std::min(needed, st->cpu_share * 0.9), cfg.min_cpu_share, 1.0);
     st->stall = 0;

@@ -164,6 +164,26 @@ TEST(Policy, ThrottleOnlyWhenAllowedAndOnlyAsMuchAsNeeded) {
   EXPECT_DOUBLE_EQ(d.cpu_share, cfg.min_cpu_share);
 }
 
+TEST(Policy, ThrottlesAtOnceWhenTheGuestOutrunsTheLink) {
+  PolicyConfig cfg;  // default stall_rounds: no waiting for five rounds without progress
+  cfg.allow_throttle = true;
+  PolicyState st;
+  RoundMeasurement m = M(0, 100'000, 4096, 40e6);  // ~9,766 pages/s on the link
+  m.dirty_pages_per_s = 20'000;
+  EXPECT_EQ(Decide(cfg, m, &st).kind, DecisionKind::kIterate) << "round 0 sends everything: no rate judgement yet";
+  m.round = 1;
+  Decision d = Decide(cfg, m, &st);
+  ASSERT_EQ(d.kind, DecisionKind::kThrottle) << d.reason;
+  EXPECT_NEAR(d.cpu_share, 9'766.0 * 0.5 / 20'000, 0.01);
+  // Slower dirtying than the link (shrinking rounds): no further throttling.
+  m.round = 2;
+  m.remaining_pages = 50'000;
+  m.dirty_pages_per_s = 4'000;
+  d = Decide(cfg, m, &st);
+  EXPECT_EQ(d.kind, DecisionKind::kIterate) << d.reason;
+  EXPECT_NEAR(st.cpu_share, 9'766.0 * 0.5 / 20'000, 0.01) << "the share stays where it was";
+}
+
 TEST(Policy, PostcopyOnlyWhenAllowed) {
   PolicyConfig cfg;
   PolicyState st;

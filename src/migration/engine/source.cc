@@ -332,6 +332,9 @@ Result<SourceMigration::Phase> SourceMigration::Connect() {
     return Errorf(ErrorCode::kUnsupported, "mode postcopy: the destination cannot do post-copy (protocol v{}, capabilities {})", version_.load(),
                   CapNames(caps_).dump());
   policy_cfg_.allow_postcopy = params_.mode == MigrationMode::kAuto && (caps_ & kCapPostcopy);
+  // Mode precopy converges by slowing the guest (gently: only as much as needed, full speed again
+  // at the pause); mode auto switches to post-copy instead.
+  policy_cfg_.allow_throttle = params_.mode == MigrationMode::kPrecopy && params_.throttle;
   spdlog::info("migration {}: protocol v{}, capabilities {}", FormatUuid(uuid_), version_, CapNames(caps_).dump());
 
   auto data = ConnectDataChannels(*ep);
@@ -525,10 +528,14 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
       }
       NoteStop(d, {{"after", "round"}});
       return Phase::kStopCopy;
-    case DecisionKind::kThrottle:
+    case DecisionKind::kThrottle: {
       FERRY_RETURN_IF_ERROR(vm_->SetCpuShare(d.cpu_share), "throttle");
       cpu_share_set_ = d.cpu_share;
+      std::lock_guard<std::mutex> l(stats_mu_);
+      throttle_max_pct_ = std::max(throttle_max_pct_, (1.0 - d.cpu_share) * 100.0);
+      spdlog::info("migration: {}", d.reason);
       return Phase::kIterate;
+    }
     case DecisionKind::kFail: {
       std::lock_guard<std::mutex> l(stats_mu_);
       converged_ = false;
@@ -1148,6 +1155,7 @@ nlohmann::json SourceMigration::Stats() const {
   j["postcopy_ms"] = postcopy_ms_;
   j["postcopy_pages"] = postcopy_pages_;
   j["recoveries"] = recoveries_;
+  j["throttle_max_pct"] = throttle_max_pct_;
   j["recover_timeout_ms"] = params_.recover_timeout_ms;
   j["demand_faults"] = pc_done_.demand_faults;
   j["fault_latency_ms"] = {{"p50", pc_done_.p50_us / 1000.0}, {"p99", pc_done_.p99_us / 1000.0}, {"max", pc_done_.max_us / 1000.0}};

@@ -219,6 +219,7 @@ class SourceMigration {
   EncodeTally retired_tally_;
   uint64_t retired_bytes_ = 0, retired_cpu_ns_ = 0;
   uint32_t recoveries_ = 0;  // GUARDED_BY(stats_mu_)
+  double throttle_max_pct_ = 0;  // GUARDED_BY(stats_mu_): the most the vCPUs were slowed (100 - share %)
 
   // Statistics. GUARDED_BY(stats_mu_) unless atomic.
   mutable std::mutex stats_mu_;
