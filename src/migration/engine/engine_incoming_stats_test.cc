@@ -103,24 +103,6 @@ TEST(IncomingProgress, CancelDuringReceivingFailsTheSourceWhichKeepsRunning) {
   EXPECT_FALSE(dst.started_);
 }
 
-// The guest touches its RAM as soon as it starts (last page first), so demand faults happen.
-class TouchingDestination : public FakeDestination {
- public:
-  ~TouchingDestination() override {
-    if (toucher_.joinable()) toucher_.join();
-  }
-  Status Start() override {
-    FakeDestination::Start();
-    toucher_ = std::thread([this] {
-      const volatile uint8_t* ram = mem()->host();
-      for (uint64_t p = kRam / 4096; p-- > 0;) (void)ram[p * 4096 + 17];  // waits for missing pages
-    });
-    return {};
-  }
-
- private:
-  std::thread toucher_;
-};
 
 TEST(IncomingProgress, PostcopyReportsMissingPagesAndFaults) {
   FakeSource src;

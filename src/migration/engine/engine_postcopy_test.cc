@@ -9,26 +9,6 @@ namespace ferry::migration {
 namespace {
 using namespace ferry::migration::test;
 
-class TouchingDestination : public FakeDestination {
- public:
-  ~TouchingDestination() override {
-    if (toucher_.joinable()) toucher_.join();
-  }
-  Status Start() override {
-    FakeDestination::Start();
-    toucher_ = std::thread([this] {
-      const uint8_t* ram = mem()->host();
-      uint64_t sum = 0;
-      for (uint64_t p = kRam / 4096; p-- > 0;) sum += ram[p * 4096 + 17];  // waits for missing pages
-      sum_ = sum;
-    });
-    return {};
-  }
-  std::atomic<uint64_t> sum_{0};
-
- private:
-  std::thread toucher_;
-};
 
 void ExpectPostcopied(SourceMigration& m, FakeSource& src, TouchingDestination& dst, Incoming& in) {
   auto st = m.Stats();

@@ -206,6 +206,26 @@ class FakeDestination : public DestinationVm {
   std::unique_ptr<GuestMemory> mem_;
 };
 
+// A destination whose "guest" reads every page of its RAM as soon as it starts, last page first
+// (while a post-copy push runs from the first): it waits on missing pages, so demand faults happen.
+class TouchingDestination : public FakeDestination {
+ public:
+  ~TouchingDestination() override {
+    if (toucher_.joinable()) toucher_.join();
+  }
+  Status Start() override {
+    FakeDestination::Start();
+    toucher_ = std::thread([this] {
+      const volatile uint8_t* ram = mem()->host();
+      for (uint64_t p = kRam / 4096; p-- > 0;) (void)ram[p * 4096 + 17];
+    });
+    return {};
+  }
+
+ private:
+  std::thread toucher_;
+};
+
 struct Incoming {
   std::unique_ptr<IncomingMigration> in;
   std::thread thread;

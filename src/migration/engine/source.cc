@@ -50,6 +50,16 @@ PageBitmap HoleMap(int fd, uint64_t size) {
 
 nlohmann::json CapNames(uint64_t caps) { return CapabilityNames(caps); }
 
+// What a pass (or the watch) sent by encoding, for its history entry: `t` now, `before` at its start.
+nlohmann::json SentSince(const EncodeTally& t, const EncodeTally& before) {
+  return {{"resent_bytes", t.resent_wire_bytes - before.resent_wire_bytes},
+          {"zero_pages", t.zero - before.zero},
+          {"free_pages", t.free - before.free},
+          {"delta_pages", t.delta - before.delta},
+          {"compressed_pages", (t.lz4 + t.zstd) - (before.lz4 + before.zstd)},
+          {"bytes", t.wire_bytes - before.wire_bytes}};
+}
+
 }  // namespace
 
 std::string_view MigrationStatusName(MigrationStatus s) {
@@ -480,7 +490,6 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
   m.dirty_pages_per_s = static_cast<double>(dirtied) * 1e9 / static_cast<double>(ns);
   m.round_ms = MsFromNs(ns);
   const Decision d = Decide(policy_cfg_, m, &policy_state_);
-  const uint64_t resent = t.resent_wire_bytes - before.resent_wire_bytes;
   {
     std::lock_guard<std::mutex> l(stats_mu_);
     iterations_ = it + 1;
@@ -491,15 +500,10 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
     predicted_downtime_ms_ = d.predicted_downtime_ms;
     rtt_ms_ = m.rtt_ms;
     held_back_total_ += pass.held_back;
-    history_.push_back({{"iteration", it},
-                        {"pages", pass.pages},
-                        {"resent_pages", pass.resent_pages},
-                        {"resent_bytes", resent},
-                        {"zero_pages", (t.zero - before.zero)},
-                        {"free_pages", (t.free - before.free)},
-                        {"delta_pages", (t.delta - before.delta)},
-                        {"compressed_pages", (t.lz4 + t.zstd) - (before.lz4 + before.zstd)},
-                        {"bytes", bytes},
+    nlohmann::json entry = SentSince(t, before);
+    entry.update({{"iteration", it},
+                  {"pages", pass.pages},
+                  {"resent_pages", pass.resent_pages},
                         {"wire_bytes_per_page", bytes_per_page_},
                         {"ms", MsFromNs(ns)},
                         {"dirty_pages_rate", m.dirty_pages_per_s},
@@ -509,6 +513,7 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
                         {"expected_downtime_ms", d.predicted_downtime_ms},
                         {"predicted_downtime_ms", d.predicted_downtime_ms},
                         {"decision", DecisionName(d.kind)}});
+    history_.push_back(std::move(entry));
   }
   spdlog::info("migration: iteration {}: {} pages ({} zero, {} held back, k={}/{}), {:.1f} MiB in {:.1f} ms, {:.0f} B/page; "
                "{} pending, predicted downtime {:.1f} ms: {}",
@@ -657,21 +662,17 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
   const double ms = MsFromNs(NowNs() - t_begin);
   {
     std::lock_guard<std::mutex> l(stats_mu_);
-    history_.push_back({{"iteration", iterations_},
-                        {"watch", true},
-                        {"ticks", ticks + 1},
-                        {"pages", pages},
-                        {"resent_bytes", t.resent_wire_bytes - before.resent_wire_bytes},
-                        {"zero_pages", t.zero - before.zero},
-                        {"free_pages", t.free - before.free},
-                        {"delta_pages", t.delta - before.delta},
-                        {"compressed_pages", (t.lz4 + t.zstd) - (before.lz4 + before.zstd)},
-                        {"bytes", t.wire_bytes - before.wire_bytes},
+    nlohmann::json entry = SentSince(t, before);
+    entry.update({{"iteration", iterations_},
+                  {"watch", true},
+                  {"ticks", ticks + 1},
+                  {"pages", pages},
                         {"ms", ms},
                         {"lull", lull_json},
                         {"expected_downtime_ms", d.predicted_downtime_ms},
                         {"predicted_downtime_ms", d.predicted_downtime_ms},
                         {"decision", DecisionName(d.kind)}});
+    history_.push_back(std::move(entry));
   }
   spdlog::info("migration: watched {} windows in {:.1f} ms ({} pages sent): {}", ticks + 1, ms, pages, d.reason);
   if (d.kind == DecisionKind::kIterate) return Phase::kIterate;
@@ -714,18 +715,14 @@ Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
   std::lock_guard<std::mutex> l(stats_mu_);
   final_pages_ms_ = MsFromNs(t_pages - t_pause);
   state_ms_ = MsFromNs(t_ready - t_pages);
-  history_.push_back({{"iteration", iterations_},
-                      {"pages", pass.pages},
-                      {"resent_pages", pass.resent_pages},
-                      {"resent_bytes", t.resent_wire_bytes - before.resent_wire_bytes},
-                      {"zero_pages", t.zero - before.zero},
-                      {"free_pages", t.free - before.free},
-                      {"delta_pages", t.delta - before.delta},
-                      {"compressed_pages", (t.lz4 + t.zstd) - (before.lz4 + before.zstd)},
-                      {"bytes", t.wire_bytes - before.wire_bytes},
-                      {"state_bytes", state_bytes},
-                      {"ms", final_pages_ms_},
-                      {"final", true}});
+  nlohmann::json entry = SentSince(t, before);
+  entry.update({{"iteration", iterations_},
+                {"pages", pass.pages},
+                {"resent_pages", pass.resent_pages},
+                {"state_bytes", state_bytes},
+                {"ms", final_pages_ms_},
+                {"final", true}});
+  history_.push_back(std::move(entry));
   return Phase::kCommit;
 }
 
