@@ -675,7 +675,28 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     history_.push_back(std::move(entry));
   }
   spdlog::info("migration: watched {} windows in {:.1f} ms ({} pages sent): {}", ticks + 1, ms, pages, d.reason);
-  if (d.kind == DecisionKind::kIterate) return Phase::kIterate;
+  if (d.kind == DecisionKind::kIterate) {
+    // Rounds and watch may disagree for ever (a round's prediction within the target, the watch's
+    // over it): after the second watch that could not reach the target, this is non-convergence.
+    if (++watch_returns_ < 2 && round_ < policy_cfg_.max_iterations) return Phase::kIterate;
+    {
+      std::lock_guard<std::mutex> l(stats_mu_);
+      converged_ = false;
+    }
+    const std::string why = fmt::format("{} watches could not reach the {:.0f} ms target ({})", watch_returns_,
+                                        policy_cfg_.downtime_target_ms, d.reason);
+    if (policy_cfg_.allow_postcopy) {
+      spdlog::info("migration: {}: switching to post-copy", why);
+      return Phase::kPostcopy;
+    }
+    if (policy_cfg_.on_stall == ConvergePolicy::kForce) {
+      spdlog::warn("migration: {}; policy force: stopping", why);
+      d.kind = DecisionKind::kStop;
+      d.reason = why + "; policy force";
+    } else {
+      return Errorf(ErrorCode::kTimeout, "{}; policy {}", why, PolicyName(policy_cfg_.on_stall));
+    }
+  }
   NoteStop(d, {{"after", "watch"}, {"watch_ms", ms}, {"lull", lull_json}, {"model", model}});
   return Phase::kStopCopy;
 }

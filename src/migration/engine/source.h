@@ -179,6 +179,7 @@ class SourceMigration {
 
   // Round bookkeeping (migration thread only).
   uint32_t round_ = 0;
+  uint32_t watch_returns_ = 0;  // watches that ended "back to rounds" (over the target)
   uint64_t rounds_start_ns_ = 0;
   uint64_t total_round_bytes_ = 0, total_round_ns_ = 0;
   double bytes_per_page_ = kWirePageSize;
