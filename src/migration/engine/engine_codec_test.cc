@@ -129,8 +129,12 @@ TEST(EngineLayering, HotPagesAreHeldBackAndStillArrive) {
   src.set_write_delay_us(50);
   FakeDestination dst;
   SourceParams p = Params("");
-  p.downtime_ms = 1;
+  p.downtime_ms = 300;  // the hold-back budget (half the target's worth of pages) fits the 64 hot pages
   p.max_iterations = 6;
+  // A first pass of about a second: enough dirty-log samples during it to see the hot pages (the
+  // activity watch that follows re-sends everything, hot pages too).
+  p.max_bandwidth = 8 << 20;
+  p.compress = *ParseCompressMode("none");
   auto st = Migrate(src, dst, p);
   EXPECT_GT(Enc(st, "held_back"), 0u) << st.dump();
   bool reported = false;
