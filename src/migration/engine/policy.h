@@ -72,7 +72,7 @@ struct PolicyConfig {
   double quiet_fraction = 0.25;  // quiet: at most this share of the signal's mean over the history
   uint32_t lull_windows = 2;     // a lull: this many quiet windows in a row, the newest last
   double max_watch_ms = 2000;    // never watch longer than this
-  uint32_t min_dirty_windows = 20;  // "steady" needs this much dirty-page history
+  uint32_t min_dirty_windows = 10;  // "steady" needs this much dirty-page history (100 ms of watching)
   double history_ms = 3000;      // activity that makes the baseline (what the VMM keeps, at most)
 };
 
@@ -117,8 +117,9 @@ struct WatchMeasurement {
   double elapsed_ms = 0;        // since the watch began
   double exposure_ms = 0;       // from the last harvest to a pause now (pages dirtied meanwhile join the pause)
   ActivitySeries activity;      // the VMM's recent windows, newest last (the history)
-  // Windows starting before this carry no dirty-page figure (nobody harvested before the
-  // migration: the count dies down as marks pile up); the other signals count in all windows.
+  // Windows starting before this carry no comparable dirty-page figure (the watch harvests every
+  // window; a round harvests once, so its count dies down as marks pile up, and before the
+  // migration nobody harvested at all); the other signals count in all windows.
   uint64_t dirty_valid_from_ns = 0;
 };
 

@@ -313,16 +313,16 @@ TEST(PolicyWatch, DirtyPagesCountOnlySinceHarvestingBeganTheOtherSignalsAlways) 
   EXPECT_EQ(a.varying_signals, 3u);
   EXPECT_EQ(d.kind, DecisionKind::kStop) << d.reason;
   EXPECT_NEAR(a.quiet_dirty_per_window, 0.5, 0.5) << "the dead windows do not count as quiet dirty windows";
-  // Ten windows of steady dirtying since harvesting began, nothing else going on: too little to
-  // call it steady; with 20 it is.
-  s = Series(300, [](size_t i, ActivityWindow* w) { w->dirty_pages = i >= 290 ? 200 : 0; });
+  // Five windows of steady dirtying since harvesting began, nothing else going on: too little to
+  // call it steady; with 10 (min_dirty_windows) it is.
+  s = Series(300, [](size_t i, ActivityWindow* w) { w->dirty_pages = i >= 295 ? 200 : 0; });
   m = W(s);
-  m.dirty_valid_from_ns = s.windows[290].start_ns;
+  m.dirty_valid_from_ns = s.windows[295].start_ns;
   d = DecideWatch(cfg, m, &a);
   EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
   EXPECT_EQ(a.varying_signals, 0u);
-  m.dirty_valid_from_ns = s.windows[280].start_ns;
-  for (size_t i = 280; i < 290; ++i) m.activity.windows[i].dirty_pages = 200;
+  m.dirty_valid_from_ns = s.windows[290].start_ns;
+  for (size_t i = 290; i < 295; ++i) m.activity.windows[i].dirty_pages = 200;
   EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
 }
 

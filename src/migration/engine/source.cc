@@ -632,9 +632,11 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     wm.elapsed_ms = MsFromNs(NowNs() - t_begin);
     wm.exposure_ms = MsFromNs(NowNs() - t_harvest);
     wm.activity = vm_->RecentActivity(history_windows);
-    // Pages "newly dirtied" count pages first written since the last harvest: before the rounds
-    // began nobody harvested and the count dies down as marks pile up.
-    wm.dirty_valid_from_ns = rounds_start_ns_;
+    // Pages "newly dirtied" count pages first written since the last harvest. Only the watch
+    // harvests every window: in a round's windows (one harvest per round) and before the
+    // migration the count dies down as marks pile up, which would look like lulls that a
+    // steady guest never has.
+    wm.dirty_valid_from_ns = t_begin;
     d = DecideWatch(policy_cfg_, wm, &lull);
     model = {{"held_over_pages", wm.link.remaining_pages},
              {"exposure_ms", wm.exposure_ms},
