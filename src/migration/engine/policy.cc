@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include <fmt/format.h>
 
@@ -113,14 +114,28 @@ Decision Decide(const PolicyConfig& cfg, const RoundMeasurement& m, PolicyState*
   return d;
 }
 
-LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, uint64_t dirty_valid_from_ns) {
+LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, uint64_t dirty_valid_from_ns,
+                             uint64_t disturbed_from_ns, uint64_t disturbed_to_ns) {
   LullAnalysis r;
   const double window_ms = static_cast<double>(a.window_ns) / 1e6;
   const size_t keep = window_ms > 0 ? static_cast<size_t>(cfg.history_ms / window_ms) : a.windows.size();
-  const size_t n = std::min(keep, a.windows.size());
+  // The history: the newest `keep` windows, less those the rounds disturbed. `gap` is the
+  // index of the first window after a left-out span (a busy run does not cross it).
+  std::vector<ActivityWindow> kept;
+  kept.reserve(std::min(keep, a.windows.size()));
+  size_t gap = SIZE_MAX;
+  for (size_t i = a.windows.size() - std::min(keep, a.windows.size()); i < a.windows.size(); ++i) {
+    const uint64_t t = a.windows[i].start_ns;
+    if (t >= disturbed_from_ns && t < disturbed_to_ns) {
+      gap = kept.size();
+      continue;
+    }
+    kept.push_back(a.windows[i]);
+  }
+  const size_t n = kept.size();
   r.windows = n;
   if (n == 0) return r;
-  const ActivityWindow* w = a.windows.data() + (a.windows.size() - n);
+  const ActivityWindow* w = kept.data();
   // Windows [first_dirty, n) have dirty-page figures.
   size_t first_dirty = 0;
   while (first_dirty < n && w[first_dirty].start_ns < dirty_valid_from_ns) ++first_dirty;
@@ -165,6 +180,7 @@ LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, u
   double quiet_dirty = 0;
   size_t quiet_with_dirty = 0;
   for (size_t i = 0; i < n; ++i) {
+    if (i == gap) busy_run = 0;
     if (quiet_window(i)) {
       ++r.quiet_windows;
       if (i >= first_dirty) quiet_dirty += value(i, 0), ++quiet_with_dirty;
@@ -182,7 +198,7 @@ LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, u
 }
 
 Decision DecideWatch(const PolicyConfig& cfg, const WatchMeasurement& m, LullAnalysis* out) {
-  const LullAnalysis a = AnalyzeActivity(cfg, m.activity, m.dirty_valid_from_ns);
+  const LullAnalysis a = AnalyzeActivity(cfg, m.activity, m.dirty_valid_from_ns, m.disturbed_from_ns, m.disturbed_to_ns);
   if (out) *out = a;
   const double window_ms = std::max(static_cast<double>(m.activity.window_ns) / 1e6, 1e-3);
   RoundMeasurement now = m.link;

@@ -18,7 +18,9 @@
 //      are that short) and the prediction is within the target, start watching (kWatch). Not converging (prediction over the target and no shrinking for
 //      `stall_rounds`, or `max_iterations`) follows `on_stall`: force | fail | continue.
 //   2. Watch (DecideWatch, every 10 ms window): the engine keeps the remaining set at its floor
-//      (harvest + send every window) and reads the VMM's activity series (vm_interface.h).
+//      (harvest + send every window) and reads the VMM's activity series (vm_interface.h):
+//      the guest's windows before the migration and those of the watch, not those of the
+//      rounds (their sending disturbs the vCPU; dirty-page figures count only in the watch).
 //      Each signal (dirty pages, instructions, packets, block requests) has a mean over the
 //      history; a window is quiet for a signal at <= quiet_fraction of its mean (plus a small
 //      floor). Only signals that vary - quiet in some spans of `lull_windows` windows and busy in
@@ -121,6 +123,12 @@ struct WatchMeasurement {
   // window; a round harvests once, so its count dies down as marks pile up, and before the
   // migration nobody harvested at all); the other signals count in all windows.
   uint64_t dirty_valid_from_ns = 0;
+  // Windows starting in [disturbed_from_ns, disturbed_to_ns) are left out for every signal: the
+  // migration's own rounds ran then, and on a host with few cores their sending starves the
+  // vCPU in some windows, which would look like lulls (and a varying signal) a steady guest
+  // never has. The windows before (the guest on its own) and since (the watch, which sends
+  // little) make the history.
+  uint64_t disturbed_from_ns = 0, disturbed_to_ns = 0;
 };
 
 // What the watch saw in the activity (for the decision's reason and the statistics).
@@ -134,7 +142,9 @@ struct LullAnalysis {
   double last_dirty_per_window = 0;   // dirty pages in the newest window
   double quiet_dirty_per_window = 0;  // mean dirty pages of the quiet windows
 };
-LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, uint64_t dirty_valid_from_ns = 0);
+// The windows in [disturbed_from_ns, disturbed_to_ns) are left out (see WatchMeasurement).
+LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, uint64_t dirty_valid_from_ns = 0,
+                             uint64_t disturbed_from_ns = 0, uint64_t disturbed_to_ns = 0);
 
 // Every activity window during the watch: kStop, kWatch (keep looking) or kIterate (back to
 // rounds). predicted_downtime_ms: a pause now (remaining pages + those dirtied during exposure

@@ -326,6 +326,50 @@ TEST(PolicyWatch, DirtyPagesCountOnlySinceHarvestingBeganTheOtherSignalsAlways) 
   EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
 }
 
+TEST(PolicyWatch, TheRoundsWindowsDoNotCountTheirStarvedVcpuIsNoLull) {
+  PolicyConfig cfg;
+  LullAnalysis a;
+  // A steady guest: 200 windows on its own, then 80 windows of rounds in which the migration's
+  // sending starved the vCPU in runs of 4 windows out of 8, then 20 windows of the watch.
+  ActivitySeries s = Series(300, [](size_t i, ActivityWindow* w) {
+    const bool starved = i >= 200 && i < 280 && i / 4 % 2 == 0;
+    w->instructions = starved ? 10'000 : 1'700'000;
+    w->net_packets = starved ? 0 : 20;
+    w->dirty_pages = 280 + i % 7;
+  });
+  WatchMeasurement m = W(s, 200);
+  m.dirty_valid_from_ns = s.windows[280].start_ns;
+  // Counted, the starved windows make the instructions vary: the watch waits for a lull that
+  // never comes.
+  Decision d = DecideWatch(cfg, m, &a);
+  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
+  EXPECT_TRUE(a.varying_signals & 2);
+  // Left out, the guest is steady: stop.
+  m.disturbed_from_ns = s.windows[200].start_ns;
+  m.disturbed_to_ns = s.windows[280].start_ns;
+  d = DecideWatch(cfg, m, &a);
+  EXPECT_EQ(d.kind, DecisionKind::kStop) << d.reason;
+  EXPECT_EQ(a.varying_signals, 0u);
+  EXPECT_EQ(a.windows, 220u);
+  EXPECT_EQ(a.dirty_windows, 20u);
+  EXPECT_NE(d.reason.find("steady"), std::string::npos) << d.reason;
+}
+
+TEST(PolicyWatch, ABurstyGuestStillShowsItsBurstsBeforeTheRounds) {
+  PolicyConfig cfg;
+  LullAnalysis a;
+  // Bursts before the migration, the rounds left out, the watch 10 windows into a burst: wait.
+  ActivitySeries s = Bursty(330);
+  WatchMeasurement m = W(s, 100);
+  m.disturbed_from_ns = s.windows[200].start_ns;
+  m.disturbed_to_ns = s.windows[320].start_ns;
+  m.dirty_valid_from_ns = m.disturbed_to_ns;
+  Decision d = DecideWatch(cfg, m, &a);
+  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
+  EXPECT_TRUE(a.varying_signals & 2) << "instructions vary";
+  EXPECT_NEAR(a.longest_busy_ms, 200, 0.1) << "no busy run across the left-out span";
+}
+
 TEST(PolicyWatch, WaitsForALullOnlyAsLongAsTheHistorySuggests) {
   PolicyConfig cfg;
   // Busy runs of 200 ms: wait up to 1.5 x 200 + 20 = 320 ms.

@@ -637,6 +637,8 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     // migration the count dies down as marks pile up, which would look like lulls that a
     // steady guest never has.
     wm.dirty_valid_from_ns = t_begin;
+    wm.disturbed_from_ns = rounds_start_ns_;
+    wm.disturbed_to_ns = t_begin;
     d = DecideWatch(policy_cfg_, wm, &lull);
     model = {{"held_over_pages", wm.link.remaining_pages},
              {"exposure_ms", wm.exposure_ms},
