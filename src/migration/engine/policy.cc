@@ -160,16 +160,22 @@ LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, u
     threshold[sig] = cfg.quiet_fraction * sum / static_cast<double>(m) + kFloor[sig];
     // Varying: over spans as long as a lull (sums of lull_windows windows, so activity the VMM
     // handles in batches - packets between two vCPU slices - is not mistaken for bursts),
-    // quiet in at least 5% and busy in at least 5% of the spans.
+    // quiet in at least 5% and busy in at least 5% of the spans, and at least once quiet right
+    // after being busy: activity that stopped once may stop again. A step up (a client began
+    // sending, a workload started) is not a burst: no lull followed it.
     const size_t span = std::clamp<size_t>(cfg.lull_windows, 1, m);
     const double span_threshold = cfg.quiet_fraction * sum * static_cast<double>(span) / static_cast<double>(m) + kFloor[sig];
-    size_t quiet = 0, spans = 0;
+    size_t quiet = 0, spans = 0, falls = 0;
+    bool was_busy = false;
     for (size_t i = from; i + span <= n; ++i, ++spans) {
       double v = 0;
       for (size_t k = 0; k < span; ++k) v += value(i + k, sig);
-      quiet += v <= span_threshold;
+      const bool q = v <= span_threshold;
+      quiet += q;
+      falls += q && was_busy;
+      was_busy = !q;
     }
-    if (quiet * 20 >= spans && (spans - quiet) * 20 >= spans) r.varying_signals |= 1u << sig;
+    if (quiet * 20 >= spans && (spans - quiet) * 20 >= spans && falls > 0) r.varying_signals |= 1u << sig;
   }
   auto quiet_window = [&](size_t i) {
     for (int sig = 0; sig < 4; ++sig)
@@ -185,10 +191,11 @@ LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, u
       ++r.quiet_windows;
       if (i >= first_dirty) quiet_dirty += value(i, 0), ++quiet_with_dirty;
       ++r.trailing_quiet;
+      longest_busy = std::max(longest_busy, busy_run);  // a busy run that ended in a lull
       busy_run = 0;
     } else {
       r.trailing_quiet = 0;
-      longest_busy = std::max(longest_busy, ++busy_run);
+      ++busy_run;
     }
   }
   r.longest_busy_ms = static_cast<double>(longest_busy) * window_ms;

@@ -24,7 +24,8 @@
 //      Each signal (dirty pages, instructions, packets, block requests) has a mean over the
 //      history; a window is quiet for a signal at <= quiet_fraction of its mean (plus a small
 //      floor). Only signals that vary - quiet in some spans of `lull_windows` windows and busy in
-//      others (spans, so that work the VMM does in batches is not taken for bursts) - tell a
+//      others (spans, so that work the VMM does in batches is not taken for bursts), and quiet
+//      at least once after busy (a step up is no burst) - tell a
 //      lull from a burst; steady and absent signals are ignored. A window is quiet when
 //      every varying signal is. Then:
 //        - the last `lull_windows` windows quiet: stop now (a lull: fewest pages dirtied since
@@ -32,7 +33,7 @@
 //        - no varying signal (steady or idle activity) in a history of at least
 //          min_dirty_windows windows with dirty-page figures: no lull will come; the set is at
 //          its floor after the first watched window, stop (with less history: keep watching);
-//        - else wait for a lull, at most 1.5x the longest busy run in the history (bounded by
+//        - else wait for a lull, at most 1.5x the longest busy run that ended in the history (bounded by
 //          max_watch_ms); past that, stop anyway;
 //      but only with the prediction within the target; past the budget with a prediction over
 //      it, go back to rounds (kIterate).
@@ -138,7 +139,7 @@ struct LullAnalysis {
   size_t dirty_windows = 0;       // of those, with a dirty-page figure
   size_t quiet_windows = 0;       // of those, quiet
   size_t trailing_quiet = 0;      // quiet windows at the end, newest last
-  double longest_busy_ms = 0;     // longest run of non-quiet windows in the history
+  double longest_busy_ms = 0;     // longest run of non-quiet windows that ended in a quiet one
   double last_dirty_per_window = 0;   // dirty pages in the newest window
   double quiet_dirty_per_window = 0;  // mean dirty pages of the quiet windows
 };

@@ -355,6 +355,30 @@ TEST(PolicyWatch, TheRoundsWindowsDoNotCountTheirStarvedVcpuIsNoLull) {
   EXPECT_NE(d.reason.find("steady"), std::string::npos) << d.reason;
 }
 
+TEST(PolicyWatch, AStepUpIsNoBurst) {
+  PolicyConfig cfg;
+  LullAnalysis a;
+  // A client began sending 1 s ago (packets and instructions stepped up) and has not stopped:
+  // no lull followed any activity, so none is waited for.
+  ActivitySeries s = Series(300, [](size_t i, ActivityWindow* w) {
+    const bool probed = i >= 200;
+    w->instructions = probed ? 1'700'000 : 300'000;
+    w->net_packets = probed ? 20 : 0;
+    w->dirty_pages = 280 + i % 7;
+  });
+  WatchMeasurement m = W(s, 200);
+  m.dirty_valid_from_ns = s.windows[280].start_ns;
+  Decision d = DecideWatch(cfg, m, &a);
+  EXPECT_EQ(d.kind, DecisionKind::kStop) << d.reason;
+  EXPECT_EQ(a.varying_signals, 0u);
+  // The same client stopping for 100 ms once, 300 ms ago: it may again, wait.
+  for (size_t i = 250; i < 260; ++i) m.activity.windows[i].net_packets = 0, m.activity.windows[i].instructions = 300'000;
+  d = DecideWatch(cfg, m, &a);
+  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
+  EXPECT_EQ(a.varying_signals, 4u) << "packets (the instructions stay above a quarter of their mean)";
+  EXPECT_NEAR(a.longest_busy_ms, 500, 0.1) << "the busy run before that lull; the ongoing one has not ended";
+}
+
 TEST(PolicyWatch, ABurstyGuestStillShowsItsBurstsBeforeTheRounds) {
   PolicyConfig cfg;
   LullAnalysis a;

@@ -653,6 +653,7 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
       predicted_downtime_ms_ = d.predicted_downtime_ms;
       remaining_pages_ = wm.link.remaining_pages;
     }
+    spdlog::debug("migration: watch look {} at {:.1f} ms: {} ({})", ticks, wm.elapsed_ms, DecisionName(d.kind), d.reason);
     if (d.kind != DecisionKind::kWatch) break;
   }
   const EncodeTally t = pool_->tally();
