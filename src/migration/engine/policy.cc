@@ -226,7 +226,13 @@ Decision DecideWatch(const PolicyConfig& cfg, const WatchMeasurement& m, LullAna
     return d;
   }
   d.kind = DecisionKind::kStop;
-  if (a.windows == 0) {
+  if (m.exposure_ms > 2 * window_ms && m.elapsed_ms < cfg.max_watch_ms) {
+    // A long look (the first sends what the rounds held back): what the guest dirtied meanwhile
+    // is not at its floor yet; the next look, on time, sends a window's worth.
+    d.kind = DecisionKind::kWatch;
+    d.reason = fmt::format("the last look took {:.0f} ms: one more look to bring the set to its floor (predicted now {:.1f} ms; {})",
+                           m.exposure_ms, d.predicted_downtime_ms, seen);
+  } else if (a.windows == 0) {
     d.reason = fmt::format("no activity series from the VMM: stopping at the floor (predicted {:.1f} ms)", d.predicted_downtime_ms);
   } else if (a.varying_signals == 0 && a.dirty_windows < cfg.min_dirty_windows && m.elapsed_ms < cfg.max_watch_ms) {
     d.kind = DecisionKind::kWatch;

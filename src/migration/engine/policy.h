@@ -35,8 +35,11 @@
 //          its floor after the first watched window, stop (with less history: keep watching);
 //        - else wait for a lull, at most 1.5x the longest busy run that ended in the history (bounded by
 //          max_watch_ms); past that, stop anyway;
-//      but only with the prediction within the target; past the budget with a prediction over
-//      it, go back to rounds (kIterate).
+//      but only with the prediction within the target and after a short look (at most two
+//      windows since its harvest: the first look sends what the rounds held back and may take
+//      long, and what was dirtied meanwhile is not at its floor yet); past the budget with a
+//      prediction over it, go back to rounds (kIterate). Dirty-page figures count from the
+//      second look's harvest.
 //
 // Decisions:
 //   kIterate   send another round;

@@ -355,6 +355,27 @@ TEST(PolicyWatch, TheRoundsWindowsDoNotCountTheirStarvedVcpuIsNoLull) {
   EXPECT_NE(d.reason.find("steady"), std::string::npos) << d.reason;
 }
 
+TEST(PolicyWatch, StopsOnlyAfterAShortLook) {
+  PolicyConfig cfg;
+  // Steady, within the target, but the last look took 120 ms (it sent the held-back hot pages):
+  // what the guest dirtied meanwhile is not at its floor; one more look first.
+  ActivitySeries s = Series(300, [](size_t i, ActivityWindow* w) {
+    w->dirty_pages = 280 + i % 7;
+    w->instructions = 1'700'000;
+  });
+  WatchMeasurement m = W(s, 130);
+  m.exposure_ms = 120;
+  Decision d = DecideWatch(cfg, m);
+  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
+  EXPECT_NE(d.reason.find("one more look"), std::string::npos) << d.reason;
+  m.exposure_ms = 3;
+  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
+  // Never past max_watch_ms.
+  m.exposure_ms = 120;
+  m.elapsed_ms = cfg.max_watch_ms;
+  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
+}
+
 TEST(PolicyWatch, AStepUpIsNoBurst) {
   PolicyConfig cfg;
   LullAnalysis a;

@@ -590,7 +590,7 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
   const EncodeTally before = pool_->tally();
   const size_t history_windows = static_cast<size_t>(policy_cfg_.history_ms / kActivityWindowMs);
   PageBitmap dirty, freed;
-  uint64_t ticks = 0, pages = 0;
+  uint64_t ticks = 0, pages = 0, dirty_from_ns = 0;
   Decision d;
   LullAnalysis lull;
   nlohmann::json model;  // the prediction's inputs at the last look
@@ -636,7 +636,10 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     // harvests every window: in a round's windows (one harvest per round) and before the
     // migration the count dies down as marks pile up, which would look like lulls that a
     // steady guest never has.
-    wm.dirty_valid_from_ns = t_begin;
+    // The first look harvests the round's marks and may take long (it sends what the rounds
+    // held back); figures count from the second look's harvest, when looks come every window.
+    if (ticks == 1) dirty_from_ns = t_harvest;
+    wm.dirty_valid_from_ns = ticks >= 1 ? dirty_from_ns : UINT64_MAX;
     wm.disturbed_from_ns = rounds_start_ns_;
     wm.disturbed_to_ns = t_begin;
     d = DecideWatch(policy_cfg_, wm, &lull);
