@@ -37,6 +37,12 @@ double PredictDowntimeMs(const RoundMeasurement& m) {
   return bytes * 1000.0 / bw + 2.0 * std::max(m.rtt_ms, 0.0) + std::max(m.fixed_ms, 0.0);
 }
 
+double PredictPostcopySwitchMs(const RoundMeasurement& m, uint64_t missing_pages) {
+  RoundMeasurement none = m;
+  none.remaining_pages = 0;
+  return PredictDowntimeMs(none) + static_cast<double>(missing_pages) * kDropUsPerMissingPage / 1000.0;
+}
+
 Decision Decide(const PolicyConfig& cfg, const RoundMeasurement& m, PolicyState* st) {
   Decision d;
   d.predicted_downtime_ms = PredictDowntimeMs(m);
@@ -226,12 +232,14 @@ Decision DecideWatch(const PolicyConfig& cfg, const WatchMeasurement& m, LullAna
     return d;
   }
   d.kind = DecisionKind::kStop;
-  if (m.exposure_ms > 2 * window_ms && m.elapsed_ms < cfg.max_watch_ms) {
-    // A long look (the first sends what the rounds held back): what the guest dirtied meanwhile
-    // is not at its floor yet; the next look, on time, sends a window's worth.
+  // A long look (the first sends what the rounds held back, the next ones what was dirtied
+  // meanwhile): the set is not at its floor while looks still get shorter.
+  const bool shrinking = m.previous_exposure_ms <= 0 || m.exposure_ms < 0.8 * m.previous_exposure_ms;
+  if (m.exposure_ms > window_ms && shrinking && m.elapsed_ms < cfg.max_watch_ms) {
     d.kind = DecisionKind::kWatch;
-    d.reason = fmt::format("the last look took {:.0f} ms: one more look to bring the set to its floor (predicted now {:.1f} ms; {})",
-                           m.exposure_ms, d.predicted_downtime_ms, seen);
+    d.reason = fmt::format("the last look took {:.1f} ms (the one before {:.1f} ms): one more look to bring the set to its floor "
+                           "(predicted now {:.1f} ms; {})",
+                           m.exposure_ms, m.previous_exposure_ms, d.predicted_downtime_ms, seen);
   } else if (a.windows == 0) {
     d.reason = fmt::format("no activity series from the VMM: stopping at the floor (predicted {:.1f} ms)", d.predicted_downtime_ms);
   } else if (a.varying_signals == 0 && a.dirty_windows < cfg.min_dirty_windows && m.elapsed_ms < cfg.max_watch_ms) {

@@ -35,9 +35,10 @@
 //          its floor after the first watched window, stop (with less history: keep watching);
 //        - else wait for a lull, at most 1.5x the longest busy run that ended in the history (bounded by
 //          max_watch_ms); past that, stop anyway;
-//      but only with the prediction within the target and after a short look (at most two
-//      windows since its harvest: the first look sends what the rounds held back and may take
-//      long, and what was dirtied meanwhile is not at its floor yet); past the budget with a
+//      but only with the prediction within the target and with the set at its floor: the
+//      last look took at most a window from its harvest, or no longer got shorter by 20% (the
+//      first look sends what the rounds held back and may take long; what was dirtied meanwhile
+//      goes in the next, shorter ones); past the budget with a
 //      prediction over it, go back to rounds (kIterate). Dirty-page figures count from the
 //      second look's harvest.
 //
@@ -113,6 +114,14 @@ struct PolicyState {
 };
 
 double PredictDowntimeMs(const RoundMeasurement& m);
+// The pause of a switch to post-copy with `missing_pages` not yet on the destination: no pages
+// move in it, but the state does (and the round trips and fixed costs as above), and the
+// destination drops its stale copies of the missing pages before it registers them for faults.
+// That costs about kDropUsPerMissingPage per page (measured: ~20 ms for 20k scattered pages of a
+// memfd, one madvise(MADV_REMOVE) per run, on the 2-core benchmark machine; an estimate, not a
+// measurement of the destination at hand).
+inline constexpr double kDropUsPerMissingPage = 1.0;
+double PredictPostcopySwitchMs(const RoundMeasurement& m, uint64_t missing_pages);
 // At the end of a round: iterate, watch, stop (forced), fail, throttle or post-copy.
 Decision Decide(const PolicyConfig& cfg, const RoundMeasurement& m, PolicyState* state);
 
@@ -122,6 +131,7 @@ struct WatchMeasurement {
                                 //   pages still pending after this window's send (held over)
   double elapsed_ms = 0;        // since the watch began
   double exposure_ms = 0;       // from the last harvest to a pause now (pages dirtied meanwhile join the pause)
+  double previous_exposure_ms = 0;  // the look before's (0: this is the first look)
   ActivitySeries activity;      // the VMM's recent windows, newest last (the history)
   // Windows starting before this carry no comparable dirty-page figure (the watch harvests every
   // window; a round harvests once, so its count dies down as marks pile up, and before the

@@ -355,6 +355,16 @@ TEST(PolicyWatch, TheRoundsWindowsDoNotCountTheirStarvedVcpuIsNoLull) {
   EXPECT_NE(d.reason.find("steady"), std::string::npos) << d.reason;
 }
 
+TEST(Policy, APostcopySwitchPausesForTheStateAndTheDropNotThePages) {
+  RoundMeasurement m = M(3, 20000, 4096, 125e6);
+  m.state_bytes = 2048;
+  m.rtt_ms = 0.25;
+  m.fixed_ms = 0.5;
+  // 2 KiB at 125 MB/s + 2 RTT + fixed + 20k pages x 1 us.
+  EXPECT_NEAR(PredictPostcopySwitchMs(m, 20000), 0.016 + 0.5 + 0.5 + 20.0, 0.01);
+  EXPECT_LT(PredictPostcopySwitchMs(m, 20000), PredictDowntimeMs(m) / 10);
+}
+
 TEST(PolicyWatch, StopsOnlyAfterAShortLook) {
   PolicyConfig cfg;
   // Steady, within the target, but the last look took 120 ms (it sent the held-back hot pages):
@@ -369,6 +379,14 @@ TEST(PolicyWatch, StopsOnlyAfterAShortLook) {
   EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
   EXPECT_NE(d.reason.find("one more look"), std::string::npos) << d.reason;
   m.exposure_ms = 3;
+  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
+  // Looks of 120 -> 47 -> 18 ms: still shrinking, one more; 18 -> 16 ms: at the floor (a guest
+  // that dirties more than a window can carry), stop.
+  m.previous_exposure_ms = 47;
+  m.exposure_ms = 18;
+  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kWatch);
+  m.previous_exposure_ms = 18;
+  m.exposure_ms = 16;
   EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
   // Never past max_watch_ms.
   m.exposure_ms = 120;

@@ -77,7 +77,8 @@ Result<std::unique_ptr<PostcopyRam>> PostcopyRam::Start(const RamView& ram, cons
     return Errorf(ErrorCode::kInvalidArgument, "post-copy: missing-page bitmap does not match RAM");
   std::unique_ptr<PostcopyRam> r(new PostcopyRam(ram, missing, std::move(request)));
   // Drop our copies of the missing pages, in runs.
-  const uint64_t pages = r->pages_;
+  const uint64_t pages = r->pages_, t_drop = NowNs();
+  uint64_t runs = 0, dropped = 0;
   for (uint64_t p = 0; p < pages;) {
     if (!r->IsMissing(p)) {
       ++p;
@@ -89,8 +90,11 @@ Result<std::unique_ptr<PostcopyRam>> PostcopyRam::Start(const RamView& ram, cons
     const size_t len = (q - p) * kWirePageSize;
     if (madvise(at, len, MADV_REMOVE) != 0 && madvise(at, len, MADV_DONTNEED) != 0)
       return Errorf(ErrorCode::kIo, "post-copy: drop pages {}..{}: {}", p, q, std::strerror(errno));
+    dropped += q - p;
+    ++runs;
     p = q;
   }
+  spdlog::info("post-copy: dropped {} stale pages in {} runs in {:.1f} ms", dropped, runs, MsFromNs(NowNs() - t_drop));
   r->uffd_ = OpenUffd();
   if (r->uffd_ < 0) return Errorf(ErrorCode::kUnsupported, "post-copy: userfaultfd: {}", std::strerror(errno));
   uffdio_api api{};

@@ -591,6 +591,7 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
   const size_t history_windows = static_cast<size_t>(policy_cfg_.history_ms / kActivityWindowMs);
   PageBitmap dirty, freed;
   uint64_t ticks = 0, pages = 0, dirty_from_ns = 0;
+  double previous_exposure_ms = 0;
   Decision d;
   LullAnalysis lull;
   nlohmann::json model;  // the prediction's inputs at the last look
@@ -630,7 +631,8 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     if (watch_pages > 0) wm.link.wire_bytes_per_page = static_cast<double>(watch_bytes) / static_cast<double>(watch_pages);
     wm.link.remaining_pages = scheduler_->pending();
     wm.elapsed_ms = MsFromNs(NowNs() - t_begin);
-    wm.exposure_ms = MsFromNs(NowNs() - t_harvest);
+    wm.previous_exposure_ms = previous_exposure_ms;
+    wm.exposure_ms = previous_exposure_ms = MsFromNs(NowNs() - t_harvest);
     wm.activity = vm_->RecentActivity(history_windows);
     // Pages "newly dirtied" count pages first written since the last harvest. Only the watch
     // harvests every window: in a round's windows (one harvest per round) and before the
@@ -814,6 +816,13 @@ Result<SourceMigration::Phase> SourceMigration::Postcopy() {
   // Pages known to be zero or free cost nothing to send: they go now, as runs. The rest is missing.
   std::vector<PageRun> nodata;
   pc_missing_count_ = scheduler_->TakeAllPending(&pc_missing_, &nodata, 1u << 16);
+  {
+    // What a post-copy switch pauses for (not the pre-copy prediction that led here).
+    const double predicted = PredictPostcopySwitchMs(LinkMeasurement(), pc_missing_count_);
+    std::lock_guard<std::mutex> l(stats_mu_);
+    predicted_downtime_ms_ = predicted;
+    expected_downtime_ms_ = predicted;
+  }
   for (size_t i = 0; i < nodata.size(); i += kBatchEntries) {
     Batch b;
     b.runs.assign(nodata.begin() + static_cast<ptrdiff_t>(i), nodata.begin() + static_cast<ptrdiff_t>(std::min(nodata.size(), i + kBatchEntries)));
