@@ -491,10 +491,14 @@ def qemu_result(info, cancelled, wall, last_rate, timeout_s):
     error = info.get("error-desc") or (f"not converged within {timeout_s} s (cancelled)" if cancelled else None)
     if not completed and not error:
         error = f"status {status} after {wall:.0f} s"
-    return {"total_ms": info.get("total-time", wall * 1000), "downtime_ms": info.get("downtime"),
-            "converged": completed, "completed": completed, "iterations": ram.get("dirty-sync-count"),
-            "transferred_bytes": ram.get("transferred"), "qemu_ram": ram, "migration_dirty_rate": last_rate,
-            "error": error}
+    total, downtime = info.get("total-time", wall * 1000), info.get("downtime")
+    res = {"total_ms": total, "downtime_ms": downtime, "converged": completed, "completed": completed,
+           "iterations": ram.get("dirty-sync-count"), "transferred_bytes": ram.get("transferred"), "qemu_ram": ram,
+           "migration_dirty_rate": last_rate, "error": error}
+    if downtime is not None and downtime > total:
+        # QEMU 7.2 after migrate-start-postcopy sometimes reports the host's uptime (a pause never started)
+        res.update({"downtime_ms": None, "qemu_downtime_invalid": downtime})
+    return res
 
 
 # ---------------------------------------------------------------- the run matrix
