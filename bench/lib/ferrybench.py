@@ -9,10 +9,12 @@ TAP (fmqsrc); the guest is GUEST_IP and answers UDP echo on port 7; a 1 kHz UDP 
                    (fmqva in A, fmqvb in B) joins the two bridges and carries migration and guest traffic,
                    with a tbf qdisc (1 Gbit/s) on both ends; wire bytes are fmqva's tx counter.
 Also: starting Ferry and QEMU source/destination VMMs with the same guest, the QMP client, the probe,
-one Ferry (`ferry migrate --json`) or QEMU (QMP `migrate`, cancelled after a timeout) migration, and
-small helpers (/proc CPU time, waiting for console text, medians).
+one Ferry (`ferry migrate --json`) or QEMU (QMP `migrate`, cancelled after a timeout, optionally switched to
+post-copy) migration and the figures both benchmarks keep of it, guest console helpers (memverify, cpubench
+scores timestamped as they appear, guest slowdown), the run matrix (one JSON line per run, failures kept), and
+report helpers (number format, QEMU's best per metric, the acceptance table, the bar chart grid).
 """
-import json, os, re, signal, socket, statistics, subprocess, time
+import json, math, os, re, signal, socket, statistics, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(ROOT, "build/bin")
@@ -21,6 +23,14 @@ INITRD = os.path.join(ROOT, "build/guest/initramfs.cpio")
 NS_A, NS_B = "fmq-a", "fmq-b"
 GUEST_IP, MAC = "10.77.0.2", "52:54:00:4d:51:01"
 PORT = 7400  # migration port on the destination
+# The setup both benchmarks share: guest RAM, Ferry's channels, the downtime limit for both VMMs, how long a QEMU
+# pre-copy may run before it is cancelled, and the bandwidth given to the VMMs per link (loopback: 1 Gbit/s in
+# the VMMs; tbf: the link itself is 1 Gbit/s, so no cap, but QEMU needs a number: its default is 32 MiB/s).
+MEM = "512M"
+CHANNELS, DOWNTIME_MS = 4, 300
+QEMU_TIMEOUT_S = 30
+LINK_CAP = {"loopback": 125000000, "tbf": None}  # bytes/s given to the VMMs; None: no cap
+QEMU_UNCAPPED = 10 * 1024 ** 3
 
 
 def use_build(build_dir):
@@ -268,16 +278,112 @@ def ferry_balloon_metrics(vmm):
     return None
 
 
-def guest_meminfo(vmm, timeout=10):
-    """Types `status` on the guest console and returns the guest's meminfo line as a dict of kB values
-    (total_kb, free_kb, available_kb, used_kb), or None. Needs console_input."""
+def console_command(vmm, command, pattern, timeout):
+    """Types `command` on the guest console (needs console_input) and returns the last match of `pattern` (a
+    regex; end it with \\n so that a line still being written does not match) in what the console printed after
+    it, or None after `timeout` seconds."""
     start = len(read_text(vmm.console))
-    vmm.send("status")
-    pat = r"meminfo total_kb=(-?\d+) free_kb=(-?\d+) available_kb=(-?\d+) used_kb=(-?\d+)"
-    if not wait_file(vmm.console, pat, timeout, start):
+    vmm.send(command)
+    if not wait_file(vmm.console, pattern, timeout, start):
         return None
-    m = re.findall(pat, read_text(vmm.console)[start:])[-1]
-    return dict(zip(("total_kb", "free_kb", "available_kb", "used_kb"), map(int, m)))
+    return list(re.finditer(pattern, read_text(vmm.console)[start:]))[-1]
+
+
+def guest_meminfo(vmm, timeout=10):
+    """The guest's meminfo line (console command `status`) as a dict of kB values (total_kb, free_kb,
+    available_kb, used_kb), or None. Needs console_input."""
+    m = console_command(vmm, "status", r"meminfo total_kb=(-?\d+) free_kb=(-?\d+) available_kb=(-?\d+) used_kb=(-?\d+)\r?\n",
+                        timeout)
+    return dict(zip(("total_kb", "free_kb", "available_kb", "used_kb"), map(int, m.groups()))) if m else None
+
+
+def memverify(vmm, timeout=60):
+    """memdirty's answer to the console command `memverify`, "memverify ok pages=N" or "memverify FAIL ...", or
+    "no answer in TIMEOUT s". Needs console_input."""
+    m = console_command(vmm, "memverify", r"memverify (ok|FAIL)[^\n]*\n", timeout)
+    return m.group(0).strip() if m else f"no answer in {timeout} s"
+
+
+def guest_netstat(vmm, timeout=5):
+    """The guest's network counters (console command `netstat`) as a dict, or None. Needs console_input."""
+    m = console_command(vmm, "netstat", r"netstat ((?:\w+=-?\d+ ?)+)\r?\n", timeout)
+    return {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())} if m else None
+
+
+def tap_counters(link, role):
+    """Host-side counters of the source's or destination's TAP (tx: frames the host handed to the VMM)."""
+    dev, nsname = ("fmqsrc", NS_A) if role == "src" else ("fmqdst", dest_ns(link))
+    return {k: int(sh(f"ip netns exec {nsname} cat /sys/class/net/{dev}/statistics/{k}", check=False).strip() or -1)
+            for k in ("tx_packets", "tx_dropped", "rx_packets")}
+
+
+CPUBENCH_SCORE = r"cpubench score=(\d+) units/s seq=(\d+)"  # guest/src/cpubench.c with every_ms=
+
+
+class ConsoleWatch:
+    """Timestamps guest console lines as they appear: a thread reads the console files every `period` s and keeps
+    (host time.monotonic(), regex match) for each new complete line that matches `pattern`. Several files, because
+    after a migration the guest prints on the destination's console. What a file holds when the watch starts is
+    skipped (its arrival time is unknown)."""
+
+    def __init__(self, paths, pattern=CPUBENCH_SCORE, period=0.02):
+        self.paths, self.pattern, self.period = list(paths), re.compile(pattern), period
+        self.samples = []
+        self._pos = [os.path.getsize(p) if os.path.exists(p) else 0 for p in self.paths]
+        self._rest = [b""] * len(self.paths)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _poll(self):
+        for i, path in enumerate(self.paths):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self._pos[i])
+                    data = f.read()
+            except OSError:
+                continue
+            now = time.monotonic()
+            self._pos[i] += len(data)
+            *lines, self._rest[i] = (self._rest[i] + data).split(b"\n")
+            for line in lines:
+                m = self.pattern.search(line.decode(errors="replace"))
+                if m:
+                    self.samples.append((now, m))
+
+    def _run(self):
+        while not self._stop.wait(self.period):
+            self._poll()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+        return self.samples
+
+
+def guest_slowdown(scores, t0, t1, every_s, before_s=3.0):
+    """How much a migration from host time t0 to t1 slowed the guest, from cpubench's per-interval scores
+    (`scores`: (arrival time, score) pairs, e.g. from a ConsoleWatch). before: the median score of the lines that
+    arrived in the before_s seconds before t0. during: the lines whose interval (arrival - every_s .. arrival)
+    overlaps t0..t1. slowdown = 1 - their mean / before, worst = 1 - their minimum / before (scores are per
+    second of the guest's clock). wall = 1 - their work (score x every_s each) / (before x the host time they
+    span), which also counts time in which the guest did not run and that its clock did not see."""
+    before = [s for t, s in scores if t0 - before_s <= t < t0]
+    during = [(t, s) for t, s in scores if t > t0 and t - every_s < t1]
+    r = {"score_before": statistics.median(before) if before else None, "samples_before": len(before),
+         "samples_during": len(during), "score_during_mean": None, "score_during_min": None,
+         "slowdown": None, "slowdown_worst": None, "slowdown_wall": None}
+    if during:
+        r["score_during_mean"] = statistics.mean(s for _, s in during)
+        r["score_during_min"] = min(s for _, s in during)
+    b = r["score_before"]
+    if b and during:
+        span = during[-1][0] - (during[0][0] - every_s)
+        r["slowdown"] = 1 - r["score_during_mean"] / b
+        r["slowdown_worst"] = 1 - r["score_during_min"] / b
+        r["slowdown_wall"] = 1 - sum(s for _, s in during) * every_s / (b * span)
+    return r
 
 
 def ferry_memfd_nonzero_pages(pid, page=4096):
@@ -322,21 +428,234 @@ def ferry_migrate(src, link, migrate_args, timeout=300):
     return st, r.returncode, wall, cpu
 
 
-def qemu_migrate(qs, src, link, timeout_s):
-    """QMP migrate on the source; polls query-migrate; cancels after timeout_s. Returns (last info,
-    cancelled, wall seconds, source CPU seconds, dirty-pages-rate seen last while active)."""
+# What the benchmarks keep of `ferry migrate --json` (see docs/ARCHITECTURE.md and the migration status object).
+FERRY_FIELDS = ("total_ms", "downtime_ms", "predicted_downtime_ms", "stop", "iterations", "transferred_bytes",
+                "resent_bytes", "pages_by_encoding", "source_cpu_ms", "codec", "downtime_phases", "history", "error",
+                "mode", "postcopy_ms", "postcopy_pages", "recoveries", "throttle_max_pct", "demand_faults",
+                "fault_latency_ms")
+
+
+def ferry_result(st, rc):
+    """The figures of one Ferry migration (ferry_migrate's status dict and exit code) as a row's fields."""
+    completed = rc == 0 and st.get("status") == "completed"
+    res = {k: st.get(k) for k in FERRY_FIELDS}
+    res.update({"completed": completed, "converged": bool(completed and st.get("converged"))})
+    return res
+
+
+def qemu_prepare(qs, qd, link, caps, params, max_bandwidth, downtime_ms):
+    """Sets the capabilities `caps` and parameters `params` on both QEMUs (QMP clients qs, qd), the source's
+    max-bandwidth and downtime-limit, and lets the destination listen (migrate-incoming)."""
+    for q in (qs, qd):
+        if caps:
+            q.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps])
+        if params:
+            q.cmd("migrate-set-parameters", **params)
+    qs.cmd("migrate-set-parameters", **{"max-bandwidth": max_bandwidth, "downtime-limit": downtime_ms})
+    qd.cmd("migrate-incoming", uri=f"tcp:{dest_ip(link)}:{PORT}")
+
+
+def qemu_migrate(qs, src, link, timeout_s, postcopy_after_s=None):
+    """QMP migrate on the source; polls query-migrate. postcopy_after_s: `migrate-start-postcopy` once the
+    migration has been running that long and is still a pre-copy (needs capability postcopy-ram on both sides).
+    A pre-copy still running after timeout_s is cancelled; a post-copy cannot be (the guest runs on the
+    destination): it is waited for up to timeout_s + 120 s in all, then given up (status postcopy-active).
+    Returns (last info, cancelled, wall seconds, source CPU seconds, dirty-pages-rate seen last while active,
+    seconds after migrate at which post-copy was started or None)."""
     cpu0, t0 = cpu_seconds(src.pid), time.monotonic()
     qs.cmd("migrate", uri=f"tcp:{dest_ip(link)}:{PORT}")
-    info, cancelled, last_rate = {}, False, None
+    info, cancelled, last_rate, postcopy_at = {}, False, None, None
     while True:
         info = qs.cmd("query-migrate")
-        if info.get("status") == "active" and info.get("ram", {}).get("dirty-pages-rate"):
+        status, elapsed = info.get("status"), time.monotonic() - t0
+        if status == "active" and info.get("ram", {}).get("dirty-pages-rate"):
             last_rate = info["ram"]["dirty-pages-rate"]
-        if info.get("status") in ("completed", "failed", "cancelled"):
+        if status in ("completed", "failed", "cancelled") or elapsed > timeout_s + 120:
             break
-        if time.monotonic() - t0 > timeout_s and not cancelled:
+        if status == "active" and postcopy_after_s is not None and postcopy_at is None and elapsed >= postcopy_after_s:
+            qs.cmd("migrate-start-postcopy")
+            postcopy_at = elapsed
+        if status == "active" and elapsed > timeout_s and not cancelled:
             qs.cmd("migrate_cancel")
             cancelled = True
         time.sleep(0.02)
     wall = time.monotonic() - t0
-    return info, cancelled, wall, cpu_seconds(src.pid) - cpu0, last_rate
+    return info, cancelled, wall, cpu_seconds(src.pid) - cpu0, last_rate, postcopy_at
+
+
+def qemu_result(info, cancelled, wall, last_rate, timeout_s):
+    """The figures of one QEMU migration (qemu_migrate's results) as a row's fields, named as Ferry's."""
+    status = info.get("status")
+    completed = status == "completed"
+    ram = info.get("ram", {})
+    error = info.get("error-desc") or (f"not converged within {timeout_s} s (cancelled)" if cancelled else None)
+    if not completed and not error:
+        error = f"status {status} after {wall:.0f} s"
+    total, downtime = info.get("total-time", wall * 1000), info.get("downtime")
+    res = {"total_ms": total, "downtime_ms": downtime, "converged": completed, "completed": completed,
+           "iterations": ram.get("dirty-sync-count"), "transferred_bytes": ram.get("transferred"), "qemu_ram": ram,
+           "migration_dirty_rate": last_rate, "error": error}
+    if downtime is not None and downtime > total:
+        # QEMU 7.2 after migrate-start-postcopy sometimes reports the host's uptime (a pause never started)
+        res.update({"downtime_ms": None, "qemu_downtime_invalid": downtime})
+    return res
+
+
+# ---------------------------------------------------------------- the run matrix
+def selection(prog, lists):
+    """{name: [items]} from {name: (comma-separated command line value, the known items)}; exits naming the known
+    items when an item is not one of them."""
+    sel = {}
+    for name, (val, known) in lists.items():
+        sel[name] = [x for x in val.split(",") if x]
+        for x in sel[name]:
+            if x not in known:
+                sys.exit(f"{prog}: unknown {name[:-1]} {x}; known: {', '.join(known)}")
+    return sel
+
+
+def interleave(workloads, fconfigs, qconfigs, applies=lambda vmm, config, workload: True):
+    """Per workload, Ferry and QEMU configs alternating, so both see the same machine state: yields
+    (workload, vmm, config) for those where applies(vmm, config, workload)."""
+    for wl in workloads:
+        f = [("ferry", c) for c in fconfigs if applies("ferry", c, wl)]
+        q = [("qemu", c) for c in qconfigs if applies("qemu", c, wl)]
+        order = []
+        for i in range(max(len(f), len(q))):
+            order += f[i:i + 1] + q[i:i + 1]
+        for vmm, c in order:
+            yield wl, vmm, c
+
+
+def run_matrix(links, reps, plan, row_base, run_once, out_path, prefix):
+    """Per link (topology up, down at the end), per rep, every item of `plan` (e.g. (workload, vmm, config)) in a
+    fresh work directory: row_base(link, rep, item) gives a row's fixed fields, run_once(link, item, work) its
+    measurements. One JSON line per run on stdout and appended to out_path; a run that raised or did not complete
+    is reported with its error and the tails of the VMMs' logs, never dropped. Returns the rows."""
+    rows = []
+    out = open(out_path, "a") if out_path else None
+    try:
+        for link in links:
+            topology_up(link)
+            for rep in range(reps):
+                for item in plan:
+                    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+                        row = row_base(link, rep, item)
+                        try:
+                            row.update(run_once(link, item, work))
+                        except Exception as e:  # a failed run is reported, never silently dropped
+                            row.update({"completed": False, "converged": False, "error": f"{type(e).__name__}: {e}"})
+                        if not row.get("completed"):
+                            for f in ("src.log", "dst.log"):
+                                t = read_text(os.path.join(work, f)).strip()
+                                if t:
+                                    row[f.replace(".", "_")] = t[-1500:]
+                        print(json.dumps(row), flush=True)
+                        if out:
+                            out.write(json.dumps(row) + "\n")
+                            out.flush()
+                        rows.append(row)
+            topology_down()
+    finally:
+        topology_down()
+        if out:
+            out.close()
+    return rows
+
+
+# ---------------------------------------------------------------- reports
+def fmt(v, digits=1):
+    if v is None:
+        return "-"
+    if abs(v) >= 1000:
+        return f"{v:.0f}"
+    return f"{v:.{digits}f}"
+
+
+def report_axes(groups, workloads, fconfigs, qconfigs):
+    """What a report has rows of: (links, workloads, Ferry configs, QEMU configs, the most runs in a cell), each
+    list holding the known items (in their order) that occur in the keys (link, workload, vmm, config) of groups."""
+    def present(known, pos, vmm=None):
+        return [x for x in known if any(k[pos] == x and (vmm is None or k[2] == vmm) for k in groups)]
+    return (present(LINK_CAP, 0), present(workloads, 1), present(fconfigs, 3, "ferry"), present(qconfigs, 3, "qemu"),
+            max((len(v) for v in groups.values()), default=0))
+
+
+def qemu_best(cells, keys):
+    """key -> (value, config): per metric the minimum over QEMU's cells ({config: medians with "completed"}),
+    among configs with at least one completed run; (None, None) where there is none."""
+    best = {}
+    for key in keys:
+        cands = [(m[key], c) for c, m in cells.items() if m and m["completed"] and m.get(key) is not None]
+        best[key] = min(cands) if cands else (None, None)
+    return best
+
+
+class Checks:
+    """A report's acceptance table: | check | link | value | target | met |."""
+
+    def __init__(self, heading):
+        self.lines = [f"\n{heading}\n", "| check | link | value | target | met |", "|---|---|---|---|---|"]
+
+    def at_most(self, check, link, v, target, detail=""):
+        met = "-" if v is None else ("yes" if v <= target else "**no**")
+        self.lines.append(f"| {check} | {link} | {'-' if v is None else f'{v:.3f}'}{detail} | <= {target} | {met} |")
+
+    def holds(self, check, link, ok, value, target):
+        """A yes/no check (ok None: not measured)."""
+        met = "-" if ok is None else ("yes" if ok else "**no**")
+        self.lines.append(f"| {check} | {link} | {value} | {target} | {met} |")
+
+    def note(self, check, link, value):
+        self.lines.append(f"| {check} | {link} | {value} | - | - |")
+
+    def text(self):
+        return "\n".join(self.lines)
+
+
+def plot_config_bars(png, links, workloads, bars, cell, metrics, title):
+    """A grid of bar charts: a row per (link, metric), a column per workload, a bar per (vmm, config) of `bars`
+    that has runs there (Ferry blue, QEMU orange, darker further down the list), hatched where no run completed.
+    cell(link, workload, vmm, config): that cell's medians (with "completed") or None. metrics: (key, title,
+    divisor, log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    from matplotlib import cm as cmaps
+    nrow = len(metrics) * len(links)
+    fig, axes = plt.subplots(nrow, len(workloads), figsize=(4.2 * len(workloads), 3.6 * nrow), squeeze=False)
+    colors = {}
+    for vmm, cmap, lo, span in (("ferry", cmaps.Blues, 0.3, 0.65), ("qemu", cmaps.Oranges, 0.35, 0.55)):
+        cs = [c for v, c in bars if v == vmm]
+        colors.update({(vmm, c): cmap(lo + span * i / max(1, len(cs) - 1)) for i, c in enumerate(cs)})
+    for li, link in enumerate(links):
+        for wi, wl in enumerate(workloads):
+            here = [(v, c, cell(link, wl, v, c)) for v, c in bars]
+            here = [h for h in here if h[2]]
+            for mi, (key, mtitle, div, log) in enumerate(metrics):
+                ax = axes[len(metrics) * li + mi][wi]
+                for x, (v, c, m) in enumerate(here):
+                    val = (m[key] or 0) / div
+                    b = ax.bar(x, val, 0.8, color=colors[(v, c)], edgecolor="black", linewidth=0.4)[0]
+                    if not m["completed"]:
+                        b.set_hatch("//")
+                        b.set_alpha(0.5)
+                    ax.annotate(f"{val:.0f}" if abs(val) >= 10 else f"{val:.1f}", (x, val), ha="center", va="bottom",
+                                fontsize=6)
+                pos = [(m[key] or 0) / div for _, _, m in here if (m[key] or 0) > 0]
+                if log and pos:  # from a whole decade up, so that bar heights compare
+                    ax.set_yscale("log")
+                    ax.set_ylim(bottom=10 ** math.floor(math.log10(min(pos)) - 0.01), top=max(pos) * 2)
+                    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                ax.set_xticks(range(len(here)))
+                ax.set_xticklabels([("F " if v == "ferry" else "Q ") + c for v, c, _ in here], rotation=60, ha="right",
+                                   fontsize=7)
+                ax.set_title(f"{link} / {wl}: {mtitle}", fontsize=9)
+                ax.tick_params(axis="y", labelsize=7)
+                if wi == 0:
+                    ax.set_ylabel(mtitle, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(png, dpi=90)
