@@ -233,13 +233,15 @@ Decision DecideWatch(const PolicyConfig& cfg, const WatchMeasurement& m, LullAna
   }
   d.kind = DecisionKind::kStop;
   // A long look (the first sends what the rounds held back, the next ones what was dirtied
-  // meanwhile): the set is not at its floor while looks still get shorter.
-  const bool shrinking = m.previous_exposure_ms <= 0 || m.exposure_ms < 0.8 * m.previous_exposure_ms;
-  if (m.exposure_ms > window_ms && shrinking && m.elapsed_ms < cfg.max_watch_ms) {
+  // meanwhile, at most at max_bandwidth once its burst credit is spent): the set is not at its
+  // floor while looks still get shorter. Below kFloorLookMs it is (noise, not progress).
+  const double e0 = m.earlier_exposure_ms[0], e1 = m.earlier_exposure_ms[1];
+  const bool shrinking = e1 <= 0 || m.exposure_ms < 0.8 * e1 || (e0 > 0 && e1 < 0.8 * e0);
+  if (m.exposure_ms > kFloorLookMs && shrinking && m.elapsed_ms < cfg.max_watch_ms) {
     d.kind = DecisionKind::kWatch;
-    d.reason = fmt::format("the last look took {:.1f} ms (the one before {:.1f} ms): one more look to bring the set to its floor "
+    d.reason = fmt::format("the last looks took {:.1f}, {:.1f}, {:.1f} ms: one more look to bring the set to its floor "
                            "(predicted now {:.1f} ms; {})",
-                           m.exposure_ms, m.previous_exposure_ms, d.predicted_downtime_ms, seen);
+                           e0, e1, m.exposure_ms, d.predicted_downtime_ms, seen);
   } else if (a.windows == 0) {
     d.reason = fmt::format("no activity series from the VMM: stopping at the floor (predicted {:.1f} ms)", d.predicted_downtime_ms);
   } else if (a.varying_signals == 0 && a.dirty_windows < cfg.min_dirty_windows && m.elapsed_ms < cfg.max_watch_ms) {

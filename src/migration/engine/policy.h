@@ -36,7 +36,8 @@
 //        - else wait for a lull, at most 1.5x the longest busy run that ended in the history (bounded by
 //          max_watch_ms); past that, stop anyway;
 //      but only with the prediction within the target and with the set at its floor: the
-//      last look took at most a window from its harvest, or no longer got shorter by 20% (the
+//      last look took at most kFloorLookMs from its harvest, or neither of the last two looks
+//      got 20% shorter than the one before (the
 //      first look sends what the rounds held back and may take long; what was dirtied meanwhile
 //      goes in the next, shorter ones); past the budget with a
 //      prediction over it, go back to rounds (kIterate). Dirty-page figures count from the
@@ -62,6 +63,8 @@ namespace ferry::migration {
 
 // The length of the VMM's activity windows the engine and the policy work with.
 inline constexpr double kActivityWindowMs = 10;
+// A watch look this short (harvest to sent and applied) leaves the set at its floor.
+inline constexpr double kFloorLookMs = 2.5;
 
 enum class ConvergePolicy { kForce, kFail, kContinue };
 std::string_view PolicyName(ConvergePolicy p);
@@ -131,7 +134,8 @@ struct WatchMeasurement {
                                 //   pages still pending after this window's send (held over)
   double elapsed_ms = 0;        // since the watch began
   double exposure_ms = 0;       // from the last harvest to a pause now (pages dirtied meanwhile join the pause)
-  double previous_exposure_ms = 0;  // the look before's (0: this is the first look)
+  // The exposures of the two looks before, older first (0: no such look).
+  double earlier_exposure_ms[2] = {0, 0};
   ActivitySeries activity;      // the VMM's recent windows, newest last (the history)
   // Windows starting before this carry no comparable dirty-page figure (the watch harvests every
   // window; a round harvests once, so its count dies down as marks pile up, and before the

@@ -378,16 +378,30 @@ TEST(PolicyWatch, StopsOnlyAfterAShortLook) {
   Decision d = DecideWatch(cfg, m);
   EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
   EXPECT_NE(d.reason.find("one more look"), std::string::npos) << d.reason;
-  m.exposure_ms = 3;
+  m.exposure_ms = 2;
   EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
-  // Looks of 120 -> 47 -> 18 ms: still shrinking, one more; 18 -> 16 ms: at the floor (a guest
-  // that dirties more than a window can carry), stop.
-  m.previous_exposure_ms = 47;
+  // Looks of 120 -> 47 -> 18 ms: still shrinking, one more (also 12 -> 9 -> 6 ms: under a
+  // window, but the link's burst credit is coming back).
+  m.earlier_exposure_ms[0] = 120;
+  m.earlier_exposure_ms[1] = 47;
   m.exposure_ms = 18;
   EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kWatch);
-  m.previous_exposure_ms = 18;
-  m.exposure_ms = 16;
+  m.earlier_exposure_ms[0] = 12;
+  m.earlier_exposure_ms[1] = 9;
+  m.exposure_ms = 6;
+  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kWatch);
+  // 9 -> 6 -> 5.5: the last step did not shrink, the one before did: one more.
+  m.earlier_exposure_ms[0] = 9;
+  m.earlier_exposure_ms[1] = 6;
+  m.exposure_ms = 5.5;
+  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kWatch);
+  // 17 -> 16 -> 16.5: neither step shrank: at the floor (a guest that dirties more than the
+  // link carries in a window), stop.
+  m.earlier_exposure_ms[0] = 17;
+  m.earlier_exposure_ms[1] = 16;
+  m.exposure_ms = 16.5;
   EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
+  m.earlier_exposure_ms[0] = m.earlier_exposure_ms[1] = 0;
   // Never past max_watch_ms.
   m.exposure_ms = 120;
   m.elapsed_ms = cfg.max_watch_ms;

@@ -591,7 +591,7 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
   const size_t history_windows = static_cast<size_t>(policy_cfg_.history_ms / kActivityWindowMs);
   PageBitmap dirty, freed;
   uint64_t ticks = 0, pages = 0, dirty_from_ns = 0;
-  double previous_exposure_ms = 0;
+  double earlier_exposure_ms[2] = {0, 0};  // the last two looks', older first
   Decision d;
   LullAnalysis lull;
   nlohmann::json model;  // the prediction's inputs at the last look
@@ -631,8 +631,11 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     if (watch_pages > 0) wm.link.wire_bytes_per_page = static_cast<double>(watch_bytes) / static_cast<double>(watch_pages);
     wm.link.remaining_pages = scheduler_->pending();
     wm.elapsed_ms = MsFromNs(NowNs() - t_begin);
-    wm.previous_exposure_ms = previous_exposure_ms;
-    wm.exposure_ms = previous_exposure_ms = MsFromNs(NowNs() - t_harvest);
+    wm.earlier_exposure_ms[0] = earlier_exposure_ms[0];
+    wm.earlier_exposure_ms[1] = earlier_exposure_ms[1];
+    wm.exposure_ms = MsFromNs(NowNs() - t_harvest);
+    earlier_exposure_ms[0] = earlier_exposure_ms[1];
+    earlier_exposure_ms[1] = wm.exposure_ms;
     wm.activity = vm_->RecentActivity(history_windows);
     // Pages "newly dirtied" count pages first written since the last harvest. Only the watch
     // harvests every window: in a round's windows (one harvest per round) and before the
