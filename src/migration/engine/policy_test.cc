@@ -326,17 +326,23 @@ TEST(PolicyWatch, DirtyPagesCountOnlySinceHarvestingBeganTheOtherSignalsAlways) 
   EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
 }
 
+// 300 windows of a steady guest (1.7M instructions, 20 packets, ~280 dirty pages each), except
+// the windows i with low(i): `low_instructions` and no packets.
+template <typename F>
+ActivitySeries SteadyExcept(F low, uint64_t low_instructions) {
+  return Series(300, [&](size_t i, ActivityWindow* w) {
+    w->instructions = low(i) ? low_instructions : 1'700'000;
+    w->net_packets = low(i) ? 0 : 20;
+    w->dirty_pages = 280 + i % 7;
+  });
+}
+
 TEST(PolicyWatch, TheRoundsWindowsDoNotCountTheirStarvedVcpuIsNoLull) {
   PolicyConfig cfg;
   LullAnalysis a;
   // A steady guest: 200 windows on its own, then 80 windows of rounds in which the migration's
   // sending starved the vCPU in runs of 4 windows out of 8, then 20 windows of the watch.
-  ActivitySeries s = Series(300, [](size_t i, ActivityWindow* w) {
-    const bool starved = i >= 200 && i < 280 && i / 4 % 2 == 0;
-    w->instructions = starved ? 10'000 : 1'700'000;
-    w->net_packets = starved ? 0 : 20;
-    w->dirty_pages = 280 + i % 7;
-  });
+  ActivitySeries s = SteadyExcept([](size_t i) { return i >= 200 && i < 280 && i / 4 % 2 == 0; }, 10'000);
   WatchMeasurement m = W(s, 200);
   m.dirty_valid_from_ns = s.windows[280].start_ns;
   // Counted, the starved windows make the instructions vary: the watch waits for a lull that
@@ -380,27 +386,22 @@ TEST(PolicyWatch, StopsOnlyAfterAShortLook) {
   EXPECT_NE(d.reason.find("one more look"), std::string::npos) << d.reason;
   m.exposure_ms = 2;
   EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
-  // Looks of 120 -> 47 -> 18 ms: still shrinking, one more (also 12 -> 9 -> 6 ms: under a
-  // window, but the link's burst credit is coming back).
-  m.earlier_exposure_ms[0] = 120;
-  m.earlier_exposure_ms[1] = 47;
-  m.exposure_ms = 18;
-  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kWatch);
-  m.earlier_exposure_ms[0] = 12;
-  m.earlier_exposure_ms[1] = 9;
-  m.exposure_ms = 6;
-  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kWatch);
+  // The decision after looks that took a, b, then c ms.
+  auto after_looks = [&](double a, double b, double c) {
+    m.earlier_exposure_ms[0] = a;
+    m.earlier_exposure_ms[1] = b;
+    m.exposure_ms = c;
+    return DecideWatch(cfg, m).kind;
+  };
+  // 120 -> 47 -> 18 ms: still shrinking, one more (also 12 -> 9 -> 6 ms: under a window, but
+  // the link's burst credit is coming back).
+  EXPECT_EQ(after_looks(120, 47, 18), DecisionKind::kWatch);
+  EXPECT_EQ(after_looks(12, 9, 6), DecisionKind::kWatch);
   // 9 -> 6 -> 5.5: the last step did not shrink, the one before did: one more.
-  m.earlier_exposure_ms[0] = 9;
-  m.earlier_exposure_ms[1] = 6;
-  m.exposure_ms = 5.5;
-  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kWatch);
+  EXPECT_EQ(after_looks(9, 6, 5.5), DecisionKind::kWatch);
   // 17 -> 16 -> 16.5: neither step shrank: at the floor (a guest that dirties more than the
   // link carries in a window), stop.
-  m.earlier_exposure_ms[0] = 17;
-  m.earlier_exposure_ms[1] = 16;
-  m.exposure_ms = 16.5;
-  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
+  EXPECT_EQ(after_looks(17, 16, 16.5), DecisionKind::kStop);
   m.earlier_exposure_ms[0] = m.earlier_exposure_ms[1] = 0;
   // Never past max_watch_ms.
   m.exposure_ms = 120;
@@ -413,12 +414,7 @@ TEST(PolicyWatch, AStepUpIsNoBurst) {
   LullAnalysis a;
   // A client began sending 1 s ago (packets and instructions stepped up) and has not stopped:
   // no lull followed any activity, so none is waited for.
-  ActivitySeries s = Series(300, [](size_t i, ActivityWindow* w) {
-    const bool probed = i >= 200;
-    w->instructions = probed ? 1'700'000 : 300'000;
-    w->net_packets = probed ? 20 : 0;
-    w->dirty_pages = 280 + i % 7;
-  });
+  ActivitySeries s = SteadyExcept([](size_t i) { return i < 200; }, 300'000);
   WatchMeasurement m = W(s, 200);
   m.dirty_valid_from_ns = s.windows[280].start_ns;
   Decision d = DecideWatch(cfg, m, &a);
