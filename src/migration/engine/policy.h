@@ -25,23 +25,21 @@
 //      history; a window is quiet for a signal at <= quiet_fraction of its mean (plus a small
 //      floor). Only signals that vary - quiet in some spans of `lull_windows` windows and busy in
 //      others (spans, so that work the VMM does in batches is not taken for bursts), and quiet
-//      at least once after busy (a step up is no burst) - tell a
-//      lull from a burst; steady and absent signals are ignored. A window is quiet when
-//      every varying signal is. Then:
+//      at least once after busy (a step up is no burst) - tell a lull from a burst; steady and
+//      absent signals are ignored. A window is quiet when every varying signal is. Then:
 //        - the last `lull_windows` windows quiet: stop now (a lull: fewest pages dirtied since
 //          the last send, least guest work and traffic held up by the pause);
 //        - no varying signal (steady or idle activity) in a history of at least
-//          min_dirty_windows windows with dirty-page figures: no lull will come; the set is at
-//          its floor after the first watched window, stop (with less history: keep watching);
-//        - else wait for a lull, at most 1.5x the longest busy run that ended in the history (bounded by
-//          max_watch_ms); past that, stop anyway;
-//      but only with the prediction within the target and with the set at its floor: the
-//      last look took at most kFloorLookMs from its harvest, or neither of the last two looks
-//      got 20% shorter than the one before (the
-//      first look sends what the rounds held back and may take long; what was dirtied meanwhile
-//      goes in the next, shorter ones); past the budget with a
-//      prediction over it, go back to rounds (kIterate). Dirty-page figures count from the
-//      second look's harvest.
+//          min_dirty_windows windows with dirty-page figures: no lull will come, stop (with
+//          less history: keep watching);
+//        - else wait for a lull, at most 1.5x the longest busy run that ended in the history
+//          (bounded by max_watch_ms); past that, stop anyway;
+//      but only with the prediction within the target and with the set at its floor: the last
+//      look took at most kFloorLookMs from its harvest, or neither of the last two looks got
+//      20% shorter than the one before (the first look sends what the rounds held back and may
+//      take long; what was dirtied meanwhile goes in the next, shorter ones). Past the budget
+//      with a prediction over the target, go back to rounds (kIterate). Dirty-page figures
+//      count from the second look's harvest.
 //
 // Decisions:
 //   kIterate   send another round;
