@@ -204,8 +204,6 @@ LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, u
       ++busy_run;
     }
   }
-  // A lull is now, not before the rounds: quiet windows count only from the left-out span on.
-  if (gap != SIZE_MAX) r.trailing_quiet = std::min(r.trailing_quiet, n - gap);
   r.longest_busy_ms = static_cast<double>(longest_busy) * window_ms;
   r.last_dirty_per_window = first_dirty < n ? value(n - 1, 0) : 0;
   r.quiet_dirty_per_window = quiet_with_dirty ? quiet_dirty / static_cast<double>(quiet_with_dirty) : 0;

@@ -441,16 +441,6 @@ TEST(PolicyWatch, ABurstyGuestStillShowsItsBurstsBeforeTheRounds) {
   EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
   EXPECT_TRUE(a.varying_signals & 2) << "instructions vary";
   EXPECT_NEAR(a.longest_busy_ms, 200, 0.1) << "no busy run across the left-out span";
-  // The guest rested just before the rounds began and the watch has no window yet: that rest is
-  // no lull now (the first look comes right after the rounds).
-  s = Bursty(330);
-  m = W(s, 1);
-  m.disturbed_from_ns = s.windows[200].start_ns;  // windows 180..199 are quiet
-  m.disturbed_to_ns = s.windows[329].start_ns + s.window_ns;
-  m.dirty_valid_from_ns = UINT64_MAX;
-  d = DecideWatch(cfg, m, &a);
-  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
-  EXPECT_EQ(a.trailing_quiet, 0u);
 }
 
 TEST(PolicyWatch, WaitsForALullOnlyAsLongAsTheHistorySuggests) {
