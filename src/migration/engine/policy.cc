@@ -155,33 +155,51 @@ LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, u
     }
   };
   // Absolute floors: a couple of pages, packets or requests per window are noise, not activity.
-  constexpr double kFloor[4] = {2, 0, 1, 1};
+  constexpr double kFloor[4] = {kQuietDirtyFloor, 0, 1, 1};
   double threshold[4];
   for (int sig = 0; sig < 4; ++sig) {
     const size_t from = sig == 0 ? first_dirty : 0, m = n - from;
     threshold[sig] = 0;
     if (m == 0) continue;
+    std::vector<double> v(m);
     double sum = 0;
-    for (size_t i = from; i < n; ++i) sum += value(i, sig);
-    threshold[sig] = cfg.quiet_fraction * sum / static_cast<double>(m) + kFloor[sig];
+    for (size_t i = from; i < n; ++i) sum += v[i - from] = value(i, sig);
     // Varying: over spans as long as a lull (sums of lull_windows windows, so activity the VMM
     // handles in batches - packets between two vCPU slices - is not mistaken for bursts),
     // quiet in at least 5% and busy in at least 5% of the spans, and at least once quiet right
     // after being busy: activity that stopped once may stop again. A step up (a client began
     // sending, a workload started) is not a burst: no lull followed it.
     const size_t span = std::clamp<size_t>(cfg.lull_windows, 1, m);
-    const double span_threshold = cfg.quiet_fraction * sum * static_cast<double>(span) / static_cast<double>(m) + kFloor[sig];
-    size_t quiet = 0, spans = 0, falls = 0;
-    bool was_busy = false;
-    for (size_t i = from; i + span <= n; ++i, ++spans) {
-      double v = 0;
-      for (size_t k = 0; k < span; ++k) v += value(i + k, sig);
-      const bool q = v <= span_threshold;
-      quiet += q;
-      falls += q && was_busy;
-      was_busy = !q;
+    struct Level {
+      double threshold = 0;
+      size_t quiet = 0, spans = 0, falls = 0;
+    };
+    auto judge = [&](double level) {
+      Level l;
+      l.threshold = cfg.quiet_fraction * level + kFloor[sig];
+      const double span_threshold = cfg.quiet_fraction * level * static_cast<double>(span) + kFloor[sig];
+      bool was_busy = false;
+      for (size_t i = 0; i + span <= m; ++i, ++l.spans) {
+        double sv = 0;
+        for (size_t k = 0; k < span; ++k) sv += v[i + k];
+        const bool q = sv <= span_threshold;
+        l.quiet += q;
+        l.falls += q && was_busy;
+        was_busy = !q;
+      }
+      return l;
+    };
+    // The busy level: the mean, unless an upper quantile has the guest fall quiet more often
+    // (a much busier phase once, such as a workload's start, raises the mean above the bursts).
+    Level best = judge(sum / static_cast<double>(m));
+    std::vector<double> sorted = v;
+    std::sort(sorted.begin(), sorted.end());
+    for (const double q : {0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0}) {
+      const Level l = judge(sorted[std::min(m - 1, static_cast<size_t>(q * static_cast<double>(m)))]);
+      if (l.falls > best.falls) best = l;
     }
-    if (quiet * 20 >= spans && (spans - quiet) * 20 >= spans && falls > 0) r.varying_signals |= 1u << sig;
+    threshold[sig] = best.threshold;
+    if (best.quiet * 20 >= best.spans && (best.spans - best.quiet) * 20 >= best.spans && best.falls > 0) r.varying_signals |= 1u << sig;
   }
   auto quiet_window = [&](size_t i) {
     for (int sig = 0; sig < 4; ++sig)
@@ -204,6 +222,8 @@ LullAnalysis AnalyzeActivity(const PolicyConfig& cfg, const ActivitySeries& a, u
       ++busy_run;
     }
   }
+  // A lull is now, not before the rounds: quiet windows count only from the left-out span on.
+  if (gap != SIZE_MAX) r.trailing_quiet = std::min(r.trailing_quiet, n - gap);
   r.longest_busy_ms = static_cast<double>(longest_busy) * window_ms;
   r.last_dirty_per_window = first_dirty < n ? value(n - 1, 0) : 0;
   r.quiet_dirty_per_window = quiet_with_dirty ? quiet_dirty / static_cast<double>(quiet_with_dirty) : 0;
@@ -231,6 +251,11 @@ Decision DecideWatch(const PolicyConfig& cfg, const WatchMeasurement& m, LullAna
     }
     return d;
   }
+  // The newest closed window may miss a burst that began since: this look's harvest must look
+  // like a quiet window too.
+  const double now_per_window =
+      m.newest_dirty_span_ms > 0 ? static_cast<double>(m.newest_dirty_pages) * window_ms / m.newest_dirty_span_ms : 0;
+  const bool busy_now = m.newest_dirty_span_ms > 0 && now_per_window > 2 * a.quiet_dirty_per_window + kQuietDirtyFloor;
   d.kind = DecisionKind::kStop;
   // A long look (the first sends what the rounds held back, the next ones what was dirtied
   // meanwhile, at most at max_bandwidth once its burst credit is spent): the set is not at its
@@ -249,15 +274,19 @@ Decision DecideWatch(const PolicyConfig& cfg, const WatchMeasurement& m, LullAna
     d.reason = fmt::format("no varying activity yet in {} windows of dirty-page history: watching ({})", a.dirty_windows, seen);
   } else if (a.varying_signals == 0) {
     d.reason = fmt::format("steady activity, no lull to wait for: predicted downtime {:.1f} ms ({})", d.predicted_downtime_ms, seen);
-  } else if (a.trailing_quiet >= cfg.lull_windows) {
+  } else if (a.trailing_quiet >= cfg.lull_windows && !busy_now) {
     d.reason = fmt::format("lull: predicted downtime {:.1f} ms ({})", d.predicted_downtime_ms, seen);
   } else {
     const double budget = std::min(cfg.max_watch_ms, 1.5 * a.longest_busy_ms + cfg.lull_windows * window_ms);
+    const std::string what = busy_now ? fmt::format("busy now ({:.0f} pages dirtied per window since the last look, "
+                                                    "{:.1f} in quiet windows)",
+                                                    now_per_window, a.quiet_dirty_per_window)
+                                      : std::string("busy");
     if (m.elapsed_ms >= budget) {
       d.reason = fmt::format("no lull within {:.0f} ms: predicted downtime {:.1f} ms ({})", budget, d.predicted_downtime_ms, seen);
     } else {
       d.kind = DecisionKind::kWatch;
-      d.reason = fmt::format("busy: waiting up to {:.0f} ms for a lull ({})", budget, seen);
+      d.reason = fmt::format("{}: waiting up to {:.0f} ms for a lull ({})", what, budget, seen);
     }
   }
   return d;

@@ -22,13 +22,19 @@
 //      the guest's windows before the migration and those of the watch, not those of the
 //      rounds (their sending disturbs the vCPU; dirty-page figures count only in the watch).
 //      Each signal (dirty pages, instructions, packets, block requests) has a mean over the
-//      history; a window is quiet for a signal at <= quiet_fraction of its mean (plus a small
-//      floor). Only signals that vary - quiet in some spans of `lull_windows` windows and busy in
+//      history; a window is quiet for a signal at <= quiet_fraction of its busy level (plus a
+//      small floor). The busy level is the signal's mean, or one of its upper quantiles if that
+//      level has the guest fall quiet more often: the level it keeps falling from is its burst
+//      (a phase once much busier - a workload's start - would otherwise raise the mean until
+//      the bursts look quiet). Only signals that vary - quiet in some spans of `lull_windows` windows and busy in
 //      others (spans, so that work the VMM does in batches is not taken for bursts), and quiet
 //      at least once after busy (a step up is no burst) - tell a lull from a burst; steady and
 //      absent signals are ignored. A window is quiet when every varying signal is. Then:
-//        - the last `lull_windows` windows quiet: stop now (a lull: fewest pages dirtied since
-//          the last send, least guest work and traffic held up by the pause);
+//        - the last `lull_windows` windows quiet, both of them the watch's own (a rest before
+//          the rounds is no lull now), and this look's harvest no busier than a quiet window
+//          (at most 2x their mean dirty pages per window, plus a floor): stop now (a lull:
+//          fewest pages dirtied since the last send, least guest work and traffic held up by
+//          the pause);
 //        - no varying signal (steady or idle activity) in a history of at least
 //          min_dirty_windows windows with dirty-page figures: no lull will come, stop (with
 //          less history: keep watching);
@@ -63,6 +69,8 @@ namespace ferry::migration {
 inline constexpr double kActivityWindowMs = 10;
 // A watch look this short (harvest to sent and applied) leaves the set at its floor.
 inline constexpr double kFloorLookMs = 2.5;
+// Dirty pages per window that are noise rather than activity (added to every dirty threshold).
+inline constexpr double kQuietDirtyFloor = 2;
 
 enum class ConvergePolicy { kForce, kFail, kContinue };
 std::string_view PolicyName(ConvergePolicy p);
@@ -145,6 +153,11 @@ struct WatchMeasurement {
   // never has. The windows before (the guest on its own) and since (the watch, which sends
   // little) make the history.
   uint64_t disturbed_from_ns = 0, disturbed_to_ns = 0;
+  // What this look's harvest found: pages dirtied in the last newest_dirty_span_ms (0: no
+  // harvest yet). Fresher than the newest closed window: a burst that began in the window still
+  // open shows here first.
+  uint64_t newest_dirty_pages = 0;
+  double newest_dirty_span_ms = 0;
 };
 
 // What the watch saw in the activity (for the decision's reason and the statistics).

@@ -249,6 +249,53 @@ TEST(PolicyWatch, StopsOnlyOnceTheLastWindowsAreQuiet) {
   EXPECT_EQ(DecideWatch(cfg, W(Bursty(195))).kind, DecisionKind::kStop);
 }
 
+TEST(PolicyWatch, AMuchBusierStartDoesNotMakeTheBurstsLookQuiet) {
+  PolicyConfig cfg;
+  LullAnalysis a;
+  // migration_activity_test's first leg: the guest's workload started 2 s ago (25 windows of
+  // 5.7M instructions while it filled its memory), then bursts of 40 windows at 53k
+  // instructions and rests of 20 at 5k. A quarter of the mean (about 480k) would make the
+  // bursts quiet; the level the guest keeps falling from is the bursts'.
+  auto series = [](size_t n) {
+    return Series(n, [](size_t i, ActivityWindow* w) {
+      w->instructions = i < 25 ? 5'700'000 : (i - 25) % 60 < 40 ? 53'000 + i % 3 * 1000 : 5'000 + i % 4 * 500;
+    });
+  };
+  Decision d = DecideWatch(cfg, W(series(25 + 60 * 4 + 10)), &a);  // 10 windows into a burst
+  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
+  EXPECT_EQ(a.varying_signals, 2u);
+  EXPECT_EQ(a.trailing_quiet, 0u);
+  d = DecideWatch(cfg, W(series(25 + 60 * 4 + 45)), &a);  // 5 windows into a rest
+  EXPECT_EQ(d.kind, DecisionKind::kStop) << d.reason;
+  EXPECT_EQ(a.trailing_quiet, 5u);
+}
+
+TEST(PolicyWatch, ABurstThatBeganSinceTheNewestWindowIsNoLull) {
+  PolicyConfig cfg;
+  LullAnalysis a;
+  // The closed windows end 19 windows into a rest, but this look's harvest found 150 pages
+  // dirtied in 10 ms: the next burst began in the window still open.
+  WatchMeasurement m = W(Bursty(199));
+  m.newest_dirty_pages = 150;
+  m.newest_dirty_span_ms = 10;
+  Decision d = DecideWatch(cfg, m, &a);
+  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
+  EXPECT_GE(a.trailing_quiet, 2u);
+  EXPECT_NE(d.reason.find("busy now"), std::string::npos) << d.reason;
+  // As many pages as a quiet window has (0 or 1 here, plus the floor): a lull.
+  m.newest_dirty_pages = 2;
+  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
+  // Over a longer span the same count is a lower rate: 4 pages in 20 ms are 2 per window.
+  m.newest_dirty_pages = 4;
+  m.newest_dirty_span_ms = 20;
+  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
+  m.newest_dirty_span_ms = 5;  // 8 per window
+  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kWatch);
+  // Past the budget (1.5x the longest busy run + the lull) the watch stops anyway.
+  m.elapsed_ms = 400;
+  EXPECT_EQ(DecideWatch(cfg, m).kind, DecisionKind::kStop);
+}
+
 TEST(PolicyWatch, PredictionCountsThePagesDirtiedSinceTheLastHarvest) {
   PolicyConfig cfg;
   // Busy window: 200 pages per 10 ms; exposure 2 ms -> 40 pages; 200 B each at 200 MB/s + 1 ms fixed.
@@ -424,7 +471,7 @@ TEST(PolicyWatch, AStepUpIsNoBurst) {
   for (size_t i = 250; i < 260; ++i) m.activity.windows[i].net_packets = 0, m.activity.windows[i].instructions = 300'000;
   d = DecideWatch(cfg, m, &a);
   EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
-  EXPECT_EQ(a.varying_signals, 4u) << "packets (the instructions stay above a quarter of their mean)";
+  EXPECT_EQ(a.varying_signals, 6u) << "packets, and instructions: they fell to 18% of their busy level";
   EXPECT_NEAR(a.longest_busy_ms, 500, 0.1) << "the busy run before that lull; the ongoing one has not ended";
 }
 
@@ -441,6 +488,16 @@ TEST(PolicyWatch, ABurstyGuestStillShowsItsBurstsBeforeTheRounds) {
   EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
   EXPECT_TRUE(a.varying_signals & 2) << "instructions vary";
   EXPECT_NEAR(a.longest_busy_ms, 200, 0.1) << "no busy run across the left-out span";
+  // The guest rested just before the rounds began and the watch has no window yet: that rest is
+  // no lull now (the first look comes right after the rounds).
+  s = Bursty(330);
+  m = W(s, 1);
+  m.disturbed_from_ns = s.windows[200].start_ns;  // windows 180..199 are quiet
+  m.disturbed_to_ns = s.windows[329].start_ns + s.window_ns;
+  m.dirty_valid_from_ns = UINT64_MAX;
+  d = DecideWatch(cfg, m, &a);
+  EXPECT_EQ(d.kind, DecisionKind::kWatch) << d.reason;
+  EXPECT_EQ(a.trailing_quiet, 0u);
 }
 
 TEST(PolicyWatch, WaitsForALullOnlyAsLongAsTheHistorySuggests) {

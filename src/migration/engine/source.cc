@@ -23,6 +23,8 @@ constexpr uint64_t kWarmupFirstNs = 20'000'000, kWarmupNs = 100'000'000;
 constexpr double kWarmupMinPagesPerS = 1000;
 // The watch: one look per activity window, the history the policy judges by.
 constexpr uint64_t kWatchTickNs = static_cast<uint64_t>(kActivityWindowMs * 1e6);
+// The watch's looks send few pages; their rate says something about the link only past this.
+constexpr uint64_t kMinWatchRateBytes = 256 << 10;
 // Windows of activity kept in the stop record (stats "stop").
 constexpr size_t kStopActivityWindows = 20;
 
@@ -591,6 +593,9 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
   const size_t history_windows = static_cast<size_t>(policy_cfg_.history_ms / kActivityWindowMs);
   PageBitmap dirty, freed;
   uint64_t ticks = 0, pages = 0, dirty_from_ns = 0;
+  // This look's harvest (pages dirtied since the one before, or since the round's at look 1).
+  uint64_t newest_dirty = 0, last_harvest_ns = t_begin;
+  double newest_span_ms = 0;
   double earlier_exposure_ms[2] = {0, 0};  // the last two looks', older first
   Decision d;
   LullAnalysis lull;
@@ -606,6 +611,9 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     if (ticks > 0) {
       ram_.dirty->Harvest(&dirty, &freed);
       scheduler_->AddHarvest(dirty, freed);
+      newest_dirty = CountPages(dirty);
+      newest_span_ms = MsFromNs(t_harvest - last_harvest_ns);
+      last_harvest_ns = t_harvest;
     }
     // Everything dirtied goes now, hot pages too: the set stays at its floor.
     const EncodeTally tick_before = pool_->tally();
@@ -619,15 +627,20 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     // The looks send small sets end to end, as the pause will: their rate (bytes written until
     // the destination applied them) is the better figure for the pause than the rounds' rate.
     // Their bytes per page are those of re-sent pages, as in the pause.
-    const EncodeTally tick_after = pool_->tally();
-    if (const uint64_t b = tick_after.wire_bytes - tick_before.wire_bytes; b > 0) {
-      watch_bytes += b;
-      watch_ns += NowNs() - t_send;
-      watch_pages += tick_after.pages - tick_before.pages;
-    }
+    // The drain's round trip is not sending time (the model has the pause's round trips on
+    // their own), and a few pages' rate is mostly that round trip: the looks' rate replaces the
+    // rounds' only once they sent kMinWatchRateBytes.
     WatchMeasurement wm;
     wm.link = LinkMeasurement();
-    if (watch_bytes > 0 && watch_ns > 0) wm.link.bandwidth_bytes_per_s = static_cast<double>(watch_bytes) * 1e9 / static_cast<double>(watch_ns);
+    const EncodeTally tick_after = pool_->tally();
+    if (const uint64_t b = tick_after.wire_bytes - tick_before.wire_bytes; b > 0) {
+      const uint64_t look_ns = NowNs() - t_send, rtt_ns = static_cast<uint64_t>(wm.link.rtt_ms * 1e6);
+      watch_bytes += b;
+      watch_ns += look_ns - std::min(look_ns / 2, rtt_ns);
+      watch_pages += tick_after.pages - tick_before.pages;
+    }
+    if (watch_bytes >= kMinWatchRateBytes && watch_ns > 0)
+      wm.link.bandwidth_bytes_per_s = static_cast<double>(watch_bytes) * 1e9 / static_cast<double>(watch_ns);
     if (watch_pages > 0) wm.link.wire_bytes_per_page = static_cast<double>(watch_bytes) / static_cast<double>(watch_pages);
     wm.link.remaining_pages = scheduler_->pending();
     wm.elapsed_ms = MsFromNs(NowNs() - t_begin);
@@ -647,6 +660,8 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     wm.dirty_valid_from_ns = ticks >= 1 ? dirty_from_ns : UINT64_MAX;
     wm.disturbed_from_ns = rounds_start_ns_;
     wm.disturbed_to_ns = t_begin;
+    wm.newest_dirty_pages = newest_dirty;
+    wm.newest_dirty_span_ms = newest_span_ms;
     d = DecideWatch(policy_cfg_, wm, &lull);
     model = {{"held_over_pages", wm.link.remaining_pages},
              {"exposure_ms", wm.exposure_ms},
@@ -661,7 +676,7 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
       predicted_downtime_ms_ = d.predicted_downtime_ms;
       remaining_pages_ = wm.link.remaining_pages;
     }
-    spdlog::debug("migration: watch look {} at {:.1f} ms: {} ({})", ticks, wm.elapsed_ms, DecisionName(d.kind), d.reason);
+    spdlog::debug("migration: watch look {} at {:.1f} ms: {} ({}; model {})", ticks, wm.elapsed_ms, DecisionName(d.kind), d.reason, model.dump());
     if (d.kind != DecisionKind::kWatch) break;
   }
   const EncodeTally t = pool_->tally();

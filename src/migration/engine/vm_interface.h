@@ -19,6 +19,11 @@ namespace ferry::migration {
 using PageBitmap = std::vector<uint64_t>;
 inline bool TestPage(const PageBitmap& b, uint64_t p) { return p / 64 < b.size() && ((b[p / 64] >> (p % 64)) & 1); }
 inline void SetPage(PageBitmap& b, uint64_t p) { b[p / 64] |= 1ull << (p % 64); }
+inline uint64_t CountPages(const PageBitmap& b) {
+  uint64_t n = 0;
+  for (const uint64_t w : b) n += static_cast<uint64_t>(__builtin_popcountll(w));
+  return n;
+}
 
 // The source VM's write tracking. Contract (what a harvest guarantees):
 //  - every guest write (CPU or device DMA) that completed before Harvest() started sets its page
