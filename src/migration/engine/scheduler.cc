@@ -86,15 +86,29 @@ void PageScheduler::BeginPass(bool final, uint64_t holdback_budget_pages) {
   pass_.window = cfg_.window;
   ChooseThreshold();
   // The order: pending pages by how many recent samples wrote them (cold first), address order
-  // within a class, as runs of consecutive pages.
-  std::vector<std::vector<PageRun>> classes(cfg_.window + 1);
-  for (uint64_t p = 0; p < pages_; ++p)
-    if (state_[p] & kPending) (void)Append(&classes[Recent(p)], p, RunKind::kScan, false, UINT64_MAX);
+  // within a class, as runs of consecutive pages. Pages no sample wrote yet go first if their
+  // region is cold, last (of that class) if it is warm: writes cluster, so a page among written
+  // ones is likely to be written too, and handed out later it has more samples behind it (it is
+  // deferred or held back instead of sent and sent again).
+  std::vector<uint8_t> warm((pages_ + kRegionPages - 1) / kRegionPages, 0);
+  for (uint64_t r = 0; r < warm.size(); ++r) {
+    const uint64_t begin = r * kRegionPages, end = std::min(pages_, begin + kRegionPages);
+    uint64_t written = 0;
+    for (uint64_t p = begin; p < end; ++p) written += Recent(p) > 0;
+    warm[r] = written * kWarmRegionShare >= end - begin;
+  }
+  // Slot 0: unwritten pages of cold regions, 1: unwritten pages of warm ones, c + 1: written in c samples.
+  std::vector<std::vector<PageRun>> classes(cfg_.window + 2);
+  for (uint64_t p = 0; p < pages_; ++p) {
+    if (!(state_[p] & kPending)) continue;
+    const uint32_t recent = Recent(p);
+    (void)Append(&classes[recent > 0 ? recent + 1 : warm[p / kRegionPages]], p, RunKind::kScan, false, UINT64_MAX);
+  }
   order_.clear();
   order_class_.clear();
   for (uint32_t c = 0; c < classes.size(); ++c) {
     order_.insert(order_.end(), classes[c].begin(), classes[c].end());
-    order_class_.insert(order_class_.end(), classes[c].size(), static_cast<uint8_t>(c));
+    order_class_.insert(order_class_.end(), classes[c].size(), static_cast<uint8_t>(c > 0 ? c - 1 : 0));
   }
   cursor_run_ = cursor_page_ = 0;
   deferred_.clear();

@@ -19,7 +19,8 @@
 //
 // A pass is handed out incrementally (NextBatch). Its order is fixed when it begins: cold pages
 // first - pages written in fewer recent samples before pages written in more (the likeliest to be
-// written again go last) - address order within a class. What each page is sent as (read, zero,
+// written again go last); among pages no sample wrote, those of cold 2 MiB regions before those
+// of warm ones (at least 1/8 of the region written: writes cluster) - address order within a class. What each page is sent as (read, zero,
 // free) and whether it is held back are decided when it is handed out, from the state at that
 // moment, so a harvest during the pass is always honoured:
 //   - a page written before it was handed out is sent later in this pass (its copy is taken after
@@ -91,6 +92,8 @@ class PageScheduler {
 
  private:
   static constexpr uint8_t kPending = 1, kFree = 2, kZero = 4, kSent = 8;
+  // Regions of 2 MiB; warm when at least 1/kWarmRegionShare of its pages were written in recent samples.
+  static constexpr uint64_t kRegionPages = 512, kWarmRegionShare = 8;
   uint32_t Recent(uint64_t p) const { return static_cast<uint32_t>(__builtin_popcount(history_[p] & mask_)); }
   // The threshold for the pending pages now, within the budget.
   void ChooseThreshold();

@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 namespace ferry::migration {
 namespace {
 
@@ -221,6 +223,27 @@ TEST(Scheduler, ColdPagesGoFirst) {
   s.AddHarvest(dirty, Bits(32, {}));
   Drained p = Drain(s, false, 0);
   EXPECT_EQ(p.order, (std::vector<uint64_t>{20, 21, 22, 23, 0, 1, 2, 3, 4, 5, 6, 7}));
+}
+
+TEST(Scheduler, UnwrittenPagesOfWarmRegionsGoAfterThoseOfColdRegions) {
+  // Three 2 MiB regions. Before the first pass a sample saw 100 pages of region 1 written (a
+  // warm region) and one page of region 2 (cold: under 1/8 of it).
+  const uint64_t n = 3 * 512;
+  PageScheduler s(n, {true, 4, 2});
+  s.Start({}, {});
+  auto dirty = Range(n, 512, 100);
+  SetPage(dirty, 1100);
+  s.AddHarvest(dirty, Bits(n, {}));
+  Drained p = Drain(s, false, 0);
+  ASSERT_EQ(p.order.size(), n);
+  std::vector<uint64_t> want;
+  for (uint64_t q = 0; q < 512; ++q) want.push_back(q);                         // region 0: cold
+  for (uint64_t q = 1024; q < n; ++q) if (q != 1100) want.push_back(q);         // region 2: cold, unwritten
+  for (uint64_t q = 612; q < 1024; ++q) want.push_back(q);                      // region 1: warm, unwritten
+  want.push_back(1100);                                                         // written once
+  for (uint64_t q = 512; q < 612; ++q) want.push_back(q);
+  std::sort(want.end() - 101, want.end());  // the written ones: one class, address order
+  EXPECT_EQ(p.order, want);
 }
 
 TEST(Scheduler, LayeringOffHoldsNothingBack) {
