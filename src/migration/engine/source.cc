@@ -676,7 +676,8 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
       predicted_downtime_ms_ = d.predicted_downtime_ms;
       remaining_pages_ = wm.link.remaining_pages;
     }
-    spdlog::debug("migration: watch look {} at {:.1f} ms: {} ({}; model {})", ticks, wm.elapsed_ms, DecisionName(d.kind), d.reason, model.dump());
+    if (spdlog::should_log(spdlog::level::debug))  // the model's dump only when someone reads it
+      spdlog::debug("migration: watch look {} at {:.1f} ms: {} ({}; model {})", ticks, wm.elapsed_ms, DecisionName(d.kind), d.reason, model.dump());
     if (d.kind != DecisionKind::kWatch) break;
   }
   const EncodeTally t = pool_->tally();
