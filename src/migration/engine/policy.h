@@ -26,10 +26,10 @@
 //      small floor). The busy level is the signal's mean, or one of its upper quantiles if that
 //      level has the guest fall quiet more often: the level it keeps falling from is its burst
 //      (a phase once much busier - a workload's start - would otherwise raise the mean until
-//      the bursts look quiet). Only signals that vary - quiet in some spans of `lull_windows` windows and busy in
-//      others (spans, so that work the VMM does in batches is not taken for bursts), and quiet
-//      at least once after busy (a step up is no burst) - tell a lull from a burst; steady and
-//      absent signals are ignored. A window is quiet when every varying signal is. Then:
+//      the bursts look quiet). Only signals that vary - quiet in some spans of `lull_windows`
+//      windows and busy in others (spans, so that work the VMM does in batches is not taken for
+//      bursts), and quiet at least once after busy (a step up is no burst) - tell a lull from
+//      a burst; steady and absent signals are ignored. A window is quiet when every varying signal is. Then:
 //        - the last `lull_windows` windows quiet, both of them the watch's own (a rest before
 //          the rounds is no lull now), and this look's harvest no busier than a quiet window
 //          (at most 2x their mean dirty pages per window, plus a floor): stop now (a lull:
@@ -85,7 +85,7 @@ struct PolicyConfig {
   bool allow_postcopy = false;
   double min_cpu_share = 0.2;  // throttling never goes below this share
   // The lull watch (see the file comment).
-  double quiet_fraction = 0.25;  // quiet: at most this share of the signal's mean over the history
+  double quiet_fraction = 0.25;  // quiet: at most this share of the signal's busy level over the history
   uint32_t lull_windows = 2;     // a lull: this many quiet windows in a row, the newest last
   double max_watch_ms = 2000;    // never watch longer than this
   uint32_t min_dirty_windows = 10;  // "steady" needs this much dirty-page history (100 ms of watching)
