@@ -13,8 +13,12 @@ one Ferry (`ferry migrate --json`) or QEMU (QMP `migrate`, cancelled after a tim
 post-copy) migration and the figures both benchmarks keep of it, guest console helpers (memverify, cpubench
 scores timestamped as they appear, guest slowdown), the run matrix (one JSON line per run, failures kept), and
 report helpers (number format, QEMU's best per metric, the acceptance table, the bar chart grid).
+
+Debugging aids (environment): FERRY_BENCH_SRC_ARGS adds arguments to every Ferry source VMM (e.g.
+"--log-level debug" for the engine's per-look lines); FERRY_BENCH_KEEP_LOGS=DIR keeps each run's VMM logs as
+DIR/<link>-<workload>-<vmm>-<config>-<rep>-{src,dst}.log.
 """
-import json, math, os, re, signal, socket, statistics, subprocess, sys, tempfile, threading, time
+import json, math, os, re, shlex, shutil, signal, socket, statistics, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(ROOT, "build/bin")
@@ -227,7 +231,8 @@ def start_ferry_source(work, cmdline, mem, extra=(), console_input=False):
     sock = os.path.join(work, "src.sock")
     argv = ns(NS_A) + [os.path.join(BIN, "ferry-vmm"), "--kernel", IMAGE, "--initrd", INITRD, "--mem", mem,
                        "--cmdline", cmdline, "--net", f"tap=fmqsrc,mac={MAC}", "--api-socket", sock,
-                       "--console", "stdio" if console_input else f"file:{con}", *extra]
+                       "--console", "stdio" if console_input else f"file:{con}", *extra,
+                       *shlex.split(os.environ.get("FERRY_BENCH_SRC_ARGS", ""))]
     v = Vmm(argv, con, os.path.join(work, "src.log"), console_input)
     v.api_socket = sock
     return v
@@ -545,6 +550,13 @@ def run_matrix(links, reps, plan, row_base, run_once, out_path, prefix):
                             row.update(run_once(link, item, work))
                         except Exception as e:  # a failed run is reported, never silently dropped
                             row.update({"completed": False, "converged": False, "error": f"{type(e).__name__}: {e}"})
+                        keep = os.environ.get("FERRY_BENCH_KEEP_LOGS")
+                        if keep:
+                            os.makedirs(keep, exist_ok=True)
+                            tag = "-".join(str(row.get(k, "")) for k in ("link", "workload", "vmm", "config", "rep"))
+                            for f in ("src.log", "dst.log"):
+                                if os.path.exists(os.path.join(work, f)):
+                                    shutil.copy(os.path.join(work, f), os.path.join(keep, f"{tag}-{f}"))
                         if not row.get("completed"):
                             for f in ("src.log", "dst.log"):
                                 t = read_text(os.path.join(work, f)).strip()
