@@ -22,6 +22,7 @@ class DirtyLogTracker final : public migration::DirtyTracker {
   explicit DirtyLogTracker(DirtyLog* log) : log_(log) {}
   void Harvest(migration::PageBitmap* dirty, migration::PageBitmap* freed) override { log_->Harvest(dirty, freed); }
   uint64_t CountDirty() const override { return log_->CountDirty(); }
+  bool WrittenSinceHarvest(uint64_t page) const override { return log_->IsDirty(page); }
 
  private:
   DirtyLog* log_;

@@ -79,6 +79,7 @@ class CodecSelector {
   double ExpectedRatio();
 
   bool DeltaEnabled();
+  bool DeltaAllowed() const { return delta_allowed_; }  // negotiated and configured, governor aside
   void ReportDelta(uint64_t attempts, uint64_t produced);
 
   nlohmann::json Snapshot() const;

@@ -185,6 +185,100 @@ TEST_F(Encoder, ZeroAndFreeRunsAndDeltasKeepTheCacheTrue) {
   EXPECT_EQ(t3.raw, 1u);
 }
 
+TEST_F(Encoder, TheSkipFilterLeavesFullPagesOutAndTheCacheKeepsWhatTheDestinationHas) {
+  for (uint64_t p = 3; p < 7; ++p) Random(p, p);
+  DeltaCache cache(16 * kWirePageSize, kPages);
+  CodecSelector sel(*ParseCompressMode("none"), true, true, true, 1);
+  PageEncoder enc(View(), {kProtocolVersion, kCapsSupported}, &cache, &sel);
+  EncodeTally t;
+  std::vector<PageRun> runs = {{3, 3, RunKind::kScan}};
+  enc.Encode(runs, 1, &t);  // the destination holds seq 1 of pages 3..5
+  const std::vector<uint8_t> old4(Page(4), Page(4) + kWirePageSize);
+  // Written since the harvest, all of them: 3 in one word (a delta: still sent), 4 and 5 rewritten
+  // (full pages: left out), 6 never sent and rewritten (a first send left out), 7 now zero (a zero
+  // entry: still sent).
+  std::memset(Page(3) + 100, 0x11, 8);
+  Random(4, 40);
+  Random(5, 50);
+  Random(6, 60);
+  std::vector<std::pair<uint64_t, bool>> asked;
+  const PageEncoder::SkipFilter skip = [&](uint64_t gfn, bool resend) {
+    asked.emplace_back(gfn, resend);
+    return true;
+  };
+  EncodeTally t2;
+  runs = {{3, 3, RunKind::kScan, true}, {6, 2, RunKind::kScan, false}, {10, 2, RunKind::kZero}};
+  auto rec = enc.Encode(runs, 2, &t2, {&skip});
+  EXPECT_EQ(asked, (std::vector<std::pair<uint64_t, bool>>{{4, true}, {5, true}, {6, false}}))
+      << "only full pages are asked about, with their resend flag";
+  EXPECT_EQ(t2.debounced, 3u);
+  EXPECT_EQ(t2.delta, 1u);
+  auto v = DecodeEncodedPages(std::span<const uint8_t>(rec).subspan(kRecordHeaderSize), kPages, kCapsSupported, dec_, &scratch_);
+  ASSERT_TRUE(v) << v.error().message();
+  ASSERT_EQ(v->entries.size(), 3u) << "delta 3, zero 7, zero run 10..11";
+  EXPECT_EQ(v->entries[0].kind, PageKind::kDelta);
+  EXPECT_EQ(v->entries[1].gfn, 7u);
+  EXPECT_EQ(v->entries[2].kind, PageKind::kZeroRun);
+  // Page 4 was left out: the cache still holds seq 1, which the destination has.
+  size_t len = 0;
+  uint64_t base = 0;
+  bool cached = false;
+  uint8_t out[kWirePageSize];
+  EXPECT_TRUE(cache.EncodeDelta(4, old4.data(), out, kWirePageSize, &len, &base, &cached));
+  EXPECT_TRUE(cached);
+  EXPECT_EQ(base, 1u);
+  // Everything left out: no record at all (a record may not be empty), nothing counted as sent.
+  EncodeTally t4;
+  runs = {{4, 3, RunKind::kScan, true}};
+  EXPECT_TRUE(enc.Encode(runs, 3, &t4, {&skip}).empty());
+  EXPECT_EQ(t4.debounced, 3u);
+  EXPECT_EQ(t4.records, 0u);
+  EXPECT_EQ(t4.wire_bytes, 0u);
+}
+
+// Whether gfn is cached, and with which seq (the page's current contents as the probe).
+std::pair<bool, uint64_t> CachedSeq(DeltaCache& cache, uint64_t gfn, const uint8_t* page) {
+  size_t len = 0;
+  uint64_t base = 0;
+  bool cached = false;
+  std::vector<uint8_t> out(kWirePageSize);
+  cache.EncodeDelta(gfn, page, out.data(), kWirePageSize, &len, &base, &cached);
+  return {cached, base};
+}
+
+TEST_F(Encoder, WarmFirstSendsMayEvictAndTheCacheFollowsWholeSendsWhileDeltasAreOff) {
+  for (uint64_t p = 3; p < 6; ++p) Random(p, p);
+  DeltaCache cache(kWirePageSize, kPages, 1);  // one slot
+  CodecSelector sel(*ParseCompressMode("none"), true, true, true, 1);
+  PageEncoder enc(View(), {kProtocolVersion, kCapsSupported}, &cache, &sel);
+  EncodeTally t;
+  std::vector<PageRun> runs = {{3, 2, RunKind::kScan}};
+  enc.Encode(runs, 1, &t);
+  EXPECT_TRUE(CachedSeq(cache, 3, Page(3)).first) << "a first send takes a free slot";
+  EXPECT_FALSE(CachedSeq(cache, 4, Page(4)).first) << "but evicts nothing";
+  runs = {{5, 1, RunKind::kScan, false, /*warm=*/true}};
+  enc.Encode(runs, 2, &t);
+  EXPECT_TRUE(CachedSeq(cache, 5, Page(5)).first) << "a warm first send may evict";
+  EXPECT_FALSE(CachedSeq(cache, 3, Page(3)).first);
+  // The governor turns deltas off: page 5 goes whole, and the cache follows (seq 3), so the pause
+  // - which tries deltas whatever the governor says - sends a delta against what the destination has.
+  sel.ReportDelta(256, 0);
+  std::memset(Page(5) + 64, 0x33, 8);
+  runs = {{5, 1, RunKind::kScan, true}};
+  EncodeTally off;
+  enc.Encode(runs, 3, &off);
+  EXPECT_EQ(off.delta, 0u);
+  EXPECT_EQ(off.raw, 1u);
+  EXPECT_EQ(CachedSeq(cache, 5, Page(5)), (std::pair<bool, uint64_t>{true, 3}));
+  std::memset(Page(5) + 128, 0x44, 8);
+  EncodeTally paused;
+  auto rec = enc.Encode(runs, 4, &paused, {nullptr, /*paused=*/true});
+  EXPECT_EQ(paused.delta, 1u);
+  auto v = DecodeEncodedPages(std::span<const uint8_t>(rec).subspan(kRecordHeaderSize), kPages, kCapsSupported, dec_, &scratch_);
+  ASSERT_TRUE(v);
+  EXPECT_EQ(v->entries[0].base_seq, 3u);
+}
+
 TEST_F(Encoder, VersionOneGetsPlainPages) {
   Random(1, 5);
   PageEncoder enc(View(), {1, kCapProgress}, nullptr, nullptr);

@@ -21,6 +21,7 @@ void EncodeTally::Add(const EncodeTally& o) {
   resent_wire_bytes += o.resent_wire_bytes;
   records += o.records;
   codec_cpu_ns += o.codec_cpu_ns;
+  debounced += o.debounced;
   delta_attempts += o.delta_attempts;
   delta_produced += o.delta_produced;
 }
@@ -61,10 +62,11 @@ std::span<const uint8_t> PageEncoder::EncodeV1(std::span<const PageRun> runs, ui
   return rec;
 }
 
-std::span<const uint8_t> PageEncoder::Encode(std::span<const PageRun> runs, uint64_t seq, EncodeTally* t) {
+std::span<const uint8_t> PageEncoder::Encode(std::span<const PageRun> runs, uint64_t seq, EncodeTally* t, const EncodeOptions& opts) {
   if (cfg_.version < 2) return EncodeV1(runs, seq, t);
   v2_.Reset(seq, cfg_.caps & kCapZeroRuns);
-  const bool delta_on = cache_ && selector_->DeltaEnabled();
+  const SkipFilter* skip = opts.skip;
+  const bool delta_on = cache_ && (opts.paused ? selector_->DeltaAllowed() : selector_->DeltaEnabled());
   // A delta is worth sending if it is smaller than the full page would likely be after the codec.
   const size_t delta_limit =
       std::clamp<size_t>(static_cast<size_t>(kWirePageSize * selector_->ExpectedRatio()), 256, kMaxDeltaBytes);
@@ -107,16 +109,19 @@ std::span<const uint8_t> PageEncoder::Encode(std::span<const PageRun> runs, uint
               ++t->delta;
               continue;
             }
-            v2_.AddRaw(p, page_);
-            if (!cache_->Insert(p, page_, seq, true)) cache_->Erase(p);
-          } else if (delta_on) {
-            // First send (round 0): cache it while there is room, so its next send can be a delta.
-            v2_.AddRaw(p, page_);
-            if (!cache_->Insert(p, page_, seq, false)) cache_->Erase(p);
-          } else {
-            v2_.AddRaw(p, page_);
-            Forget(p, 1);
           }
+          // A full page is not worth sending if the guest wrote it since the harvest (debounce); a
+          // zero entry or a delta is, and keeps the destination's copy close for the final pass.
+          if (skip && (*skip)(p, resend)) {
+            ++t->debounced;
+            continue;
+          }
+          // Sent whole. The copy is cached - also while the governor has deltas off, so the cache
+          // is ready when they are back on: a re-sent page, or a warm one (likely sent again, e.g.
+          // one held back from round 0) may take another page's slot; a first send only a free
+          // one (round 0 fills the cache with whatever comes first).
+          v2_.AddRaw(p, page_);
+          if (cache_ && !cache_->Insert(p, page_, seq, resend || r.warm)) cache_->Erase(p);
           ++raw_pages;
         }
         break;
@@ -127,6 +132,7 @@ std::span<const uint8_t> PageEncoder::Encode(std::span<const PageRun> runs, uint
   if (attempts) selector_->ReportDelta(attempts, produced);
   t->delta_attempts += attempts;
   t->delta_produced += produced;
+  if (v2_.pages() == 0) return {};  // the filter left every page out: no record (none may be empty)
 
   const std::span<const uint8_t> body = v2_.body();
   t->body_bytes += body.size();

@@ -11,11 +11,19 @@
 // same bytes even while the guest writes the page (that write marks it dirty again).
 // Version 1 migrations get PAGES records with zero and raw entries only (at most 64 pages: the
 // caller bounds v1 batches).
+// Debounce (layering): with a `skip` filter, a page of a scan run that would go as a full page
+// (not zero, no delta) is left out of the record if the filter returns true at that moment - the
+// guest wrote it since the last dirty-log harvest, so the next one returns it and a full copy now
+// would only be sent again. Zero entries and deltas still go: they cost little and keep the
+// destination's copy close to what the final pass will send. The destination keeps the copy it
+// had, and so does the delta cache (the invariant holds). The filter gets (gfn, resend) and keeps
+// its own list of what it left out (v2 only).
 //
 // Threads: one encoder per sender thread; the cache and the selector are shared (thread-safe).
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -34,6 +42,7 @@ struct EncodeTally {
   uint64_t pages = 0, body_bytes = 0, wire_bytes = 0, records = 0;
   uint64_t resent_wire_bytes = 0;  // wire bytes of re-sent pages (their share of the body, after the codec)
   uint64_t codec_cpu_ns = 0, delta_attempts = 0, delta_produced = 0;
+  uint64_t debounced = 0;  // pages the skip filter left out (not in `pages`)
   void Add(const EncodeTally& o);
 };
 
@@ -42,15 +51,25 @@ struct EncoderConfig {
   uint64_t caps = 0;  // negotiated
 };
 
+struct EncodeOptions {
+  using SkipFilter = std::function<bool(uint64_t gfn, bool resend)>;
+  const SkipFilter* skip = nullptr;  // debounce (above); null: none
+  // The VM is paused (the final pass): deltas are tried whatever the delta governor says - every
+  // byte saved shortens the pause, and a delta attempt costs less than sending the page.
+  bool paused = false;
+};
+
 class PageEncoder {
  public:
   // ram: guest RAM (page i at ram + i * 4096); cache may be null (deltas off); selector is
   // required for version 2.
   PageEncoder(const uint8_t* ram, EncoderConfig cfg, DeltaCache* cache, CodecSelector* selector);
-  // One record for `runs` with sequence number `seq` (a run's `resend`: its pages were sent
-  // before, so their copies may evict other cache entries). The span stays valid until the next
+  // One record for `runs` with sequence number `seq` (a run's `resend` or `warm`: its pages were
+  // sent before or are likely to be sent again, so their copies may evict other cache entries). The span stays valid until the next
   // Encode.
-  std::span<const uint8_t> Encode(std::span<const PageRun> runs, uint64_t seq, EncodeTally* tally);
+  // Empty when the skip filter left every page out (nothing to send).
+  using SkipFilter = EncodeOptions::SkipFilter;
+  std::span<const uint8_t> Encode(std::span<const PageRun> runs, uint64_t seq, EncodeTally* tally, const EncodeOptions& opts = {});
 
  private:
   std::span<const uint8_t> EncodeV1(std::span<const PageRun> runs, uint64_t seq, EncodeTally* t);

@@ -1,6 +1,6 @@
 // A run of consecutive guest pages to send, as the engine's scheduler hands them to the codec
-// stage: what the pages are known to be (read them, known zero, reported free) and whether they
-// were sent before. Plain data.
+// stage: what the pages are known to be (read them, known zero, reported free), whether they
+// were sent before, and whether they are likely to be sent again. Plain data.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +14,7 @@ struct PageRun {
   uint32_t count = 0;
   RunKind kind = RunKind::kScan;
   bool resend = false;  // the pages were sent before
+  bool warm = false;    // written in recent dirty-log samples: likely to be sent again
 };
 
 }  // namespace ferry::migration

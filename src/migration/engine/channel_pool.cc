@@ -9,6 +9,8 @@ namespace {
 // Path samples: every 100 ms, and every 5 ms until the path has been measured once (a small
 // migration is over in a few hundred milliseconds; until the rate is known, pages go raw).
 constexpr uint64_t kSampleEveryNs = 100'000'000, kSampleEarlyNs = 5'000'000;
+// Debounce: how often a page's first send may be left out.
+constexpr uint8_t kMaxFirstSendSkips = 1;
 }
 
 ChannelPool::ChannelPool(std::vector<std::unique_ptr<Socket>> sockets, const RamView& ram, Options opts, DeltaCache* cache,
@@ -19,7 +21,8 @@ ChannelPool::ChannelPool(std::vector<std::unique_ptr<Socket>> sockets, const Ram
       cache_(cache),
       selector_(selector),
       limiter_(limiter),
-      worker_cpu_ns_(new std::atomic<uint64_t>[sockets_.size()]) {
+      worker_cpu_ns_(new std::atomic<uint64_t>[sockets_.size()]),
+      first_skips_(ram.size / kWirePageSize, 0) {
   next_seq_.store(std::max<uint64_t>(opts_.first_seq, 1));
   sample_ns_ = NowNs();
   for (size_t i = 0; i < sockets_.size(); ++i) {
@@ -68,9 +71,29 @@ Status ChannelPool::Flush() {
   return {};
 }
 
+std::vector<uint64_t> ChannelPool::Harvest(PageBitmap* dirty, PageBitmap* freed) {
+  std::lock_guard<std::mutex> l(debounce_mu_);
+  ram_.dirty->Harvest(dirty, freed);
+  std::vector<uint64_t> unsent;
+  unsent.swap(unsent_);
+  return unsent;
+}
+
 void ChannelPool::Worker(size_t index) {
   Socket& sock = *sockets_[index];
   PageEncoder encoder(ram_.host, opts_.encoder, cache_, selector_);
+  const PageEncoder::SkipFilter debounce = [this](uint64_t gfn, bool resend) {
+    std::lock_guard<std::mutex> l(debounce_mu_);
+    if (!ram_.dirty->WrittenSinceHarvest(gfn)) return false;
+    if (!resend) {
+      // A page the guest never stops writing is sent once anyway: then the destination has a
+      // copy, and its later sends (the final one too) can be deltas.
+      if (gfn >= first_skips_.size() || first_skips_[gfn] >= kMaxFirstSendSkips) return false;
+      ++first_skips_[gfn];
+      unsent_.push_back(gfn);
+    }
+    return true;
+  };
   for (;;) {
     Batch b;
     {
@@ -83,9 +106,11 @@ void ChannelPool::Worker(size_t index) {
       if (queue_.size() <= opts_.low_watermark) space_cv_.notify_all();
     }
     EncodeTally t;
-    const std::span<const uint8_t> rec = encoder.Encode(b.runs, next_seq_.fetch_add(1), &t);
-    Status s = unlimited_.load() || limiter_->Acquire(rec.size(), cancelled_) ? sock.WriteAll(rec)
-                                                                              : Status(Errorf(ErrorCode::kCancelled, "cancelled"));
+    const std::span<const uint8_t> rec = encoder.Encode(b.runs, next_seq_.fetch_add(1), &t, {b.debounce && ram_.dirty ? &debounce : nullptr, b.paused});
+    Status s;
+    if (!rec.empty())  // empty: the debounce left every page out
+      s = unlimited_.load() || limiter_->Acquire(rec.size(), cancelled_) ? sock.WriteAll(rec)
+                                                                         : Status(Errorf(ErrorCode::kCancelled, "cancelled"));
     worker_cpu_ns_[index].store(ThreadCpuNs(), std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> l(mu_);

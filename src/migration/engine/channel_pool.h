@@ -6,6 +6,10 @@
 // of a page always carries a higher seq, see docs/protocol.md), runs the codec stage
 // (PageEncoder: zero/free runs, deltas, compression - on the worker, so codec work runs on as
 // many threads as there are channels), waits for the shared rate limiter and writes the record.
+// Debounce (Batch::debounce, layering): a worker leaves out a page that would go as a full page if
+// the guest wrote it since the last dirty-log harvest (the next harvest returns it); a page's first
+// send is left out at most once, so a page the guest never stops writing still reaches the
+// destination once and can go as deltas afterwards.
 // Watermarks: Submit() blocks once `high` batches are queued and resumes when the queue is down
 // to `low`, so at most high + workers batches exist at once. Flush() returns when every
 // submitted batch is on the wire.
@@ -62,6 +66,12 @@ class ChannelPool {
   // when the cap held every connection back all along (the path is faster than the cap).
   void LiftRateLimit();
 
+  // A dirty-log harvest in step with the workers' debounce (Batch::debounce): their check of a page
+  // and this harvest take one lock, so every page a worker left out is handed back by the next
+  // call, whose harvest returns it as written. Returns the first sends left out since the last
+  // call (PageScheduler::Unsend, before AddHarvest).
+  std::vector<uint64_t> Harvest(PageBitmap* dirty, PageBitmap* freed);
+
   // A sequence number for a record sent outside the pool (post-copy: requested pages on the
   // control connection), from the same counter as the pool's records.
   uint64_t TakeSeq() { return next_seq_.fetch_add(1); }
@@ -104,6 +114,11 @@ class ChannelPool {
   bool stop_ = false;                 // GUARDED_BY(mu_)
   std::optional<Error> error_;        // GUARDED_BY(mu_)
   EncodeTally tally_;                 // GUARDED_BY(mu_)
+
+  // Debounce: the workers' check of a page and Harvest().
+  std::mutex debounce_mu_;
+  std::vector<uint64_t> unsent_;      // GUARDED_BY(debounce_mu_): first sends left out since the last Harvest
+  std::vector<uint8_t> first_skips_;  // GUARDED_BY(debounce_mu_): per page, how often its first send was left out
 
   // Path sampling (one worker at a time).
   std::atomic<uint64_t> next_sample_ns_{0};

@@ -24,6 +24,7 @@ class LogTracker final : public DirtyTracker {
   explicit LogTracker(DirtyLog* log) : log_(log) {}
   void Harvest(PageBitmap* dirty, PageBitmap* freed) override { log_->Harvest(dirty, freed); }
   uint64_t CountDirty() const override { return log_->CountDirty(); }
+  bool WrittenSinceHarvest(uint64_t page) const override { return log_->IsDirty(page); }
 
  private:
   DirtyLog* log_;

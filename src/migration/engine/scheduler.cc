@@ -13,16 +13,16 @@ LayeringConfig Sanitize(LayeringConfig c) {
 
 // Appends page p to runs, merging with the last run when contiguous and alike.
 // Returns false (and appends nothing) when that needs a new run beyond max_runs.
-bool Append(std::vector<PageRun>* runs, uint64_t p, RunKind kind, bool resend, uint64_t max_runs) {
+bool Append(std::vector<PageRun>* runs, uint64_t p, RunKind kind, bool resend, uint64_t max_runs, bool warm = false) {
   if (!runs->empty()) {
     PageRun& last = runs->back();
-    if (last.kind == kind && last.resend == resend && last.gfn + last.count == p && last.count < UINT32_MAX) {
+    if (last.kind == kind && last.resend == resend && last.warm == warm && last.gfn + last.count == p && last.count < UINT32_MAX) {
       ++last.count;
       return true;
     }
   }
   if (runs->size() >= max_runs) return false;
-  runs->push_back({p, 1, kind, resend});
+  runs->push_back({p, 1, kind, resend, warm});
   return true;
 }
 
@@ -56,12 +56,18 @@ uint64_t PageScheduler::AddHarvest(const PageBitmap& dirty, const PageBitmap& fr
       ++marked;
       if (!(state_[p] & kPending)) ++pending_;
       // Written: whatever it was known as before, only its contents count now.
-      state_[p] = static_cast<uint8_t>((state_[p] & kSent) | kPending | (TestPage(freed, p) ? kFree : 0));
+      state_[p] = static_cast<uint8_t>((state_[p] & (kSent | kFirstOut)) | kPending | (TestPage(freed, p) ? kFree : 0));
     }
   }
   if (cursor_run_ < order_.size() || deferred_cursor_ < deferred_.size()) ChooseThreshold();  // a pass is running
 
   return marked;
+}
+
+void PageScheduler::Unsend(const std::vector<uint64_t>& pages) {
+  // Only a page not handed out again since: a later hand-out may have sent it (then it stays sent).
+  for (const uint64_t p : pages)
+    if (p < pages_ && (state_[p] & kFirstOut)) state_[p] = static_cast<uint8_t>(state_[p] & ~(kSent | kFirstOut));
 }
 
 void PageScheduler::ChooseThreshold() {
@@ -125,8 +131,8 @@ bool PageScheduler::Take(uint64_t p, const BatchLimits& limits, Batch* out, uint
   const RunKind kind = (s & kFree) ? RunKind::kFree : (s & kZero) ? RunKind::kZero : RunKind::kScan;
   const bool resend = s & kSent;
   if ((kind == RunKind::kScan && *scan >= limits.max_scan_pages) || *total >= limits.max_pages) return false;
-  if (!Append(&out->runs, p, kind, resend, limits.max_runs)) return false;
-  state_[p] = static_cast<uint8_t>((s & ~(kPending | kZero)) | kSent);
+  if (!Append(&out->runs, p, kind, resend, limits.max_runs, kind == RunKind::kScan && Recent(p) > 0)) return false;
+  state_[p] = static_cast<uint8_t>((s & ~(kPending | kZero | kFirstOut)) | kSent | (resend ? 0 : kFirstOut));
   --pending_;
   ++*total;
   ++pass_.pages;
@@ -184,7 +190,7 @@ uint64_t PageScheduler::TakeAllPending(PageBitmap* scan, std::vector<PageRun>* n
       SetPage(*scan, p);
       ++n;
     }
-    state_[p] = static_cast<uint8_t>((s & ~(kPending | kZero)) | kSent);
+    state_[p] = static_cast<uint8_t>((s & ~(kPending | kZero | kFirstOut)) | kSent);
   }
   pending_ = 0;
   order_.clear();

@@ -28,6 +28,9 @@
 //     likelier to be written again than one that was not, and by then it may be hot (held back);
 //     its free/zero shortcut is dropped;
 //   - a page written after it was handed out is pending again, for the next pass.
+// The same debounce at the finest grain happens when a page is read (Batch::debounce): the channel
+// worker leaves out a page written since the last harvest, which the next harvest makes pending
+// again; first sends left out that way come back through Unsend, so they are not counted as sent.
 //
 // Not thread-safe: owned by the migration thread. Cost: O(pages) per pass begin and per harvest.
 #pragma once
@@ -43,6 +46,10 @@ namespace ferry::migration {
 // One unit of work for a sender.
 struct Batch {
   std::vector<PageRun> runs;
+  // Debounce when read (layering, not in the final pass): the channel worker leaves out pages the
+  // guest wrote since the last harvest (PageEncoder's skip filter, ChannelPool::Harvest).
+  bool debounce = false;
+  bool paused = false;  // the final pass (EncodeOptions::paused)
 };
 
 struct BatchLimits {
@@ -74,6 +81,9 @@ class PageScheduler {
   // A dirty-log sample: the pages written since the previous one become pending (freed ones as
   // free); the history shifts. Returns how many pages it marked.
   uint64_t AddHarvest(const PageBitmap& dirty, const PageBitmap& freed);
+  // Pages handed out as first sends that were left out when read (Batch::debounce): never sent after
+  // all. Call before the AddHarvest that returns them (ChannelPool::Harvest gives both in order).
+  void Unsend(const std::vector<uint64_t>& pages);
   // Starts a pass over the pages pending now. final: nothing is held back.
   void BeginPass(bool final, uint64_t holdback_budget_pages);
   // A new budget for the rest of the pass (the bandwidth is better known now); used from the next
@@ -91,7 +101,8 @@ class PageScheduler {
   const LayeringConfig& config() const { return cfg_; }
 
  private:
-  static constexpr uint8_t kPending = 1, kFree = 2, kZero = 4, kSent = 8;
+  // kFirstOut: handed out once, as a first send, and not since (Unsend may take kSent back).
+  static constexpr uint8_t kPending = 1, kFree = 2, kZero = 4, kSent = 8, kFirstOut = 16;
   // Regions of 2 MiB; warm when at least 1/kWarmRegionShare of its pages were written in recent samples.
   static constexpr uint64_t kRegionPages = 512, kWarmRegionShare = 8;
   uint32_t Recent(uint64_t p) const { return static_cast<uint32_t>(__builtin_popcount(history_[p] & mask_)); }

@@ -108,6 +108,31 @@ TEST(Scheduler, WrittenPagesComeBackAndAFreedPageIsFreeUntilWritten) {
   EXPECT_EQ(p.stats.scan_pages, 1u);
 }
 
+TEST(Scheduler, FirstSendsLeftOutWhenReadCountAsNeverSent) {
+  PageScheduler s(8, {true, 4, 2});
+  s.Start({}, {});
+  Drained first = Drain(s, false, 0);
+  ASSERT_EQ(first.stats.pages, 8u);
+  // The workers left pages 2 and 3 out when reading them (written since the harvest), and 6 was
+  // handed out again after a harvest before its first hand-out came back as left out: it may have
+  // been sent by then, so it stays sent.
+  s.AddHarvest(Bits(8, {6}), {});
+  Drained again = Drain(s, false, 0);
+  ASSERT_EQ(again.order, (std::vector<uint64_t>{6}));
+  s.Unsend({2, 3, 6, 99});  // 99: out of range, ignored
+  s.AddHarvest(Bits(8, {2, 3, 6}), {});
+  Drained p = Drain(s, false, 0);
+  ASSERT_EQ(p.order, (std::vector<uint64_t>{2, 3, 6}));
+  EXPECT_EQ(p.stats.resent_pages, 1u) << "2 and 3 are first sends now; 6 is a re-send";
+  for (const auto& r : p.runs) EXPECT_EQ(r.resend, r.gfn == 6) << r.gfn;
+  // 2 went out as a first send and was not given back: a re-send from now on. 7's only hand-out,
+  // in the first pass, comes back as left out: its next send is its first.
+  s.Unsend({7});
+  s.AddHarvest(Bits(8, {2, 7}), {});
+  p = Drain(s, false, 0);
+  for (const auto& r : p.runs) EXPECT_EQ(r.resend, r.gfn == 2) << r.gfn;
+}
+
 TEST(Scheduler, AHarvestDuringThePassIsHonoured) {
   PageScheduler s(8, {false, 4, 2});
   s.Start(Range(8, 4, 4), Bits(8, {}));  // 4..7 known zero

@@ -14,7 +14,7 @@ namespace {
 
 // v2 batches: at most this many pages read per record (512 KiB of body before the codec) and a
 // margin below the entry limit; v1 records hold at most kMaxPagesPerRecord pages of any kind.
-constexpr uint32_t kBatchScanPages = 128;
+constexpr uint32_t kBatchScanPages = 128, kMinBatchScanPages = 16;
 constexpr uint32_t kBatchEntries = kMaxEncodedEntries - 8;
 // Dirty-log samples inside a long pass (layering's history).
 constexpr uint64_t kSampleIntervalNs = 100'000'000;
@@ -59,6 +59,7 @@ nlohmann::json SentSince(const EncodeTally& t, const EncodeTally& before) {
           {"free_pages", t.free - before.free},
           {"delta_pages", t.delta - before.delta},
           {"compressed_pages", (t.lz4 + t.zstd) - (before.lz4 + before.zstd)},
+          {"debounced_pages", t.debounced - before.debounced},
           {"bytes", t.wire_bytes - before.wire_bytes}};
 }
 
@@ -384,7 +385,10 @@ Result<uint64_t> SourceMigration::SendPass(bool final, uint64_t holdback_budget)
   // every page is an entry of a PAGES record.
   BatchLimits limits;
   if (version_ >= 2) {
-    limits.max_scan_pages = kBatchScanPages;
+    // A small pass (a watch look, the final pass) goes in at least two batches per channel: every
+    // worker encodes a share, and the first records are on the wire while the last are encoded.
+    const uint64_t share = (scheduler_->pending() + 2 * params_.channels - 1) / (2 * params_.channels);
+    limits.max_scan_pages = std::clamp<uint64_t>(share, kMinBatchScanPages, kBatchScanPages);
     limits.max_runs = kBatchEntries;
   } else {
     limits.max_scan_pages = limits.max_pages = limits.max_runs = kMaxPagesPerRecord;
@@ -396,17 +400,23 @@ Result<uint64_t> SourceMigration::SendPass(bool final, uint64_t holdback_budget)
   PageBitmap dirty, freed;
   Batch b;
   while (scheduler_->NextBatch(limits, &b)) {
+    b.debounce = params_.layering && !final;  // the final pass: the VM is paused, every page goes
+    b.paused = final;
     FERRY_RETURN_IF_ERROR(pool_->Submit(std::move(b)), "send pages");
     if (!final && postcopy_requested_) break;  // the rest goes in post-copy
     b = Batch{};
     if (sample && NowNs() >= next_sample) {
       scheduler_->SetHoldbackBudget(HoldbackBudget());
-      ram_.dirty->Harvest(&dirty, &freed);
-      sampled += scheduler_->AddHarvest(dirty, freed);
+      sampled += Sample(&dirty, &freed);
       next_sample = NowNs() + kSampleIntervalNs;
     }
   }
   return sampled;
+}
+
+uint64_t SourceMigration::Sample(PageBitmap* dirty, PageBitmap* freed) {
+  scheduler_->Unsend(pool_->Harvest(dirty, freed));
+  return scheduler_->AddHarvest(*dirty, *freed);
 }
 
 uint64_t SourceMigration::HoldbackBudget() const {
@@ -441,18 +451,16 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
       // the end of round 0, where the samples taken meanwhile tell whether they are hot (held
       // back) or not. A guest that writes little is not worth the wait.
       std::this_thread::sleep_for(std::chrono::nanoseconds(kWarmupFirstNs));
-      ram_.dirty->Harvest(&dirty, &freed);
-      uint64_t written = scheduler_->AddHarvest(dirty, freed);
+      uint64_t written = Sample(&dirty, &freed);
       if (static_cast<double>(written) * 1e9 / kWarmupFirstNs >= kWarmupMinPagesPerS) {
         std::this_thread::sleep_for(std::chrono::nanoseconds(kWarmupNs - kWarmupFirstNs));
-        ram_.dirty->Harvest(&dirty, &freed);
-        written += scheduler_->AddHarvest(dirty, freed);
+        written += Sample(&dirty, &freed);
       }
       spdlog::info("migration: {} pages written in the first {:.0f} ms", written, MsFromNs(NowNs() - rounds_start_ns_));
     }
   }
   const EncodeTally before = pool_->tally();
-  round_pages_base_.store(before.pages);
+  round_pages_base_.store(before.pages + before.debounced);
   auto sampled = SendPass(false, HoldbackBudget());
   if (!sampled) return std::unexpected(sampled.error().WithContext(fmt::format("iteration {}", it)));
   const PassStats pass = scheduler_->pass();
@@ -476,8 +484,7 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
   double bw = static_cast<double>(total_round_bytes_) * 1e9 / static_cast<double>(total_round_ns_);
   if (params_.max_bandwidth) bw = std::min(bw, static_cast<double>(params_.max_bandwidth));
 
-  ram_.dirty->Harvest(&dirty, &freed);
-  const uint64_t dirtied = *sampled + scheduler_->AddHarvest(dirty, freed);
+  const uint64_t dirtied = *sampled + Sample(&dirty, &freed);
   // The state estimate is a command to the VM (a round trip to its vCPU thread): its latency is
   // what pausing the VM and saving its state cost at the start of the pause.
   const uint64_t t_call = NowNs();
@@ -517,9 +524,9 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
                         {"decision", DecisionName(d.kind)}});
     history_.push_back(std::move(entry));
   }
-  spdlog::info("migration: iteration {}: {} pages ({} zero, {} held back, k={}/{}), {:.1f} MiB in {:.1f} ms, {:.0f} B/page; "
-               "{} pending, predicted downtime {:.1f} ms: {}",
-               it, pass.pages, t.zero - before.zero, pass.held_back, pass.hot_k, pass.window,
+  spdlog::info("migration: iteration {}: {} pages ({} zero, {} held back, k={}/{}, {} left out as written since the harvest), "
+               "{:.1f} MiB in {:.1f} ms, {:.0f} B/page; {} pending, predicted downtime {:.1f} ms: {}",
+               it, pass.pages, t.zero - before.zero, pass.held_back, pass.hot_k, pass.window, t.debounced - before.debounced,
                static_cast<double>(bytes) / (1 << 20), MsFromNs(ns), bytes_per_page_, m.remaining_pages, d.predicted_downtime_ms,
                d.reason);
   ++round_;
@@ -609,15 +616,14 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     if (const uint64_t now = NowNs(); due > now) std::this_thread::sleep_for(std::chrono::nanoseconds(due - now));
     const uint64_t t_harvest = NowNs();
     if (ticks > 0) {
-      ram_.dirty->Harvest(&dirty, &freed);
-      scheduler_->AddHarvest(dirty, freed);
+      Sample(&dirty, &freed);
       newest_dirty = CountPages(dirty);
       newest_span_ms = MsFromNs(t_harvest - last_harvest_ns);
       last_harvest_ns = t_harvest;
     }
     // Everything dirtied goes now, hot pages too: the set stays at its floor.
     const EncodeTally tick_before = pool_->tally();
-    round_pages_base_.store(tick_before.pages);
+    round_pages_base_.store(tick_before.pages + tick_before.debounced);
     const uint64_t t_send = NowNs();
     auto sent = SendPass(false, 0);
     if (!sent) return std::unexpected(sent.error().WithContext("watch"));
@@ -737,17 +743,17 @@ Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
     pause_ns_ = t_pause;
   }
   FERRY_RETURN_IF_ERROR(vm_->Pause(), "pause source VM");
+  const uint64_t t_paused = NowNs();
   paused_by_us_ = true;
   if (cpu_share_set_ != 1.0) {
     (void)vm_->SetCpuShare(1.0);  // paused anyway; the destination runs at full speed
     cpu_share_set_ = 1.0;
   }
   PageBitmap dirty, freed;
-  ram_.dirty->Harvest(&dirty, &freed);
-  scheduler_->AddHarvest(dirty, freed);
+  Sample(&dirty, &freed);
   pool_->LiftRateLimit();  // max_bandwidth limits the live phase, not the pause
   const EncodeTally before = pool_->tally();
-  round_pages_base_.store(before.pages);
+  round_pages_base_.store(before.pages + before.debounced);
   auto sent = SendPass(true, 0);
   if (!sent) return std::unexpected(sent.error().WithContext("final pages"));
   const PassStats pass = scheduler_->pass();
@@ -758,12 +764,13 @@ Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
   const uint64_t t_saved = handover->saved_ns, t_end = handover->end_ns, t_ready = handover->ready_ns;
   const uint64_t state_bytes = handover->state_bytes;
   const EncodeTally t = pool_->tally();
-  spdlog::info("migration: stop-and-copy: {} pages, final pages {:.2f} ms, save state {:.2f} ms ({} bytes), send state + END {:.2f} ms, "
-               "destination READY after {:.2f} ms",
-               pass.pages, MsFromNs(t_pages - t_pause), MsFromNs(t_saved - t_pages), state_bytes, MsFromNs(t_end - t_saved),
+  spdlog::info("migration: stop-and-copy: {} pages, final pages {:.2f} ms (pause {:.2f} ms), save state {:.2f} ms ({} bytes), "
+               "send state + END {:.2f} ms, destination READY after {:.2f} ms",
+               pass.pages, MsFromNs(t_pages - t_pause), MsFromNs(t_paused - t_pause), MsFromNs(t_saved - t_pages), state_bytes, MsFromNs(t_end - t_saved),
                MsFromNs(t_ready - t_end));
   std::lock_guard<std::mutex> l(stats_mu_);
   final_pages_ms_ = MsFromNs(t_pages - t_pause);
+  pause_ms_ = MsFromNs(t_paused - t_pause);
   state_ms_ = MsFromNs(t_ready - t_pages);
   nlohmann::json entry = SentSince(t, before);
   entry.update({{"iteration", iterations_},
@@ -821,14 +828,14 @@ Result<SourceMigration::Phase> SourceMigration::Postcopy() {
     mode_ran_ = "postcopy";
   }
   FERRY_RETURN_IF_ERROR(vm_->Pause(), "pause source VM");
+  const uint64_t t_paused = NowNs();
   paused_by_us_ = true;
   if (cpu_share_set_ != 1.0) {
     (void)vm_->SetCpuShare(1.0);
     cpu_share_set_ = 1.0;
   }
   PageBitmap dirty, freed;
-  ram_.dirty->Harvest(&dirty, &freed);
-  scheduler_->AddHarvest(dirty, freed);
+  Sample(&dirty, &freed);
   // max_bandwidth keeps limiting the background push (the guest runs meanwhile, as in the live
   // phase); requested pages go on the control connection, outside the limit.
   FERRY_RETURN_IF_ERROR(pool_->Flush(), "post-copy switch");
@@ -864,6 +871,7 @@ Result<SourceMigration::Phase> SourceMigration::Postcopy() {
   {
     std::lock_guard<std::mutex> l(stats_mu_);
     final_pages_ms_ = MsFromNs(t_end - t_pause);
+    pause_ms_ = MsFromNs(t_paused - t_pause);
     state_ms_ = MsFromNs(NowNs() - t_end);
     postcopy_pages_ = pc_missing_count_;
     history_.push_back({{"iteration", iterations_}, {"postcopy", true}, {"missing_pages", pc_missing_count_},
@@ -1188,6 +1196,7 @@ nlohmann::json SourceMigration::Stats() const {
       {"pages_by_encoding",
        {{"zero", t.zero}, {"raw", t.raw}, {"lz4", t.lz4}, {"zstd", t.zstd}, {"delta", t.delta}, {"free", t.free}, {"held_back", held_back_total_}}},
       {"resent_bytes", t.resent_wire_bytes},
+      {"debounced_pages", t.debounced},
       {"source_cpu_ms", static_cast<double>(cpu_ns) / 1e6},
       {"codec_cpu_ms", static_cast<double>(t.codec_cpu_ns) / 1e6},
       {"dirty_pages_rate", dirty_rate_},
@@ -1195,14 +1204,15 @@ nlohmann::json SourceMigration::Stats() const {
       {"iterations", iterations_},
       {"mbps", bandwidth_bps_ / 1e6},
       {"converged", converged_},
-      {"round_progress", {{"pages", t.pages - std::min(t.pages, round_pages_base_.load())}, {"of", round_pages_total_.load()}}},
+      {"round_progress", {{"pages", t.pages + t.debounced - std::min(t.pages + t.debounced, round_pages_base_.load())},
+                          {"of", round_pages_total_.load()}}},
       {"codec", codec},
       {"delta_cache", cache},
       {"history", history_},
   };
   if (st == MigrationStatus::kCompleted) {
     j["downtime_ms"] = downtime_ms_;
-    j["downtime_phases"] = {{"final_pages_ms", final_pages_ms_}, {"state_ms", state_ms_}, {"resume_ms", resume_ms_}};
+    j["downtime_phases"] = {{"pause_ms", pause_ms_}, {"final_pages_ms", final_pages_ms_}, {"state_ms", state_ms_}, {"resume_ms", resume_ms_}};
     j["remaining_bytes"] = 0;
   }
   j["mode"] = mode_ran_;

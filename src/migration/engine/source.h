@@ -141,6 +141,9 @@ class SourceMigration {
   Result<uint64_t> SendPass(bool final, uint64_t holdback_budget);
   // Pages layering may hold back for the final round (half the downtime target at the rate so far).
   uint64_t HoldbackBudget() const;
+  // The next dirty-log sample into the scheduler, after taking back the first sends the channel
+  // workers left out since the last one (debounce). Returns the pages it marked.
+  uint64_t Sample(PageBitmap* dirty, PageBitmap* freed);
   // Waits until the destination applied every page record sent so far (kCapProgress).
   Status WaitDrained();
   // The error to report for a failed step: the destination's own ERROR when it sent one.
@@ -226,7 +229,7 @@ class SourceMigration {
   mutable std::mutex stats_mu_;
   uint64_t start_ns_ = 0, setup_ns_ = 0, end_ns_ = 0;
   uint64_t pause_ns_ = 0;
-  double final_pages_ms_ = 0, state_ms_ = 0, resume_ms_ = 0, downtime_ms_ = 0;
+  double pause_ms_ = 0, final_pages_ms_ = 0, state_ms_ = 0, resume_ms_ = 0, downtime_ms_ = 0;
   double expected_downtime_ms_ = 0, bandwidth_bps_ = 0, dirty_rate_ = 0, rtt_ms_ = 0;
   std::string mode_ran_ = "precopy";
   uint64_t go_ns_ = 0;

@@ -38,6 +38,10 @@ class DirtyTracker {
   virtual void Harvest(PageBitmap* dirty, PageBitmap* freed) = 0;
   // Pages currently marked (not harvested yet); cheap enough to call once per round.
   virtual uint64_t CountDirty() const = 0;
+  // A peek, not a harvest: true if page `page` was written (or reported free) since the last
+  // Harvest(), so the next one will return it. A write still completing may read as false.
+  // Cheap (one load): called per page as pages are handed out.
+  virtual bool WrittenSinceHarvest(uint64_t page) const = 0;
 };
 
 struct RamView {
