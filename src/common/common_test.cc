@@ -2,8 +2,10 @@
 
 #include "common/crc32c.h"
 #include "common/error.h"
+#include "common/json.h"
 #include "common/size.h"
 #include "common/state_io.h"
+#include "common/text.h"
 
 namespace ferry {
 namespace {
@@ -78,6 +80,70 @@ TEST(StateIo, RejectsNewerVersion) {
 TEST(Error, ContextChains) {
   Error e(ErrorCode::kCorrupt, "bad crc");
   EXPECT_EQ(e.WithContext("decode cpu").WithContext("restore").message(), "restore: decode cpu: bad crc");
+}
+
+}  // namespace
+}  // namespace ferry
+
+namespace ferry {
+namespace {
+
+TEST(PrintableText, KeepsValidUtf8AndReplacesEverythingElse) {
+  EXPECT_EQ(PrintableText("plain ascii\tand tab"), "plain ascii\tand tab");
+  EXPECT_EQ(PrintableText("gr\xC3\xBC\xC3\x9F \xE2\x82\xAC \xF0\x9F\x98\x80"), "gr\xC3\xBC\xC3\x9F \xE2\x82\xAC \xF0\x9F\x98\x80");
+  const std::string r = "\xEF\xBF\xBD";
+  EXPECT_EQ(PrintableText("a\xFFz"), "a" + r + "z");                   // not UTF-8 at all
+  EXPECT_EQ(PrintableText("\xC0\xAF"), r + r);                        // overlong
+  EXPECT_EQ(PrintableText("\xED\xA0\x80"), r + r + r);               // a surrogate
+  EXPECT_EQ(PrintableText("\xF4\x90\x80\x80"), r + r + r + r);      // above U+10FFFF
+  EXPECT_EQ(PrintableText("\xE2\x82"), r + r);                        // truncated sequence
+  EXPECT_EQ(PrintableText("bell\x07 esc\x1B[2J del\x7F nl\n"), "bell" + r + " esc" + r + "[2J del" + r + " nl" + r);
+  EXPECT_EQ(PrintableText(std::string("nul\0x", 5)), "nul" + r + "x");
+}
+
+TEST(PrintableText, CutsAtACharacterBoundary) {
+  EXPECT_EQ(PrintableText("abcdef", 4), "abcd");
+  EXPECT_EQ(PrintableText("ab\xE2\x82\xAC", 4), "ab");  // the euro sign would not fit whole
+  EXPECT_EQ(PrintableText("", 4), "");
+}
+
+}  // namespace
+}  // namespace ferry
+
+namespace ferry {
+namespace {
+
+std::string Nested(int depth) { return std::string(static_cast<size_t>(depth), '[') + std::string(static_cast<size_t>(depth), ']'); }
+
+TEST(ParseJson, ValidTextAndClearErrors) {
+  auto j = ParseJson(R"({"a": [1, {"b": "c"}]})", "body");
+  ASSERT_TRUE(j) << j.error().message();
+  EXPECT_EQ((*j)["a"][1]["b"], "c");
+  auto bad = ParseJson("{not json", "request body");
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(bad.error().message().find("request body: not valid JSON"), std::string::npos) << bad.error().message();
+  auto code = ParseJson("", "CONFIG", ErrorCode::kCorrupt);
+  ASSERT_FALSE(code);
+  EXPECT_EQ(code.error().code(), ErrorCode::kCorrupt);
+  // Bytes from the text in the parser's message stay printable.
+  auto bin = ParseJson("\xff\x1b", "body");
+  ASSERT_FALSE(bin);
+  EXPECT_EQ(bin.error().message().find('\x1b'), std::string::npos);
+}
+
+TEST(ParseJson, NestingIsBounded) {
+  EXPECT_TRUE(ParseJson(Nested(kMaxJsonDepth), "body"));
+  auto deep = ParseJson(Nested(kMaxJsonDepth + 1), "body");
+  ASSERT_FALSE(deep);
+  EXPECT_NE(deep.error().message().find("nested deeper than 64"), std::string::npos) << deep.error().message();
+  // Deep enough to overflow the stack if it were kept and copied: refused, no crash.
+  auto huge = ParseJson(Nested(1 << 20), "body");
+  ASSERT_FALSE(huge);
+  std::string objs;
+  for (int i = 0; i < 100000; ++i) objs += "{\"a\":";
+  objs += "1" + std::string(100000, '}');
+  EXPECT_FALSE(ParseJson(objs, "body"));
 }
 
 }  // namespace

@@ -7,6 +7,8 @@
 #include <httplib.h>
 #include <spdlog/spdlog.h>
 
+#include "common/json.h"
+#include "common/text.h"
 #include "migration/engine/incoming_stats.h"
 
 namespace ferry {
@@ -23,7 +25,8 @@ int HttpStatusFor(const Error& e) {
 namespace {
 void Reply(httplib::Response& res, int status, const nlohmann::json& body) {
   res.status = status;
-  res.set_content(body.dump(), "application/json");
+  // Strings may hold bytes from outside (a request path, a peer's text): never throw on them.
+  res.set_content(body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace), "application/json");
 }
 void ReplyError(httplib::Response& res, int status, const std::string& msg) { Reply(res, status, {{"error", msg}}); }
 void ReplyStatus(httplib::Response& res, const Status& s) {
@@ -190,8 +193,10 @@ void ApiServer::Routes() {
   svr.Put("/vm/snapshot", [with_vm, migrating](const httplib::Request& req, httplib::Response& res) {
     with_vm("snapshot", res, [&](Vm* vm, VmMigrationManager* mig) {
       if (migrating(mig, res)) return;
-      auto body = nlohmann::json::parse(req.body, nullptr, false);
-      if (body.is_discarded() || !body.is_object()) return ReplyError(res, 400, "request body must be a JSON object");
+      auto parsed = ParseJson(req.body, "request body");
+      if (!parsed) return ReplyError(res, 400, parsed.error().message());
+      nlohmann::json& body = *parsed;
+      if (!body.is_object()) return ReplyError(res, 400, "request body must be a JSON object");
       if (!body.contains("path") || !body["path"].is_string() || body["path"].get<std::string>().empty())
         return ReplyError(res, 400, "\"path\" (non-empty string) is required");
       for (auto& [k, v] : body.items())
@@ -203,8 +208,10 @@ void ApiServer::Routes() {
     svr.Put("/vm/migrate", [with_vm](const httplib::Request& req, httplib::Response& res) {
       with_vm("migrate", res, [&](Vm*, VmMigrationManager* mig) {
         if (!mig) return ReplyError(res, 409, "this VMM has no migration support");
-        auto body = nlohmann::json::parse(req.body, nullptr, false);
-        if (body.is_discarded() || !body.is_object()) return ReplyError(res, 400, "request body must be a JSON object");
+        auto parsed = ParseJson(req.body, "request body");
+        if (!parsed) return ReplyError(res, 400, parsed.error().message());
+        nlohmann::json& body = *parsed;
+        if (!body.is_object()) return ReplyError(res, 400, "request body must be a JSON object");
         auto s = mig->Start(body);
         if (!s) return ReplyError(res, HttpStatusFor(s.error()), s.error().message());
         Reply(res, 202, {{"ok", true}, {"status", "setup"}});
@@ -240,16 +247,18 @@ void ApiServer::Routes() {
     svr.Put("/vm/migration/recover", [with_vm](const httplib::Request& req, httplib::Response& res) {
       with_vm("recover a post-copy migration", res, [&](Vm*, VmMigrationManager* mig) {
         if (!mig) return ReplyError(res, 409, "this VMM has no migration support");
-        auto body = nlohmann::json::parse(req.body, nullptr, false);
-        if (body.is_discarded() || !body.is_object() || !body.contains("to") || !body["to"].is_string() || body.size() != 1)
+        auto parsed = ParseJson(req.body, "request body");
+        if (!parsed) return ReplyError(res, 400, parsed.error().message());
+        nlohmann::json& body = *parsed;
+        if (!body.is_object() || !body.contains("to") || !body["to"].is_string() || body.size() != 1)
           return ReplyError(res, 400, "request body must be {\"to\": \"tcp:HOST:PORT\"}");
         ReplyStatus(res, mig->Recover(body["to"].get<std::string>()));
       });
     });
   }
   svr.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
-    if (res.status == 404) ReplyError(res, 404, "no such endpoint: " + req.method + " " + req.path);
-    else if (res.status == 405) ReplyError(res, 405, "method not allowed: " + req.method + " " + req.path);
+    if (res.status == 404) ReplyError(res, 404, "no such endpoint: " + PrintableText(req.method, 64) + " " + PrintableText(req.path, 512));
+    else if (res.status == 405) ReplyError(res, 405, "method not allowed: " + PrintableText(req.method, 64) + " " + PrintableText(req.path, 512));
     else if (res.body.empty()) ReplyError(res, res.status, "request failed");
   });
   svr.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr) {

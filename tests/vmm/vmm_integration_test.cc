@@ -51,6 +51,12 @@ TEST_F(VmmTest, BootsToReadyWithin10sAndServesApi) {
   EXPECT_EQ(vm.Api("PUT", "/vm/snapshot", "{\"path\": 42}"), 400);
   EXPECT_EQ(vm.Api("PUT", "/vm/snapshot", "{\"path\": \"/tmp/x\", \"bogus\": 1}"), 400);
   EXPECT_EQ(vm.Api("GET", "/vm/nope"), 404);
+  // A path that is not UTF-8 (curl --unix-socket S 'http://x/%ff' used to end the VMM: the 404
+  // message could not be serialized): 404 with a message, and the VMM keeps serving.
+  EXPECT_EQ(vm.Api("GET", "/vm/%ff", "", &body), 404) << vm.Stderr();
+  EXPECT_NE(body.find("no such endpoint"), std::string::npos) << body;
+  EXPECT_EQ(vm.Api("PUT", std::string("/vm/\xff\xfe\x1b[2J"), "{}"), 404) << vm.Stderr();
+  EXPECT_EQ(vm.Get("/vm")["state"], "running");
   EXPECT_EQ(vm.Api("PUT", "/vm/pause", "{}"), 200);
   EXPECT_EQ(vm.Get("/vm")["state"], "paused");
   uint64_t t1 = vm.Get("/vm")["guest_time_ticks"].get<uint64_t>();

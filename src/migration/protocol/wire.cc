@@ -6,7 +6,9 @@
 #include <cstring>
 
 #include "common/crc32c.h"
+#include "common/json.h"
 #include "common/state_io.h"
+#include "common/text.h"
 #include "migration/protocol/decode_util.h"
 
 namespace ferry::migration {
@@ -220,9 +222,9 @@ std::vector<uint8_t> EncodeConfig(const nlohmann::json& config) {
 
 Result<nlohmann::json> DecodeConfig(std::span<const uint8_t> p) {
   if (p.size() > kMaxConfigBytes) return Errorf(ErrorCode::kCorrupt, "CONFIG: {} bytes exceeds the limit of {}", p.size(), kMaxConfigBytes);
-  auto j = nlohmann::json::parse(p.begin(), p.end(), nullptr, false);
-  if (j.is_discarded()) return Errorf(ErrorCode::kCorrupt, "CONFIG: not valid JSON");
-  if (!j.is_object()) return Errorf(ErrorCode::kCorrupt, "CONFIG: not a JSON object");
+  auto j = ParseJson({reinterpret_cast<const char*>(p.data()), p.size()}, "CONFIG", ErrorCode::kCorrupt);
+  if (!j) return std::unexpected(j.error());
+  if (!j->is_object()) return Errorf(ErrorCode::kCorrupt, "CONFIG: not a JSON object");
   return j;
 }
 
@@ -283,6 +285,7 @@ Result<ErrorMsg> DecodeError(std::span<const uint8_t> p) {
   FERRY_WIRE_GET(m.code, r.GetU32(), "ERROR");
   FERRY_WIRE_GET(m.message, GetShortString(r, kMaxMessageBytes, "ERROR message"), "ERROR");
   FERRY_RETURN_IF_ERROR(Finish(r, "ERROR"), "decode");
+  m.message = PrintableText(m.message);  // the peer's words go to logs and JSON
   return m;
 }
 
@@ -302,7 +305,7 @@ Result<std::string> DecodeCancel(std::span<const uint8_t> p) {
   std::string reason;
   FERRY_WIRE_GET(reason, GetShortString(r, kMaxMessageBytes, "CANCEL reason"), "CANCEL");
   FERRY_RETURN_IF_ERROR(Finish(r, "CANCEL"), "decode");
-  return reason;
+  return PrintableText(reason);
 }
 
 std::vector<uint8_t> Encode(const Progress& m) {

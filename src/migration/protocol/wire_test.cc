@@ -144,6 +144,14 @@ TEST(WireMessages, SmallRecords) {
   ASSERT_TRUE(c);
   EXPECT_EQ(*c, "operator");
   EXPECT_FALSE(DecodeCancel(std::vector<uint8_t>{5, 0, 'a'}));  // truncated string
+  // A peer's text that is not printable UTF-8 arrives printable (it goes to logs and JSON; an
+  // invalid byte used to make GET /vm/migration answer 500 for good).
+  auto bin = DecodeError(Encode(ErrorMsg{1, "bad \xff\xfe byte \x1b[2J"}));
+  ASSERT_TRUE(bin);
+  EXPECT_EQ(bin->message, "bad \xEF\xBF\xBD\xEF\xBF\xBD byte \xEF\xBF\xBD[2J");
+  auto cbin = DecodeCancel(EncodeCancel("op\xc3"));
+  ASSERT_TRUE(cbin);
+  EXPECT_EQ(*cbin, "op\xEF\xBF\xBD");
 
   auto pr = DecodeProgress(Encode(Progress{1, 2}));
   ASSERT_TRUE(pr);
@@ -161,6 +169,12 @@ TEST(WireMessages, ConfigAndState) {
   EXPECT_FALSE(DecodeConfig(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(arr.data()), arr.size())));
   std::vector<uint8_t> huge(kMaxConfigBytes + 1, ' ');
   EXPECT_FALSE(DecodeConfig(huge));
+  // Nested deep enough to overflow the stack when copied: refused by name.
+  std::string deep = "{\"a\":" + std::string(200000, '[') + std::string(200000, ']') + "}";
+  auto d = DecodeConfig(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(deep.data()), deep.size()));
+  ASSERT_FALSE(d);
+  EXPECT_EQ(d.error().code(), ErrorCode::kCorrupt);
+  EXPECT_NE(d.error().message().find("nested deeper"), std::string::npos) << d.error().message();
 
   StateRecord st{"dev:uart0", {1, 2, 3, 4}};
   auto s = DecodeState(Encode(st));

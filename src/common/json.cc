@@ -1,0 +1,27 @@
+#include "common/json.h"
+
+#include <algorithm>
+
+#include "common/text.h"
+
+namespace ferry {
+
+Result<nlohmann::json> ParseJson(std::string_view text, std::string_view what, ErrorCode code, int max_depth) {
+  int deepest = 0;
+  // The callback sees every value with its depth; values past the limit are dropped (the parser
+  // itself keeps its state on the heap), and the whole text is refused afterwards.
+  const nlohmann::json::parser_callback_t cb = [&](int depth, nlohmann::json::parse_event_t, nlohmann::json&) {
+    deepest = std::max(deepest, depth);
+    return depth < max_depth;
+  };
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text.begin(), text.end(), cb, /*allow_exceptions=*/true);
+  } catch (const nlohmann::json::exception& e) {
+    return Errorf(code, "{}: not valid JSON ({})", what, PrintableText(e.what(), 512));
+  }
+  if (deepest >= max_depth) return Errorf(code, "{}: JSON nested deeper than {} levels", what, max_depth);
+  return j;
+}
+
+}  // namespace ferry

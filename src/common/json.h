@@ -1,0 +1,21 @@
+// JSON from outside (a migration CONFIG record, a snapshot's CONFIG section, an API request body)
+// parsed with bounds: at most `max_depth` levels of nesting, so that copying or printing the value
+// later cannot exhaust the stack (nlohmann::json copies and dumps recursively). Pure, any thread.
+#pragma once
+
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+
+namespace ferry {
+
+inline constexpr int kMaxJsonDepth = 64;
+
+// `text` as JSON. Errors (code `code`, message naming `what`): not valid JSON (with the parser's
+// byte position), nested deeper than max_depth.
+Result<nlohmann::json> ParseJson(std::string_view text, std::string_view what, ErrorCode code = ErrorCode::kInvalidArgument,
+                                 int max_depth = kMaxJsonDepth);
+
+}  // namespace ferry
