@@ -1,12 +1,14 @@
 #include "vmm/snapshot.h"
 
 #include <fcntl.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
 
 #include "common/crc32c.h"
+#include "common/json.h"
 #include "common/zero_page.h"
 
 namespace ferry {
@@ -96,12 +98,42 @@ class FileReader {
   uint64_t pos_ = 0;
 };
 
+// A new file next to `path` that nobody else made: O_EXCL (a file or symlink planted under the
+// name is never written through) with a random suffix, tried a few times.
+Result<int> CreateTemp(const std::string& path, std::string* tmp) {
+  for (int attempt = 0;; ++attempt) {
+    uint64_t r = 0;
+    if (getrandom(&r, sizeof r, 0) != sizeof r) r = static_cast<uint64_t>(getpid()) * 0x9E3779B97F4A7C15ull + attempt;
+    *tmp = fmt::format("{}.tmp.{:016x}", path, r);
+    const int fd = open(tmp->c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd >= 0) return fd;
+    if (errno != EEXIST || attempt >= 8) return ErrnoError("create snapshot '" + *tmp + "'");
+  }
+}
+
+// fsync of the directory holding `path`, so that the rename survives a crash.
+Status SyncParent(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  const int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return ErrnoError("open directory '" + dir + "'");
+  const int rc = fsync(fd);
+  const int err = errno;
+  close(fd);
+  if (rc != 0) {
+    errno = err;
+    return ErrnoError("fsync directory '" + dir + "'");
+  }
+  return {};
+}
+
 }  // namespace
 
 Status WriteSnapshot(const std::string& path, const SnapshotState& st, const GuestMemory& ram) {
-  std::string tmp = fmt::format("{}.tmp.{}", path, getpid());
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return ErrnoError("create snapshot '" + tmp + "'");
+  std::string tmp;
+  auto created = CreateTemp(path, &tmp);
+  if (!created) return std::unexpected(created.error());
+  int fd = *created;
   auto fail = [&](Error e) -> Status {
     close(fd);
     unlink(tmp.c_str());
@@ -157,6 +189,7 @@ Status WriteSnapshot(const std::string& path, const SnapshotState& st, const Gue
   if (s) s = PutSection(w, SnapshotSection::kEnd, {});
   if (s) s = w.FlushBuf();
   if (!s) return fail(s.error().WithContext("write snapshot '" + path + "'"));
+  if (fsync(fd) != 0) return fail(ErrnoError("fsync snapshot '" + tmp + "'").error());  // data on disk before the name points at it
   if (close(fd) != 0) {
     unlink(tmp.c_str());
     return ErrnoError("close snapshot");
@@ -166,7 +199,7 @@ Status WriteSnapshot(const std::string& path, const SnapshotState& st, const Gue
     unlink(tmp.c_str());
     return e;
   }
-  return {};
+  return SyncParent(path);
 }
 
 Result<SnapshotState> ReadSnapshot(const std::string& path,
@@ -244,8 +277,10 @@ Result<SnapshotState> ReadSnapshot(const std::string& path,
     switch (type) {
       case SnapshotSection::kConfig: {
         if (i != 0) return Errorf(ErrorCode::kCorrupt, "{}", ctx("duplicate CONFIG"));
-        st.config = nlohmann::json::parse(payload.begin(), payload.end(), nullptr, false);
-        if (st.config.is_discarded() || !st.config.is_object()) return Errorf(ErrorCode::kCorrupt, "{}", ctx("CONFIG is not a JSON object"));
+        auto cfg = ParseJson({reinterpret_cast<const char*>(payload.data()), payload.size()}, "CONFIG", ErrorCode::kCorrupt);
+        if (!cfg) return std::unexpected(cfg.error().WithContext(ctx("section")));
+        if (!cfg->is_object()) return Errorf(ErrorCode::kCorrupt, "{}", ctx("CONFIG is not a JSON object"));
+        st.config = std::move(*cfg);
         auto m = make_memory(st.config);
         if (!m) return std::unexpected(m.error().WithContext(ctx("build VM from CONFIG")));
         mem = *m;
