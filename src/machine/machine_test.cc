@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <cstring>
+
 #include <gtest/gtest.h>
 #include <libfdt.h>
 
@@ -78,6 +80,13 @@ TEST(Plic, ClaimCompleteThresholdAndPersist) {
   EXPECT_TRUE(hart.lines[9]);
   Plic p2(&hart);
   ExpectPersistContract(p, p2);
+  // A threshold the register could never hold (it keeps 3 bits) is refused, not restored.
+  auto blob = p.SaveState();
+  const uint32_t eight = 8;
+  std::memcpy(blob.data() + blob.size() - 4, &eight, 4);  // the last context's threshold
+  auto s = p2.RestoreState(blob);
+  ASSERT_FALSE(s);
+  EXPECT_NE(s.error().message().find("threshold"), std::string::npos) << s.error().message();
 }
 
 TEST(Clint, TimeStopsWhilePausedAndContinuesAfterRestore) {
@@ -173,6 +182,80 @@ TEST(Virtio, BlkRejectsBadDescriptorsWithoutCrashingAndPersists) {
   EXPECT_TRUE(v & 0x40) << "DEVICE_NEEDS_RESET";
   auto dev2 = CreateVirtioBlk(deps, path, false);
   ExpectPersistContract(d, **dev2);
+  unlink(path);
+}
+
+// virtio-blk data moves in bounded chunks: a large IN request lands whole in the guest's buffers,
+// one larger than a request may be fails with an I/O error (status 1) instead of allocating its
+// size; a restored queue size must be a power of two.
+TEST(Virtio, BlkLargeRequestsMoveInChunksAndHugeOnesFail) {
+  auto mem = std::move(*GuestMemory::Create(kRamBase, 16 << 20));
+  RecordingIrq irq;
+  char path[] = "/tmp/ferry-blk-XXXXXX";
+  int fd = mkstemp(path);
+  ASSERT_EQ(ftruncate(fd, 2ll << 30), 0);  // 2 GiB, sparse
+  std::vector<uint8_t> pattern(8 << 20);
+  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<uint8_t>(i * 131 + (i >> 20));
+  ASSERT_EQ(pwrite(fd, pattern.data(), pattern.size(), 1 << 20), static_cast<ssize_t>(pattern.size()));
+  close(fd);
+  VirtioDeps deps{mem.get(), &irq, 1, nullptr, kVirtioBase};
+  auto dev = CreateVirtioBlk(deps, path, false);
+  ASSERT_TRUE(dev);
+  Device& d = **dev;
+  test_util::SetUpQueue(d, 0, 0);
+  struct Desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
+  const uint64_t hdr_at = kRamBase + 0x10000, status_at = kRamBase + 0x11000, table_at = kRamBase + 0x20000;
+  const uint64_t buf_at = kRamBase + (4 << 20);
+  auto request = [&](uint16_t avail_idx) {
+    uint16_t ring[3] = {0, avail_idx, 0};
+    ASSERT_TRUE(mem->Write(test_util::kAvail, ring, 6));
+    d.MmioWrite(0x50, 4, 0);
+  };
+  auto status = [&] {
+    uint8_t st = 0xff;
+    EXPECT_TRUE(mem->Read(status_at, &st, 1));
+    return st;
+  };
+  // IN of 8 MiB at sector 2048 into two 4 MiB buffers.
+  struct { uint32_t type, reserved; uint64_t sector; } hdr{0, 0, 2048};
+  ASSERT_TRUE(mem->Write(hdr_at, &hdr, 16));
+  Desc chain[4] = {{hdr_at, 16, 1, 1}, {buf_at, 4 << 20, 1 | 2, 2}, {buf_at + (4 << 20), 4 << 20, 1 | 2, 3}, {status_at, 1, 2, 0}};
+  ASSERT_TRUE(mem->Write(test_util::kDesc, chain, sizeof chain));
+  request(1);
+  EXPECT_EQ(status(), 0);
+  std::vector<uint8_t> got(pattern.size());
+  ASSERT_TRUE(mem->Read(buf_at, got.data(), got.size()));
+  EXPECT_TRUE(got == pattern) << "the IN data arrived whole, in order";
+  uint32_t used[2];
+  ASSERT_TRUE(mem->Read(test_util::kUsed + 4, used, 8));
+  EXPECT_EQ(used[1], (8u << 20) + 1);
+  // IN of 1.5 GiB (an indirect table of 96 descriptors covering the same 16 MiB of RAM): more
+  // than a request may move - an I/O error, quickly, nothing allocated for it.
+  std::vector<Desc> table;
+  table.push_back({hdr_at, 16, 1, 1});
+  for (uint16_t i = 0; i < 96; ++i) table.push_back({kRamBase, 16 << 20, 1 | 2, static_cast<uint16_t>(i + 2)});
+  table.push_back({status_at, 1, 2, 0});
+  ASSERT_TRUE(mem->Write(table_at, table.data(), table.size() * sizeof(Desc)));
+  hdr.sector = 0;
+  ASSERT_TRUE(mem->Write(hdr_at, &hdr, 16));
+  Desc indirect{table_at, static_cast<uint32_t>(table.size() * sizeof(Desc)), 4, 0};
+  ASSERT_TRUE(mem->Write(test_util::kDesc, &indirect, sizeof indirect));
+  uint16_t head = 0;
+  ASSERT_TRUE(mem->Write(test_util::kAvail + 4 + 2, &head, 2));
+  request(2);
+  EXPECT_EQ(status(), 1);
+  uint64_t v = 0;
+  ASSERT_TRUE(d.MmioRead(0x70, 4, &v));
+  EXPECT_FALSE(v & 0x40) << "an I/O error, not a broken device";
+  // A restored queue size that is not a power of two is refused.
+  auto blob = d.SaveState();
+  const size_t queue0_num = 4 + 4 + 8 + 6 * 4 + 4;
+  const uint16_t three = 3;
+  std::memcpy(blob.data() + queue0_num, &three, 2);
+  auto dev2 = CreateVirtioBlk(deps, path, false);
+  auto r = (*dev2)->RestoreState(blob);
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message().find("queue size 3"), std::string::npos) << r.error().message();
   unlink(path);
 }
 

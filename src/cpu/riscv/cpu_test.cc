@@ -2,6 +2,7 @@
 // faults, WFI, save/restore and dirty tracking. Programs are hand-encoded.
 #include <atomic>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <thread>
 #include <vector>
@@ -294,6 +295,18 @@ TEST_F(CpuTest, SaveRestoreRoundTripAndRejectsCorruptBlobs) {
   auto bad_priv = blob;
   bad_priv[4 + 64 * 8 + 8] = 2;  // privilege field = reserved value 2
   EXPECT_FALSE(other->RestoreState(bad_priv));
+  // mstatus (after pc, priv, fflags, frm) with the reserved MPP 2, or a bit the hart does not keep.
+  const size_t mstatus_at = 4 + 64 * 8 + 8 + 1 + 4 + 4;
+  for (const uint64_t bad : {uint64_t{2} << 11, uint64_t{1} << 40, uint64_t{1} << 63}) {
+    auto b = blob;
+    uint64_t m;
+    std::memcpy(&m, b.data() + mstatus_at, 8);
+    m = (m & ~(uint64_t{3} << 11)) | bad;
+    std::memcpy(b.data() + mstatus_at, &m, 8);
+    auto s = other->RestoreState(b);
+    ASSERT_FALSE(s) << std::hex << bad;
+    EXPECT_NE(s.error().message().find("mstatus"), std::string::npos) << s.error().message();
+  }
   EXPECT_EQ(other->pc(), kBase + 0x40);
 }
 

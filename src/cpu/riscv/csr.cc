@@ -4,9 +4,6 @@
 namespace ferry::riscv {
 
 namespace {
-constexpr uint64_t kMstatusWritable = kMstatusSIE | kMstatusMIE | kMstatusSPIE | kMstatusMPIE | kMstatusSPP |
-                                      kMstatusMPP | kMstatusFS | kMstatusMPRV | kMstatusSUM | kMstatusMXR |
-                                      kMstatusTVM | kMstatusTW | kMstatusTSR;
 constexpr uint64_t kSstatusMask = kMstatusSIE | kMstatusSPIE | kMstatusSPP | kMstatusFS | kMstatusSUM |
                                   kMstatusMXR | (3ull << 32) | kMstatusSD;
 constexpr uint64_t kUxlSxl = (2ull << 32) | (2ull << 34);

@@ -39,6 +39,10 @@ inline constexpr uint64_t kMstatusSIE = 1ull << 1, kMstatusMIE = 1ull << 3, kMst
                           kMstatusFS = 3ull << 13, kMstatusMPRV = 1ull << 17, kMstatusSUM = 1ull << 18,
                           kMstatusMXR = 1ull << 19, kMstatusTVM = 1ull << 20, kMstatusTW = 1ull << 21,
                           kMstatusTSR = 1ull << 22, kMstatusSD = 1ull << 63;
+// The bits mstatus holds (SD, UXL and SXL are computed on read); MPP is WARL: 2 is never held.
+inline constexpr uint64_t kMstatusWritable = kMstatusSIE | kMstatusMIE | kMstatusSPIE | kMstatusMPIE | kMstatusSPP |
+                                             kMstatusMPP | kMstatusFS | kMstatusMPRV | kMstatusSUM | kMstatusMXR |
+                                             kMstatusTVM | kMstatusTW | kMstatusTSR;
 
 class RiscvCpu final : public Vcpu {
  public:

@@ -219,6 +219,9 @@ Status RiscvCpu::RestoreState(std::span<const uint8_t> blob) {
   if (satp_mode != 0 && satp_mode != 8 && satp_mode != 9)
     return Errorf(ErrorCode::kCorrupt, "restore vcpu: unsupported satp mode {}", satp_mode);
   if (fflags > 0x1f || frm > 7) return Errorf(ErrorCode::kCorrupt, "restore vcpu: bad fcsr");
+  // mstatus as the hart could hold it: no bit it does not keep, MPP not the reserved 2.
+  if ((csr[0] & ~kMstatusWritable) || ((csr[0] & kMstatusMPP) >> 11) == 2)
+    return Errorf(ErrorCode::kCorrupt, "restore vcpu: mstatus {:#x} is not a value this hart can hold", csr[0]);
   if (csr[1] != kMisa) return Errorf(ErrorCode::kVersionMismatch, "restore vcpu: misa {:#x} differs from this CPU ({:#x})", csr[1], kMisa);
 
   std::copy(std::begin(x), std::end(x), x_);

@@ -115,6 +115,7 @@ Status Plic::RestoreState(std::span<const uint8_t> blob) {
   FERRY_RETURN_IF_ERROR(r.GetArray(&thr, kContexts), "plic threshold");
   FERRY_RETURN_IF_ERROR(r.ExpectEnd("plic"), "plic");
   for (uint32_t p : prio) if (p > 7) return Errorf(ErrorCode::kCorrupt, "plic: priority {} out of range", p);
+  for (uint32_t t : thr) if (t > 7) return Errorf(ErrorCode::kCorrupt, "plic: threshold {} out of range", t);
   std::copy(prio.begin(), prio.end(), priority_.begin());
   std::copy(pend.begin(), pend.end(), pending_.begin());
   std::copy(lvl.begin(), lvl.end(), level_.begin());

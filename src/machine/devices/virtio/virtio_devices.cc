@@ -32,6 +32,9 @@ bool ReadConfigBytes(const void* cfg, size_t cfg_len, uint64_t off, unsigned siz
 class VirtioBlk final : public VirtioMmioDevice {
  public:
   static constexpr uint64_t kFRo = 1ull << 5, kFFlush = 1ull << 9;
+  // One request moves at most kMaxRequestBytes (the used ring's length is 32 bits; Linux sends far
+  // less), through a buffer of at most kChunkBytes.
+  static constexpr uint64_t kMaxRequestBytes = 1ull << 30, kChunkBytes = 1ull << 20;
   VirtioBlk(const VirtioDeps& d, int fd, uint64_t bytes, bool ro, std::string path)
       : VirtioMmioDevice(d, 2, 1, kFFlush | (ro ? kFRo : 0)), fd_(fd), capacity_(bytes / 512), ro_(ro), path_(std::move(path)) {}
   ~VirtioBlk() override { close(fd_); }
@@ -77,22 +80,40 @@ class VirtioBlk final : public VirtioMmioDevice {
     const uint64_t data_out = c.readable_bytes() - sizeof hdr;  // OUT payload
     const uint64_t data_in = wbytes - 1;                         // IN space (last byte = status)
     const uint64_t off = hdr.sector * 512;
+    // Data moves through a bounded buffer, chunk by chunk: a request may be as large as the disk.
     std::vector<uint8_t> buf;
+    const auto chunk = [&](uint64_t left) {
+      buf.resize(std::min<uint64_t>(left, kChunkBytes));
+      return buf.size();
+    };
     switch (hdr.type) {
       case 0:  // IN
-        if (data_in % 512 || hdr.sector > capacity_ || data_in / 512 > capacity_ - hdr.sector) { status = 1; break; }
-        buf.resize(data_in);
-        if (pread(fd_, buf.data(), data_in, static_cast<off_t>(off)) != static_cast<ssize_t>(data_in)) { status = 1; io_errors_++; break; }
-        if (!WriteChain(c, 0, buf.data(), data_in)) { DeviceError("IN buffer outside RAM"); return; }
+        if (data_in % 512 || data_in > kMaxRequestBytes || hdr.sector > capacity_ || data_in / 512 > capacity_ - hdr.sector) {
+          status = 1;
+          break;
+        }
+        for (uint64_t done = 0; done < data_in;) {
+          const uint64_t n = chunk(data_in - done);
+          if (pread(fd_, buf.data(), n, static_cast<off_t>(off + done)) != static_cast<ssize_t>(n)) { status = 1; io_errors_++; break; }
+          if (!WriteChain(c, done, buf.data(), n)) { DeviceError("IN buffer outside RAM"); return; }
+          done += n;
+        }
+        if (status != 0) break;
         read_bytes_ += data_in;
         written = static_cast<uint32_t>(data_in);
         break;
       case 1:  // OUT
         if (ro_) { status = 1; break; }
-        if (data_out % 512 || hdr.sector > capacity_ || data_out / 512 > capacity_ - hdr.sector) { status = 1; break; }
-        buf.resize(data_out);
-        if (!ReadChain(c, sizeof hdr, buf.data(), data_out)) { DeviceError("OUT buffer outside RAM"); return; }
-        if (!WriteBlocks(off, buf.data(), data_out)) { status = 1; io_errors_++; }
+        if (data_out % 512 || data_out > kMaxRequestBytes || hdr.sector > capacity_ || data_out / 512 > capacity_ - hdr.sector) {
+          status = 1;
+          break;
+        }
+        for (uint64_t done = 0; done < data_out;) {
+          const uint64_t n = chunk(data_out - done);
+          if (!ReadChain(c, sizeof hdr + done, buf.data(), n)) { DeviceError("OUT buffer outside RAM"); return; }
+          if (!WriteBlocks(off + done, buf.data(), n)) { status = 1; io_errors_++; break; }
+          done += n;
+        }
         break;
       case 4:  // FLUSH
         if (fdatasync(fd_) != 0) { status = 1; io_errors_++; }
@@ -121,6 +142,7 @@ class VirtioNet final : public VirtioMmioDevice {
  public:
   static constexpr uint64_t kFMac = 1ull << 5;
   static constexpr size_t kHdr = 12;  // virtio_net_hdr_v1
+  static constexpr size_t kMaxFrame = 65536 - kHdr;  // what a TAP frame can be (the guest's MTU is far below)
   VirtioNet(const VirtioDeps& d, int fd, std::string tap, MacAddress mac)
       : VirtioMmioDevice(d, 1, 2, kFMac), fd_(fd), tap_(std::move(tap)), mac_(mac) {}
   ~VirtioNet() override {
@@ -158,8 +180,17 @@ class VirtioNet final : public VirtioMmioDevice {
     bool any = false;
     std::vector<uint8_t> frame;
     while (PopChain(1, &c)) {
-      frame.resize(c.readable_bytes());
-      if (frame.size() < kHdr || frame.size() > 65536 || !ReadChain(c, 0, frame.data(), frame.size())) {
+      // The length is checked before anything is allocated: a chain may claim 1024 descriptors
+      // each covering all of RAM.
+      const uint64_t len = c.readable_bytes();
+      if (len < kHdr || len > kHdr + kMaxFrame) {
+        tx_errors_++;
+        PushUsed(1, c.head, 0);
+        any = true;
+        continue;
+      }
+      frame.resize(len);
+      if (!ReadChain(c, 0, frame.data(), frame.size())) {
         tx_errors_++;
       } else if (write(fd_, frame.data(), frame.size()) != static_cast<ssize_t>(frame.size())) {
         tx_dropped_++;

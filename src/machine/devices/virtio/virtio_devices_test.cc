@@ -7,6 +7,7 @@
 #include <array>
 #include <cstring>
 #include <map>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -55,6 +56,28 @@ class VirtioNetPersist : public ::testing::Test {
   std::unique_ptr<Device> dev_[2];
 
 };
+
+// A TX chain may claim far more than a frame: 1000 indirect descriptors each covering all of RAM
+// (16 GiB). The length is checked before anything is allocated: a TX error, the device keeps working.
+TEST_F(VirtioNetPersist, AHugeTxChainIsATxErrorNotAnAllocation) {
+  Device& d = *dev_[0];
+  SetUpQueue(d, 0, 1);
+  struct Desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
+  const uint64_t table_at = kRamBase + 0x10000;
+  std::vector<Desc> table;
+  for (uint16_t i = 0; i < 1000; ++i) table.push_back({kRamBase, 16 << 20, static_cast<uint16_t>(i + 1 < 1000 ? 1 : 0), static_cast<uint16_t>(i + 1)});
+  ASSERT_TRUE(mem_->Write(table_at, table.data(), table.size() * sizeof(Desc)));
+  Desc indirect{table_at, static_cast<uint32_t>(table.size() * sizeof(Desc)), 4, 0};
+  ASSERT_TRUE(mem_->Write(kDesc, &indirect, sizeof indirect));
+  uint16_t ring[3] = {0, 1, 0};
+  ASSERT_TRUE(mem_->Write(kAvail, ring, 6));
+  d.MmioWrite(0x50, 4, 1);  // notify TX
+  EXPECT_EQ(d.Metrics()["tx_errors"], 1u) << d.Metrics().dump();
+  EXPECT_FALSE(Reg(d, 0x70) & 0x40) << "not DEVICE_NEEDS_RESET";
+  uint16_t used_idx = 0;
+  ASSERT_TRUE(mem_->Read(kUsed + 2, &used_idx, 2));
+  EXPECT_EQ(used_idx, 1u) << "the chain is returned to the driver";
+}
 
 TEST_F(VirtioNetPersist, RoundTripsQueueStateAndRejectsBadBlobs) {
   Device& a = *dev_[0];

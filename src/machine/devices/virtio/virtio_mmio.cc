@@ -263,7 +263,9 @@ Status VirtioMmioDevice::RestoreState(std::span<const uint8_t> blob) {
     FERRY_ASSIGN(q.used, r.GetU64());
     FERRY_ASSIGN(q.last_avail, r.GetU16());
     FERRY_ASSIGN(q.next_used, r.GetU16());
-    if (q.num == 0 || q.num > kQueueMax) return Errorf(ErrorCode::kCorrupt, "{}: bad queue size {}", id(), q.num);
+    // As the driver may set it (split rings: a power of two up to the maximum).
+    if (q.num == 0 || q.num > kQueueMax || (q.num & (q.num - 1)))
+      return Errorf(ErrorCode::kCorrupt, "{}: bad queue size {} (a power of two up to {})", id(), q.num, kQueueMax);
   }
   std::vector<uint8_t> dev;
   FERRY_ASSIGN(dev, r.GetBytes());
