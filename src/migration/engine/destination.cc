@@ -174,15 +174,20 @@ void IncomingMigration::DataReader(Socket* sock, uint32_t channel) {
     if (r) {
       bytes_received_ += kRecordHeaderSize + rec.payload.size();
       if (!rec.header.mandatory() && !IsKnownRecordType(rec.header.type)) continue;
-      s = ApplyRecord(rec, dec, &scratch);
+      std::shared_lock<std::shared_mutex> seal(seal_mu_);
+      if (sealed_) {
+        s = Errorf(ErrorCode::kCorrupt, "{} after END: every page record it announced was applied already", TypeName(rec));
+      } else {
+        s = ApplyRecord(rec, dec, &scratch);
+        if (s) {
+          std::lock_guard<std::mutex> l(mu_);
+          ++batches_applied_;
+        }
+      }
     }
     if (!s) {
       DataFailed(s.error().WithContext(fmt::format("data channel {}", channel)));
       return;
-    }
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      ++batches_applied_;
     }
     cv_.notify_all();
   }
@@ -320,6 +325,7 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kConfigAck, {}), "send CONFIG_ACK");
 
   std::vector<StateRecord> state;
+  uint64_t state_bytes = 0;
   End end;
   for (;;) {
     auto r = next();
@@ -327,6 +333,10 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
     if (r->type() == RecordType::kState) {
       auto st = DecodeState(r->payload);
       if (!st) return std::unexpected(st.error());
+      state_bytes += st->blob.size();
+      if (state.size() >= kMaxStateRecords || state_bytes > kMaxTotalStateBytes)
+        return Errorf(ErrorCode::kCorrupt, "STATE records exceed the limit of {} records or {} MiB in total", kMaxStateRecords,
+                      kMaxTotalStateBytes >> 20);
       state.push_back(std::move(*st));
     } else if (r->type() == RecordType::kEnd) {
       auto e = DecodeEnd(r->payload);
@@ -348,6 +358,14 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
                            [&] { return data_error_.has_value() || batches_applied_ >= end.batches; });
     if (data_error_) return std::unexpected(*data_error_);
     if (!ok) return Errorf(ErrorCode::kTimeout, "END announced {} page records, only {} arrived", end.batches, batches_applied_);
+    if (batches_applied_ != end.batches)
+      return Errorf(ErrorCode::kCorrupt, "END announced {} page records, but {} arrived", end.batches, batches_applied_);
+  }
+  if (!postcopy_start_) {
+    // Sealed: from here on a page record is an error, never applied (post-copy's pages keep coming).
+    std::unique_lock<std::shared_mutex> seal(seal_mu_);
+    sealed_ = true;
+    std::lock_guard<std::mutex> l(mu_);
     if (batches_applied_ != end.batches)
       return Errorf(ErrorCode::kCorrupt, "END announced {} page records, but {} arrived", end.batches, batches_applied_);
   }

@@ -32,6 +32,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -152,6 +153,11 @@ class IncomingMigration {
   std::vector<std::thread> readers_;            // GUARDED_BY(mu_)
   std::vector<bool> channel_used_;              // GUARDED_BY(mu_)
   uint64_t batches_applied_ = 0;                // GUARDED_BY(mu_)
+  // Pre-copy: once END's count is met, no page record is applied any more (none may change RAM
+  // while the state is restored or the guest runs). Readers hold it shared while they apply and
+  // count a record; sealing takes it exclusively, so no apply is in flight after it.
+  std::shared_mutex seal_mu_;
+  bool sealed_ = false;                         // GUARDED_BY(seal_mu_)
   std::optional<Error> data_error_;             // GUARDED_BY(mu_)
 
   // RAM, published once the machine is prepared (before CONFIG_ACK).

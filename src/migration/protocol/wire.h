@@ -33,6 +33,10 @@ inline constexpr uint32_t kMaxChannels = 16;
 inline constexpr size_t kMaxConfigBytes = 1u << 20;
 inline constexpr size_t kMaxMessageBytes = 4096;
 inline constexpr size_t kMaxStateIdBytes = 255;
+// A migration's STATE records together (the destination holds them until END): at most this many
+// records and bytes.
+inline constexpr size_t kMaxStateRecords = 1024;
+inline constexpr uint64_t kMaxTotalStateBytes = 64ull << 20;
 inline constexpr uint16_t kFlagMandatory = 1;
 inline constexpr uint64_t kGfnMask = (1ull << 52) - 1;
 
