@@ -47,6 +47,7 @@ struct MigrateOptions {
   std::string throttle;     // on|off; empty: server default (on; mode precopy only)
   uint32_t protocol_version = 0;
   uint32_t recover_timeout_ms = 0;  // 0: server default (60 s)
+  uint32_t stall_timeout_ms = 0;    // 0: server default (10 s)
   bool keep_source = false;
   bool no_progress = false;
   double poll_s = 0.2;
@@ -74,6 +75,7 @@ int Migrate(const ApiClient& api, const MigrateOptions& o, bool json) {
   if (!o.throttle.empty()) body["throttle"] = o.throttle;
   if (o.protocol_version) body["protocol_version"] = o.protocol_version;
   if (o.recover_timeout_ms) body["recover_timeout_ms"] = o.recover_timeout_ms;
+  if (o.stall_timeout_ms) body["stall_timeout_ms"] = o.stall_timeout_ms;
   if (auto r = api.Put("/vm/migrate", body); !r) return Fail(r.error());
 
   // Ctrl-C asks the source to cancel; we keep polling until it reports a final status.
@@ -208,6 +210,10 @@ int RunCli(int argc, char** argv) {
   migrate->add_option("--recover-timeout-ms", mo.recover_timeout_ms,
                       "post-copy: how long to keep reconnecting after the connection was cut (default 60000)")
       ->check(CLI::Range(1000, 3600000));
+  migrate->add_option("--stall-timeout-ms", mo.stall_timeout_ms,
+                      "before GO: give up (the source resumes) when the destination stops acknowledging or answering "
+                      "for this long (default 10000)")
+      ->check(CLI::Range(1000, 600000));
   migrate->add_flag("--keep-source", mo.keep_source, "leave the (paused, migrated) source process running after success");
   migrate->add_flag("--no-progress", mo.no_progress, "no progress output on stderr");
 

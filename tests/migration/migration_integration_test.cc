@@ -288,6 +288,27 @@ TEST_F(MigrationTest, CancelInEachPhaseLeavesOnlyTheSourceRunning) {
   ASSERT_TRUE(MemverifyOk(*dst, kPages)) << dst->Console();
 }
 
+// A destination that takes the whole stop-and-copy and then never reports READY (hung, or its host
+// gone): the paused source gives up within stall_timeout_ms and runs again (it used to wait for the
+// minute-long reply timeout, or for TCP's ~15 minutes when the host vanished with data in flight).
+TEST_F(MigrationTest, AStalledStopAndCopyResumesTheSourceWithinTheStallBound) {
+  auto src = BootSource(Memdirty(5000));
+  StallingDestination stall;
+  std::string body;
+  ASSERT_EQ(src->Api("PUT", "/vm/migrate", "{\"to\":\"" + stall.to() + "\",\"stall_timeout_ms\":2000}", &body), 202) << body;
+  ASSERT_EQ(WaitMigrationStatus(*src, "device", 30s), "device");
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(WaitMigrationStatus(*src, "failed", 10s), "failed") << src->Get("/vm/migration").dump();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_TRUE(stall.got_end());
+  EXPECT_LT(secs, 5.0) << "the pause lasted well past the 2 s stall bound";
+  EXPECT_NE(src->Get("/vm/migration").value("error", "").find("READY"), std::string::npos) << src->Get("/vm/migration").dump();
+  ExpectSourceRunning(*src);
+  ASSERT_TRUE(MemverifyOk(*src, kPages)) << src->Console();
+  // Out-of-range bounds are refused.
+  EXPECT_EQ(src->Api("PUT", "/vm/migrate", "{\"to\":\"" + stall.to() + "\",\"stall_timeout_ms\":10}", &body), 400) << body;
+}
+
 TEST_F(MigrationTest, DestinationKilledMidTransferLeavesTheSourceRunning) {
   auto src = BootSource(Memdirty(20000));
   const int port = FreePort();

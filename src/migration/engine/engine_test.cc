@@ -203,15 +203,18 @@ TEST(MigrationEngine, DestinationRejectsStrangersWithoutDisturbingTheMigration) 
 TEST(MigrationEngine, ParseSourceParams) {
   EXPECT_TRUE(ParseSourceParams({{"to", "tcp:127.0.0.1:4444"}}));
   auto p = ParseSourceParams({{"to", "tcp:h:1"}, {"channels", 8}, {"downtime_ms", 20}, {"max_bandwidth", 1000000},
-                              {"converge_policy", "fail"}});
+                              {"converge_policy", "fail"}, {"stall_timeout_ms", 2500}});
   ASSERT_TRUE(p) << p.error().message();
   EXPECT_EQ(p->channels, 8u);
   EXPECT_EQ(p->policy, ConvergePolicy::kFail);
+  EXPECT_EQ(p->stall_timeout_ms, 2500);
+  EXPECT_EQ(ParseSourceParams({{"to", "tcp:h:1"}})->stall_timeout_ms, 10000);
   for (auto bad : {nlohmann::json::object(), nlohmann::json{{"to", "h:1"}}, nlohmann::json{{"to", "tcp:h:99999"}},
                    nlohmann::json{{"to", "tcp:h:1"}, {"channels", 0}}, nlohmann::json{{"to", "tcp:h:1"}, {"channels", 17}},
                    nlohmann::json{{"to", "tcp:h:1"}, {"channels", "4"}}, nlohmann::json{{"to", "tcp:h:1"}, {"bogus", 1}},
                    nlohmann::json{{"to", "tcp:h:1"}, {"converge_policy", "maybe"}},
-                   nlohmann::json{{"to", "tcp:h:1"}, {"max_bandwidth", -5}}, nlohmann::json::array()}) {
+                   nlohmann::json{{"to", "tcp:h:1"}, {"max_bandwidth", -5}}, nlohmann::json{{"to", "tcp:h:1"}, {"stall_timeout_ms", 999}},
+                   nlohmann::json{{"to", "tcp:h:1"}, {"stall_timeout_ms", 600001}}, nlohmann::json::array()}) {
     EXPECT_FALSE(ParseSourceParams(bad)) << bad.dump();
   }
 }

@@ -100,6 +100,9 @@ Result<SourceParams> ParseSourceParams(const nlohmann::json& body) {
       else if (v.is_string() && v.get<std::string>() == "on") p.throttle = true;
       else if (v.is_string() && v.get<std::string>() == "off") p.throttle = false;
       else return Errorf(ErrorCode::kInvalidArgument, "\"throttle\" must be \"on\" or \"off\"");
+    } else if (k == "stall_timeout_ms") {
+      FERRY_RETURN_IF_ERROR(get_uint(k, 1000, 600000, &x), "migrate");
+      p.stall_timeout_ms = static_cast<int>(x);
     } else if (k == "protocol_version") {
       FERRY_RETURN_IF_ERROR(get_uint(k, kMinProtocolVersion, kProtocolVersion, &x), "migrate");
       p.max_protocol_version = static_cast<uint32_t>(x);

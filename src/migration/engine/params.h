@@ -47,6 +47,11 @@ struct SourceParams {
   // ("recover_timeout_ms"); PUT /vm/migration/recover may give a new address meanwhile.
   int recover_timeout_ms = 60000;
   int liveness_timeout_ms = 3000;  // post-copy: unacknowledged data for this long = cut
+  // "stall_timeout_ms": before post-copy, a migration connection whose sent data stays
+  // unacknowledged, or whose peer stops answering keepalives, this long fails the migration (the
+  // source resumes its VM) - a destination host that vanishes during the stop-and-copy no longer
+  // leaves the source paused for the ~15 minutes of TCP retransmissions.
+  int stall_timeout_ms = 10000;
   int connect_timeout_ms = 5000;
   int reply_timeout_ms = 60000;   // CONFIG_ACK, READY, RESUMED
 };

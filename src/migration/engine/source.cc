@@ -352,6 +352,14 @@ Result<SourceMigration::Phase> SourceMigration::Connect() {
 
   auto data = ConnectDataChannels(*ep);
   if (!data) return std::unexpected(data.error());
+  // A destination that stops acknowledging (its host gone, a path dropping everything) fails the
+  // migration within stall_timeout_ms, not after minutes of retransmissions; post-copy tightens it.
+  const auto bound = [&](Socket& s) {
+    s.SetUserTimeout(params_.stall_timeout_ms);
+    s.SetKeepAlive(1000, 1000, std::max(params_.stall_timeout_ms / 1000, 1));
+  };
+  bound(control_->socket());
+  for (auto& s : *data) bound(*s);
   auto config = vm_->Config();
   if (!config) return std::unexpected(config.error().WithContext("read VM configuration"));
   FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kConfig, EncodeConfig(*config)), "send configuration");
@@ -795,7 +803,9 @@ Result<SourceMigration::Handover> SourceMigration::HandOverState() {
   const EncodeTally t = pool_->tally();
   FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kEnd, Encode(End{t.records, t.pages})), "send END");
   h.end_ns = NowNs();
-  auto ready = control_->Await(RecordType::kReady, params_.reply_timeout_ms);
+  // The VM is paused and every page is on its way: a destination that does not report READY within
+  // the stall bound is given up on (the source resumes) rather than waited for a minute.
+  auto ready = control_->Await(RecordType::kReady, std::min(params_.reply_timeout_ms, params_.stall_timeout_ms));
   if (!ready) return std::unexpected(ready.error().WithContext("waiting for the destination to restore"));
   h.ready_ns = NowNs();
   return h;

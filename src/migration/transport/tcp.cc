@@ -165,6 +165,14 @@ void Socket::SetUserTimeout(int ms) {
   setsockopt(fd_, IPPROTO_TCP, TCP_USER_TIMEOUT, &v, sizeof v);
 }
 
+void Socket::SetKeepAlive(int idle_ms, int interval_ms, int count) {
+  const int on = 1, idle = std::max(idle_ms / 1000, 1), intvl = std::max(interval_ms / 1000, 1), cnt = std::max(count, 1);
+  setsockopt(fd_, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+  setsockopt(fd_, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+  setsockopt(fd_, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
+  setsockopt(fd_, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
+}
+
 void Socket::Shutdown() { shutdown(fd_, SHUT_RDWR); }
 
 Socket::PathInfo Socket::Path() const {

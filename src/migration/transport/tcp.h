@@ -55,6 +55,10 @@ class Socket {
   // TCP_USER_TIMEOUT: the connection fails when sent data stays unacknowledged this long (a peer
   // that vanished or a path that drops everything), instead of after minutes of retransmissions.
   void SetUserTimeout(int ms);
+  // TCP keepalive: after `idle_ms` without traffic a probe every `interval_ms`; `count`
+  // unanswered probes fail the connection (with a user timeout set, that bound applies too). A
+  // peer that vanished while nothing was in flight is noticed as well. Whole seconds, at least 1.
+  void SetKeepAlive(int idle_ms, int interval_ms, int count);
   uint64_t bytes_written() const { return bytes_written_.load(std::memory_order_relaxed); }
 
  private:
