@@ -1,6 +1,7 @@
 #include "vmm/cli.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
@@ -50,6 +51,9 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
                  "with --incoming: how long post-copy waits for a source whose connection was cut to reconnect")
       ->check(CLI::Range(1000, 3600000))
       ->capture_default_str();
+  std::string max_mem;
+  app.add_option("--max-mem", max_mem,
+                 "with --incoming: the most guest RAM a source may bring, e.g. 4G (default: this host's physical memory)");
   app.add_option("--log-level", cl.log_level, "trace|debug|info|warn|error")->capture_default_str();
   try {
     app.parse(argc, argv);
@@ -68,6 +72,17 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
       return Errorf(ErrorCode::kInvalidArgument, "--incoming takes the VM configuration from the migration stream: do not pass --kernel/--initrd/--cmdline/--mem/--restore");
     if (!cl.incoming.starts_with("tcp:"))
       return Errorf(ErrorCode::kInvalidArgument, "--incoming: '{}' must look like tcp:ADDR:PORT", cl.incoming);
+    if (!max_mem.empty()) {
+      auto m = ParseSize(max_mem);
+      if (!m) return std::unexpected(m.error().WithContext("--max-mem"));
+      if (*m < kMinRam) return Errorf(ErrorCode::kInvalidArgument, "--max-mem: {} bytes is below the smallest guest ({} MiB)", *m, kMinRam >> 20);
+      cl.max_mem = *m;
+    } else {
+      const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+      cl.max_mem = pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) : kMaxRam;
+    }
+  } else if (!max_mem.empty()) {
+    return Errorf(ErrorCode::kInvalidArgument, "--max-mem limits what an incoming migration may bring: use it with --incoming");
   } else if (!cl.restore.empty()) {
     if (!cl.vm.board.kernel.empty() || !cl.vm.board.initrd.empty() || !cmdline.empty())
       return Errorf(ErrorCode::kInvalidArgument, "--restore takes the kernel, initrd and cmdline from the snapshot: do not pass --kernel/--initrd/--cmdline");

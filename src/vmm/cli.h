@@ -16,6 +16,9 @@ struct VmmCommandLine {
   std::string restore;
   std::string incoming;  // tcp:ADDR:PORT
   int recover_timeout_ms = 60000;  // --incoming: post-copy waits this long for a cut source to return
+  // --incoming: the most guest RAM an incoming CONFIG may ask for (--max-mem; default: this host's
+  // physical memory).
+  uint64_t max_mem = 0;
   std::string log_level = "info";
 };
 

@@ -104,6 +104,9 @@ Result<migration::RamView> VmMigrationTarget::Prepare(const nlohmann::json& conf
     return Errorf(ErrorCode::kCorrupt, "configuration has no \"board\" object");
   VmOptions opts = options_;
   FERRY_RETURN_IF_ERROR(opts.board.ApplyGuestJson(config["board"]), "guest configuration");
+  if (max_ram_ && opts.board.ram_bytes > max_ram_)
+    return Errorf(ErrorCode::kInvalidArgument, "the VM has {} MiB of RAM; this destination takes at most {} MiB (--max-mem)",
+                  opts.board.ram_bytes >> 20, max_ram_ >> 20);
   auto vm = Vm::CreateIncoming(opts);
   if (!vm) return std::unexpected(vm.error());
   vm_ = std::move(*vm);

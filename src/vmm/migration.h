@@ -67,7 +67,8 @@ class VmMigrationManager : public migration::SourceVm {
 // Destination: builds the Vm when the configuration arrives.
 class VmMigrationTarget : public migration::DestinationVm {
  public:
-  explicit VmMigrationTarget(VmOptions options) : options_(std::move(options)) {}
+  // max_ram_bytes: the most guest RAM a CONFIG may ask for (0: no limit beyond the board's).
+  explicit VmMigrationTarget(VmOptions options, uint64_t max_ram_bytes = 0) : options_(std::move(options)), max_ram_(max_ram_bytes) {}
   Result<migration::RamView> Prepare(const nlohmann::json& config) override;
   Status Restore(const std::vector<migration::StateRecord>& state) override;
   Status Start() override;
@@ -78,6 +79,7 @@ class VmMigrationTarget : public migration::DestinationVm {
 
  private:
   VmOptions options_;
+  uint64_t max_ram_ = 0;
   std::unique_ptr<Vm> vm_;
 };
 

@@ -309,6 +309,21 @@ TEST_F(MigrationTest, AStalledStopAndCopyResumesTheSourceWithinTheStallBound) {
   EXPECT_EQ(src->Api("PUT", "/vm/migrate", "{\"to\":\"" + stall.to() + "\",\"stall_timeout_ms\":10}", &body), 400) << body;
 }
 
+// The operator caps what an incoming migration may bring (--max-mem): a bigger VM is refused by
+// name before any page moves, and the source keeps running.
+TEST_F(MigrationTest, ADestinationRefusesMoreRamThanItsMaxMem) {
+  auto src = BootSource(Memdirty(5000));
+  const int port = FreePort();
+  auto dst = Incoming(port, {"--max-mem", "64M"});
+  auto r = Ferry("migrate --api-socket " + src->socket() + " --to tcp:127.0.0.1:" + std::to_string(port) + " --json --no-progress");
+  EXPECT_NE(r.rc, 0) << r.out;
+  const std::string err = src->Get("/vm/migration").value("error", "");
+  EXPECT_NE(err.find("at most 64 MiB (--max-mem)"), std::string::npos) << src->Get("/vm/migration").dump();
+  ExpectSourceRunning(*src);
+  EXPECT_EQ(dst->Wait(15s), 1);
+  EXPECT_NE(dst->Stderr().find("--max-mem"), std::string::npos) << dst->Stderr();
+}
+
 TEST_F(MigrationTest, DestinationKilledMidTransferLeavesTheSourceRunning) {
   auto src = BootSource(Memdirty(20000));
   const int port = FreePort();

@@ -91,6 +91,11 @@ TEST_F(VmmTest, BadCommandLinesGetClearErrors) {
   EXPECT_NE(out.find("RAM size"), std::string::npos) << out;
   EXPECT_EQ(Sh(vmm + " --kernel " + GuestImage() + " --console bogus", &out), 1);
   EXPECT_NE(out.find("--console"), std::string::npos) << out;
+  // --max-mem belongs to --incoming, and takes a size.
+  EXPECT_EQ(Sh(vmm + " --kernel " + GuestImage() + " --max-mem 1G", &out), 2);
+  EXPECT_NE(out.find("use it with --incoming"), std::string::npos) << out;
+  EXPECT_EQ(Sh(vmm + " --incoming tcp:127.0.0.1:0 --max-mem 12Q", &out), 2);
+  EXPECT_NE(out.find("--max-mem"), std::string::npos) << out;
   // A bad API socket path is refused before anything boots.
   std::string file = dir_ + "/plain-file";
   Sh("touch " + file);
