@@ -58,7 +58,10 @@ Status IncomingMigration::AcceptControl(const IncomingParams& params) {
     if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
     if (!s) return std::unexpected(s.error());
     auto sock = std::move(*s);
-    auto pre = ReadPreamble(*sock, params.handshake_timeout_ms, params.max_protocol_version);
+    // The whole handshake (preamble + HELLO) within handshake_timeout_ms: a peer trickling bytes
+    // cannot hold the port longer.
+    const uint64_t deadline = NowNs() + static_cast<uint64_t>(params.handshake_timeout_ms) * 1'000'000;
+    auto pre = ReadPreamble(*sock, MsUntil(deadline), params.max_protocol_version);
     if (!pre) {
       spdlog::warn("incoming: dropped connection from {}: {}", sock->peer(), pre.error().message());
       SendError(*sock, pre.error());
@@ -69,7 +72,7 @@ Status IncomingMigration::AcceptControl(const IncomingParams& params) {
       SendError(*sock, Error(ErrorCode::kBusy, "no migration in progress for this data connection"));
       continue;
     }
-    auto rec = ReadRecord(*sock, params.handshake_timeout_ms);
+    auto rec = ReadRecordUntil(*sock, deadline);
     Result<Hello> hello = rec ? (rec->type() == RecordType::kHello ? DecodeHello(rec->payload)
                                                                     : Errorf(ErrorCode::kCorrupt, "expected HELLO, got {}", TypeName(*rec)))
                               : std::unexpected(rec.error());
@@ -104,13 +107,14 @@ void IncomingMigration::AcceptLoop(const IncomingParams& params) {
       continue;
     }
     auto sock = std::move(*s);
-    auto pre = ReadPreamble(*sock, params.handshake_timeout_ms, params.max_protocol_version);
+    const uint64_t deadline = NowNs() + static_cast<uint64_t>(params.handshake_timeout_ms) * 1'000'000;
+    auto pre = ReadPreamble(*sock, MsUntil(deadline), params.max_protocol_version);
     Result<DataHello> dh = std::unexpected(Error(ErrorCode::kBusy, "a migration is already in progress"));
     if (!pre) {
       dh = std::unexpected(pre.error());
     } else if (pre->role == Role::kControl) {
       // A source coming back after a cut during post-copy: HELLO with this migration's uuid.
-      auto rec = ReadRecord(*sock, params.handshake_timeout_ms);
+      auto rec = ReadRecordUntil(*sock, deadline);
       Result<Hello> h = rec ? (rec->type() == RecordType::kHello ? DecodeHello(rec->payload)
                                                                  : Errorf(ErrorCode::kCorrupt, "expected HELLO, got {}", TypeName(*rec)))
                             : std::unexpected(rec.error());
@@ -124,7 +128,7 @@ void IncomingMigration::AcceptLoop(const IncomingParams& params) {
       }
       dh = h ? Errorf(ErrorCode::kBusy, "a migration is already in progress") : std::unexpected(h.error());
     } else if (pre->role == Role::kData) {
-      auto rec = ReadRecord(*sock, params.handshake_timeout_ms);
+      auto rec = ReadRecordUntil(*sock, deadline);
       if (!rec) dh = std::unexpected(rec.error());
       else if (rec->type() != RecordType::kDataHello) dh = Errorf(ErrorCode::kCorrupt, "expected DATA_HELLO, got {}", TypeName(*rec));
       else dh = DecodeDataHello(rec->payload);

@@ -50,7 +50,7 @@
 namespace ferry::migration {
 
 struct IncomingParams {
-  int handshake_timeout_ms = 10000;  // preamble + first record of each connection
+  int handshake_timeout_ms = 10000;  // preamble + first record of each connection, together
   int idle_timeout_ms = 120000;      // longest silence on the control channel once started
   // What this destination accepts (tests use these to stand in for an older build).
   uint32_t max_protocol_version = kProtocolVersion;

@@ -9,10 +9,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
 #include <thread>
+
+#include "common/clock.h"
 
 namespace ferry::migration {
 namespace {
@@ -55,6 +59,12 @@ Status WaitFd(int fd, short events, int timeout_ms, std::string_view what) {
     if (n == 0) return Errorf(ErrorCode::kTimeout, "{}: timed out after {} ms", what, timeout_ms);
     if (errno != EINTR) return ErrnoError(what);
   }
+}
+
+// Readable right now (poll with a zero timeout).
+bool PollNow(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  return poll(&p, 1, 0) > 0;
 }
 
 }  // namespace
@@ -144,9 +154,15 @@ Status Socket::WriteAll(std::span<const uint8_t> data) {
 }
 
 Status Socket::ReadExact(std::span<uint8_t> buf, int timeout_ms) {
+  const uint64_t deadline = timeout_ms >= 0 ? NowNs() + static_cast<uint64_t>(timeout_ms) * 1'000'000 : 0;
   size_t off = 0;
   while (off < buf.size()) {
-    if (timeout_ms >= 0) FERRY_RETURN_IF_ERROR(WaitFd(fd_, POLLIN, timeout_ms, fmt::format("receive from {}", peer_)), "read");
+    if (timeout_ms >= 0) {
+      const int left = MsUntil(deadline);
+      if (left == 0 && off < buf.size() && !PollNow(fd_))
+        return Errorf(ErrorCode::kTimeout, "read: receive from {}: timed out after {} ms ({} of {} bytes)", peer_, timeout_ms, off, buf.size());
+      FERRY_RETURN_IF_ERROR(WaitFd(fd_, POLLIN, left, fmt::format("receive from {}", peer_)), "read");
+    }
     ssize_t n = recv(fd_, buf.data() + off, buf.size() - off, 0);
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -258,6 +274,24 @@ Status ReadRecordInto(Socket& s, Record* r, int timeout_ms) {
                         IsKnownRecordType(h->type) ? RecordTypeName(r->type()) : "record payload");
   FERRY_RETURN_IF_ERROR(VerifyRecord(hb, r->payload), "read");
   return {};
+}
+
+int MsUntil(uint64_t deadline_ns) {
+  const uint64_t now = NowNs();
+  return now >= deadline_ns ? 0 : static_cast<int>(std::min<uint64_t>((deadline_ns - now + 999'999) / 1'000'000, INT32_MAX));
+}
+
+Result<Record> ReadRecordUntil(Socket& s, uint64_t deadline_ns) {
+  Record r;
+  std::array<uint8_t, kRecordHeaderSize> hb;
+  FERRY_RETURN_IF_ERROR(s.ReadExact(hb, MsUntil(deadline_ns)), "record header");
+  auto h = DecodeRecordHeader(hb);
+  if (!h) return std::unexpected(h.error());
+  r.header = *h;
+  r.payload.resize(h->length);
+  FERRY_RETURN_IF_ERROR(s.ReadExact(r.payload, MsUntil(deadline_ns)), IsKnownRecordType(h->type) ? RecordTypeName(r.type()) : "record payload");
+  FERRY_RETURN_IF_ERROR(VerifyRecord(hb, r.payload), "read");
+  return r;
 }
 
 Result<Record> ReadRecord(Socket& s, int timeout_ms) {

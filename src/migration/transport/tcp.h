@@ -49,7 +49,8 @@ class Socket {
     uint32_t notsent_bytes = 0;
   };
   PathInfo Path() const;
-  // timeout_ms < 0: no timeout. EOF before `buf` is full is an error (kIo).
+  // timeout_ms < 0: no timeout; else the whole read must finish within it (a peer that trickles
+  // a byte at a time does not restart it). EOF before `buf` is full is an error (kIo).
   Status ReadExact(std::span<uint8_t> buf, int timeout_ms);
   void Shutdown();
   // TCP_USER_TIMEOUT: the connection fails when sent data stays unacknowledged this long (a peer
@@ -90,6 +91,11 @@ Status WriteRecord(Socket& s, RecordType type, std::span<const uint8_t> payload,
 Result<Record> ReadRecord(Socket& s, int timeout_ms);
 // The same into *r, reusing its payload buffer (hot receive loops: no allocation per record).
 Status ReadRecordInto(Socket& s, Record* r, int timeout_ms);
+// A connection's handshake (preamble + first record) under one deadline: the milliseconds left
+// until `deadline_ns` (NowNs clock), at least 0.
+int MsUntil(uint64_t deadline_ns);
+// One record, header and payload within the same deadline (ReadRecord gives a payload at least 30 s).
+Result<Record> ReadRecordUntil(Socket& s, uint64_t deadline_ns);
 // Sends an ERROR record (best effort: the connection may already be gone).
 void SendError(Socket& s, const Error& e);
 

@@ -1,0 +1,82 @@
+// Sockets over real loopback connections: a read's timeout is a deadline for the whole read, and
+// a handshake's records share one deadline (a peer trickling bytes cannot stretch either).
+#include "migration/transport/tcp.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "common/clock.h"
+
+namespace ferry::migration {
+namespace {
+
+struct Pair {
+  std::unique_ptr<Socket> client, server;
+};
+Pair Connect() {
+  auto l = std::move(*Listener::Listen(*ParseEndpoint("tcp:127.0.0.1:0")));
+  Pair p;
+  p.client = std::move(*Socket::Connect(*ParseEndpoint("tcp:127.0.0.1:" + std::to_string(l->port())), 2000));
+  p.server = std::move(*l->Accept(2000));
+  return p;
+}
+
+// Writes `bytes` one byte every `every_ms` from a thread.
+class Trickle {
+ public:
+  Trickle(Socket& s, std::vector<uint8_t> bytes, int every_ms)
+      : t_([&s, bytes = std::move(bytes), every_ms, this] {
+          for (size_t i = 0; i < bytes.size() && !stop_; ++i) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(every_ms));
+            if (!s.WriteAll(std::span<const uint8_t>(&bytes[i], 1))) return;
+          }
+        }) {}
+  ~Trickle() {
+    stop_ = true;
+    t_.join();
+  }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::thread t_;
+};
+
+TEST(Socket, AReadTimeoutBoundsTheWholeReadNotEachByte) {
+  Pair p = Connect();
+  Trickle trickle(*p.client, std::vector<uint8_t>(16, 7), 60);  // 16 bytes take ~1 s
+  std::array<uint8_t, 16> buf;
+  const uint64_t t0 = NowNs();
+  auto s = p.server->ReadExact(buf, 400);
+  const double ms = static_cast<double>(NowNs() - t0) / 1e6;
+  ASSERT_FALSE(s) << "a byte every 60 ms kept a 400 ms read alive";
+  EXPECT_EQ(s.error().code(), ErrorCode::kTimeout);
+  EXPECT_LT(ms, 800);
+  EXPECT_GE(ms, 390);
+}
+
+TEST(Socket, AHandshakeRecordSharesOneDeadlineForHeaderAndPayload) {
+  Pair p = Connect();
+  auto rec = EncodeRecord(RecordType::kHello, Encode(Hello{{}, 0, 1, kWirePageSize}));
+  // The header arrives at once, the payload a byte every 60 ms: the 500 ms deadline covers both.
+  ASSERT_TRUE(p.client->WriteAll(std::span<const uint8_t>(rec.data(), kRecordHeaderSize)));
+  Trickle trickle(*p.client, std::vector<uint8_t>(rec.begin() + kRecordHeaderSize, rec.end()), 60);
+  const uint64_t t0 = NowNs();
+  auto r = ReadRecordUntil(*p.server, t0 + 500'000'000);
+  const double ms = static_cast<double>(NowNs() - t0) / 1e6;
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code(), ErrorCode::kTimeout);
+  EXPECT_LT(ms, 900);
+  // A record that arrives in time is read whole.
+  Pair q = Connect();
+  ASSERT_TRUE(q.client->WriteAll(rec));
+  auto ok = ReadRecordUntil(*q.server, NowNs() + 2'000'000'000);
+  ASSERT_TRUE(ok) << ok.error().message();
+  EXPECT_EQ(ok->type(), RecordType::kHello);
+  EXPECT_EQ(MsUntil(NowNs() - 1), 0);
+}
+
+}  // namespace
+}  // namespace ferry::migration
