@@ -37,9 +37,14 @@ void IncomingMigration::Abort() {
 }
 
 void IncomingMigration::Cleanup() {
-  stopping_.store(true);
+  {
+    std::lock_guard<std::mutex> l(mu_);  // a greeting registers data channels under mu_ (it sees stopping_)
+    stopping_.store(true);
+  }
   listener_->Shutdown();
   if (acceptor_.joinable()) acceptor_.join();
+  handshakes_.ShutdownAll();  // greetings still reading end now; none adds a reader after this
+  handshakes_.JoinAll();
   std::vector<std::thread> readers;
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -53,50 +58,109 @@ void IncomingMigration::Cleanup() {
 }
 
 Status IncomingMigration::AcceptControl(const IncomingParams& params) {
-  for (;;) {
-    auto s = listener_->Accept(-1);
-    if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
-    if (!s) return std::unexpected(s.error());
-    auto sock = std::move(*s);
-    // The whole handshake (preamble + HELLO) within handshake_timeout_ms: a peer trickling bytes
-    // cannot hold the port longer.
-    const uint64_t deadline = NowNs() + static_cast<uint64_t>(params.handshake_timeout_ms) * 1'000'000;
-    auto pre = ReadPreamble(*sock, MsUntil(deadline), params.max_protocol_version);
-    if (!pre) {
-      spdlog::warn("incoming: dropped connection from {}: {}", sock->peer(), pre.error().message());
-      SendError(*sock, pre.error());
-      continue;
-    }
-    if (pre->role != Role::kControl) {
-      spdlog::warn("incoming: dropped data connection from {}: no migration in progress", sock->peer());
-      SendError(*sock, Error(ErrorCode::kBusy, "no migration in progress for this data connection"));
-      continue;
-    }
-    auto rec = ReadRecordUntil(*sock, deadline);
-    Result<Hello> hello = rec ? (rec->type() == RecordType::kHello ? DecodeHello(rec->payload)
-                                                                    : Errorf(ErrorCode::kCorrupt, "expected HELLO, got {}", TypeName(*rec)))
-                              : std::unexpected(rec.error());
+  // Every connection is greeted on its own thread (HandshakeThreads): the first proper HELLO wins,
+  // and a peer that trickles bytes or says nothing holds up no one else.
+  const auto greeted = [this, params](std::unique_ptr<Socket> sock, Result<Preamble> pre, Result<Record> rec) {
+    Result<Hello> hello = Errorf(ErrorCode::kInternal, "no greeting");
+    if (!pre) hello = std::unexpected(pre.error());
+    else if (pre->role != Role::kControl) hello = Errorf(ErrorCode::kBusy, "no migration in progress for this data connection");
+    else if (!rec) hello = std::unexpected(rec.error());
+    else hello = rec->type() == RecordType::kHello ? DecodeHello(rec->payload)
+                                                   : Errorf(ErrorCode::kCorrupt, "expected HELLO, got {}", TypeName(*rec));
+    std::lock_guard<std::mutex> l(mu_);
+    if (hello && (control_taken_ || candidate_))
+      hello = Errorf(ErrorCode::kBusy, "another source was first: a migration is already in progress");
     if (!hello) {
       spdlog::warn("incoming: dropped connection from {}: {}", sock->peer(), hello.error().message());
       SendError(*sock, hello.error());
-      continue;
+      return;
     }
-    hello_ = *hello;
-    version_ = pre->version;
-    caps_ = NegotiateCaps(version_, hello_.capabilities, params.capabilities);
-    FERRY_RETURN_IF_ERROR(WriteRecord(*sock, RecordType::kHelloAck, Encode(HelloAck{hello_.uuid, caps_})), "handshake");
-    const std::string peer = sock->peer();
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      control_ = std::make_unique<ControlChannel>(std::move(sock));
-      channel_used_.assign(hello_.channels, false);
-    }
-    control_->Start([this](const Record& r) { return FoldControl(r); });
+    candidate_ = Candidate{std::move(sock), *hello, pre->version};
+    cv_.notify_all();
+  };
+  for (;;) {
     if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
-    spdlog::info("incoming: migration {} from {}: protocol v{}, {} data channels, capabilities {:#x}", FormatUuid(hello_.uuid),
-                 peer, version_, hello_.channels, caps_);
-    return {};
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      if (candidate_) {
+        Candidate c = std::move(*candidate_);
+        candidate_.reset();
+        control_taken_ = true;
+        l.unlock();
+        return TakeControl(std::move(c), params);
+      }
+    }
+    // A short wait: a greeting thread may hand over a source meanwhile (taken within 20 ms).
+    auto s = listener_->Accept(20);
+    if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
+    if (!s) {
+      if (s.error().code() == ErrorCode::kTimeout) continue;
+      return std::unexpected(s.error());
+    }
+    auto sock = std::move(*s);
+    if (!handshakes_.Spawn(&sock, params.handshake_timeout_ms, params.max_protocol_version, greeted))
+      SendError(*sock, Error(ErrorCode::kBusy, "the destination is shutting down"));
   }
+}
+
+Status IncomingMigration::TakeControl(Candidate c, const IncomingParams& params) {
+  hello_ = c.hello;
+  version_ = c.version;
+  caps_ = NegotiateCaps(version_, hello_.capabilities, params.capabilities);
+  FERRY_RETURN_IF_ERROR(WriteRecord(*c.sock, RecordType::kHelloAck, Encode(HelloAck{hello_.uuid, caps_})), "handshake");
+  const std::string peer = c.sock->peer();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    control_ = std::make_unique<ControlChannel>(std::move(c.sock));
+    channel_used_.assign(hello_.channels, false);
+  }
+  control_->Start([this](const Record& r) { return FoldControl(r); });
+  if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
+  spdlog::info("incoming: migration {} from {}: protocol v{}, {} data channels, capabilities {:#x}", FormatUuid(hello_.uuid), peer,
+               version_, hello_.channels, caps_);
+  return {};
+}
+
+void IncomingMigration::Greeted(std::unique_ptr<Socket> sock, Result<Preamble> pre, Result<Record> rec, const IncomingParams& params) {
+  Result<DataHello> dh = std::unexpected(Error(ErrorCode::kBusy, "a migration is already in progress"));
+  if (!pre) {
+    dh = std::unexpected(pre.error());
+  } else if (pre->role == Role::kControl) {
+    // A source coming back after a cut during post-copy: HELLO with this migration's uuid.
+    Result<Hello> h = rec ? (rec->type() == RecordType::kHello ? DecodeHello(rec->payload)
+                                                               : Errorf(ErrorCode::kCorrupt, "expected HELLO, got {}", TypeName(*rec)))
+                          : std::unexpected(rec.error());
+    if (h && h->uuid == hello_.uuid && pre->version == version_) {
+      std::lock_guard<std::mutex> l(mu_);
+      if (recovering_ && !recover_sock_ && !stopping_) {
+        recover_sock_ = std::move(sock);
+        cv_.notify_all();
+        return;
+      }
+    }
+    dh = h ? Errorf(ErrorCode::kBusy, "a migration is already in progress") : std::unexpected(h.error());
+  } else if (pre->role == Role::kData) {
+    if (!rec) dh = std::unexpected(rec.error());
+    else if (rec->type() != RecordType::kDataHello) dh = Errorf(ErrorCode::kCorrupt, "expected DATA_HELLO, got {}", TypeName(*rec));
+    else dh = DecodeDataHello(rec->payload);
+    if (dh && dh->uuid != hello_.uuid) dh = Errorf(ErrorCode::kInvalidArgument, "data connection for another migration");
+    if (dh && pre->version != version_)
+      dh = Errorf(ErrorCode::kVersionMismatch, "data connection speaks protocol v{}, the migration v{}", pre->version, version_);
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  if (dh && stopping_) dh = Errorf(ErrorCode::kBusy, "the migration is over");
+  if (dh && (dh->channel >= channel_used_.size() || channel_used_[dh->channel]))
+    dh = Errorf(ErrorCode::kCorrupt, "data channel index {} is out of range or already connected", dh->channel);
+  if (!dh) {
+    spdlog::warn("incoming: dropped connection from {}: {}", sock->peer(), dh.error().message());
+    SendError(*sock, dh.error());
+    return;
+  }
+  channel_used_[dh->channel] = true;
+  if (postcopy_active_.load()) sock->SetUserTimeout(params.liveness_timeout_ms);
+  Socket* raw = sock.get();
+  data_.push_back(std::move(sock));
+  readers_.emplace_back([this, raw, ch = dh->channel] { DataReader(raw, ch); });
 }
 
 void IncomingMigration::AcceptLoop(const IncomingParams& params) {
@@ -107,48 +171,11 @@ void IncomingMigration::AcceptLoop(const IncomingParams& params) {
       continue;
     }
     auto sock = std::move(*s);
-    const uint64_t deadline = NowNs() + static_cast<uint64_t>(params.handshake_timeout_ms) * 1'000'000;
-    auto pre = ReadPreamble(*sock, MsUntil(deadline), params.max_protocol_version);
-    Result<DataHello> dh = std::unexpected(Error(ErrorCode::kBusy, "a migration is already in progress"));
-    if (!pre) {
-      dh = std::unexpected(pre.error());
-    } else if (pre->role == Role::kControl) {
-      // A source coming back after a cut during post-copy: HELLO with this migration's uuid.
-      auto rec = ReadRecordUntil(*sock, deadline);
-      Result<Hello> h = rec ? (rec->type() == RecordType::kHello ? DecodeHello(rec->payload)
-                                                                 : Errorf(ErrorCode::kCorrupt, "expected HELLO, got {}", TypeName(*rec)))
-                            : std::unexpected(rec.error());
-      if (h && h->uuid == hello_.uuid && pre->version == version_) {
-        std::lock_guard<std::mutex> l(mu_);
-        if (recovering_ && !recover_sock_) {
-          recover_sock_ = std::move(sock);
-          cv_.notify_all();
-          continue;
-        }
-      }
-      dh = h ? Errorf(ErrorCode::kBusy, "a migration is already in progress") : std::unexpected(h.error());
-    } else if (pre->role == Role::kData) {
-      auto rec = ReadRecordUntil(*sock, deadline);
-      if (!rec) dh = std::unexpected(rec.error());
-      else if (rec->type() != RecordType::kDataHello) dh = Errorf(ErrorCode::kCorrupt, "expected DATA_HELLO, got {}", TypeName(*rec));
-      else dh = DecodeDataHello(rec->payload);
-      if (dh && dh->uuid != hello_.uuid) dh = Errorf(ErrorCode::kInvalidArgument, "data connection for another migration");
-      if (dh && pre->version != version_)
-        dh = Errorf(ErrorCode::kVersionMismatch, "data connection speaks protocol v{}, the migration v{}", pre->version, version_);
-    }
-    std::lock_guard<std::mutex> l(mu_);
-    if (dh && (dh->channel >= channel_used_.size() || channel_used_[dh->channel]))
-      dh = Errorf(ErrorCode::kCorrupt, "data channel index {} is out of range or already connected", dh->channel);
-    if (!dh) {
-      spdlog::warn("incoming: dropped connection from {}: {}", sock->peer(), dh.error().message());
-      SendError(*sock, dh.error());
-      continue;
-    }
-    channel_used_[dh->channel] = true;
-    if (postcopy_active_.load()) sock->SetUserTimeout(params.liveness_timeout_ms);
-    Socket* raw = sock.get();
-    data_.push_back(std::move(sock));
-    readers_.emplace_back([this, raw, ch = dh->channel] { DataReader(raw, ch); });
+    const auto greeted = [this, params](std::unique_ptr<Socket> c, Result<Preamble> pre, Result<Record> rec) {
+      Greeted(std::move(c), std::move(pre), std::move(rec), params);
+    };
+    if (!handshakes_.Spawn(&sock, params.handshake_timeout_ms, params.max_protocol_version, greeted))
+      SendError(*sock, Error(ErrorCode::kBusy, "the destination is shutting down"));
   }
 }
 

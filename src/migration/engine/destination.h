@@ -45,6 +45,7 @@
 #include "migration/engine/vm_interface.h"
 #include "migration/protocol/pages.h"
 #include "migration/transport/control_channel.h"
+#include "migration/transport/handshakes.h"
 #include "migration/transport/tcp.h"
 
 namespace ferry::migration {
@@ -106,7 +107,17 @@ class IncomingMigration {
 
  private:
   explicit IncomingMigration(std::unique_ptr<Listener> l) : listener_(std::move(l)) {}
+  // The source whose HELLO came first (a greeting thread found it; AcceptControl takes it).
+  struct Candidate {
+    std::unique_ptr<Socket> sock;
+    Hello hello;
+    uint32_t version = 0;
+  };
+  static constexpr size_t kMaxHandshakes = 32;  // connections read at once (HandshakeThreads)
   Status AcceptControl(const IncomingParams& params);
+  Status TakeControl(Candidate c, const IncomingParams& params);
+  // A greeted connection once the migration runs: a data channel, or the source returning in post-copy.
+  void Greeted(std::unique_ptr<Socket> sock, Result<Preamble> pre, Result<Record> rec, const IncomingParams& params);
   void AcceptLoop(const IncomingParams& params);
   void DataReader(Socket* sock, uint32_t channel);
   Status ApplyRecord(const Record& rec, Decompressor& dec, std::vector<uint8_t>* scratch);
@@ -198,6 +209,10 @@ class IncomingMigration {
   std::mutex commit_mu_;                 // Cancel() vs the handling of GO (guest_started_)
   mutable std::mutex stats_mu_;
   IncomingProgress info_;                // GUARDED_BY(stats_mu_): identity, times and final figures
+  std::optional<Candidate> candidate_;   // GUARDED_BY(mu_)
+  bool control_taken_ = false;           // GUARDED_BY(mu_): a source was accepted; later HELLOs are busy
+  // Last: its greeting threads use the members above; Cleanup() and its destructor join them.
+  HandshakeThreads handshakes_{kMaxHandshakes};
 };
 
 }  // namespace ferry::migration

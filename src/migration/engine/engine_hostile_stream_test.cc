@@ -96,3 +96,47 @@ TEST(HostileStream, StateRecordsBeyondTheirBoundAreRefused) {
 
 }  // namespace
 }  // namespace ferry::migration
+
+namespace ferry::migration {
+namespace {
+using namespace ferry::migration::test;
+
+// Peers that connect and say nothing, or trickle a preamble a byte at a time, hold up no source:
+// each connection is greeted on its own, under one deadline, and past the bound the oldest silent
+// one makes room.
+TEST(HostileStream, SilentAndTricklingPeersHoldUpNoSource) {
+  FakeSource src;
+  FakeDestination dst;
+  Incoming in(&dst);
+  const auto ep = *ParseEndpoint(in.to);
+  std::vector<std::unique_ptr<Socket>> peers;
+  const auto pre = EncodePreamble(Role::kControl);
+  for (int i = 0; i < 40; ++i) {  // more than the destination reads at once
+    auto s = Socket::Connect(ep, 2000);
+    ASSERT_TRUE(s) << s.error().message();
+    if (i % 2) {
+      ASSERT_TRUE((*s)->WriteAll(std::span<const uint8_t>(pre.data(), 3)));  // a preamble's start, then nothing
+    }
+    peers.push_back(std::move(*s));
+  }
+  std::atomic<bool> stop{false};
+  std::thread trickler([&] {  // and one that sends junk a byte at a time
+    auto s = Socket::Connect(ep, 2000);
+    if (!s) return;
+    const uint8_t junk = 'x';
+    while (!stop && (*s)->WriteAll(std::span<const uint8_t>(&junk, 1))) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  auto m = SourceMigration::Start(&src, Params(in.to));
+  m->Wait();
+  in.thread.join();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  stop = true;
+  trickler.join();
+  ASSERT_EQ(m->status(), MigrationStatus::kCompleted) << m->Stats().dump();
+  EXPECT_TRUE(SameRam(src, dst));
+  EXPECT_LT(secs, 8.0) << "the source waited behind the silent peers (handshake timeout 10 s)";
+}
+
+}  // namespace
+}  // namespace ferry::migration

@@ -1,0 +1,77 @@
+#include "migration/transport/handshakes.h"
+
+#include "common/clock.h"
+
+namespace ferry::migration {
+
+HandshakeThreads::~HandshakeThreads() {
+  ShutdownAll();
+  JoinAll();
+}
+
+void HandshakeThreads::ReapLocked(std::list<Greeting>* finished) {
+  for (auto it = greetings_.begin(); it != greetings_.end();) {
+    if (it->done) finished->splice(finished->end(), greetings_, it++);
+    else ++it;
+  }
+}
+
+bool HandshakeThreads::Spawn(std::unique_ptr<Socket>* sock, int timeout_ms, uint32_t max_version, Greeted then) {
+  std::list<Greeting> finished;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    ReapLocked(&finished);
+  }
+  for (auto& g : finished) g.thread.join();  // done: they only return
+  std::lock_guard<std::mutex> l(mu_);
+  if (shut_) return false;
+  size_t reading = 0;
+  for (const auto& g : greetings_) reading += g.reading != nullptr;
+  if (reading >= max_) {
+    for (auto& g : greetings_)
+      if (g.reading) {
+        g.reading->Shutdown();  // the oldest still reading: its read fails now, its thread ends
+        break;
+      }
+  }
+  Greeting& g = greetings_.emplace_back();
+  g.reading = sock->get();
+  g.thread = std::thread([this, &g, s = std::move(*sock), timeout_ms, max_version, then = std::move(then)]() mutable {
+    const uint64_t deadline = NowNs() + static_cast<uint64_t>(std::max(timeout_ms, 0)) * 1'000'000;
+    Result<Preamble> pre = ReadPreamble(*s, MsUntil(deadline), max_version);
+    Result<Record> first = pre ? ReadRecordUntil(*s, deadline) : Result<Record>(std::unexpected(pre.error()));
+    {
+      std::lock_guard<std::mutex> l2(mu_);
+      g.reading = nullptr;
+    }
+    then(std::move(s), std::move(pre), std::move(first));
+    std::lock_guard<std::mutex> l2(mu_);
+    g.done = true;
+  });
+  return true;
+}
+
+void HandshakeThreads::ShutdownAll() {
+  std::lock_guard<std::mutex> l(mu_);
+  shut_ = true;
+  for (auto& g : greetings_)
+    if (g.reading) g.reading->Shutdown();
+}
+
+void HandshakeThreads::JoinAll() {
+  std::list<Greeting> all;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    all.swap(greetings_);
+  }
+  for (auto& g : all) g.thread.join();
+}
+
+size_t HandshakeThreads::running() const {
+  std::lock_guard<std::mutex> l(mu_);
+  size_t n = 0;
+  for (const auto& g : greetings_) n += !g.done;
+  return n;
+}
+
+}  // namespace ferry::migration

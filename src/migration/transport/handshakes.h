@@ -1,0 +1,54 @@
+// Greeting new connections on a listening port, each on its own thread, so that one slow or
+// silent peer never holds up the others (a trickle of bytes used to block every later source for
+// the whole handshake timeout). A greeting is the preamble and the first record, read under one
+// deadline; then the caller's continuation gets the connection and what was read.
+//
+// Bounds: each greeting at most `timeout_ms`; at most `max` greetings reading at once - a new
+// connection beyond that ends the oldest one's read (a flood of silent peers can delay a real source
+// by one greeting, never lock it out). Threads: Spawn/ShutdownAll/JoinAll from any thread; continuations run
+// on the greeting threads (after the read; they must not block on the peer for long - an ERROR or
+// a short reply only). ShutdownAll() shuts every connection still being read, so JoinAll() returns
+// at once; the destructor does both.
+#pragma once
+
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "migration/transport/tcp.h"
+
+namespace ferry::migration {
+
+class HandshakeThreads {
+ public:
+  using Greeted = std::function<void(std::unique_ptr<Socket>, Result<Preamble>, Result<Record>)>;
+
+  explicit HandshakeThreads(size_t max) : max_(max) {}
+  ~HandshakeThreads();
+  HandshakeThreads(const HandshakeThreads&) = delete;
+  HandshakeThreads& operator=(const HandshakeThreads&) = delete;
+
+  // Greets `sock` on a new thread and calls `then`. False (and `sock` is left to the caller) only
+  // after ShutdownAll().
+  bool Spawn(std::unique_ptr<Socket>* sock, int timeout_ms, uint32_t max_version, Greeted then);
+  void ShutdownAll();
+  void JoinAll();
+  size_t running() const;
+
+ private:
+  struct Greeting {
+    std::thread thread;
+    Socket* reading = nullptr;  // GUARDED_BY(mu_): set while its read runs (ShutdownAll's target)
+    bool done = false;          // GUARDED_BY(mu_)
+  };
+  void ReapLocked(std::list<Greeting>* finished);  // moves finished greetings out (mu_ held)
+
+  const size_t max_;
+  mutable std::mutex mu_;
+  std::list<Greeting> greetings_;  // GUARDED_BY(mu_)
+  bool shut_ = false;              // GUARDED_BY(mu_)
+};
+
+}  // namespace ferry::migration
