@@ -1,6 +1,7 @@
 // A source that breaks the protocol's rules, spoken record by record over real loopback sockets
 // to a real IncomingMigration: the destination refuses each form by name and never lets it touch
-// the guest (STATE records beyond their bound, page records after END's count was met).
+// the guest (STATE records beyond their bound, page records after END's count was met), and
+// silent or trickling peers on its port hold up no source.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -93,13 +94,6 @@ TEST(HostileStream, StateRecordsBeyondTheirBoundAreRefused) {
   EXPECT_NE(in.result.error().message().find("STATE records exceed the limit"), std::string::npos) << in.result.error().message();
   EXPECT_FALSE(dst.started_);
 }
-
-}  // namespace
-}  // namespace ferry::migration
-
-namespace ferry::migration {
-namespace {
-using namespace ferry::migration::test;
 
 // Peers that connect and say nothing, or trickle a preamble a byte at a time, hold up no source:
 // each connection is greeted on its own, under one deadline, and past the bound the oldest silent
