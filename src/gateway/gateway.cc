@@ -14,6 +14,9 @@
 #include "gateway/session.h"
 
 namespace ferry::gateway {
+namespace {
+constexpr uint32_t kMaxPeerWindowKiB = 1u << 20;  // 1 GiB
+}  // namespace
 
 Result<Codec> ParseCodec(const std::string& s) { return ParseCompression(s); }
 
@@ -221,10 +224,16 @@ void Gateway::HandleIncoming(int fd) {
   auto streams = r.U16();
   auto window = r.U32();
   auto dest = r.Str();
-  if (!id || !streams || !window || !dest || !r.ExpectEnd() || *streams == 0 || *streams > 64 ||
-      *window < 64 || *window > (4u << 20)) {
+  if (!id || !streams || !window || !dest || !r.ExpectEnd() || *streams == 0 || *streams > 64 || *window < 64) {
     counters_.protocol_errors++;
     send_error("malformed HELLO");
+    return;
+  }
+  // The window is what this gateway buffers per direction for the session: the peer may not
+  // choose more than kMaxPeerWindowKiB (it could ask for 4 GiB per session).
+  if (*window > kMaxPeerWindowKiB) {
+    counters_.protocol_errors++;
+    send_error(fmt::format("window of {} MiB is above this gateway's limit of {} MiB", *window >> 10, kMaxPeerWindowKiB >> 10));
     return;
   }
   if (FindSession(*id)) {

@@ -22,6 +22,7 @@ constexpr size_t kConnOutLimit = 256u << 10;  // per data conn queued bytes befo
 constexpr size_t kReadBuf = 256u << 10;
 constexpr size_t kMaxSpareBufs = 32;
 constexpr int kZstdLevel = 1;
+constexpr size_t kMaxCtrlBacklog = 1u << 20;  // unwritten control-connection bytes (replies) a peer may leave unread
 }  // namespace
 
 Session::Session(Gateway* gw, uint64_t id, int local_fd, std::unique_ptr<Conn> ctrl, size_t window, int streams)
@@ -403,6 +404,11 @@ void Session::HandleCtrlFrame(const Frame& f) {
     case FrameType::kPing: {
       auto t = r.U64();
       if (!t || !r.ExpectEnd()) return ProtocolError("bad PING");
+      // A peer that pings but does not read its replies would make them pile up: past
+      // kMaxCtrlBacklog unwritten control bytes the session fails instead.
+      if (ctrl_->out.size() - ctrl_->out_off > kMaxCtrlBacklog)
+        return ProtocolError(fmt::format("peer does not read its control connection ({} bytes of replies pending)",
+                                         ctrl_->out.size() - ctrl_->out_off));
       PayloadWriter w;
       w.U64(*t);
       SendCtrl(FrameType::kPong, w.data());

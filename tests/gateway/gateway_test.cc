@@ -459,6 +459,69 @@ TEST_F(GatewayTest, MalformedControlFramesCloseSessionOthersContinue) {
   EXPECT_EQ(EchoTransfer(p.fwd->port(), 1u << 20, 9), "");
 }
 
+// A peer may not make the serving gateway buffer without bound: a HELLO asking for a 4 GiB window
+// is refused, and a peer that pings without reading the replies loses its session (replies used to
+// pile up).
+TEST_F(GatewayTest, PeerChosenWindowAndUnreadPongsAreBounded) {
+  EchoServer echo;
+  auto p = MakePair(pki_, echo.port(), 2);
+  auto tls = TlsContext::Create(false, pki_->Files("client"));
+  ASSERT_TRUE(tls.has_value());
+  std::string via = "127.0.0.1:" + std::to_string(p.serve->port());
+  const std::string dest = "127.0.0.1:" + std::to_string(echo.port());
+  {
+    auto c = Conn::Connect(via, **tls, 3000);
+    ASSERT_TRUE(c.has_value());
+    PayloadWriter w;
+    w.U64(2000).U16(1).U32(4u << 20).Str(dest);  // 4 GiB, in KiB
+    ASSERT_TRUE((*c)->WriteFrameBlocking(FrameType::kHello, w.data()));
+    auto f = (*c)->ReadFrameBlocking();
+    ASSERT_TRUE(f.has_value());
+    EXPECT_EQ(f->type, FrameType::kError);
+    const std::string msg(f->payload.begin(), f->payload.end());
+    EXPECT_NE(msg.find("above this gateway's limit"), std::string::npos) << msg;
+  }
+  {
+    auto c = Conn::Connect(via, **tls, 3000);
+    ASSERT_TRUE(c.has_value());
+    PayloadWriter w;
+    w.U64(2001).U16(1).U32(65536).Str(dest);
+    ASSERT_TRUE((*c)->WriteFrameBlocking(FrameType::kHello, w.data()));
+    auto ok = (*c)->ReadFrameBlocking();
+    ASSERT_TRUE(ok.has_value());
+    ASSERT_EQ(ok->type, FrameType::kHelloOk);
+    // PINGs in bulk, never reading the PONGs: far more replies than socket buffers hold.
+    std::vector<uint8_t> pings;
+    PayloadWriter t;
+    t.U64(1);
+    for (int i = 0; i < 4096; ++i) EncodeFrame(FrameType::kPing, 0, t.data(), &pings);
+    const uint64_t errors_before = p.serve->counters().protocol_errors.load();
+    bool cut = false;
+    for (int round = 0; round < 2000 && !cut; ++round) {
+      size_t off = 0;
+      while (off < pings.size()) {
+        size_t n = 0;
+        const auto r = (*c)->Write(pings.data() + off, pings.size() - off, &n);
+        if (r == Conn::IoResult::kClosed || r == Conn::IoResult::kError) {
+          cut = true;  // the gateway closed the session
+          break;
+        }
+        if (n == 0) {
+          if (p.serve->counters().protocol_errors.load() > errors_before) cut = true;
+          if (cut) break;
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+        off += n;
+      }
+      if (p.serve->counters().protocol_errors.load() > errors_before) cut = true;
+    }
+    EXPECT_TRUE(cut) << "the gateway kept queueing PONGs";
+    EXPECT_GT(p.serve->counters().protocol_errors.load(), errors_before);
+  }
+  // Other sessions are unaffected.
+  EXPECT_EQ(EchoTransfer(p.fwd->port(), 1u << 20, 11), "");
+}
+
 uint64_t RssKiB() {
   std::ifstream f("/proc/self/status");
   std::string line;
