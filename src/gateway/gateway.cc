@@ -159,7 +159,7 @@ void Gateway::AcceptLoop() {
 void Gateway::RegisterSession(const std::shared_ptr<Session>& s) {
   std::lock_guard lk(mu_);
   sessions_.push_back(s);
-  counters_.sessions_total++;
+  s->seq = ++counters_.sessions_total;
   counters_.sessions_active++;
 }
 
@@ -259,7 +259,7 @@ void Gateway::HandleIncoming(int fd) {
     UnregisterSession(*id);
     return;
   }
-  spdlog::info("session {:016x}: {} data streams to {}", *id, *streams, *dest);
+  spdlog::info("session {:016x} (seq {} in /status): {} data streams to {}", *id, s->seq, *streams, *dest);
   s->Run();
   UnregisterSession(*id);
 }

@@ -57,8 +57,8 @@ std::string Session::StatusJsonFields() const {
     detail = detail_json_.empty() ? "{}" : detail_json_;
   }
   return fmt::format(
-      R"({{"id":"{:016x}","bytes_sent":{},"bytes_received":{},"data_conns":{},"unacked_bytes":{},"reorder_bytes":{},"detail":{}}})",
-      id_, st_sent_.load(), st_received_.load(), st_data_conns_.load(), st_unacked_.load(), st_reorder_.load(), detail);
+      R"({{"seq":{},"bytes_sent":{},"bytes_received":{},"data_conns":{},"unacked_bytes":{},"reorder_bytes":{},"detail":{}}})",
+      seq, st_sent_.load(), st_received_.load(), st_data_conns_.load(), st_unacked_.load(), st_reorder_.load(), detail);
 }
 
 void Session::UpdateDetail() {

@@ -30,7 +30,10 @@ class Session {
   void AddDataConn(std::unique_ptr<Conn> c, uint16_t index);
   // Thread-safe: wakes the session thread (e.g. gateway stopping).
   void Wake();
-  std::string StatusJsonFields() const;  // atomics + the detail snapshot (diag_mu_)
+  // atomics + the detail snapshot (diag_mu_). Never the session id: it is the credential for JOIN,
+  // and /status needs no authentication; `seq` (the gateway's count of sessions at its start) names it.
+  std::string StatusJsonFields() const;
+  uint64_t seq = 0;  // set by Gateway::RegisterSession; read by StatusJsonFields (both under the gateway's lock)
 
  private:
   struct DataConn {

@@ -774,6 +774,15 @@ TEST_F(GatewayTest, StuckDataConnectionIsBypassed) {
     if (port == 0) std::this_thread::sleep_for(50ms);
   }
   EXPECT_NE(port, 0) << "no running session seen in /status";
+  {
+    // /status names sessions by seq, never by id (the id is what a JOIN presents).
+    auto st = nlohmann::json::parse(MetricsGet(fwd_sock, "/status"), nullptr, false);
+    ASSERT_TRUE(st.is_object());
+    for (auto& sess : st["sessions"]) {
+      EXPECT_FALSE(sess.contains("id")) << sess.dump();
+      EXPECT_GE(sess.value("seq", 0), 1) << sess.dump();
+    }
+  }
   if (port != 0) {
     EXPECT_EQ(0, Sh("ip netns exec " + n + " nft add rule inet t out tcp sport " + std::to_string(port) + " drop"));
   }
