@@ -149,6 +149,7 @@ void IncomingMigration::Greeted(std::unique_ptr<Socket> sock, Result<Preamble> p
   }
   std::lock_guard<std::mutex> l(mu_);
   if (dh && stopping_) dh = Errorf(ErrorCode::kBusy, "the migration is over");
+  if (dh && recovering_) dh = Errorf(ErrorCode::kBusy, "the migration waits for its source to reconnect its control connection first");
   if (dh && (dh->channel >= channel_used_.size() || channel_used_[dh->channel]))
     dh = Errorf(ErrorCode::kCorrupt, "data channel index {} is out of range or already connected", dh->channel);
   if (!dh) {
@@ -535,18 +536,20 @@ Status IncomingMigration::AwaitRecovery(const IncomingParams& params, const Erro
                why.message(), postcopy_->missing() - postcopy_->placed(), postcopy_->missing(), params.recover_timeout_ms);
   StopProgress();
   std::vector<std::thread> readers;
+  std::vector<std::unique_ptr<Socket>> old_data;  // freed only after their readers are joined
   {
     std::lock_guard<std::mutex> l(mu_);
     for (auto& d : data_) d->Shutdown();
     readers.swap(readers_);
-    recovering_ = true;
+    old_data.swap(data_);
+    recovering_ = true;  // no data channel registers until the source is back (Greeted)
   }
   control_->Shutdown();
   for (auto& t : readers) t.join();
+  old_data.clear();
   std::unique_ptr<Socket> sock;
   {
     std::unique_lock<std::mutex> l(mu_);
-    data_.clear();
     channel_used_.assign(channel_used_.size(), false);
     data_error_.reset();  // the cut is handled here; what fails from now on is reported
     const bool back = cv_.wait_for(l, std::chrono::milliseconds(params.recover_timeout_ms),
