@@ -402,6 +402,23 @@ TEST_F(GatewayTest, MissingClientCertificateRefused) {
   EXPECT_EQ(p.serve->counters().sessions_total.load(), 0u);
 }
 
+// A hand-made session on a serve gateway: HELLO (id, one stream, window in KiB, destination) on
+// a new control connection, and the first frame of the reply (empty if connect or write failed).
+struct HandMadeSession {
+  std::unique_ptr<Conn> conn;
+  decltype(std::declval<Conn&>().ReadFrameBlocking()) reply;
+};
+HandMadeSession SendHello(const std::string& via, const TlsContext& tls, uint64_t id, uint32_t window_kib, const std::string& dest) {
+  HandMadeSession h;
+  auto c = Conn::Connect(via, tls, 3000);
+  if (!c) return h;
+  h.conn = std::move(*c);
+  PayloadWriter w;
+  w.U64(id).U16(1).U32(window_kib).Str(dest);
+  if (h.conn->WriteFrameBlocking(FrameType::kHello, w.data())) h.reply = h.conn->ReadFrameBlocking();
+  return h;
+}
+
 TEST_F(GatewayTest, MalformedControlFramesCloseSessionOthersContinue) {
   EchoServer echo;
   auto p = MakePair(pki_, echo.port(), 2);
@@ -422,14 +439,11 @@ TEST_F(GatewayTest, MalformedControlFramesCloseSessionOthersContinue) {
   }
   // 2. Valid session, then a frame with a bad CRC, then a well-formed frame of the wrong type.
   for (int variant = 0; variant < 3; variant++) {
-    auto c = Conn::Connect(via, **tls, 3000);
-    ASSERT_TRUE(c.has_value());
-    PayloadWriter w;
-    w.U64(1000 + variant).U16(1).U32(65536).Str("127.0.0.1:" + std::to_string(echo.port()));
-    ASSERT_TRUE((*c)->WriteFrameBlocking(FrameType::kHello, w.data()));
-    auto ok = (*c)->ReadFrameBlocking();
-    ASSERT_TRUE(ok.has_value());
-    EXPECT_EQ(ok->type, FrameType::kHelloOk);
+    auto h = SendHello(via, **tls, 1000 + variant, 65536, "127.0.0.1:" + std::to_string(echo.port()));
+    ASSERT_TRUE(h.conn);
+    ASSERT_TRUE(h.reply.has_value());
+    EXPECT_EQ(h.reply->type, FrameType::kHelloOk);
+    auto& c = h.conn;
     std::vector<uint8_t> bad;
     PayloadWriter a;
     a.U64(0);
@@ -443,10 +457,10 @@ TEST_F(GatewayTest, MalformedControlFramesCloseSessionOthersContinue) {
       EncodeFrame(FrameType::kAck, 0, a.data(), &bad);  // ACK payload too long
     }
     size_t n = 0;
-    (*c)->Write(bad.data(), bad.size(), &n);
+    c->Write(bad.data(), bad.size(), &n);
     bool got_error = false;
     for (;;) {
-      auto f = (*c)->ReadFrameBlocking();
+      auto f = c->ReadFrameBlocking();
       if (!f) break;
       if (f->type == FrameType::kError) got_error = true;
     }
@@ -470,26 +484,20 @@ TEST_F(GatewayTest, PeerChosenWindowAndUnreadPongsAreBounded) {
   std::string via = "127.0.0.1:" + std::to_string(p.serve->port());
   const std::string dest = "127.0.0.1:" + std::to_string(echo.port());
   {
-    auto c = Conn::Connect(via, **tls, 3000);
-    ASSERT_TRUE(c.has_value());
-    PayloadWriter w;
-    w.U64(2000).U16(1).U32(4u << 20).Str(dest);  // 4 GiB, in KiB
-    ASSERT_TRUE((*c)->WriteFrameBlocking(FrameType::kHello, w.data()));
-    auto f = (*c)->ReadFrameBlocking();
+    auto h = SendHello(via, **tls, 2000, 4u << 20, dest);  // 4 GiB, in KiB
+    ASSERT_TRUE(h.conn);
+    auto& f = h.reply;
     ASSERT_TRUE(f.has_value());
     EXPECT_EQ(f->type, FrameType::kError);
     const std::string msg(f->payload.begin(), f->payload.end());
     EXPECT_NE(msg.find("above this gateway's limit"), std::string::npos) << msg;
   }
   {
-    auto c = Conn::Connect(via, **tls, 3000);
-    ASSERT_TRUE(c.has_value());
-    PayloadWriter w;
-    w.U64(2001).U16(1).U32(65536).Str(dest);
-    ASSERT_TRUE((*c)->WriteFrameBlocking(FrameType::kHello, w.data()));
-    auto ok = (*c)->ReadFrameBlocking();
-    ASSERT_TRUE(ok.has_value());
-    ASSERT_EQ(ok->type, FrameType::kHelloOk);
+    auto h = SendHello(via, **tls, 2001, 65536, dest);
+    ASSERT_TRUE(h.conn);
+    ASSERT_TRUE(h.reply.has_value());
+    ASSERT_EQ(h.reply->type, FrameType::kHelloOk);
+    auto& c = h.conn;
     // PINGs in bulk, never reading the PONGs: far more replies than socket buffers hold.
     std::vector<uint8_t> pings;
     PayloadWriter t;
@@ -501,7 +509,7 @@ TEST_F(GatewayTest, PeerChosenWindowAndUnreadPongsAreBounded) {
       size_t off = 0;
       while (off < pings.size()) {
         size_t n = 0;
-        const auto r = (*c)->Write(pings.data() + off, pings.size() - off, &n);
+        const auto r = c->Write(pings.data() + off, pings.size() - off, &n);
         if (r == Conn::IoResult::kClosed || r == Conn::IoResult::kError) {
           cut = true;  // the gateway closed the session
           break;

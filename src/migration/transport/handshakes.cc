@@ -67,11 +67,4 @@ void HandshakeThreads::JoinAll() {
   for (auto& g : all) g.thread.join();
 }
 
-size_t HandshakeThreads::running() const {
-  std::lock_guard<std::mutex> l(mu_);
-  size_t n = 0;
-  for (const auto& g : greetings_) n += !g.done;
-  return n;
-}
-
 }  // namespace ferry::migration

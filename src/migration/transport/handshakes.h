@@ -35,7 +35,6 @@ class HandshakeThreads {
   bool Spawn(std::unique_ptr<Socket>* sock, int timeout_ms, uint32_t max_version, Greeted then);
   void ShutdownAll();
   void JoinAll();
-  size_t running() const;
 
  private:
   struct Greeting {
