@@ -1175,7 +1175,7 @@ nlohmann::json SourceMigration::Stats() const {
     if (cache_) {
       const DeltaCache::Stats s = cache_->stats();
       cache = {{"capacity_bytes", s.capacity_pages * kWirePageSize}, {"used_bytes", s.used_pages * kWirePageSize},
-               {"hits", s.hits}, {"misses", s.misses}, {"evictions", s.evictions}};
+               {"hits", s.hits}, {"misses", s.misses}, {"overflows", s.encode_overflows}, {"evictions", s.evictions}};
     }
   }
   std::lock_guard<std::mutex> l(stats_mu_);
