@@ -23,6 +23,7 @@ enum class ErrorCode {
   kTimeout,
   kUnsupported,
   kInternal,
+  kPermissionDenied,  // authenticated peer not allowed, or not authenticated (append new codes: they travel in ERROR records)
 };
 
 std::string_view ErrorCodeName(ErrorCode code);

@@ -15,44 +15,6 @@
 
 namespace ferry::gateway {
 
-std::string OpenSslErrors() {
-  std::string s;
-  unsigned long e;
-  while ((e = ERR_get_error()) != 0) {
-    char buf[256];
-    ERR_error_string_n(e, buf, sizeof buf);
-    if (!s.empty()) s += "; ";
-    s += buf;
-  }
-  return s.empty() ? "unknown TLS error" : s;
-}
-
-Result<std::shared_ptr<TlsContext>> TlsContext::Create(bool server, const TlsFiles& f) {
-  if (f.cert.empty() || f.key.empty() || f.ca.empty())
-    return Errorf(ErrorCode::kInvalidArgument, "TLS needs --cert, --key and --ca (or --insecure)");
-  SSL_CTX* ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
-  if (!ctx) return Errorf(ErrorCode::kInternal, "SSL_CTX_new: {}", OpenSslErrors());
-  std::shared_ptr<TlsContext> holder(new TlsContext(ctx));
-  SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
-  if (SSL_CTX_use_certificate_chain_file(ctx, f.cert.c_str()) != 1)
-    return Errorf(ErrorCode::kInvalidArgument, "load cert {}: {}", f.cert, OpenSslErrors());
-  if (SSL_CTX_use_PrivateKey_file(ctx, f.key.c_str(), SSL_FILETYPE_PEM) != 1)
-    return Errorf(ErrorCode::kInvalidArgument, "load key {}: {}", f.key, OpenSslErrors());
-  if (SSL_CTX_check_private_key(ctx) != 1)
-    return Errorf(ErrorCode::kInvalidArgument, "key does not match cert: {}", OpenSslErrors());
-  if (SSL_CTX_load_verify_locations(ctx, f.ca.c_str(), nullptr) != 1)
-    return Errorf(ErrorCode::kInvalidArgument, "load CA {}: {}", f.ca, OpenSslErrors());
-  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nullptr);
-  SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
-  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-  SSL_CTX_set_num_tickets(ctx, 0);
-  return holder;
-}
-
-TlsContext::~TlsContext() {
-  if (ctx_) SSL_CTX_free(ctx_);
-}
-
 Conn::~Conn() {
   if (ssl_) SSL_free(ssl_);
   if (fd_ >= 0) close(fd_);
@@ -201,9 +163,9 @@ Result<std::unique_ptr<Conn>> Conn::Connect(const std::string& hp, const TlsCont
   if (!tls.ctx()) return std::unique_ptr<Conn>(new Conn(*fd, nullptr));
   SSL* ssl = SSL_new(tls.ctx());
   std::unique_ptr<Conn> c(new Conn(*fd, ssl));
-  SSL_set_fd(ssl, *fd);
+  if (auto st = net::AttachSocket(ssl, *fd); !st) return std::unexpected(st.error());
   ERR_clear_error();
-  if (SSL_connect(ssl) != 1) return Errorf(ErrorCode::kIo, "TLS handshake with {}: {}", hp, OpenSslErrors());
+  if (SSL_connect(ssl) != 1) return Errorf(ErrorCode::kIo, "TLS handshake with {}: {}", hp, net::HandshakeError(ssl));
   return c;
 }
 
@@ -213,9 +175,9 @@ Result<std::unique_ptr<Conn>> Conn::Accept(int fd, const TlsContext& tls, int ti
   if (!tls.ctx()) return std::unique_ptr<Conn>(new Conn(fd, nullptr));
   SSL* ssl = SSL_new(tls.ctx());
   std::unique_ptr<Conn> c(new Conn(fd, ssl));
-  SSL_set_fd(ssl, fd);
+  if (auto st = net::AttachSocket(ssl, fd); !st) return std::unexpected(st.error());
   ERR_clear_error();
-  if (SSL_accept(ssl) != 1) return Errorf(ErrorCode::kIo, "TLS accept: {}", OpenSslErrors());
+  if (SSL_accept(ssl) != 1) return Errorf(ErrorCode::kIo, "TLS accept: {}", net::HandshakeError(ssl));
   return c;
 }
 

@@ -12,25 +12,14 @@
 
 #include "common/error.h"
 #include "gateway/protocol.h"
+#include "net/tls.h"
 
 namespace ferry::gateway {
 
-struct TlsFiles {
-  std::string cert, key, ca;
-};
-
-// Owns an SSL_CTX. Null ctx == insecure (plain TCP).
-class TlsContext {
- public:
-  static Result<std::shared_ptr<TlsContext>> Create(bool server, const TlsFiles& files);
-  static std::shared_ptr<TlsContext> Insecure() { return std::shared_ptr<TlsContext>(new TlsContext(nullptr)); }
-  ~TlsContext();
-  SSL_CTX* ctx() const { return ctx_; }
-
- private:
-  explicit TlsContext(SSL_CTX* c) : ctx_(c) {}
-  SSL_CTX* ctx_;
-};
+// The TLS policy and certificate loading are shared with the migration channels (net/tls.h).
+using net::OpenSslErrors;
+using net::TlsContext;
+using net::TlsFiles;
 
 class Conn {
  public:
@@ -74,7 +63,6 @@ class Conn {
 Result<std::pair<std::string, uint16_t>> SplitHostPort(const std::string& s);
 Result<int> ListenTcp(const std::string& host_port);
 Result<int> ConnectTcp(const std::string& host_port, int timeout_ms);
-std::string OpenSslErrors();
 // The destination an accepted connection was addressed to before a NAT REDIRECT rule sent it
 // to us ("IP:PORT", "[IPv6]:PORT"). kNotFound when the connection was not redirected.
 Result<std::string> OriginalDestination(int fd);

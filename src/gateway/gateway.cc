@@ -50,6 +50,8 @@ Status Gateway::Start() {
   if (opts_.insecure) {
     tls_ = TlsContext::Insecure();
   } else {
+    if (opts_.tls.cert.empty() || opts_.tls.key.empty() || opts_.tls.ca.empty())
+      return Errorf(ErrorCode::kInvalidArgument, "TLS needs --cert, --key and --ca (or --insecure)");
     auto t = TlsContext::Create(opts_.role == Role::kServe, opts_.tls);
     if (!t) return std::unexpected(t.error());
     tls_ = *t;

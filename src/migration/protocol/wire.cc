@@ -290,7 +290,7 @@ Result<ErrorMsg> DecodeError(std::span<const uint8_t> p) {
 }
 
 Error ToError(const ErrorMsg& m) {
-  ErrorCode code = m.code <= static_cast<uint32_t>(ErrorCode::kInternal) ? static_cast<ErrorCode>(m.code) : ErrorCode::kInternal;
+  ErrorCode code = m.code <= static_cast<uint32_t>(ErrorCode::kPermissionDenied) ? static_cast<ErrorCode>(m.code) : ErrorCode::kInternal;
   return Error(code, "peer: " + m.message);
 }
 
