@@ -16,7 +16,7 @@ void HandshakeThreads::ReapLocked(std::list<Greeting>* finished) {
   }
 }
 
-bool HandshakeThreads::Spawn(std::unique_ptr<Socket>* sock, int timeout_ms, uint32_t max_version, Greeted then) {
+bool HandshakeThreads::Spawn(std::unique_ptr<Socket>* sock, const net::TlsContext* tls, int timeout_ms, uint32_t max_version, Greeted then) {
   std::list<Greeting> finished;
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -36,9 +36,10 @@ bool HandshakeThreads::Spawn(std::unique_ptr<Socket>* sock, int timeout_ms, uint
   }
   Greeting& g = greetings_.emplace_back();
   g.reading = sock->get();
-  g.thread = std::thread([this, &g, s = std::move(*sock), timeout_ms, max_version, then = std::move(then)]() mutable {
+  g.thread = std::thread([this, &g, s = std::move(*sock), tls, timeout_ms, max_version, then = std::move(then)]() mutable {
     const uint64_t deadline = NowNs() + static_cast<uint64_t>(std::max(timeout_ms, 0)) * 1'000'000;
-    Result<Preamble> pre = ReadPreamble(*s, MsUntil(deadline), max_version);
+    Status secure = tls ? s->StartTls(*tls, "", deadline) : Status{};
+    Result<Preamble> pre = secure ? ReadPreamble(*s, MsUntil(deadline), max_version) : Result<Preamble>(std::unexpected(secure.error()));
     Result<Record> first = pre ? ReadRecordUntil(*s, deadline) : Result<Record>(std::unexpected(pre.error()));
     {
       std::lock_guard<std::mutex> l2(mu_);

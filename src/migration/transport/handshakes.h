@@ -1,7 +1,9 @@
 // Greeting new connections on a listening port, each on its own thread, so that one slow or
 // silent peer never holds up the others (a trickle of bytes used to block every later source for
 // the whole handshake timeout). A greeting is the preamble and the first record, read under one
-// deadline; then the caller's continuation gets the connection and what was read.
+// deadline (on a TLS listener the TLS handshake first, within the same deadline); then the
+// caller's continuation gets the connection and what was read (a TLS failure as the preamble's
+// error).
 //
 // Bounds: each greeting at most `timeout_ms`; at most `max` greetings reading at once - a new
 // connection beyond that ends the oldest one's read (a flood of silent peers can delay a real source
@@ -30,9 +32,10 @@ class HandshakeThreads {
   HandshakeThreads(const HandshakeThreads&) = delete;
   HandshakeThreads& operator=(const HandshakeThreads&) = delete;
 
-  // Greets `sock` on a new thread and calls `then`. False (and `sock` is left to the caller) only
-  // after ShutdownAll().
-  bool Spawn(std::unique_ptr<Socket>* sock, int timeout_ms, uint32_t max_version, Greeted then);
+  // Greets `sock` on a new thread and calls `then`; `tls` (a server context, or null for
+  // plaintext) must outlive the greeting. False (and `sock` is left to the caller) only after
+  // ShutdownAll().
+  bool Spawn(std::unique_ptr<Socket>* sock, const net::TlsContext* tls, int timeout_ms, uint32_t max_version, Greeted then);
   void ShutdownAll();
   void JoinAll();
 

@@ -5,6 +5,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <linux/tcp.h>  // struct tcp_info with bytes_acked / notsent_bytes (glibc's is older)
+#include <openssl/err.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -69,14 +70,20 @@ bool PollNow(int fd) {
 
 }  // namespace
 
-std::string Endpoint::ToString() const { return fmt::format("tcp:{}:{}", host, port); }
+std::string Endpoint::ToString() const {
+  const bool v6 = host.find(':') != std::string::npos;
+  return fmt::format("{}:{}{}{}:{}", tls ? "tls" : "tcp", v6 ? "[" : "", host, v6 ? "]" : "", port);
+}
 
 Result<Endpoint> ParseEndpoint(std::string_view s) {
-  if (!s.starts_with("tcp:")) return Errorf(ErrorCode::kInvalidArgument, "endpoint '{}' must look like tcp:HOST:PORT", s);
+  const bool tls = s.starts_with("tls:");
+  if (!s.starts_with("tcp:") && !tls)
+    return Errorf(ErrorCode::kInvalidArgument, "endpoint '{}' must look like tcp:HOST:PORT or tls:HOST:PORT", s);
   std::string_view rest = s.substr(4);
   size_t colon = rest.rfind(':');
-  if (colon == std::string_view::npos) return Errorf(ErrorCode::kInvalidArgument, "endpoint '{}' has no port (tcp:HOST:PORT)", s);
+  if (colon == std::string_view::npos) return Errorf(ErrorCode::kInvalidArgument, "endpoint '{}' has no port ({}:HOST:PORT)", s, tls ? "tls" : "tcp");
   Endpoint ep;
+  ep.tls = tls;
   ep.host = std::string(rest.substr(0, colon));
   if (ep.host.size() >= 2 && ep.host.front() == '[' && ep.host.back() == ']') ep.host = ep.host.substr(1, ep.host.size() - 2);
   std::string_view port = rest.substr(colon + 1);
@@ -95,11 +102,15 @@ Socket::Socket(int fd) : fd_(fd) {
 }
 
 Socket::~Socket() {
+  if (ssl_) SSL_free(ssl_);
   if (fd_ >= 0) close(fd_);
 }
 
-Result<std::unique_ptr<Socket>> Socket::Connect(const Endpoint& ep, int timeout_ms) {
+Result<std::unique_ptr<Socket>> Socket::Connect(const Endpoint& ep, int timeout_ms, const net::TlsContext* tls,
+                                                const std::string& server_name) {
   if (ep.port == 0) return Errorf(ErrorCode::kInvalidArgument, "connect {}: port 0", ep.ToString());
+  if (ep.tls && (!tls || !tls->ctx() || tls->server()))
+    return Errorf(ErrorCode::kInvalidArgument, "connect {}: a tls: destination needs a client certificate, key and CA", ep.ToString());
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;
   addrinfo* res = nullptr;
@@ -129,7 +140,13 @@ Result<std::unique_ptr<Socket>> Socket::Connect(const Endpoint& ep, int timeout_
     if (r == 0) {
       fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
       freeaddrinfo(res);
-      return std::make_unique<Socket>(fd);
+      auto sock = std::make_unique<Socket>(fd);
+      if (ep.tls) {
+        const std::string name = !server_name.empty() ? server_name : ep.host.empty() ? "127.0.0.1" : ep.host;
+        const uint64_t deadline = NowNs() + static_cast<uint64_t>(std::max(timeout_ms, 0)) * 1'000'000;
+        FERRY_RETURN_IF_ERROR(sock->StartTls(*tls, name, deadline), fmt::format("connect to {}", ep.ToString()));
+      }
+      return sock;
     }
     last = Error(ErrorCode::kIo, strerror(errno));
     close(fd);
@@ -140,6 +157,7 @@ Result<std::unique_ptr<Socket>> Socket::Connect(const Endpoint& ep, int timeout_
 
 Status Socket::WriteAll(std::span<const uint8_t> data) {
   std::lock_guard<std::mutex> l(write_mu_);
+  if (ssl_) return WriteAllTls(data);
   size_t off = 0;
   while (off < data.size()) {
     ssize_t n = send(fd_, data.data() + off, data.size() - off, MSG_NOSIGNAL);
@@ -154,6 +172,7 @@ Status Socket::WriteAll(std::span<const uint8_t> data) {
 }
 
 Status Socket::ReadExact(std::span<uint8_t> buf, int timeout_ms) {
+  if (ssl_) return ReadExactTls(buf, timeout_ms);
   const uint64_t deadline = timeout_ms >= 0 ? NowNs() + static_cast<uint64_t>(timeout_ms) * 1'000'000 : 0;
   size_t off = 0;
   while (off < buf.size()) {
@@ -172,6 +191,151 @@ Status Socket::ReadExact(std::span<uint8_t> buf, int timeout_ms) {
       return Errorf(ErrorCode::kIo, "connection from {} closed{}", peer_,
                     off ? fmt::format(" in the middle of a message ({} of {} bytes)", off, buf.size()) : "");
     off += static_cast<size_t>(n);
+  }
+  return {};
+}
+
+namespace {
+
+// One SSL call's outcome, taken under the socket's ssl_mu_ (the error queue is per thread).
+struct SslStep {
+  int n = 0;    // > 0: bytes moved
+  int err = 0;  // SSL_get_error when n <= 0
+  std::string why;  // for a fatal err: OpenSSL's reason
+};
+
+bool PlaintextPeerHint(const std::string& why) {
+  for (const char* s : {"wrong version number", "packet length too long", "http request", "record layer failure"})
+    if (why.find(s) != std::string::npos) return true;
+  return false;
+}
+
+}  // namespace
+
+Status Socket::StartTls(const net::TlsContext& tls, const std::string& server_name, uint64_t deadline_ns) {
+  if (ssl_) return Errorf(ErrorCode::kInternal, "TLS with {} was already started", peer_);
+  if (!tls.ctx()) return Errorf(ErrorCode::kInvalidArgument, "TLS with {}: no certificates configured", peer_);
+  ERR_clear_error();
+  SSL* ssl = SSL_new(tls.ctx());
+  if (!ssl) return Errorf(ErrorCode::kInternal, "SSL_new: {}", net::OpenSslErrors());
+  const int flags = fcntl(fd_, F_GETFL);
+  const auto fail = [&](Error e) -> Status {
+    SSL_free(ssl);
+    fcntl(fd_, F_SETFL, flags);  // plain and blocking again: an ERROR record may still go to a plaintext peer
+    return std::unexpected(std::move(e));
+  };
+  if (!tls.server())
+    if (auto st = net::ExpectServerName(ssl, server_name); !st) return fail(st.error());
+  if (auto st = net::AttachSocket(ssl, fd_); !st) return fail(st.error());
+  SSL_set_read_ahead(ssl, 1);  // fewer recv calls per TLS record; reads always try SSL_read before waiting
+  // A peer that closes without close_notify reads as a plain EOF: records are framed and checked
+  // by the migration protocol itself, which notices a stream cut short.
+  SSL_set_options(ssl, SSL_OP_IGNORE_UNEXPECTED_EOF);
+  fcntl(fd_, F_SETFL, flags | O_NONBLOCK);
+  for (;;) {
+    ERR_clear_error();
+    const int r = tls.server() ? SSL_accept(ssl) : SSL_connect(ssl);
+    if (r == 1) break;
+    const int err = SSL_get_error(ssl, r);
+    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
+      const int left = MsUntil(deadline_ns);
+      Status w = left > 0 ? WaitFd(fd_, err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, left, "TLS handshake")
+                          : Status(Errorf(ErrorCode::kTimeout, "TLS handshake: timed out"));
+      if (!w) return fail(w.error().WithContext(fmt::format("TLS with {}", peer_)));
+      continue;
+    }
+    if (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0)
+      return fail(Errorf(ErrorCode::kIo, "TLS with {}: the connection ended during the handshake{}", peer_,
+                         errno ? fmt::format(" ({})", strerror(errno)) : "").error());
+    std::string why = net::HandshakeError(ssl);
+    if (PlaintextPeerHint(why)) why += " - the other side does not speak TLS (tcp: where tls: is expected, or the reverse)";
+    return fail(Errorf(ErrorCode::kPermissionDenied, "TLS handshake with {} failed: {}", peer_, why).error());
+  }
+  ssl_ = ssl;
+  peer_cert_ = net::PeerCertName(ssl);
+  // The allow-list is judged after a completed handshake, so the refusal can travel to the
+  // (authenticated) peer as an ERROR record over TLS: the socket stays TLS.
+  if (tls.server()) FERRY_RETURN_IF_ERROR(tls.CheckPeer(ssl), fmt::format("TLS with {}", peer_));
+  return {};
+}
+
+Status Socket::WriteAllTls(std::span<const uint8_t> data) {
+  size_t off = 0;
+  while (off < data.size()) {
+    SslStep st;
+    {
+      std::lock_guard<std::mutex> l(ssl_mu_);
+      ERR_clear_error();
+      st.n = SSL_write(ssl_, data.data() + off, static_cast<int>(std::min<size_t>(data.size() - off, 1 << 30)));
+      if (st.n <= 0) {
+        st.err = SSL_get_error(ssl_, st.n);
+        if (st.err != SSL_ERROR_WANT_READ && st.err != SSL_ERROR_WANT_WRITE) {
+          st.why = st.err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0 ? std::string(errno ? strerror(errno) : "connection lost")
+                                                                        : net::OpenSslErrors();
+          // TLS 1.3: a client finishes its handshake before the server has judged its certificate;
+          // a refusal then shows as a reset under the next write, with the server's alert waiting
+          // to be read. Say why rather than "Broken pipe".
+          uint8_t b;
+          ERR_clear_error();
+          if (SSL_read(ssl_, &b, 1) <= 0 && ERR_peek_error() != 0) {
+            const std::string alert = net::OpenSslErrors();
+            if (alert.find("alert") != std::string::npos) st.why = "the peer refused the connection: " + alert;
+          }
+        }
+      }
+    }
+    if (st.n > 0) {
+      off += static_cast<size_t>(st.n);
+      continue;
+    }
+    if (st.err == SSL_ERROR_WANT_WRITE) {
+      // No deadline, as for plaintext: TCP_USER_TIMEOUT / keepalive or Shutdown() end the wait.
+      FERRY_RETURN_IF_ERROR(WaitFd(fd_, POLLOUT, -1, fmt::format("send to {}", peer_)), "TLS");
+    } else if (st.err == SSL_ERROR_WANT_READ) {
+      Status w = WaitFd(fd_, POLLIN, 10, fmt::format("send to {}", peer_));
+      if (!w && w.error().code() != ErrorCode::kTimeout) return std::unexpected(w.error().WithContext("TLS"));
+    } else {
+      return Errorf(ErrorCode::kIo, "send to {}: TLS: {}", peer_, st.why);
+    }
+  }
+  bytes_written_.fetch_add(data.size(), std::memory_order_relaxed);
+  return {};
+}
+
+Status Socket::ReadExactTls(std::span<uint8_t> buf, int timeout_ms) {
+  const uint64_t deadline = timeout_ms >= 0 ? NowNs() + static_cast<uint64_t>(timeout_ms) * 1'000'000 : 0;
+  size_t off = 0;
+  while (off < buf.size()) {
+    SslStep st;
+    {
+      std::lock_guard<std::mutex> l(ssl_mu_);
+      ERR_clear_error();
+      st.n = SSL_read(ssl_, buf.data() + off, static_cast<int>(std::min<size_t>(buf.size() - off, 1 << 30)));
+      if (st.n <= 0) {
+        st.err = SSL_get_error(ssl_, st.n);
+        if (st.err == SSL_ERROR_SSL || (st.err == SSL_ERROR_SYSCALL && ERR_peek_error() != 0)) st.why = net::OpenSslErrors();
+        else if (st.err == SSL_ERROR_SYSCALL) st.why = errno ? strerror(errno) : "connection lost";
+      }
+    }
+    if (st.n > 0) {
+      off += static_cast<size_t>(st.n);
+      continue;
+    }
+    if (st.err == SSL_ERROR_ZERO_RETURN)
+      return Errorf(ErrorCode::kIo, "connection from {} closed{}", peer_,
+                    off ? fmt::format(" in the middle of a message ({} of {} bytes)", off, buf.size()) : "");
+    if (st.err != SSL_ERROR_WANT_READ && st.err != SSL_ERROR_WANT_WRITE)
+      return Errorf(ErrorCode::kIo, "receive from {}: TLS: {}", peer_, st.why);
+    // Wait outside the lock, in slices: a writer's SSL call never waits behind this reader.
+    int slice = 100;
+    if (timeout_ms >= 0) {
+      const int left = MsUntil(deadline);
+      if (left == 0)
+        return Errorf(ErrorCode::kTimeout, "read: receive from {}: timed out after {} ms ({} of {} bytes)", peer_, timeout_ms, off, buf.size());
+      slice = std::min(slice, left);
+    }
+    Status w = WaitFd(fd_, st.err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, slice, fmt::format("receive from {}", peer_));
+    if (!w && w.error().code() != ErrorCode::kTimeout) return std::unexpected(w.error().WithContext("read"));
   }
   return {};
 }
@@ -235,6 +399,17 @@ Result<std::unique_ptr<Listener>> Listener::Listen(const Endpoint& ep) {
 }
 
 Listener::~Listener() { close(fd_); }
+
+bool Listener::loopback() const {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (getsockname(fd_, reinterpret_cast<sockaddr*>(&ss), &len) != 0) return false;
+  if (ss.ss_family == AF_INET) return (ntohl(reinterpret_cast<const sockaddr_in*>(&ss)->sin_addr.s_addr) >> 24) == 127;
+  if (ss.ss_family != AF_INET6) return false;
+  const in6_addr& a = reinterpret_cast<const sockaddr_in6*>(&ss)->sin6_addr;
+  if (IN6_IS_ADDR_LOOPBACK(&a)) return true;
+  return IN6_IS_ADDR_V4MAPPED(&a) && a.s6_addr[12] == 127;
+}
 
 Result<std::unique_ptr<Socket>> Listener::Accept(int timeout_ms) {
   FERRY_RETURN_IF_ERROR(WaitFd(fd_, POLLIN, timeout_ms, "accept"), "listener");

@@ -1,10 +1,14 @@
-// TCP transport for migration streams: endpoints ("tcp:HOST:PORT"), sockets with
-// timeouts and thread-safe shutdown, record framing on top (wire.h), and a shared
-// token-bucket rate limiter for `max_bandwidth`.
+// TCP transport for migration streams: endpoints ("tcp:HOST:PORT", "tls:HOST:PORT"), sockets
+// with timeouts and thread-safe shutdown, optionally wrapped in mutually authenticated TLS 1.3
+// (net/tls.h), record framing on top (wire.h), and a shared token-bucket rate limiter for
+// `max_bandwidth`.
 //
 // Threading: one reader per Socket at a time; WriteAll() is serialized by the
 // socket's own mutex (whole records never interleave); Shutdown() may be called from
-// any thread and makes blocked reads/writes fail promptly (used by cancel).
+// any thread and makes blocked reads/writes fail promptly (used by cancel). With TLS the reader
+// and a writer may still run at once: each SSL call holds ssl_mu_ only while it runs (the socket
+// is non-blocking; waiting for the socket happens outside the lock), so a reader waiting for
+// data never holds up a writer.
 #pragma once
 
 #include <atomic>
@@ -17,6 +21,7 @@
 #include <string_view>
 
 #include "common/error.h"
+#include "net/tls.h"
 #include "migration/protocol/wire.h"
 
 namespace ferry::migration {
@@ -24,9 +29,11 @@ namespace ferry::migration {
 struct Endpoint {
   std::string host;
   uint16_t port = 0;
+  bool tls = false;  // "tls:": every connection is TLS 1.3 with certificates on both sides
   std::string ToString() const;
 };
-// "tcp:HOST:PORT" (HOST may be empty for listening on every address).
+// "tcp:HOST:PORT" or "tls:HOST:PORT" (HOST may be empty for listening on every address; an IPv6
+// HOST in brackets).
 Result<Endpoint> ParseEndpoint(std::string_view s);
 
 class Socket {
@@ -36,9 +43,24 @@ class Socket {
   Socket(const Socket&) = delete;
   Socket& operator=(const Socket&) = delete;
 
-  static Result<std::unique_ptr<Socket>> Connect(const Endpoint& ep, int timeout_ms);
+  // TCP connect within timeout_ms. A tls: endpoint needs `tls` (a client context): then the TLS
+  // handshake follows, within another timeout_ms, and the server's certificate must be for
+  // `server_name` (empty: the endpoint's host).
+  static Result<std::unique_ptr<Socket>> Connect(const Endpoint& ep, int timeout_ms, const net::TlsContext* tls = nullptr,
+                                                 const std::string& server_name = "");
   int fd() const { return fd_; }
   std::string peer() const { return peer_; }
+
+  // Wraps the connection in TLS before anything else was sent or read on it: the client or the
+  // server handshake (tls.server()) by `deadline_ns` (NowNs clock). A client checks the server's
+  // certificate against server_name; a server checks the peer against tls.CheckPeer. From then on
+  // every read and write is encrypted. On failure (plaintext peer, certificate from another CA,
+  // expired, name not allowed, timeout) the error says which, and the socket stays plain, so an
+  // ERROR record can still be sent to a plaintext peer.
+  Status StartTls(const net::TlsContext& tls, const std::string& server_name, uint64_t deadline_ns);
+  bool tls() const { return ssl_ != nullptr; }
+  // The peer certificate's name (net::PeerCertName), "" without TLS.
+  const std::string& peer_cert_name() const { return peer_cert_; }
 
   Status WriteAll(std::span<const uint8_t> data);
   // The kernel's view of the connection (TCP_INFO): smoothed RTT, bytes the peer acknowledged so
@@ -64,9 +86,15 @@ class Socket {
 
  private:
   int fd_;
+  Status WriteAllTls(std::span<const uint8_t> data);
+  Status ReadExactTls(std::span<uint8_t> buf, int timeout_ms);
+
   std::string peer_;
   std::mutex write_mu_;
   std::atomic<uint64_t> bytes_written_{0};
+  SSL* ssl_ = nullptr;  // set by StartTls (before the socket is shared), then constant; its calls GUARDED_BY(ssl_mu_)
+  std::mutex ssl_mu_;
+  std::string peer_cert_;
 };
 
 class Listener {
@@ -74,6 +102,8 @@ class Listener {
   static Result<std::unique_ptr<Listener>> Listen(const Endpoint& ep);
   ~Listener();
   uint16_t port() const { return port_; }
+  // Bound to a loopback address (127.0.0.0/8, ::1, or ::ffff:127.x): only this host can connect.
+  bool loopback() const;
   // timeout_ms < 0: wait forever (until Shutdown()).
   Result<std::unique_ptr<Socket>> Accept(int timeout_ms);
   void Shutdown();
