@@ -14,6 +14,10 @@ post-copy) migration and the figures both benchmarks keep of it, guest console h
 scores timestamped as they appear, guest slowdown), the run matrix (one JSON line per run, failures kept), and
 report helpers (number format, QEMU's best per metric, the acceptance table, the bar chart grid).
 
+Transport: Ferry migrates over mutual TLS when use_tls() was called (a throwaway PKI from scripts/make-pki: the
+destination's certificate names 127.0.0.1 and 10.77.0.3), else over plaintext tcp: (the tbf link's destination
+listens on 10.77.0.3 with --allow-plaintext: the namespaces are this benchmark's own).
+
 Debugging aids (environment): FERRY_BENCH_SRC_ARGS adds arguments to every Ferry source VMM (e.g.
 "--log-level debug" for the engine's per-look lines); FERRY_BENCH_KEEP_LOGS=DIR keeps each run's VMM logs as
 DIR/<link>-<workload>-<vmm>-<config>-<rep>-{src,dst}.log.
@@ -35,6 +39,23 @@ CHANNELS, DOWNTIME_MS = 4, 300
 QEMU_TIMEOUT_S = 30
 LINK_CAP = {"loopback": 125000000, "tbf": None}  # bytes/s given to the VMMs; None: no cap
 QEMU_UNCAPPED = 10 * 1024 ** 3
+
+
+TLS = None  # use_tls(): {"dir": PKI directory}
+
+
+def use_tls(work_dir):
+    """Ferry migrations from now on use tls: with certificates made by scripts/make-pki in WORK_DIR/pki."""
+    global TLS
+    pki = os.path.join(work_dir, "pki")
+    sh(f"{ROOT}/scripts/make-pki {pki} src dst,127.0.0.1,10.77.0.3 >/dev/null")
+    TLS = {"dir": pki}
+
+
+def tls_flags(host):
+    """ferry-vmm --incoming / ferry migrate flags for `host` ("src" or "dst") under use_tls()."""
+    d = TLS["dir"]
+    return ["--tls-cert", f"{d}/{host}.crt", "--tls-key", f"{d}/{host}.key", "--tls-ca", f"{d}/ca.crt"]
 
 
 def use_build(build_dir):
@@ -240,7 +261,9 @@ def start_ferry_source(work, cmdline, mem, extra=(), console_input=False):
 
 def start_ferry_dest(work, link, console_input=False):
     con = os.path.join(work, "ferry-dst.console")
-    argv = ns(dest_ns(link)) + [os.path.join(BIN, "ferry-vmm"), "--incoming", f"tcp:{dest_ip(link)}:{PORT}",
+    security = tls_flags("dst") if TLS else ([] if link == "loopback" else ["--allow-plaintext"])
+    argv = ns(dest_ns(link)) + [os.path.join(BIN, "ferry-vmm"), "--incoming",
+                                f"{'tls' if TLS else 'tcp'}:{dest_ip(link)}:{PORT}", *security,
                                 "--net", "tap=fmqdst", "--console", "stdio" if console_input else f"file:{con}",
                                 "--api-socket", os.path.join(work, "dst.sock")]
     v = Vmm(argv, con, os.path.join(work, "dst.log"), console_input)
@@ -422,7 +445,8 @@ def ferry_migrate(src, link, migrate_args, timeout=300):
     returncode, wall seconds, source CPU seconds)."""
     cpu0, t0 = cpu_seconds(src.pid), time.monotonic()
     r = subprocess.run([os.path.join(BIN, "ferry"), "migrate", "--api-socket", src.api_socket, "--to",
-                        f"tcp:{dest_ip(link)}:{PORT}", *migrate_args, "--json", "--no-progress", "--keep-source"],
+                        f"{'tls' if TLS else 'tcp'}:{dest_ip(link)}:{PORT}", *(tls_flags("src") if TLS else []),
+                        *migrate_args, "--json", "--no-progress", "--keep-source"],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
     wall = time.monotonic() - t0
     cpu = cpu_seconds(src.pid) - cpu0

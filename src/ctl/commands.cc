@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <thread>
 
@@ -48,6 +49,7 @@ struct MigrateOptions {
   uint32_t protocol_version = 0;
   uint32_t recover_timeout_ms = 0;  // 0: server default (60 s)
   uint32_t stall_timeout_ms = 0;    // 0: server default (10 s)
+  std::string tls_cert, tls_key, tls_ca, tls_server_name;  // --to tls: (paths made absolute: the VMM reads them)
   bool keep_source = false;
   bool no_progress = false;
   double poll_s = 0.2;
@@ -76,6 +78,13 @@ int Migrate(const ApiClient& api, const MigrateOptions& o, bool json) {
   if (o.protocol_version) body["protocol_version"] = o.protocol_version;
   if (o.recover_timeout_ms) body["recover_timeout_ms"] = o.recover_timeout_ms;
   if (o.stall_timeout_ms) body["stall_timeout_ms"] = o.stall_timeout_ms;
+  for (const auto& [key, path] : {std::pair{"tls_cert", o.tls_cert}, {"tls_key", o.tls_key}, {"tls_ca", o.tls_ca}}) {
+    if (path.empty()) continue;
+    std::error_code ec;
+    const auto abs = std::filesystem::absolute(path, ec);
+    body[key] = ec ? path : abs.string();
+  }
+  if (!o.tls_server_name.empty()) body["tls_server_name"] = o.tls_server_name;
   if (auto r = api.Put("/vm/migrate", body); !r) return Fail(r.error());
 
   // Ctrl-C asks the source to cancel; we keep polling until it reports a final status.
@@ -186,7 +195,14 @@ int RunCli(int argc, char** argv) {
   MigrateOptions mo;
   auto* migrate = app.add_subcommand("migrate", "live-migrate the VM to a destination started with --incoming");
   add_common(migrate);
-  migrate->add_option("--to", mo.to, "destination, tcp:HOST:PORT")->required();
+  migrate->add_option("--to", mo.to,
+                      "destination: tls:HOST:PORT (mutual TLS 1.3, with --tls-cert, --tls-key, --tls-ca) or tcp:HOST:PORT (plaintext)")
+      ->required();
+  migrate->add_option("--tls-cert", mo.tls_cert, "with --to tls: this host's certificate (PEM)");
+  migrate->add_option("--tls-key", mo.tls_key, "with --to tls: the certificate's private key (PEM)");
+  migrate->add_option("--tls-ca", mo.tls_ca, "with --to tls: the CA the destination's certificate must chain to (PEM)");
+  migrate->add_option("--tls-server-name", mo.tls_server_name,
+                      "with --to tls: the name the destination's certificate must carry (default: HOST of --to)");
   migrate->add_option("--mode", mo.mode,
                       "auto (default: pre-copy, switching to post-copy by itself when pre-copy would not converge), precopy, "
                       "postcopy (one pre-copy pass, then post-copy)")
@@ -226,7 +242,7 @@ int RunCli(int argc, char** argv) {
   std::string recover_to;
   auto* recover = app.add_subcommand("migrate-recover", "a post-copy migration whose connection was cut: reconnect to this destination address");
   add_common(recover);
-  recover->add_option("--to", recover_to, "the destination, tcp:HOST:PORT")->required();
+  recover->add_option("--to", recover_to, "the destination, tcp:HOST:PORT (tls:HOST:PORT for a TLS migration: its certificates are kept)")->required();
   auto* pause = app.add_subcommand("pause", "pause the VM");
   add_common(pause);
   auto* resume = app.add_subcommand("resume", "resume the VM");

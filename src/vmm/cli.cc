@@ -46,7 +46,16 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
   app.add_option("--disk", cl.vm.board.disk, "virtio-blk raw disk image");
   app.add_flag("--balloon", cl.vm.board.balloon, "virtio-balloon with free page reporting");
   app.add_option("--restore", cl.restore, "restore a snapshot file instead of booting");
-  app.add_option("--incoming", cl.incoming, "wait for a live migration on tcp:ADDR:PORT instead of booting");
+  app.add_option("--incoming", cl.incoming,
+                 "wait for a live migration on tls:ADDR:PORT (mutual TLS: --tls-cert, --tls-key, --tls-ca) or tcp:ADDR:PORT "
+                 "(plaintext: loopback only unless --allow-plaintext) instead of booting");
+  app.add_option("--tls-cert", cl.tls.cert, "with --incoming tls: this host's certificate (PEM)");
+  app.add_option("--tls-key", cl.tls.key, "with --incoming tls: the certificate's private key (PEM)");
+  app.add_option("--tls-ca", cl.tls.ca, "with --incoming tls: the CA a source's certificate must chain to (PEM)");
+  app.add_option("--tls-allow", cl.tls_allow,
+                 "with --incoming tls: accept only sources whose certificate names NAME (a SAN DNS name or the CN); repeatable");
+  app.add_flag("--allow-plaintext", cl.allow_plaintext,
+               "with --incoming tcp: listen on an address other than loopback without authentication or encryption");
   app.add_option("--recover-timeout-ms", cl.recover_timeout_ms,
                  "with --incoming: how long post-copy waits for a source whose connection was cut to reconnect")
       ->check(CLI::Range(1000, 3600000))
@@ -70,8 +79,15 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
   if (!cl.incoming.empty()) {
     if (!cl.restore.empty() || !cl.vm.board.kernel.empty() || !cl.vm.board.initrd.empty() || !cmdline.empty() || mem != "256M")
       return Errorf(ErrorCode::kInvalidArgument, "--incoming takes the VM configuration from the migration stream: do not pass --kernel/--initrd/--cmdline/--mem/--restore");
-    if (!cl.incoming.starts_with("tcp:"))
-      return Errorf(ErrorCode::kInvalidArgument, "--incoming: '{}' must look like tcp:ADDR:PORT", cl.incoming);
+    if (!cl.incoming.starts_with("tcp:") && !cl.incoming.starts_with("tls:"))
+      return Errorf(ErrorCode::kInvalidArgument, "--incoming: '{}' must look like tls:ADDR:PORT or tcp:ADDR:PORT", cl.incoming);
+    const bool tls = cl.incoming.starts_with("tls:");
+    if (tls && (cl.tls.cert.empty() || cl.tls.key.empty() || cl.tls.ca.empty()))
+      return Errorf(ErrorCode::kInvalidArgument, "--incoming {}: TLS needs --tls-cert, --tls-key and --tls-ca", cl.incoming);
+    if (!tls && (!cl.tls.empty() || !cl.tls_allow.empty()))
+      return Errorf(ErrorCode::kInvalidArgument, "--incoming {}: --tls-* options are for tls:ADDR:PORT", cl.incoming);
+    if (tls && cl.allow_plaintext)
+      return Errorf(ErrorCode::kInvalidArgument, "--allow-plaintext is for --incoming tcp:ADDR:PORT, not tls:");
     if (!max_mem.empty()) {
       auto m = ParseSize(max_mem);
       if (!m) return std::unexpected(m.error().WithContext("--max-mem"));
@@ -83,6 +99,10 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
     }
   } else if (!max_mem.empty()) {
     return Errorf(ErrorCode::kInvalidArgument, "--max-mem limits what an incoming migration may bring: use it with --incoming");
+  } else if (!cl.tls.empty() || !cl.tls_allow.empty() || cl.allow_plaintext) {
+    return Errorf(ErrorCode::kInvalidArgument,
+                  "--tls-* and --allow-plaintext secure an incoming migration: use them with --incoming (an outgoing "
+                  "migration takes its certificates from `ferry migrate --tls-*`)");
   } else if (!cl.restore.empty()) {
     if (!cl.vm.board.kernel.empty() || !cl.vm.board.initrd.empty() || !cmdline.empty())
       return Errorf(ErrorCode::kInvalidArgument, "--restore takes the kernel, initrd and cmdline from the snapshot: do not pass --kernel/--initrd/--cmdline");

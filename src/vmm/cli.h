@@ -6,6 +6,7 @@
 
 #include "common/error.h"
 #include "common/size.h"
+#include "net/tls.h"
 #include "vmm/vm.h"
 
 namespace ferry {
@@ -14,7 +15,10 @@ struct VmmCommandLine {
   VmOptions vm;
   std::string api_socket;
   std::string restore;
-  std::string incoming;  // tcp:ADDR:PORT
+  std::string incoming;  // tls:ADDR:PORT or tcp:ADDR:PORT
+  net::TlsFiles tls;                   // --tls-cert/--tls-key/--tls-ca (incoming tls: only)
+  std::vector<std::string> tls_allow;  // --tls-allow NAME...: accepted source certificate names
+  bool allow_plaintext = false;        // --allow-plaintext: tcp: on a non-loopback address
   int recover_timeout_ms = 60000;  // --incoming: post-copy waits this long for a cut source to return
   // --incoming: the most guest RAM an incoming CONFIG may ask for (--max-mem; default: this host's
   // physical memory).

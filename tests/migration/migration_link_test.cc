@@ -49,7 +49,7 @@ TEST(MigrationLink, CompletesOver1GbitTbfAt20kPagesPerSecond) {
     ASSERT_TRUE(src.Start());
     ASSERT_TRUE(src.WaitConsole("memdirty started", 15s)) << src.Console() << src.Stderr();
     const int port = 7300 + getpid() % 1000;
-    VmProcess dst({"--incoming", "tcp:10.78.0.2:" + std::to_string(port)}, dir, link.b());
+    VmProcess dst({"--incoming", "tcp:10.78.0.2:" + std::to_string(port), "--allow-plaintext"}, dir, link.b());
     ASSERT_TRUE(dst.Start());
     std::this_thread::sleep_for(2s);
     auto r = Ferry("migrate --api-socket " + src.socket() + " --to tcp:10.78.0.2:" + std::to_string(port) + " --json --no-progress",

@@ -89,7 +89,17 @@ int main(int argc, char** argv) {
   if (!cl->incoming.empty()) {
     // Destination of a live migration: the VM is built from the stream and runs on GO. The API
     // answers from the moment we listen (progress, cancel before GO); the VM joins it afterwards.
-    auto in = ferry::migration::IncomingMigration::Listen(cl->incoming);
+    ferry::migration::IncomingSecurity security;
+    security.allow_plaintext = cl->allow_plaintext;
+    if (!cl->tls.empty()) {
+      auto tls = ferry::net::TlsContext::Create(true, cl->tls, cl->tls_allow);
+      if (!tls) {
+        std::fprintf(stderr, "ferry-vmm: --incoming %s: %s\n", cl->incoming.c_str(), tls.error().message().c_str());
+        return 1;
+      }
+      security.tls = std::move(*tls);
+    }
+    auto in = ferry::migration::IncomingMigration::Listen(cl->incoming, std::move(security));
     if (!in) {
       std::fprintf(stderr, "ferry-vmm: %s\n", in.error().message().c_str());
       return 1;

@@ -15,13 +15,24 @@ std::string TypeName(const Record& r) {
 
 }  // namespace
 
-Result<std::unique_ptr<IncomingMigration>> IncomingMigration::Listen(const std::string& endpoint) {
+Result<std::unique_ptr<IncomingMigration>> IncomingMigration::Listen(const std::string& endpoint, IncomingSecurity security) {
   auto ep = ParseEndpoint(endpoint);
   if (!ep) return std::unexpected(ep.error().WithContext("--incoming"));
+  if (ep->tls && (!security.tls || !security.tls->ctx() || !security.tls->server()))
+    return Errorf(ErrorCode::kInvalidArgument, "--incoming {}: TLS needs --tls-cert, --tls-key and --tls-ca", endpoint);
+  if (!ep->tls && security.tls)
+    return Errorf(ErrorCode::kInvalidArgument, "--incoming {}: TLS certificates were given for a plaintext endpoint: use tls:ADDR:PORT", endpoint);
   auto l = Listener::Listen(*ep);
   if (!l) return std::unexpected(l.error().WithContext("--incoming"));
+  if (!ep->tls && !security.allow_plaintext && !(*l)->loopback())
+    return Errorf(ErrorCode::kInvalidArgument,
+                  "--incoming {}: a plaintext listener on an address other than loopback would accept a VM - its memory, "
+                  "CPU state and devices - from anyone who reaches the port: use tls:ADDR:PORT with --tls-cert, --tls-key "
+                  "and --tls-ca, or --allow-plaintext on a network you trust",
+                  endpoint);
   std::unique_ptr<IncomingMigration> in(new IncomingMigration(std::move(*l)));
   in->listen_ = endpoint;
+  in->tls_ = std::move(security.tls);
   return in;
 }
 
@@ -98,7 +109,7 @@ Status IncomingMigration::AcceptControl(const IncomingParams& params) {
       return std::unexpected(s.error());
     }
     auto sock = std::move(*s);
-    if (!handshakes_.Spawn(&sock, params.handshake_timeout_ms, params.max_protocol_version, greeted))
+    if (!handshakes_.Spawn(&sock, tls_.get(), params.handshake_timeout_ms, params.max_protocol_version, greeted))
       SendError(*sock, Error(ErrorCode::kBusy, "the destination is shutting down"));
   }
 }
@@ -108,7 +119,8 @@ Status IncomingMigration::TakeControl(Candidate c, const IncomingParams& params)
   version_ = c.version;
   caps_ = NegotiateCaps(version_, hello_.capabilities, params.capabilities);
   FERRY_RETURN_IF_ERROR(WriteRecord(*c.sock, RecordType::kHelloAck, Encode(HelloAck{hello_.uuid, caps_})), "handshake");
-  const std::string peer = c.sock->peer();
+  const std::string peer = c.sock->tls() ? fmt::format("{} (TLS, certificate '{}')", c.sock->peer(), c.sock->peer_cert_name())
+                                          : c.sock->peer();
   {
     std::lock_guard<std::mutex> l(mu_);
     control_ = std::make_unique<ControlChannel>(std::move(c.sock));
@@ -175,7 +187,7 @@ void IncomingMigration::AcceptLoop(const IncomingParams& params) {
     const auto greeted = [this, params](std::unique_ptr<Socket> c, Result<Preamble> pre, Result<Record> rec) {
       Greeted(std::move(c), std::move(pre), std::move(rec), params);
     };
-    if (!handshakes_.Spawn(&sock, params.handshake_timeout_ms, params.max_protocol_version, greeted))
+    if (!handshakes_.Spawn(&sock, tls_.get(), params.handshake_timeout_ms, params.max_protocol_version, greeted))
       SendError(*sock, Error(ErrorCode::kBusy, "the destination is shutting down"));
   }
 }

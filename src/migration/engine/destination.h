@@ -1,5 +1,9 @@
 // Pre-copy migration, destination side (VMM-neutral; see vm_interface.h and docs/protocol.md).
-// Listens on tcp:ADDR:PORT and accepts one migration: a control connection (preamble with the
+// Listens on tcp:ADDR:PORT or tls:ADDR:PORT and accepts one migration. Who may send it
+// (IncomingSecurity): with tls: every connection is TLS 1.3 and its peer must present a
+// certificate from the CA (and, with an allow-list, one of the allowed names) - a connection that
+// fails that is dropped like any other that does not belong; plaintext tcp: only on a loopback
+// address unless allow_plaintext. The migration itself: a control connection (preamble with the
 // protocol version, HELLO; HELLO_ACK carries the capabilities both sides have), its N data
 // connections (DATA_HELLO with the same uuid and the same version), builds the machine from
 // CONFIG, applies page records from every data connection through a PageSink - per page, an
@@ -84,9 +88,18 @@ struct IncomingResult {
   PostcopyDone faults;
 };
 
+// Who may send a migration (ferry-vmm --incoming with --tls-cert/--tls-key/--tls-ca/--tls-allow,
+// --allow-plaintext).
+struct IncomingSecurity {
+  std::shared_ptr<const net::TlsContext> tls;  // a server context: required by tls:, refused with tcp:
+  bool allow_plaintext = false;                // tcp: on an address other than loopback
+};
+
 class IncomingMigration {
  public:
-  static Result<std::unique_ptr<IncomingMigration>> Listen(const std::string& endpoint);
+  // kInvalidArgument when `security` does not fit the endpoint: tls: without a context, a context
+  // with tcp:, or tcp: bound to a non-loopback address without allow_plaintext.
+  static Result<std::unique_ptr<IncomingMigration>> Listen(const std::string& endpoint, IncomingSecurity security = {});
   ~IncomingMigration();
   uint16_t port() const { return listener_->port(); }
   // Runs one migration. On success the guest runs (DestinationVm::Start was called).
@@ -145,6 +158,7 @@ class IncomingMigration {
 
   std::unique_ptr<Listener> listener_;
   std::string listen_;  // the endpoint given to Listen (const after it)
+  std::shared_ptr<const net::TlsContext> tls_;  // const after Listen; null: plaintext
   // Set under mu_ after the handshake; replaced (under mu_ and send_mu_) when post-copy recovers.
   std::unique_ptr<ControlChannel> control_;
   std::vector<std::unique_ptr<ControlChannel>> retired_controls_;  // kept alive for late readers

@@ -18,6 +18,23 @@ std::string_view ModeName(MigrationMode m) {
   return "?";
 }
 
+Status LoadTls(SourceParams* p) {
+  auto ep = ParseEndpoint(p->to);
+  if (!ep) return std::unexpected(ep.error());
+  if (!ep->tls) {
+    if (!p->tls.empty() || !p->tls_server_name.empty())
+      return Errorf(ErrorCode::kInvalidArgument, "TLS settings were given but \"to\" is '{}': use tls:HOST:PORT", p->to);
+    p->tls_context = nullptr;
+    return {};
+  }
+  if (p->tls.cert.empty() || p->tls.key.empty() || p->tls.ca.empty())
+    return Errorf(ErrorCode::kInvalidArgument, "\"to\" is '{}': TLS needs \"tls_cert\", \"tls_key\" and \"tls_ca\" (ferry migrate --tls-cert, --tls-key, --tls-ca)", p->to);
+  auto ctx = net::TlsContext::Create(false, p->tls);
+  if (!ctx) return std::unexpected(ctx.error());
+  p->tls_context = std::move(*ctx);
+  return {};
+}
+
 Result<SourceParams> ParseSourceParams(const nlohmann::json& body) {
   if (!body.is_object()) return Errorf(ErrorCode::kInvalidArgument, "request body must be a JSON object");
   SourceParams p;
@@ -40,6 +57,9 @@ Result<SourceParams> ParseSourceParams(const nlohmann::json& body) {
       if (!ep) return std::unexpected(ep.error());
       if (ep->host.empty() || ep->port == 0) return Errorf(ErrorCode::kInvalidArgument, "\"to\": '{}' needs a host and a port", p.to);
       have_to = true;
+    } else if (k == "tls_cert" || k == "tls_key" || k == "tls_ca" || k == "tls_server_name") {
+      if (!v.is_string() || v.get<std::string>().empty()) return Errorf(ErrorCode::kInvalidArgument, "\"{}\" must be a non-empty string", k);
+      (k == "tls_cert" ? p.tls.cert : k == "tls_key" ? p.tls.key : k == "tls_ca" ? p.tls.ca : p.tls_server_name) = v.get<std::string>();
     } else if (k == "mode") {
       const std::string m = v.is_string() ? v.get<std::string>() : "";
       if (m == "auto") p.mode = MigrationMode::kAuto;
@@ -110,7 +130,8 @@ Result<SourceParams> ParseSourceParams(const nlohmann::json& body) {
       return Errorf(ErrorCode::kInvalidArgument, "unknown field \"{}\"", k);
     }
   }
-  if (!have_to) return Errorf(ErrorCode::kInvalidArgument, "\"to\" (tcp:HOST:PORT) is required");
+  if (!have_to) return Errorf(ErrorCode::kInvalidArgument, "\"to\" (tcp:HOST:PORT or tls:HOST:PORT) is required");
+  FERRY_RETURN_IF_ERROR(LoadTls(&p), "migrate");
   return p;
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -12,6 +13,7 @@
 #include "migration/codec/codec_selector.h"
 #include "migration/engine/policy.h"
 #include "migration/protocol/wire.h"
+#include "net/tls.h"
 
 namespace ferry::migration {
 
@@ -22,7 +24,14 @@ enum class MigrationMode { kAuto, kPrecopy, kPostcopy };
 std::string_view ModeName(MigrationMode m);
 
 struct SourceParams {
-  std::string to;                 // tcp:HOST:PORT
+  std::string to;                 // tcp:HOST:PORT or tls:HOST:PORT
+  // "tls_cert", "tls_key", "tls_ca" (PEM files the VMM reads): required with tls:, refused with
+  // tcp:. "tls_server_name": the name the destination's certificate must carry (default: HOST).
+  net::TlsFiles tls;
+  std::string tls_server_name;
+  // Loaded from `tls` by ParseSourceParams (a client context; null for tcp:). Every connection of
+  // the migration (control, data, post-copy reconnects) uses it.
+  std::shared_ptr<const net::TlsContext> tls_context;
   MigrationMode mode = MigrationMode::kAuto;  // "mode": auto | precopy | postcopy
   uint32_t channels = 4;          // data connections (1..16)
   uint64_t downtime_ms = 300;     // target VMM downtime
@@ -59,6 +68,10 @@ struct SourceParams {
 // The delta cache a migration of `ram_bytes` uses by default: a quarter of guest RAM, at most
 // 256 MiB (enough to hold the pages a workload re-dirties; QEMU's XBZRLE default is 64 MiB).
 uint64_t DefaultDeltaCache(uint64_t ram_bytes);
+
+// Checks the TLS settings against `to` and loads p->tls_context from p->tls (kInvalidArgument
+// naming the flag or file at fault). ParseSourceParams calls it.
+Status LoadTls(SourceParams* p);
 
 // From the JSON body of PUT /vm/migrate; strict (unknown fields rejected).
 Result<SourceParams> ParseSourceParams(const nlohmann::json& body);

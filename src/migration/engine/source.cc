@@ -136,6 +136,9 @@ Status SourceMigration::Recover(const std::string& to) {
   auto ep = ParseEndpoint(to);
   if (!ep) return std::unexpected(ep.error());
   if (ep->host.empty() || ep->port == 0) return Errorf(ErrorCode::kInvalidArgument, "\"to\": '{}' needs a host and a port", to);
+  if (ep->tls != (params_.tls_context != nullptr))
+    return Errorf(ErrorCode::kInvalidArgument, "\"to\": this migration {}: recover to {}:HOST:PORT", params_.tls_context ? "uses TLS" : "has no TLS certificates",
+                  params_.tls_context ? "tls" : "tcp");
   const MigrationStatus st = status();
   if (st != MigrationStatus::kPostcopyPaused && st != MigrationStatus::kPostcopy)
     return Errorf(ErrorCode::kBusy, "recover applies to a post-copy migration (status {})", MigrationStatusName(st));
@@ -274,7 +277,7 @@ void SourceMigration::Fail(const Error& e) {
 // ---------------------------------------------------------------- connect
 
 Status SourceMigration::Handshake(const Endpoint& ep, uint32_t version) {
-  auto sock = Socket::Connect(ep, params_.connect_timeout_ms);
+  auto sock = Socket::Connect(ep, params_.connect_timeout_ms, params_.tls_context.get(), params_.tls_server_name);
   if (!sock) return std::unexpected(sock.error().WithContext("control channel"));
   FERRY_RETURN_IF_ERROR(WritePreamble(**sock, Role::kControl, version), "control channel");
   uint64_t want = kCapProgress | kCapZeroRuns | kCapFreePages;
@@ -310,7 +313,7 @@ Status SourceMigration::Handshake(const Endpoint& ep, uint32_t version) {
 Result<std::vector<std::unique_ptr<Socket>>> SourceMigration::ConnectDataChannels(const Endpoint& ep) {
   std::vector<std::unique_ptr<Socket>> data;
   for (uint32_t i = 0; i < params_.channels; ++i) {
-    auto d = Socket::Connect(ep, params_.connect_timeout_ms);
+    auto d = Socket::Connect(ep, params_.connect_timeout_ms, params_.tls_context.get(), params_.tls_server_name);
     if (!d) return std::unexpected(d.error().WithContext(fmt::format("data channel {}", i)));
     FERRY_RETURN_IF_ERROR(WritePreamble(**d, Role::kData, version_), "data channel");
     FERRY_RETURN_IF_ERROR(WriteRecord(**d, RecordType::kDataHello, Encode(DataHello{uuid_, i})), "data channel");
@@ -1185,6 +1188,7 @@ nlohmann::json SourceMigration::Stats() const {
       {"status", MigrationStatusName(st)},
       {"uuid", FormatUuid(uuid_)},
       {"to", params_.to},
+      {"tls", params_.tls_context != nullptr},
       {"channels", params_.channels},
       {"downtime_target_ms", params_.downtime_ms},
       {"max_bandwidth", params_.max_bandwidth},
