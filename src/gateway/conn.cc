@@ -10,7 +10,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 
 namespace ferry::gateway {
@@ -169,15 +171,31 @@ Result<std::unique_ptr<Conn>> Conn::Connect(const std::string& hp, const TlsCont
   return c;
 }
 
-Result<std::unique_ptr<Conn>> Conn::Accept(int fd, const TlsContext& tls, int timeout_ms) {
+Result<std::unique_ptr<Conn>> Conn::Accept(int fd, const TlsContext& tls, int timeout_ms, const std::atomic<bool>* evict) {
   TuneSocket(fd);
   SetTimeouts(fd, timeout_ms);
   if (!tls.ctx()) return std::unique_ptr<Conn>(new Conn(fd, nullptr));
   SSL* ssl = SSL_new(tls.ctx());
   std::unique_ptr<Conn> c(new Conn(fd, ssl));
   if (auto st = net::AttachSocket(ssl, fd); !st) return std::unexpected(st.error());
-  ERR_clear_error();
-  if (SSL_accept(ssl) != 1) return Errorf(ErrorCode::kIo, "TLS accept: {}", net::HandshakeError(ssl));
+  // Non-blocking, so the deadline covers the whole handshake (SO_RCVTIMEO restarts on every byte).
+  const int fl = fcntl(fd, F_GETFL);
+  fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    ERR_clear_error();
+    const int r = SSL_accept(ssl);
+    if (r == 1) break;
+    const int err = SSL_get_error(ssl, r);
+    if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE)
+      return Errorf(ErrorCode::kIo, "TLS accept: {}", net::HandshakeError(ssl));
+    if (evict && evict->load()) return Errorf(ErrorCode::kCancelled, "TLS accept: ended to make room for newer connections");
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+    if (left <= 0) return Errorf(ErrorCode::kTimeout, "TLS accept: no complete handshake within {} ms", timeout_ms);
+    pollfd p{fd, static_cast<short>(err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT), 0};
+    poll(&p, 1, static_cast<int>(std::min<long long>(left, 50)));
+  }
+  fcntl(fd, F_SETFL, fl);
   return c;
 }
 

@@ -5,6 +5,7 @@
 
 #include <openssl/ssl.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -28,8 +29,11 @@ class Conn {
   // Blocking connect (with timeout) + TLS client handshake.
   static Result<std::unique_ptr<Conn>> Connect(const std::string& host_port, const TlsContext& tls,
                                                int timeout_ms);
-  // Takes ownership of an accepted fd and runs the TLS server handshake (blocking, timeout).
-  static Result<std::unique_ptr<Conn>> Accept(int fd, const TlsContext& tls, int timeout_ms);
+  // Takes ownership of an accepted fd and runs the TLS server handshake: all of it within
+  // timeout_ms however the peer paces its bytes, and ended early (kCancelled) once *evict is set
+  // (checked every 50 ms). Then the socket is blocking with timeout_ms per read/write.
+  static Result<std::unique_ptr<Conn>> Accept(int fd, const TlsContext& tls, int timeout_ms,
+                                              const std::atomic<bool>* evict = nullptr);
 
   // Blocking frame I/O, used during setup only.
   Status WriteFrameBlocking(FrameType t, std::span<const uint8_t> payload);

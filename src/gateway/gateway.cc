@@ -1,7 +1,9 @@
 #include "gateway/gateway.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <httplib.h>
+#include <netdb.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <spdlog/spdlog.h>
@@ -9,6 +11,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstring>
 #include <random>
 
 #include "gateway/session.h"
@@ -90,6 +94,8 @@ Status Gateway::Start() {
   accept_thread_ = std::thread([this] { AcceptLoop(); });
   spdlog::info("gateway {} listening on {} (port {}){}", opts_.role == Role::kServe ? "serve" : "forward",
                opts_.listen, port_, opts_.insecure ? " INSECURE" : "");
+  if (opts_.role == Role::kServe && opts_.allow_to.empty())
+    spdlog::warn("gateway serve: no --allow-to: an authenticated peer may ask for a connection to any destination this host reaches");
   return {};
 }
 
@@ -123,7 +129,7 @@ void Gateway::Stop() {
   listen_fd_ = wake_fd_ = -1;
 }
 
-void Gateway::Spawn(std::function<void()> fn) {
+bool Gateway::Spawn(std::function<void()> fn) {
   std::lock_guard lk(mu_);
   // Reap finished workers.
   for (size_t i = 0; i < workers_.size();) {
@@ -135,11 +141,18 @@ void Gateway::Spawn(std::function<void()> fn) {
     }
   }
   auto done = std::make_shared<std::atomic<bool>>(false);
-  workers_.push_back(Worker{std::thread([fn = std::move(fn), done] {
-                              fn();
-                              done->store(true);
-                            }),
-                            done});
+  try {
+    workers_.push_back(Worker{std::thread([fn = std::move(fn), done] {
+                                fn();
+                                done->store(true);
+                              }),
+                              done});
+  } catch (const std::system_error& e) {  // out of threads (or memory): drop this connection, keep serving
+    counters_.spawn_failures++;
+    spdlog::warn("gateway: cannot start a thread for a new connection ({}); dropped it", e.what());
+    return false;
+  }
+  return true;
 }
 
 void Gateway::AcceptLoop() {
@@ -149,11 +162,39 @@ void Gateway::AcceptLoop() {
     if (stopping_) break;
     if (!(p[0].revents & POLLIN)) continue;
     int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;
+    if (fd < 0) {
+      if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED) continue;
+      // EMFILE/ENFILE/ENOBUFS/ENOMEM: the connection stays queued and poll() says readable at once -
+      // without a pause this loop would spin. Back off; sessions closing free descriptors.
+      if (counters_.accept_errors++ % 100 == 0) spdlog::warn("gateway: accept: {} (backing off)", strerror(errno));
+      pollfd w{wake_fd_, POLLIN, 0};
+      poll(&w, 1, 100);
+      continue;
+    }
+    bool spawned;
     if (opts_.role == Role::kServe) {
-      Spawn([this, fd] { HandleIncoming(fd); });
+      // The TLS handshake runs on the connection's thread under one deadline; at most
+      // kMaxHandshakes at once - a new connection beyond that ends the oldest handshake, so silent
+      // or trickling peers can delay a real one by one handshake at most, never lock it out.
+      auto evict = std::make_shared<std::atomic<bool>>(false);
+      {
+        std::lock_guard lk(mu_);
+        std::erase_if(handshakes_, [](const auto& h) { return h.expired(); });
+        if (handshakes_.size() >= kMaxHandshakes) {
+          if (auto oldest = handshakes_.front().lock()) oldest->store(true);
+          handshakes_.erase(handshakes_.begin());
+          counters_.handshakes_evicted++;
+        }
+        handshakes_.push_back(evict);
+      }
+      spawned = Spawn([this, fd, evict] { HandleIncoming(fd, *evict); });
     } else {
-      Spawn([this, fd] { HandleLocal(fd); });
+      spawned = Spawn([this, fd] { HandleLocal(fd); });
+    }
+    if (!spawned) {
+      close(fd);
+      pollfd w{wake_fd_, POLLIN, 0};
+      poll(&w, 1, 100);
     }
   }
 }
@@ -183,8 +224,40 @@ std::shared_ptr<Session> Gateway::FindSession(uint64_t id) {
   return nullptr;
 }
 
-void Gateway::HandleIncoming(int fd) {
-  auto conn = Conn::Accept(fd, *tls_, opts_.connect_timeout_ms);
+Result<std::string> Gateway::AllowedDestination(const std::string& dest) const {
+  auto hp = SplitHostPort(dest);
+  if (!hp) return std::unexpected(hp.error());
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  const std::string port = std::to_string(hp->second);
+  if (int rc = getaddrinfo(hp->first.c_str(), port.c_str(), &hints, &res); rc != 0)
+    return Errorf(ErrorCode::kInvalidArgument, "destination {}: {}", dest, gai_strerror(rc));
+  std::string out;
+  for (addrinfo* ai = res; ai && out.empty(); ai = ai->ai_next) {
+    sockaddr_storage ss{};
+    std::memcpy(&ss, ai->ai_addr, std::min<size_t>(ai->ai_addrlen, sizeof ss));
+    if (!Allowed(opts_.allow_to, ss)) continue;
+    char host[INET6_ADDRSTRLEN] = "";
+    if (ss.ss_family == AF_INET) inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&ss)->sin_addr, host, sizeof host);
+    else inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr, host, sizeof host);
+    out = ss.ss_family == AF_INET6 ? fmt::format("[{}]:{}", host, hp->second) : fmt::format("{}:{}", host, hp->second);
+  }
+  freeaddrinfo(res);
+  if (out.empty())
+    return Errorf(ErrorCode::kPermissionDenied, "destination {} is not allowed by this gateway (--allow-to)", dest);
+  return out;
+}
+
+void Gateway::HandleIncoming(int fd, const std::atomic<bool>& evict) {
+  auto conn = Conn::Accept(fd, *tls_, opts_.connect_timeout_ms, &evict);
+  {
+    std::lock_guard lk(mu_);  // no longer a handshake in progress (success or not)
+    std::erase_if(handshakes_, [&](const auto& h) {
+      auto p = h.lock();
+      return !p || p.get() == &evict;
+    });
+  }
   if (!conn) {
     counters_.handshake_failures++;
     spdlog::warn("refused gateway connection: {}", conn.error().ToString());
@@ -242,7 +315,18 @@ void Gateway::HandleIncoming(int fd) {
     send_error("session id in use");
     return;
   }
-  auto dfd = ConnectTcp(*dest, opts_.connect_timeout_ms);
+  std::string target = *dest;
+  if (!opts_.allow_to.empty()) {
+    auto checked = AllowedDestination(*dest);
+    if (!checked) {
+      counters_.destinations_refused++;
+      spdlog::warn("session {:016x}: {}", *id, checked.error().message());
+      send_error(checked.error().message());
+      return;
+    }
+    target = *checked;
+  }
+  auto dfd = ConnectTcp(target, opts_.connect_timeout_ms);
   if (!dfd) {
     spdlog::warn("session {:016x}: destination {}: {}", *id, *dest, dfd.error().ToString());
     send_error(dfd.error().ToString());
@@ -343,6 +427,10 @@ std::string Gateway::MetricsText() const {
   m("data_streams_lost_total", "counter", "Data connections lost", c.data_conns_lost);
   m("protocol_errors_total", "counter", "Malformed or unexpected frames", c.protocol_errors);
   m("handshake_failures_total", "counter", "TLS handshakes refused", c.handshake_failures);
+  m("handshakes_evicted_total", "counter", "TLS handshakes ended early to make room for newer connections", c.handshakes_evicted);
+  m("destinations_refused_total", "counter", "Sessions refused: destination not allowed by --allow-to", c.destinations_refused);
+  m("accept_errors_total", "counter", "accept() failures (e.g. out of file descriptors; the gateway backs off)", c.accept_errors);
+  m("spawn_failures_total", "counter", "Connections dropped because no thread could be created", c.spawn_failures);
   m("rtt_microseconds", "gauge", "Last control-channel round trip time", c.rtt_us);
   m("conn_buffer_peak_bytes", "gauge", "Largest data-connection send buffer held so far", c.conn_buffer_peak_bytes);
   return out;

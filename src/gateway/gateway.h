@@ -7,7 +7,10 @@
 //
 // Threads: one accept thread, one thread per session (poll()-driven, all
 // sockets nonblocking), a short-lived handshake thread per incoming
-// gateway connection, and the metrics HTTP server thread.
+// gateway connection (its TLS handshake under one deadline; at most
+// kMaxHandshakes at once, the oldest ended to make room), and the metrics
+// HTTP server thread. A thread that cannot be created drops its connection;
+// accept() failures (EMFILE) back off instead of spinning.
 #pragma once
 
 #include <atomic>
@@ -22,6 +25,7 @@
 #include "common/compress.h"
 #include "common/error.h"
 #include "gateway/conn.h"
+#include "gateway/dest_allow.h"
 
 namespace ferry::gateway {
 
@@ -38,6 +42,8 @@ struct GatewayOptions {
   int streams = 4;             // forward: data connections per session (1..64)
   bool insecure = false;
   TlsFiles tls;
+  // serve: the destinations a peer may ask for (--allow-to); empty = any (a warning at start).
+  std::vector<DestRule> allow_to;
   Codec codec = Codec::kNone;
   size_t window = 64u << 20;   // max unacknowledged bytes per direction per session
   size_t chunk = 256u << 10;   // chunk size (<= 1 MiB)
@@ -58,6 +64,10 @@ struct GatewayCounters {
   std::atomic<uint64_t> chunks_compressed{0}, compressed_saved_bytes{0};
   std::atomic<uint64_t> data_conns_lost{0}, data_conns_active{0};
   std::atomic<uint64_t> protocol_errors{0}, handshake_failures{0};
+  std::atomic<uint64_t> destinations_refused{0};     // serve: HELLOs naming a destination --allow-to does not allow
+  std::atomic<uint64_t> handshakes_evicted{0};       // TLS handshakes ended early to make room (kMaxHandshakes)
+  std::atomic<uint64_t> accept_errors{0};            // accept() failures (EMFILE etc.; the loop backs off)
+  std::atomic<uint64_t> spawn_failures{0};           // connections dropped because no thread could be created
   std::atomic<uint64_t> rtt_us{0};
   // Largest send buffer (allocated bytes) any data connection has held: bounded by design
   // (about 2x the per-connection queue limit plus one chunk, plus the written prefix).
@@ -96,9 +106,12 @@ class Gateway {
   explicit Gateway(GatewayOptions opts);
   Status Start();
   void AcceptLoop();
-  void HandleIncoming(int fd);  // serve: handshake + dispatch
+  void HandleIncoming(int fd, const std::atomic<bool>& evict);  // serve: handshake (ended early once evict) + dispatch
   void HandleLocal(int fd);     // forward: new client connection
-  void Spawn(std::function<void()> fn);
+  // serve: `dest` (HOST:PORT from a peer's HELLO) resolved, as "IP:PORT" of its first address that
+  // --allow-to allows; kPermissionDenied when none is.
+  Result<std::string> AllowedDestination(const std::string& dest) const;
+  bool Spawn(std::function<void()> fn);  // false: no thread could be created (counted, logged)
   void RegisterSession(const std::shared_ptr<Session>& s);
   void UnregisterSession(uint64_t id);
   std::shared_ptr<Session> FindSession(uint64_t id);
@@ -122,6 +135,8 @@ class Gateway {
   };
   std::vector<Worker> workers_;
   std::vector<std::shared_ptr<Session>> sessions_;
+  static constexpr size_t kMaxHandshakes = 64;
+  std::vector<std::weak_ptr<std::atomic<bool>>> handshakes_;  // GUARDED_BY(mu_): serve handshakes in progress, oldest first
   friend class Session;
 };
 

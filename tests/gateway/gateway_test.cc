@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <sched.h>
 #include <sys/socket.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,6 +19,7 @@
 #include <fstream>
 #include <mutex>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -33,6 +35,19 @@ namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
 int Sh(const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()); }
+
+// A TCP port on 127.0.0.1 that was free a moment ago.
+uint16_t FreeLoopbackPort() {
+  int probe = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(probe, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  getsockname(probe, reinterpret_cast<sockaddr*>(&a), &len);
+  close(probe);
+  return ntohs(a.sin_port);
+}
 
 std::string GatewayBinary() {
   return std::string(getenv("FERRY_BUILD_DIR") ? getenv("FERRY_BUILD_DIR") : ".") + "/bin/ferry-gateway";
@@ -307,16 +322,7 @@ TEST_F(GatewayTest, KilledRemoteGatewayResetsClient) {
   EchoServer echo;
   auto bin = GatewayBinary();
   ASSERT_TRUE(fs::exists(bin)) << bin;
-  // Pick a free port for the remote gateway.
-  int probe = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(probe, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  getsockname(probe, reinterpret_cast<sockaddr*>(&a), &len);
-  std::string port = std::to_string(ntohs(a.sin_port));
-  close(probe);
+  const std::string port = std::to_string(FreeLoopbackPort());  // for the remote gateway
   auto files = pki_->Files("server");
   pid_t pid = fork();
   if (pid == 0) {
@@ -418,6 +424,147 @@ HandMadeSession SendHello(const std::string& via, const TlsContext& tls, uint64_
   if (h.conn->WriteFrameBlocking(FrameType::kHello, w.data())) h.reply = h.conn->ReadFrameBlocking();
   return h;
 }
+
+// 70 peers that trickle a byte every 200 ms at a serve gateway: each TLS handshake ends at its
+// whole deadline (not restarted by every byte), at most kMaxHandshakes (64) run at once (the
+// oldest is ended to make room), and a real session still goes through meanwhile.
+TEST_F(GatewayTest, TricklingHandshakesEndAtTheDeadlineAndMakeRoom) {
+  EchoServer echo;
+  GatewayOptions so;
+  so.role = Role::kServe;
+  so.listen = "127.0.0.1:0";
+  so.tls = pki_->Files("server");
+  so.connect_timeout_ms = 1500;
+  auto serve = Gateway::Create(so);
+  ASSERT_TRUE(serve.has_value()) << serve.error().ToString();
+  // Each opens a valid TLS record header announcing a 16 KiB handshake record, then trickles
+  // its body: OpenSSL waits for the whole record, so only the deadline (or eviction) ends it.
+  std::vector<int> fds;
+  for (int i = 0; i < 70; ++i) {
+    const int fd = Dial((*serve)->port());
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(send(fd, "\x16\x03\x01\x40\x00", 5, MSG_NOSIGNAL), 5);
+    fds.push_back(fd);
+  }
+  std::atomic<bool> stop{false};
+  std::thread trickle([&] {
+    while (!stop) {
+      for (int fd : fds) (void)!send(fd, "\x01", 1, MSG_NOSIGNAL);
+      std::this_thread::sleep_for(200ms);
+    }
+  });
+  GatewayOptions f;
+  f.role = Role::kForward;
+  f.listen = "127.0.0.1:0";
+  f.via = "127.0.0.1:" + std::to_string((*serve)->port());
+  f.to = "127.0.0.1:" + std::to_string(echo.port());
+  f.streams = 2;
+  f.connect_timeout_ms = 3000;
+  f.tls = pki_->Files("client");
+  auto fwd = Gateway::Create(f);
+  ASSERT_TRUE(fwd.has_value());
+  EXPECT_EQ(EchoTransfer((*fwd)->port(), 1 << 20, 9), "") << "a real session while 70 peers trickle";
+  // Every trickler is closed by the server within the 1.5 s deadline (plus slack), although it
+  // keeps sending bytes.
+  const auto t0 = std::chrono::steady_clock::now();
+  size_t closed = 0;
+  std::vector<bool> done(fds.size(), false);
+  while (closed < fds.size() && std::chrono::steady_clock::now() - t0 < 6s) {
+    for (size_t i = 0; i < fds.size(); ++i) {
+      if (done[i]) continue;
+      pollfd p{fds[i], POLLIN, 0};
+      if (poll(&p, 1, 0) > 0) {
+        uint8_t b[256];
+        const ssize_t n = recv(fds[i], b, sizeof b, MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN)) done[i] = true, ++closed;
+      }
+    }
+    std::this_thread::sleep_for(20ms);
+  }
+  stop = true;
+  trickle.join();
+  for (int fd : fds) close(fd);
+  EXPECT_EQ(closed, fds.size()) << "trickling handshakes still open after 6 s (deadline 1.5 s)";
+  EXPECT_GE((*serve)->counters().handshakes_evicted.load(), 6u) << "70 handshakes, room for 64";
+}
+
+// Out of file descriptors (RLIMIT_NOFILE 32), a serve gateway's accept() fails with EMFILE while
+// the connection stays queued: the accept loop must back off, not spin on poll() + accept().
+TEST_F(GatewayTest, OutOfDescriptorsTheAcceptLoopBacksOff) {
+  auto bin = GatewayBinary();
+  ASSERT_TRUE(fs::exists(bin)) << bin;
+  const uint16_t port = FreeLoopbackPort();
+  pid_t pid = fork();
+  if (pid == 0) {
+    rlimit rl{32, 32};
+    setrlimit(RLIMIT_NOFILE, &rl);
+    execl(bin.c_str(), bin.c_str(), "serve", "--listen", ("127.0.0.1:" + std::to_string(port)).c_str(), "--insecure",
+          "--log-level", "error", nullptr);
+    _exit(127);
+  }
+  std::vector<int> fds;
+  for (int i = 0; i < 200 && fds.empty(); ++i) {
+    const int fd = Dial(port);
+    if (fd >= 0) fds.push_back(fd);
+    else std::this_thread::sleep_for(20ms);
+  }
+  ASSERT_FALSE(fds.empty()) << "the gateway did not listen";
+  for (int i = 0; i < 60; ++i) {
+    const int fd = Dial(port);  // the kernel completes the connection; the gateway cannot accept it
+    if (fd >= 0) fds.push_back(fd);
+  }
+  std::this_thread::sleep_for(500ms);
+  auto cpu = [pid] {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+    std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    std::istringstream in(stat.substr(stat.rfind(')') + 2));
+    std::string field;
+    double ticks = 0;
+    for (int i = 3; i <= 15 && in >> field; ++i)
+      if (i == 14 || i == 15) ticks += std::stod(field);
+    return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+  };
+  const double c0 = cpu();
+  std::this_thread::sleep_for(2s);
+  const double used = cpu() - c0;
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  for (int fd : fds) close(fd);
+  EXPECT_LT(used, 0.3) << "CPU seconds in 2 s with connections it cannot accept: the accept loop spins";
+}
+
+// --allow-to: a serve gateway connects onward only to destinations its rules allow.
+TEST_F(GatewayTest, AllowToRefusesOtherDestinations) {
+  EchoServer echo;
+  for (const bool allowed : {true, false}) {
+    SCOPED_TRACE(allowed ? "allowed" : "not allowed");
+    GatewayOptions so;
+    so.role = Role::kServe;
+    so.listen = "127.0.0.1:0";
+    so.tls = pki_->Files("server");
+    auto rule = ParseDestRule(allowed ? "127.0.0.0/8:" + std::to_string(echo.port()) : "10.0.0.0/8");
+    ASSERT_TRUE(rule.has_value());
+    so.allow_to = {*rule};
+    auto serve = Gateway::Create(so);
+    ASSERT_TRUE(serve.has_value());
+    auto tls = TlsContext::Create(false, pki_->Files("client"));
+    ASSERT_TRUE(tls.has_value());
+    auto h = SendHello("127.0.0.1:" + std::to_string((*serve)->port()), **tls, 77, 1024,
+                       "localhost:" + std::to_string(echo.port()));
+    ASSERT_TRUE(h.reply.has_value()) << h.reply.error().ToString();
+    if (allowed) {
+      EXPECT_EQ(h.reply->type, FrameType::kHelloOk);
+      EXPECT_EQ((*serve)->counters().destinations_refused.load(), 0u);
+    } else {
+      EXPECT_EQ(h.reply->type, FrameType::kError);
+      const std::string msg(h.reply->payload.begin(), h.reply->payload.end());
+      EXPECT_NE(msg.find("not allowed"), std::string::npos) << msg;
+      EXPECT_EQ((*serve)->counters().destinations_refused.load(), 1u);
+      EXPECT_EQ((*serve)->counters().sessions_total.load(), 0u);
+    }
+  }
+}
+
 
 TEST_F(GatewayTest, MalformedControlFramesCloseSessionOthersContinue) {
   EchoServer echo;

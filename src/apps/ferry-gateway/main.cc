@@ -28,6 +28,10 @@ int main(int argc, char** argv) {
   };
   auto* serve = app.add_subcommand("serve", "destination side: accept gateway sessions");
   common(serve);
+  std::vector<std::string> allow_to;
+  serve->add_option("--allow-to", allow_to,
+                    "destinations a peer gateway may ask for: ADDR, ADDR:PORT, CIDR, CIDR:PORT or * (repeatable; "
+                    "default: any, with a warning)");
   auto* fwd = app.add_subcommand("forward", "source side: accept local TCP and tunnel it");
   common(fwd);
   fwd->add_option("--via", o.via, "remote gateway ADDR:PORT")->required();
@@ -37,6 +41,14 @@ int main(int argc, char** argv) {
                 "REDIRECT rule); --to is then the fallback for connections made to --listen directly");
   fwd->add_option("--streams", o.streams, "parallel data connections")->check(CLI::Range(1, 64));
   CLI11_PARSE(app, argc, argv);
+  for (const std::string& a : allow_to) {
+    auto rule = ParseDestRule(a);
+    if (!rule) {
+      fmt::print(stderr, "error: {}\n", rule.error().message());
+      return 2;
+    }
+    o.allow_to.push_back(*rule);
+  }
   spdlog::set_level(spdlog::level::from_str(log_level));
   o.role = fwd->parsed() ? Role::kForward : Role::kServe;
   auto c = ParseCodec(codec);
