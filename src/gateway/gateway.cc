@@ -108,13 +108,13 @@ void Gateway::Stop() {
   [[maybe_unused]] auto r = write(wake_fd_, &one, sizeof one);
   if (accept_thread_.joinable()) accept_thread_.join();
   {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     for (auto& s : sessions_) s->Wake();
   }
   for (;;) {
     std::vector<Worker> ws;
     {
-      std::lock_guard lk(mu_);
+      MutexLock lk(mu_);
       ws.swap(workers_);
     }
     if (ws.empty()) break;
@@ -130,7 +130,7 @@ void Gateway::Stop() {
 }
 
 bool Gateway::Spawn(std::function<void()> fn) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   // Reap finished workers.
   for (size_t i = 0; i < workers_.size();) {
     if (workers_[i].done->load()) {
@@ -178,7 +178,7 @@ void Gateway::AcceptLoop() {
       // or trickling peers can delay a real one by one handshake at most, never lock it out.
       auto evict = std::make_shared<std::atomic<bool>>(false);
       {
-        std::lock_guard lk(mu_);
+        MutexLock lk(mu_);
         std::erase_if(handshakes_, [](const auto& h) { return h.expired(); });
         if (handshakes_.size() >= kMaxHandshakes) {
           if (auto oldest = handshakes_.front().lock()) oldest->store(true);
@@ -200,14 +200,14 @@ void Gateway::AcceptLoop() {
 }
 
 void Gateway::RegisterSession(const std::shared_ptr<Session>& s) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   sessions_.push_back(s);
   s->seq = ++counters_.sessions_total;
   counters_.sessions_active++;
 }
 
 void Gateway::UnregisterSession(uint64_t id) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   for (size_t i = 0; i < sessions_.size(); i++) {
     if (sessions_[i]->id() == id) {
       sessions_.erase(sessions_.begin() + i);
@@ -218,7 +218,7 @@ void Gateway::UnregisterSession(uint64_t id) {
 }
 
 std::shared_ptr<Session> Gateway::FindSession(uint64_t id) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   for (auto& s : sessions_)
     if (s->id() == id) return s;
   return nullptr;
@@ -252,7 +252,7 @@ Result<std::string> Gateway::AllowedDestination(const std::string& dest) const {
 void Gateway::HandleIncoming(int fd, const std::atomic<bool>& evict) {
   auto conn = Conn::Accept(fd, *tls_, opts_.connect_timeout_ms, &evict);
   {
-    std::lock_guard lk(mu_);  // no longer a handshake in progress (success or not)
+    MutexLock lk(mu_);  // no longer a handshake in progress (success or not)
     std::erase_if(handshakes_, [&](const auto& h) {
       auto p = h.lock();
       return !p || p.get() == &evict;
@@ -440,7 +440,7 @@ std::string Gateway::StatusJson() const {
   const auto& c = counters_;
   std::string sessions;
   {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     for (auto& s : sessions_) {
       if (!sessions.empty()) sessions += ",";
       sessions += s->StatusJsonFields();

@@ -26,6 +26,7 @@
 #include "common/error.h"
 #include "gateway/conn.h"
 #include "gateway/dest_allow.h"
+#include "common/thread_annotations.h"
 
 namespace ferry::gateway {
 
@@ -128,15 +129,15 @@ class Gateway {
   struct Metrics;
   std::unique_ptr<Metrics> metrics_;  // HTTP server (own thread)
 
-  mutable std::mutex mu_;  // guards workers_ and sessions_
+  mutable Mutex mu_;
   struct Worker {
     std::thread t;
     std::shared_ptr<std::atomic<bool>> done;
   };
-  std::vector<Worker> workers_;
-  std::vector<std::shared_ptr<Session>> sessions_;
+  std::vector<Worker> workers_ GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<Session>> sessions_ GUARDED_BY(mu_);
   static constexpr size_t kMaxHandshakes = 64;
-  std::vector<std::weak_ptr<std::atomic<bool>>> handshakes_;  // GUARDED_BY(mu_): serve handshakes in progress, oldest first
+  std::vector<std::weak_ptr<std::atomic<bool>>> handshakes_ GUARDED_BY(mu_);  // serve handshakes in progress, oldest first
   friend class Session;
 };
 

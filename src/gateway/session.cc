@@ -44,7 +44,7 @@ void Session::Wake() {
 
 void Session::AddDataConn(std::unique_ptr<Conn> c, uint16_t index) {
   {
-    std::lock_guard lk(inbox_mu_);
+    MutexLock lk(inbox_mu_);
     inbox_.push_back(DataConn{std::move(c), index});
   }
   Wake();
@@ -53,7 +53,7 @@ void Session::AddDataConn(std::unique_ptr<Conn> c, uint16_t index) {
 std::string Session::StatusJsonFields() const {
   std::string detail;
   {
-    std::lock_guard lk(diag_mu_);
+    MutexLock lk(diag_mu_);
     detail = detail_json_.empty() ? "{}" : detail_json_;
   }
   return fmt::format(
@@ -92,7 +92,7 @@ void Session::UpdateDetail() {
   std::string j = fmt::format(
       R"({{"next_seq":{},"oldest_unacked":{},"send_paused":{},"next_expected":{},"first_buffered":{},"chunks_buffered":{},"conns":[{}]}})",
       next_seq_, oldest, send_paused_, next_expected_, first_buffered, reorder_.size(), conns);
-  std::lock_guard lk(diag_mu_);
+  MutexLock lk(diag_mu_);
   detail_json_ = std::move(j);
 }
 
@@ -121,7 +121,7 @@ bool Session::ConnectDataConn(uint16_t index) {
 }
 
 void Session::TakeInbox() {
-  std::lock_guard lk(inbox_mu_);
+  MutexLock lk(inbox_mu_);
   for (auto& d : inbox_) {
     if (!d.c->SetNonBlocking()) continue;
     Pace(d.c->fd());

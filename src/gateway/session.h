@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/compress.h"
+#include "common/thread_annotations.h"
 #include "gateway/conn.h"
 #include "gateway/gateway.h"
 
@@ -91,8 +92,8 @@ class Session {
   int streams_;
   void Pace(int fd) const;
 
-  std::mutex inbox_mu_;  // guards inbox_
-  std::vector<DataConn> inbox_;
+  Mutex inbox_mu_;
+  std::vector<DataConn> inbox_ GUARDED_BY(inbox_mu_);
 
   std::vector<DataConn> data_;
   std::vector<uint16_t> reconnect_;  // forward: indexes to re-establish
@@ -136,8 +137,8 @@ class Session {
   Decompressor decompressor_;  // receiving direction's
 
   void UpdateDetail();  // session thread, once a second
-  mutable std::mutex diag_mu_;
-  std::string detail_json_;  // GUARDED_BY(diag_mu_): per-connection queues, oldest unacked, next expected
+  mutable Mutex diag_mu_;
+  std::string detail_json_ GUARDED_BY(diag_mu_);  // per-connection queues, oldest unacked, next expected
 
   // Exported (read by the status thread).
   std::atomic<uint64_t> st_sent_{0}, st_received_{0}, st_data_conns_{0};

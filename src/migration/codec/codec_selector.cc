@@ -84,7 +84,7 @@ int CodecSelector::IndexOf(CodecChoice c) const {
 }
 
 CodecChoice CodecSelector::Choose() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   ++batches_;
   if (!mode_.automatic) return current_;
   current_ = ChooseCodec(est_, allowed_, link_, std::min(cores_, static_cast<double>(senders_)));
@@ -112,7 +112,7 @@ CodecChoice CodecSelector::Choose() {
 
 void CodecSelector::ReportEncode(CodecChoice c, uint64_t in, uint64_t out, uint64_t cpu_ns) {
   if (c.codec == Compression::kNone || in == 0) return;
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   const int i = IndexOf(c);
   if (i < 0) return;
   CodecEstimate& e = est_[static_cast<size_t>(i)];
@@ -129,26 +129,26 @@ void CodecSelector::ReportEncode(CodecChoice c, uint64_t in, uint64_t out, uint6
 }
 
 void CodecSelector::ReportLink(double bytes_per_s) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   link_ = std::max(bytes_per_s, 0.0);
 }
 
 void CodecSelector::ReportSpareCores(double cores) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   // Idle cores alone undercount: one sender thread always gets a core's worth by competing with
   // the guest's (a busy 2-core host shows ~0.2 idle cores, yet zstd then runs at full speed).
   cores_ = std::max(cores, 1.0);
 }
 
 double CodecSelector::ExpectedRatio() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   const int i = IndexOf(current_);
   return i < 0 || est_[static_cast<size_t>(i)].samples == 0 ? 1.0 : est_[static_cast<size_t>(i)].ratio;
 }
 
 bool CodecSelector::DeltaEnabled() {
   if (!delta_allowed_) return false;
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (delta_off_left_ == 0) return true;
   --delta_off_left_;
   return false;
@@ -156,7 +156,7 @@ bool CodecSelector::DeltaEnabled() {
 
 void CodecSelector::ReportDelta(uint64_t attempts, uint64_t produced) {
   if (attempts == 0) return;
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   delta_attempts_ += attempts;
   delta_produced_ += produced;
   if (delta_attempts_ < kDeltaWindow) return;
@@ -168,7 +168,7 @@ void CodecSelector::ReportDelta(uint64_t attempts, uint64_t produced) {
 }
 
 nlohmann::json CodecSelector::Snapshot() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   nlohmann::json est = nlohmann::json::array();
   for (size_t i = 0; i < kAutoCandidates.size(); ++i)
     est.push_back({{"codec", ChoiceName(kAutoCandidates[i])},

@@ -31,6 +31,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/compress.h"
+#include "common/thread_annotations.h"
 #include "common/error.h"
 
 namespace ferry::migration {
@@ -92,16 +93,19 @@ class CodecSelector {
   const uint32_t senders_;
   std::array<bool, kAutoCandidates.size()> allowed_{};
 
-  mutable std::mutex mu_;
-  std::array<CodecEstimate, kAutoCandidates.size()> est_{};  // GUARDED_BY(mu_)
-  double link_ = 0;                                          // GUARDED_BY(mu_)
-  double cores_ = 1;                                         // GUARDED_BY(mu_)
-  CodecChoice current_{};                                    // GUARDED_BY(mu_)
-  uint64_t batches_ = 0;                                     // GUARDED_BY(mu_)
-  uint64_t probe_next_ = 0;                                  // GUARDED_BY(mu_)
-  uint64_t chosen_[4] = {};                                  // GUARDED_BY(mu_): batches per codec choice (none, lz4, zstd-1, zstd-3)
-  // Delta governor. GUARDED_BY(mu_)
-  uint64_t delta_attempts_ = 0, delta_produced_ = 0, delta_off_left_ = 0, delta_off_periods_ = 0;
+  mutable Mutex mu_;
+  std::array<CodecEstimate, kAutoCandidates.size()> est_ GUARDED_BY(mu_){};
+  double link_ GUARDED_BY(mu_) = 0;
+  double cores_ GUARDED_BY(mu_) = 1;
+  CodecChoice current_ GUARDED_BY(mu_){};
+  uint64_t batches_ GUARDED_BY(mu_) = 0;
+  uint64_t probe_next_ GUARDED_BY(mu_) = 0;
+  uint64_t chosen_[4] GUARDED_BY(mu_) = {};  // batches per codec choice (none, lz4, zstd-1, zstd-3)
+  // Delta governor.
+  uint64_t delta_attempts_ GUARDED_BY(mu_) = 0;
+  uint64_t delta_produced_ GUARDED_BY(mu_) = 0;
+  uint64_t delta_off_left_ GUARDED_BY(mu_) = 0;
+  uint64_t delta_off_periods_ GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace ferry::migration

@@ -71,7 +71,7 @@ void IncomingMigration::Cleanup() {
 Status IncomingMigration::AcceptControl(const IncomingParams& params) {
   // Every connection is greeted on its own thread (HandshakeThreads): the first proper HELLO wins,
   // and a peer that trickles bytes or says nothing holds up no one else.
-  const auto greeted = [this, params](std::unique_ptr<Socket> sock, Result<Preamble> pre, Result<Record> rec) {
+  const auto greeted = [this](std::unique_ptr<Socket> sock, Result<Preamble> pre, Result<Record> rec) {
     Result<Hello> hello = Errorf(ErrorCode::kInternal, "no greeting");
     if (!pre) hello = std::unexpected(pre.error());
     else if (pre->role != Role::kControl) hello = Errorf(ErrorCode::kBusy, "no migration in progress for this data connection");

@@ -184,7 +184,10 @@ class CuttableProxy {
 TEST(MigrationPostcopy, SurvivesACutAndASecondCutDuringRecovery) {
   FakeSource src;
   src.set_write_delay_us(0);
-  TouchingDestination dst;
+  // The guest reads a page every 0.5 ms (~2 s for all): post-copy still runs when the first
+  // recovery is done, so the second cut has something to cut (with an all-at-once reader the
+  // demand faults fetched everything within a 5 ms poll of the recovery and the test saw the end).
+  TouchingDestination dst(std::chrono::microseconds(500));
   IncomingParams ip;
   ip.recover_timeout_ms = 20000;
   Incoming in(&dst, ip);

@@ -7,6 +7,7 @@
 #include <deque>
 #include <mutex>
 #include <random>
+#include <chrono>
 #include <thread>
 
 #include <fmt/format.h>
@@ -211,6 +212,8 @@ class FakeDestination : public DestinationVm {
 // (while a post-copy push runs from the first): it waits on missing pages, so demand faults happen.
 class TouchingDestination : public FakeDestination {
  public:
+  // pause: between two touches (a guest that reads its memory at a pace, so post-copy lasts).
+  explicit TouchingDestination(std::chrono::microseconds pause = {}) : pause_(pause) {}
   ~TouchingDestination() override {
     if (toucher_.joinable()) toucher_.join();
   }
@@ -218,12 +221,16 @@ class TouchingDestination : public FakeDestination {
     FakeDestination::Start();
     toucher_ = std::thread([this] {
       const volatile uint8_t* ram = mem()->host();
-      for (uint64_t p = kRam / 4096; p-- > 0;) (void)ram[p * 4096 + 17];
+      for (uint64_t p = kRam / 4096; p-- > 0;) {
+        (void)ram[p * 4096 + 17];
+        if (pause_.count()) std::this_thread::sleep_for(pause_);
+      }
     });
     return {};
   }
 
  private:
+  const std::chrono::microseconds pause_;
   std::thread toucher_;
 };
 

@@ -195,7 +195,7 @@ TEST(Scheduler, SamplesInsideAPassHoldBackPagesThatTurnHotDuringIt) {
   lim.max_scan_pages = 100;
   Batch b;
   uint64_t sent_hot = 0;
-  for (int i = 0; s.NextBatch(lim, &b); ++i) {
+  while (s.NextBatch(lim, &b)) {
     for (const auto& r : b.runs)
       for (uint64_t p = r.gfn; p < r.gfn + r.count; ++p) sent_hot += p >= 900 && p < 950;
     s.AddHarvest(Range(1000, 900, 50), Bits(1000, {}));

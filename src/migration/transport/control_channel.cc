@@ -26,7 +26,7 @@ void ControlChannel::ReaderLoop() {
     Record r;
     auto s = ReadRecordInto(*socket_, &r, -1);
     reader_cpu_ns_.store(ThreadCpuNs(), std::memory_order_relaxed);
-    std::unique_lock<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (!s) {
       if (!read_error_) read_error_ = s.error().WithContext("control channel");
       cv_.notify_all();
@@ -38,7 +38,7 @@ void ControlChannel::ReaderLoop() {
       cv_.notify_all();
       continue;
     }
-    space_cv_.wait(l, [&] { return queue_.size() < max_queued_ || stopping_; });
+    l.Wait(space_cv_, [&]() REQUIRES(mu_) { return queue_.size() < max_queued_ || stopping_; });
     if (stopping_) return;
     queue_.push_back(std::move(r));
     cv_.notify_all();
@@ -64,7 +64,7 @@ Error ControlChannel::RecordError(const Record& r) {
 }
 
 Result<Record> ControlChannel::Next(int timeout_ms) {
-  std::unique_lock<std::mutex> l(mu_);
+  MutexLock l(mu_);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max(timeout_ms, 0));
   for (;;) {
     // What the peer sent before a local interrupt comes first (its CANCEL explains a lost data channel).
@@ -80,8 +80,8 @@ Result<Record> ControlChannel::Next(int timeout_ms) {
     if (auto e = BlockedLocked()) return std::unexpected(*e);
     if (read_error_) return std::unexpected(*read_error_);
     if (timeout_ms < 0) {
-      cv_.wait(l);
-    } else if (cv_.wait_until(l, deadline) == std::cv_status::timeout && queue_.empty() && !read_error_ && !interrupt_) {
+      l.Wait(cv_);
+    } else if (l.WaitUntil(cv_, deadline) == std::cv_status::timeout && queue_.empty() && !read_error_ && !interrupt_) {
       return Errorf(ErrorCode::kTimeout, "control channel: nothing from the peer within {} ms", timeout_ms);
     }
   }
@@ -100,7 +100,7 @@ Result<Record> ControlChannel::Await(RecordType want, int timeout_ms) {
 }
 
 Status ControlChannel::WaitUntil(const std::function<bool()>& pred, int timeout_ms, std::string_view what) {
-  std::unique_lock<std::mutex> l(mu_);
+  MutexLock l(mu_);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max(timeout_ms, 0));
   for (;;) {
     if (auto e = BlockedLocked()) return std::unexpected(*e);
@@ -110,8 +110,8 @@ Status ControlChannel::WaitUntil(const std::function<bool()>& pred, int timeout_
       if (r.type() == RecordType::kError || r.type() == RecordType::kCancel) return std::unexpected(RecordError(r));
     if (read_error_) return std::unexpected(*read_error_);
     if (timeout_ms < 0) {
-      cv_.wait(l);
-    } else if (cv_.wait_until(l, deadline) == std::cv_status::timeout) {
+      l.Wait(cv_);
+    } else if (l.WaitUntil(cv_, deadline) == std::cv_status::timeout) {
       if (pred()) return {};
       return Errorf(ErrorCode::kTimeout, "{}: not reached within {} ms", what, timeout_ms);
     }
@@ -119,31 +119,31 @@ Status ControlChannel::WaitUntil(const std::function<bool()>& pred, int timeout_
 }
 
 std::optional<Error> ControlChannel::PeerVerdict(int wait_ms) {
-  std::unique_lock<std::mutex> l(mu_);
-  auto find = [&]() -> const Record* {
+  MutexLock l(mu_);
+  auto find = [&]() REQUIRES(mu_) -> const Record* {
     for (const auto& r : queue_)
       if (r.type() == RecordType::kError || r.type() == RecordType::kCancel) return &r;
     return nullptr;
   };
-  cv_.wait_for(l, std::chrono::milliseconds(std::max(wait_ms, 0)), [&] { return find() || read_error_ || stopping_; });
+  l.WaitFor(cv_, std::chrono::milliseconds(std::max(wait_ms, 0)), [&]() REQUIRES(mu_) { return find() || read_error_ || stopping_; });
   if (const Record* r = find()) return RecordError(*r);
   return std::nullopt;
 }
 
 void ControlChannel::Notify() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   cv_.notify_all();
 }
 
 void ControlChannel::Interrupt(Error e) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (!interrupt_) interrupt_ = std::move(e);
   cv_.notify_all();
 }
 
 void ControlChannel::Shutdown() {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     stopping_ = true;
     cv_.notify_all();
     space_cv_.notify_all();
@@ -153,7 +153,7 @@ void ControlChannel::Shutdown() {
 }
 
 std::optional<Error> ControlChannel::failure() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return read_error_;
 }
 

@@ -27,6 +27,7 @@
 #include <thread>
 
 #include "common/error.h"
+#include "common/thread_annotations.h"
 #include "migration/transport/tcp.h"
 
 namespace ferry::migration {
@@ -70,7 +71,7 @@ class ControlChannel {
  private:
   void ReaderLoop();
   // With mu_ held: the reason waits fail now, if any.
-  std::optional<Error> BlockedLocked() const;
+  std::optional<Error> BlockedLocked() const REQUIRES(mu_);
   // ERROR / CANCEL as the error they stand for.
   static Error RecordError(const Record& r);
 
@@ -81,13 +82,13 @@ class ControlChannel {
   std::atomic<uint64_t> reader_cpu_ns_{0};
   std::atomic<uint64_t> last_rx_ns_{0};
 
-  mutable std::mutex mu_;
+  mutable Mutex mu_;
   std::condition_variable cv_;        // consumers: records, fold effects, errors
   std::condition_variable space_cv_;  // reader: room in the queue
-  std::deque<Record> queue_;          // GUARDED_BY(mu_)
-  std::optional<Error> read_error_;   // GUARDED_BY(mu_)
-  std::optional<Error> interrupt_;    // GUARDED_BY(mu_)
-  bool stopping_ = false;             // GUARDED_BY(mu_)
+  std::deque<Record> queue_ GUARDED_BY(mu_);
+  std::optional<Error> read_error_ GUARDED_BY(mu_);
+  std::optional<Error> interrupt_ GUARDED_BY(mu_);
+  bool stopping_ GUARDED_BY(mu_) = false;
 };
 
 }  // namespace ferry::migration

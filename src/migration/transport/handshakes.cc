@@ -19,11 +19,11 @@ void HandshakeThreads::ReapLocked(std::list<Greeting>* finished) {
 bool HandshakeThreads::Spawn(std::unique_ptr<Socket>* sock, const net::TlsContext* tls, int timeout_ms, uint32_t max_version, Greeted then) {
   std::list<Greeting> finished;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     ReapLocked(&finished);
   }
   for (auto& g : finished) g.thread.join();  // done: they only return
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (shut_) return false;
   size_t reading = 0;
   for (const auto& g : greetings_) reading += g.reading != nullptr;
@@ -42,18 +42,18 @@ bool HandshakeThreads::Spawn(std::unique_ptr<Socket>* sock, const net::TlsContex
     Result<Preamble> pre = secure ? ReadPreamble(*s, MsUntil(deadline), max_version) : Result<Preamble>(std::unexpected(secure.error()));
     Result<Record> first = pre ? ReadRecordUntil(*s, deadline) : Result<Record>(std::unexpected(pre.error()));
     {
-      std::lock_guard<std::mutex> l2(mu_);
+      MutexLock l2(mu_);
       g.reading = nullptr;
     }
     then(std::move(s), std::move(pre), std::move(first));
-    std::lock_guard<std::mutex> l2(mu_);
+    MutexLock l2(mu_);
     g.done = true;
   });
   return true;
 }
 
 void HandshakeThreads::ShutdownAll() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   shut_ = true;
   for (auto& g : greetings_)
     if (g.reading) g.reading->Shutdown();
@@ -62,7 +62,7 @@ void HandshakeThreads::ShutdownAll() {
 void HandshakeThreads::JoinAll() {
   std::list<Greeting> all;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     all.swap(greetings_);
   }
   for (auto& g : all) g.thread.join();

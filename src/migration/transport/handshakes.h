@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "migration/transport/tcp.h"
+#include "common/thread_annotations.h"
 
 namespace ferry::migration {
 
@@ -42,15 +43,16 @@ class HandshakeThreads {
  private:
   struct Greeting {
     std::thread thread;
-    Socket* reading = nullptr;  // GUARDED_BY(mu_): set while its read runs (ShutdownAll's target)
-    bool done = false;          // GUARDED_BY(mu_)
+    // Both GUARDED_BY(HandshakeThreads::mu_) (the analysis cannot name the outer mutex here).
+    Socket* reading = nullptr;  // set while its read runs (ShutdownAll's target)
+    bool done = false;
   };
-  void ReapLocked(std::list<Greeting>* finished);  // moves finished greetings out (mu_ held)
+  void ReapLocked(std::list<Greeting>* finished) REQUIRES(mu_);  // moves finished greetings out
 
   const size_t max_;
-  mutable std::mutex mu_;
-  std::list<Greeting> greetings_;  // GUARDED_BY(mu_)
-  bool shut_ = false;              // GUARDED_BY(mu_)
+  mutable Mutex mu_;
+  std::list<Greeting> greetings_ GUARDED_BY(mu_);
+  bool shut_ GUARDED_BY(mu_) = false;
 };
 
 }  // namespace ferry::migration

@@ -156,7 +156,7 @@ Result<std::unique_ptr<Socket>> Socket::Connect(const Endpoint& ep, int timeout_
 }
 
 Status Socket::WriteAll(std::span<const uint8_t> data) {
-  std::lock_guard<std::mutex> l(write_mu_);
+  MutexLock l(write_mu_);
   if (ssl_) return WriteAllTls(data);
   size_t off = 0;
   while (off < data.size()) {
@@ -264,7 +264,7 @@ Status Socket::WriteAllTls(std::span<const uint8_t> data) {
   while (off < data.size()) {
     SslStep st;
     {
-      std::lock_guard<std::mutex> l(ssl_mu_);
+      MutexLock l(ssl_mu_);
       ERR_clear_error();
       st.n = SSL_write(ssl_, data.data() + off, static_cast<int>(std::min<size_t>(data.size() - off, 1 << 30)));
       if (st.n <= 0) {
@@ -308,7 +308,7 @@ Status Socket::ReadExactTls(std::span<uint8_t> buf, int timeout_ms) {
   while (off < buf.size()) {
     SslStep st;
     {
-      std::lock_guard<std::mutex> l(ssl_mu_);
+      MutexLock l(ssl_mu_);
       ERR_clear_error();
       st.n = SSL_read(ssl_, buf.data() + off, static_cast<int>(std::min<size_t>(buf.size() - off, 1 << 30)));
       if (st.n <= 0) {
@@ -484,7 +484,7 @@ bool RateLimiter::Acquire(uint64_t bytes, const std::atomic<bool>& cancelled) {
   using namespace std::chrono;
   steady_clock::time_point start;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     auto now = steady_clock::now();
     // Allow a burst of at most 50 ms worth of credit.
     if (next_ < now - milliseconds(50)) next_ = now - milliseconds(50);

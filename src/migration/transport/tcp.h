@@ -21,6 +21,7 @@
 #include <string_view>
 
 #include "common/error.h"
+#include "common/thread_annotations.h"
 #include "net/tls.h"
 #include "migration/protocol/wire.h"
 
@@ -90,10 +91,10 @@ class Socket {
   Status ReadExactTls(std::span<uint8_t> buf, int timeout_ms);
 
   std::string peer_;
-  std::mutex write_mu_;
+  Mutex write_mu_;
   std::atomic<uint64_t> bytes_written_{0};
   SSL* ssl_ = nullptr;  // set by StartTls (before the socket is shared), then constant; its calls GUARDED_BY(ssl_mu_)
-  std::mutex ssl_mu_;
+  Mutex ssl_mu_;
   std::string peer_cert_;
 };
 
@@ -139,8 +140,8 @@ class RateLimiter {
 
  private:
   uint64_t rate_;
-  std::mutex mu_;
-  std::chrono::steady_clock::time_point next_{};  // GUARDED_BY(mu_)
+  Mutex mu_;
+  std::chrono::steady_clock::time_point next_ GUARDED_BY(mu_){};
 };
 
 }  // namespace ferry::migration
