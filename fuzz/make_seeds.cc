@@ -1,0 +1,187 @@
+// Seed corpora for the fuzz targets, made with Ferry's own encoders (so the fuzzers start from
+// valid inputs of every kind and mutate from there).
+//   ferry-fuzz-seeds DIR   ->  DIR/migration_records/, DIR/page_records/, DIR/gateway_frames/
+#include <sys/stat.h>
+
+#include <array>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include "common/compress.h"
+#include "machine/board.h"
+#include "gateway/protocol.h"
+#include "migration/codec/xbzrle.h"
+#include "migration/protocol/pages.h"
+#include "migration/protocol/wire.h"
+
+using namespace ferry;
+using namespace ferry::migration;
+
+namespace {
+
+std::string g_dir;
+int g_count = 0;
+
+void Put(const std::string& target, uint8_t selector, std::span<const uint8_t> bytes, bool with_selector = true) {
+  const std::string dir = g_dir + "/" + target;
+  mkdir(dir.c_str(), 0755);
+  const std::string path = dir + "/seed-" + std::to_string(g_count++);
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f) {
+    std::perror(path.c_str());
+    std::exit(1);
+  }
+  if (with_selector) std::fputc(selector, f);
+  std::fwrite(bytes.data(), 1, bytes.size(), f);
+  std::fclose(f);
+}
+
+std::span<const uint8_t> Payload(std::span<const uint8_t> record) { return record.subspan(kRecordHeaderSize); }
+
+void MigrationRecords() {
+  const char* t = "migration_records";
+  Put(t, 0, EncodePreamble(Role::kControl));
+  Put(t, 0, EncodePreamble(Role::kData, 1));
+  Put(t, 1, EncodeRecord(RecordType::kHello, Encode(Hello{{1, 2, 3}, kCapsSupported, 4, kWirePageSize})));
+  Put(t, 1, EncodeRecord(RecordType::kEnd, Encode(End{12, 3456})));
+  Put(t, 2, Encode(Hello{{9}, kCapsSupported, 16, kWirePageSize}));
+  Put(t, 3, Encode(HelloAck{{9}, kCapsSupported}));
+  Put(t, 4, Encode(DataHello{{9}, 3}));
+  Put(t, 5, EncodeConfig(nlohmann::json{{"ram_bytes", 268435456}, {"cmdline", "console=ttyS0"}, {"devices", {{"net", true}}}}));
+  Put(t, 6, Encode(StateRecord{"vcpu:0", std::vector<uint8_t>(300, 7)}));
+  Put(t, 6, Encode(StateRecord{"dev:virtio-net", {1, 2, 3}}));
+  Put(t, 7, Encode(End{1, 2}));
+  Put(t, 8, Encode(ErrorMsg{5, "another source was first"}));
+  Put(t, 9, EncodeCancel("cancelled by operator"));
+  Put(t, 10, Encode(Progress{10, 20}));
+  Put(t, 11, EncodeU64(123456789));
+}
+
+void PageRecords() {
+  const char* t = "page_records";
+  std::array<uint8_t, kWirePageSize> page{}, old{};
+  for (size_t i = 0; i < page.size(); ++i) page[i] = static_cast<uint8_t>("ferry page text "[i % 16]);
+  old = page;
+  for (size_t i = 0; i < page.size(); i += 512) page[i] ^= 0x5a;
+  PagesBuilder v1;
+  v1.Reset(7);
+  v1.AddZero(3);
+  v1.AddRaw(4, page.data());
+  Put(t, 0, Payload(v1.Finish()));
+  std::array<uint8_t, kWirePageSize> delta{};
+  const size_t dlen = XbzrleEncode(old.data(), page.data(), delta.data(), kMaxDeltaBytes);
+  Compressor comp;
+  for (int variant = 0; variant < 4; ++variant) {
+    EncodedPagesBuilder b;
+    b.Reset(9 + variant, true);
+    b.AddZeroRun(0, 5);
+    b.AddFreeRun(10, 20);
+    b.AddRaw(40, page.data());
+    if (dlen > 0) b.AddDelta(41, 3, std::span<const uint8_t>(delta.data(), dlen));
+    b.AddZero(50);
+    std::vector<uint8_t> body(b.body().begin(), b.body().end()), packed;
+    std::span<const uint8_t> rec;
+    if (variant == 1 && comp.Compress(Compression::kLz4, 0, body, &packed)) rec = b.Finish(Compression::kLz4, packed);
+    else if (variant == 2 && comp.Compress(Compression::kZstd, 1, body, &packed)) rec = b.Finish(Compression::kZstd, packed);
+    else rec = b.Finish();
+    Put(t, 1, Payload(rec));
+  }
+}
+
+void GatewayFrames() {
+  using namespace ferry::gateway;
+  const char* t = "gateway_frames";
+  std::vector<uint8_t> stream;
+  PayloadWriter hello;
+  hello.U64(0x1122334455667788ull).U16(4).U32(65536).Str("10.0.0.2:4444");
+  EncodeFrame(FrameType::kHello, 0, hello.data(), &stream);
+  PayloadWriter join;
+  join.U64(0x1122334455667788ull).U16(2);
+  EncodeFrame(FrameType::kJoin, 0, join.data(), &stream);
+  PayloadWriter ping;
+  ping.U64(123);
+  EncodeFrame(FrameType::kPing, 0, ping.data(), &stream);
+  PayloadWriter err;
+  err.U32(2).Str("window too large");
+  EncodeFrame(FrameType::kError, 0, err.data(), &stream);
+  Put(t, 0, stream, false);
+  for (uint8_t ty = 1; ty <= kMaxFrameType; ++ty) {
+    std::vector<uint8_t> one;
+    std::vector<uint8_t> payload(ty * 3, ty);
+    EncodeFrame(static_cast<FrameType>(ty), static_cast<uint16_t>(ty & kFlagsMask), payload, &one);
+    Put(t, 0, one, false);
+  }
+}
+
+// For fuzz_devices: each device's own saved state, then a few guest RAM bytes and MMIO accesses
+// (virtio: magic, version, device id, status writes, queue select / notify).
+void Devices() {
+  const char* t = "devices";
+  char tmpl[] = "/tmp/ferry-seed-disk-XXXXXX";
+  const int fd = mkstemp(tmpl);
+  if (fd < 0 || ftruncate(fd, 1 << 20) != 0) std::exit(1);
+  close(fd);
+  BoardConfig cfg;
+  cfg.ram_bytes = kMinRam;
+  cfg.disk = tmpl;
+  cfg.balloon = true;
+  cfg.console_out = [](std::span<const uint8_t>) {};
+  auto board = Board::Create(cfg, false);
+  if (!board) {
+    std::fprintf(stderr, "ferry-fuzz-seeds: board: %s\n", board.error().message().c_str());
+    std::exit(1);
+  }
+  auto devs = (*board)->devices();
+  for (size_t i = 0; i < devs.size(); ++i) {
+    std::vector<uint8_t> in;
+    const std::vector<uint8_t> blob = devs[i]->SaveState();
+    in.push_back(static_cast<uint8_t>(i));
+    in.push_back(static_cast<uint8_t>(blob.size()));
+    in.push_back(static_cast<uint8_t>(blob.size() >> 8));
+    in.insert(in.end(), blob.begin(), blob.end());
+    in.push_back(1);  // one RAM write: a descriptor at offset 0x1000
+    const uint8_t desc[] = {0x00, 0x20, 0, 0x80, 0, 0, 0, 0, 0x00, 0x02, 0, 0, 0x01, 0, 0x01, 0};
+    in.push_back(0x00);
+    in.push_back(0x10);
+    in.push_back(sizeof desc);
+    in.insert(in.end(), desc, desc + sizeof desc);
+    auto op = [&](uint8_t code, uint16_t off, uint64_t value) {
+      in.push_back(code);
+      in.push_back(static_cast<uint8_t>(off));
+      in.push_back(static_cast<uint8_t>(off >> 8));
+      for (int b = 0; b < 8; ++b) in.push_back(static_cast<uint8_t>(value >> (8 * b)));
+    };
+    const uint8_t region = static_cast<uint8_t>((i % 5) << 3);
+    op(region | 2, 0x000, 0);          // read magic (virtio) / register 0
+    op(region | 2, 0x008, 0);          // device id
+    op(region | 4 | 2, 0x070, 1 | 2);  // status: ACKNOWLEDGE | DRIVER
+    op(region | 4 | 2, 0x030, 0);      // queue select 0
+    op(region | 4 | 2, 0x038, 8);      // queue size 8
+    op(region | 4 | 2, 0x080, 0x80001000);
+    op(region | 4 | 2, 0x044, 1);      // queue ready
+    op(region | 4 | 2, 0x050, 0);      // notify queue 0
+    op(region | 2, 0x060, 0);          // interrupt status
+    Put(t, 0, in, false);
+  }
+  unlink(tmpl);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: ferry-fuzz-seeds DIR\n");
+    return 2;
+  }
+  g_dir = argv[1];
+  mkdir(g_dir.c_str(), 0755);
+  MigrationRecords();
+  PageRecords();
+  GatewayFrames();
+  Devices();
+  std::printf("ferry-fuzz-seeds: %d seeds in %s\n", g_count, g_dir.c_str());
+  return 0;
+}
