@@ -12,7 +12,10 @@ function(ferry_add_gtest name)
     set(T_TIMEOUT 300)
   endif()
   add_test(NAME ${name} COMMAND ${name})
+  # A GTEST_SKIP anywhere in the binary shows in ctest's summary as "Skipped" (not as passed);
+  # scripts/ctest-run with FERRY_FAIL_ON_SKIP=1 (CI) then fails the run.
   set_tests_properties(${name} PROPERTIES LABELS "${T_LABELS}" TIMEOUT ${T_TIMEOUT}
+    SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]"
     ENVIRONMENT "FERRY_SOURCE_DIR=${CMAKE_SOURCE_DIR};FERRY_BUILD_DIR=${CMAKE_BINARY_DIR}")
 endfunction()
 
