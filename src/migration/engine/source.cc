@@ -90,6 +90,9 @@ SourceMigration::SourceMigration(SourceVm* vm, SourceParams params)
 
 std::unique_ptr<SourceMigration> SourceMigration::Start(SourceVm* vm, SourceParams params) {
   std::unique_ptr<SourceMigration> m(new SourceMigration(vm, std::move(params)));
+  // Set before the migration thread starts and constant after: Stats() reads them from API threads.
+  m->ram_ = vm->Ram();
+  m->pages_ = m->ram_.size / kWirePageSize;
   m->start_ns_ = NowNs();
   m->thread_ = std::thread([p = m.get()] { p->Run(); });
   return m;
@@ -187,8 +190,6 @@ Status SourceMigration::Cancel() {
 void SourceMigration::SampleCpu() { migration_thread_cpu_ns_.store(ThreadCpuNs(), std::memory_order_relaxed); }
 
 void SourceMigration::Run() {
-  ram_ = vm_->Ram();
-  pages_ = ram_.size / kWirePageSize;
   spdlog::info("migration {}: to {} ({} channels, downtime target {} ms, max bandwidth {}, compress {}, layering {})",
                FormatUuid(uuid_), params_.to, params_.channels, params_.downtime_ms,
                params_.max_bandwidth ? std::to_string(params_.max_bandwidth) + " B/s" : "unlimited", params_.compress.ToString(),

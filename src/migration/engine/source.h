@@ -156,8 +156,8 @@ class SourceMigration {
   SourceVm* vm_;
   SourceParams params_;
   Uuid uuid_;
-  RamView ram_;
-  uint64_t pages_ = 0;
+  RamView ram_;         // set by Start() before the migration thread, then constant
+  uint64_t pages_ = 0;  // likewise
   std::thread thread_;
   std::atomic<MigrationStatus> status_{MigrationStatus::kSetup};
   std::atomic<bool> cancelled_{false};
