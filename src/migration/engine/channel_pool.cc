@@ -33,7 +33,7 @@ ChannelPool::ChannelPool(std::vector<std::unique_ptr<Socket>> sockets, const Ram
 
 ChannelPool::~ChannelPool() {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     stop_ = true;
   }
   Cancel(Error(ErrorCode::kCancelled, "migration ended"));
@@ -42,7 +42,7 @@ ChannelPool::~ChannelPool() {
 
 void ChannelPool::Fail(const Error& e) {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (!error_) error_ = e;
   }
   cancelled_.store(true);
@@ -55,9 +55,9 @@ void ChannelPool::Fail(const Error& e) {
 void ChannelPool::Cancel(const Error& why) { Fail(why); }
 
 Status ChannelPool::Submit(Batch batch) {
-  std::unique_lock<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (queue_.size() >= opts_.high_watermark)
-    space_cv_.wait(l, [&] { return error_ || queue_.size() <= opts_.low_watermark; });
+    l.Wait(space_cv_, [&]() REQUIRES(mu_) { return error_ || queue_.size() <= opts_.low_watermark; });
   if (error_) return std::unexpected(*error_);
   queue_.push_back(std::move(batch));
   work_cv_.notify_one();
@@ -65,14 +65,14 @@ Status ChannelPool::Submit(Batch batch) {
 }
 
 Status ChannelPool::Flush() {
-  std::unique_lock<std::mutex> l(mu_);
-  idle_cv_.wait(l, [&] { return error_ || (queue_.empty() && busy_ == 0); });
+  MutexLock l(mu_);
+  l.Wait(idle_cv_, [&]() REQUIRES(mu_) { return error_ || (queue_.empty() && busy_ == 0); });
   if (error_) return std::unexpected(*error_);
   return {};
 }
 
 std::vector<uint64_t> ChannelPool::Harvest(PageBitmap* dirty, PageBitmap* freed) {
-  std::lock_guard<std::mutex> l(debounce_mu_);
+  MutexLock l(debounce_mu_);
   ram_.dirty->Harvest(dirty, freed);
   std::vector<uint64_t> unsent;
   unsent.swap(unsent_);
@@ -83,7 +83,7 @@ void ChannelPool::Worker(size_t index) {
   Socket& sock = *sockets_[index];
   PageEncoder encoder(ram_.host, opts_.encoder, cache_, selector_);
   const PageEncoder::SkipFilter debounce = [this](uint64_t gfn, bool resend) {
-    std::lock_guard<std::mutex> l(debounce_mu_);
+    MutexLock l(debounce_mu_);
     if (!ram_.dirty->WrittenSinceHarvest(gfn)) return false;
     if (!resend) {
       // A page the guest never stops writing is sent once anyway: then the destination has a
@@ -97,8 +97,8 @@ void ChannelPool::Worker(size_t index) {
   for (;;) {
     Batch b;
     {
-      std::unique_lock<std::mutex> l(mu_);
-      work_cv_.wait(l, [&] { return stop_ || error_ || !queue_.empty(); });
+      MutexLock l(mu_);
+      l.Wait(work_cv_, [&]() REQUIRES(mu_) { return stop_ || error_ || !queue_.empty(); });
       if (stop_ || error_) return;
       b = std::move(queue_.front());
       queue_.pop_front();
@@ -113,7 +113,7 @@ void ChannelPool::Worker(size_t index) {
                                                                          : Status(Errorf(ErrorCode::kCancelled, "cancelled"));
     worker_cpu_ns_[index].store(ThreadCpuNs(), std::memory_order_relaxed);
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(mu_);
       --busy_;
       if (s) tally_.Add(t);
     }
@@ -131,7 +131,7 @@ void ChannelPool::MaybeSamplePath() {
   uint64_t due = next_sample_ns_.load(std::memory_order_relaxed);
   const uint64_t every = link_.load() > 0 ? kSampleEveryNs : kSampleEarlyNs;
   if (now < due || !next_sample_ns_.compare_exchange_strong(due, now + every)) return;
-  std::lock_guard<std::mutex> l(sample_mu_);
+  MutexLock l(sample_mu_);
   uint64_t acked = 0;
   bool queued = true;  // every connection has data it could not send yet: the path is the limit
   for (auto& sock : sockets_) {
@@ -162,18 +162,18 @@ void ChannelPool::MaybeSamplePath() {
 void ChannelPool::LiftRateLimit() {
   unlimited_.store(true);
   if (!limiter_->rate()) return;
-  std::lock_guard<std::mutex> l(sample_mu_);
+  MutexLock l(sample_mu_);
   link_.store(path_bound_);
   selector_->ReportLink(path_bound_);  // 0: the cap held us back all along, the path is faster: raw
 }
 
 uint64_t ChannelPool::records() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return tally_.records;
 }
 
 EncodeTally ChannelPool::tally() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return tally_;
 }
 

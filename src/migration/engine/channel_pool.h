@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "common/host_cpu.h"
+#include "common/thread_annotations.h"
 #include "migration/codec/page_encoder.h"
 #include "migration/engine/scheduler.h"
 #include "migration/engine/vm_interface.h"
@@ -105,30 +106,30 @@ class ChannelPool {
   std::vector<std::thread> workers_;
   std::unique_ptr<std::atomic<uint64_t>[]> worker_cpu_ns_;
 
-  mutable std::mutex mu_;
+  mutable Mutex mu_;
   std::condition_variable work_cv_;   // workers: a batch or stop
   std::condition_variable space_cv_;  // Submit: below the low watermark
   std::condition_variable idle_cv_;   // Flush: nothing queued or in flight
-  std::deque<Batch> queue_;           // GUARDED_BY(mu_)
-  size_t busy_ = 0;                   // GUARDED_BY(mu_): batches being encoded/written
-  bool stop_ = false;                 // GUARDED_BY(mu_)
-  std::optional<Error> error_;        // GUARDED_BY(mu_)
-  EncodeTally tally_;                 // GUARDED_BY(mu_)
+  std::deque<Batch> queue_ GUARDED_BY(mu_);
+  size_t busy_ GUARDED_BY(mu_) = 0;  // batches being encoded/written
+  bool stop_ GUARDED_BY(mu_) = false;
+  std::optional<Error> error_ GUARDED_BY(mu_);
+  EncodeTally tally_ GUARDED_BY(mu_);
 
   // Debounce: the workers' check of a page and Harvest().
-  std::mutex debounce_mu_;
-  std::vector<uint64_t> unsent_;      // GUARDED_BY(debounce_mu_): first sends left out since the last Harvest
-  std::vector<uint8_t> first_skips_;  // GUARDED_BY(debounce_mu_): per page, how often its first send was left out
+  Mutex debounce_mu_;
+  std::vector<uint64_t> unsent_ GUARDED_BY(debounce_mu_);  // first sends left out since the last Harvest
+  std::vector<uint8_t> first_skips_ GUARDED_BY(debounce_mu_);  // per page, how often its first send was left out
 
   // Path sampling (one worker at a time).
   std::atomic<uint64_t> next_sample_ns_{0};
-  std::mutex sample_mu_;
-  HostCpuSampler host_cpu_;           // GUARDED_BY(sample_mu_)
-  uint64_t sample_ns_ = 0;            // GUARDED_BY(sample_mu_)
-  uint64_t sample_codec_ns_ = 0;      // GUARDED_BY(sample_mu_)
-  uint64_t sample_acked_ = 0;         // GUARDED_BY(sample_mu_): bytes acked at the last sample
-  double path_bound_ = 0;             // GUARDED_BY(sample_mu_): rate while network-bound (the path's)
-  double path_floor_ = 0;             // GUARDED_BY(sample_mu_): the most achieved otherwise
+  Mutex sample_mu_;
+  HostCpuSampler host_cpu_ GUARDED_BY(sample_mu_);
+  uint64_t sample_ns_ GUARDED_BY(sample_mu_) = 0;
+  uint64_t sample_codec_ns_ GUARDED_BY(sample_mu_) = 0;
+  uint64_t sample_acked_ GUARDED_BY(sample_mu_) = 0;  // bytes acked at the last sample
+  double path_bound_ GUARDED_BY(sample_mu_) = 0;  // rate while network-bound (the path's)
+  double path_floor_ GUARDED_BY(sample_mu_) = 0;  // the most achieved otherwise
   std::atomic<double> link_{0};
 };
 
