@@ -89,6 +89,24 @@ TEST(Plic, ClaimCompleteThresholdAndPersist) {
   EXPECT_NE(s.error().message().find("threshold"), std::string::npos) << s.error().message();
 }
 
+// mtime is a wrapping 64-bit counter that a guest (MMIO) or a restored state may set to anything:
+// values near 2^63 and 2^64 keep counting from where they were set, wrapping past 2^64 - with no
+// signed overflow in between (UBSan, scripts/test-sanitized, failed the old code; fuzz_devices found it).
+TEST(Clint, AnyTimeValueKeepsCountingAndWraps) {
+  for (const uint64_t set : {0x8000000000000000ull - 5, 0x8000000000000000ull, 0xffffffffffffff00ull, 0ull}) {
+    Clint c;
+    c.MmioWrite(0xbff8, 8, set);  // the guest sets mtime
+    uint64_t got = 0;
+    ASSERT_TRUE(c.MmioRead(0xbff8, 8, &got));
+    EXPECT_LT(got - set, 1'000'000u) << std::hex << set << " read back as " << got;
+    c.Pause();
+    c.MmioWrite(0xbff8, 8, set);  // set while paused (as a restore does), then resumed
+    EXPECT_EQ(c.Ticks(), set);
+    c.Resume();
+    EXPECT_LT(c.Ticks() - set, 1'000'000u) << std::hex << set;
+  }
+}
+
 TEST(Clint, TimeStopsWhilePausedAndContinuesAfterRestore) {
   FakeHart hart;
   Clint c;

@@ -15,30 +15,33 @@ uint64_t Clint::HostTicks() {
   return static_cast<uint64_t>(ts.tv_sec) * kFrequency + static_cast<uint64_t>(ts.tv_nsec) / (1'000'000'000 / kFrequency);
 }
 
-Clint::Clint() { offset_ = -static_cast<int64_t>(HostTicks()); }
+// mtime is a wrapping 64-bit counter: the guest (or a restored state) may set any value, so the
+// offset to the host clock is kept modulo 2^64 (unsigned arithmetic; a signed difference overflowed
+// for values near 2^63 - found by fuzz_devices).
+Clint::Clint() { offset_ = 0 - HostTicks(); }
 
 uint64_t Clint::Ticks() const {
   std::lock_guard<std::mutex> l(mu_);
-  return paused_ ? frozen_ : static_cast<uint64_t>(static_cast<int64_t>(HostTicks()) + offset_);
+  return paused_ ? frozen_ : HostTicks() + offset_;
 }
 
 void Clint::SetTicks(uint64_t t) {
   std::lock_guard<std::mutex> l(mu_);
   if (paused_) frozen_ = t;
-  else offset_ = static_cast<int64_t>(t) - static_cast<int64_t>(HostTicks());
+  else offset_ = t - HostTicks();
 }
 
 void Clint::Pause() {
   std::lock_guard<std::mutex> l(mu_);
   if (paused_) return;
-  frozen_ = static_cast<uint64_t>(static_cast<int64_t>(HostTicks()) + offset_);
+  frozen_ = HostTicks() + offset_;
   paused_ = true;
 }
 
 void Clint::Resume() {
   std::lock_guard<std::mutex> l(mu_);
   if (!paused_) return;
-  offset_ = static_cast<int64_t>(frozen_) - static_cast<int64_t>(HostTicks());
+  offset_ = frozen_ - HostTicks();
   paused_ = false;
 }
 

@@ -36,7 +36,7 @@ class Clint final : public Device, public TimeSource {
   void SetTicks(uint64_t t);  // guest time := t
   Vcpu* hart_ = nullptr;
   mutable std::mutex mu_;
-  int64_t offset_ = 0;           // GUARDED_BY(mu_): guest = host + offset while running
+  uint64_t offset_ = 0;          // GUARDED_BY(mu_): guest = host + offset (mod 2^64) while running
   uint64_t frozen_ = 0;          // GUARDED_BY(mu_): guest time while paused
   bool paused_ = false;          // GUARDED_BY(mu_)
   uint64_t mtimecmp_ = UINT64_MAX;
