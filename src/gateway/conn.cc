@@ -15,6 +15,8 @@
 #include <chrono>
 #include <cstring>
 
+#include "common/clock.h"
+
 namespace ferry::gateway {
 
 Conn::~Conn() {
@@ -181,20 +183,9 @@ Result<std::unique_ptr<Conn>> Conn::Accept(int fd, const TlsContext& tls, int ti
   // Non-blocking, so the deadline covers the whole handshake (SO_RCVTIMEO restarts on every byte).
   const int fl = fcntl(fd, F_GETFL);
   fcntl(fd, F_SETFL, fl | O_NONBLOCK);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-  for (;;) {
-    ERR_clear_error();
-    const int r = SSL_accept(ssl);
-    if (r == 1) break;
-    const int err = SSL_get_error(ssl, r);
-    if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE)
-      return Errorf(ErrorCode::kIo, "TLS accept: {}", net::HandshakeError(ssl));
-    if (evict && evict->load()) return Errorf(ErrorCode::kCancelled, "TLS accept: ended to make room for newer connections");
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
-    if (left <= 0) return Errorf(ErrorCode::kTimeout, "TLS accept: no complete handshake within {} ms", timeout_ms);
-    pollfd p{fd, static_cast<short>(err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT), 0};
-    poll(&p, 1, static_cast<int>(std::min<long long>(left, 50)));
-  }
+  const uint64_t deadline = NowNs() + static_cast<uint64_t>(std::max(timeout_ms, 0)) * 1'000'000;
+  if (auto st = net::RunHandshake(ssl, fd, true, deadline, evict, "a peer gateway"); !st)
+    return std::unexpected(st.error().WithContext("TLS accept"));
   fcntl(fd, F_SETFL, fl);
   return c;
 }

@@ -1,11 +1,16 @@
 #include "net/tls.h"
 
 #include <arpa/inet.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "common/clock.h"
 
 namespace ferry::net {
 
@@ -129,6 +134,33 @@ std::string PeerCertName(SSL* ssl) {
     GENERAL_NAMES_free(sans);
   }
   return out;
+}
+
+Status RunHandshake(SSL* ssl, int fd, bool server, uint64_t deadline_ns, const std::atomic<bool>* cancel, const std::string& what) {
+  for (;;) {
+    ERR_clear_error();
+    const int r = server ? SSL_accept(ssl) : SSL_connect(ssl);
+    if (r == 1) return {};
+    const int err = SSL_get_error(ssl, r);
+    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
+      if (cancel && cancel->load()) return Errorf(ErrorCode::kCancelled, "TLS with {}: handshake ended to make room for newer connections", what);
+      const uint64_t now = NowNs();
+      if (now >= deadline_ns) return Errorf(ErrorCode::kTimeout, "TLS with {}: no complete handshake in time", what);
+      pollfd p{fd, static_cast<short>(err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT), 0};
+      poll(&p, 1, static_cast<int>(std::min<uint64_t>((deadline_ns - now + 999'999) / 1'000'000, 50)));
+      continue;
+    }
+    if (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0)
+      return Errorf(ErrorCode::kIo, "TLS with {}: the connection ended during the handshake{}", what,
+                    errno ? fmt::format(" ({})", strerror(errno)) : "");
+    std::string why = HandshakeError(ssl);
+    for (const char* plain : {"wrong version number", "packet length too long", "http request", "record layer failure"})
+      if (why.find(plain) != std::string::npos) {
+        why += " - the other side does not speak TLS (tcp: where tls: is expected, or the reverse)";
+        break;
+      }
+    return Errorf(ErrorCode::kPermissionDenied, "TLS handshake with {} failed: {}", what, why);
+  }
 }
 
 std::string HandshakeError(SSL* ssl) {

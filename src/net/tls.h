@@ -18,6 +18,8 @@
 
 #include <openssl/ssl.h>
 
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -60,6 +62,12 @@ class TlsContext {
 // use send(MSG_NOSIGNAL): a peer that reset the connection is an error (EPIPE), never a SIGPIPE
 // that ends the process, whatever the process does with that signal.
 Status AttachSocket(SSL* ssl, int fd);
+// Runs the TLS handshake of `ssl` (attached to non-blocking socket `fd`) as the server or the client,
+// waiting for the socket in slices of at most 50 ms, until `deadline_ns` (common/clock.h NowNs) or
+// until *cancel (if given) is set. Errors: kTimeout, kCancelled, kIo (the connection ended),
+// kPermissionDenied (the handshake failed: HandshakeError's reason, with a hint when the other side
+// does not speak TLS). `what` names the peer in messages.
+Status RunHandshake(SSL* ssl, int fd, bool server, uint64_t deadline_ns, const std::atomic<bool>* cancel, const std::string& what);
 // Client side, before the handshake: the server's certificate must be for `name` (a DNS name,
 // also sent as SNI, or an IPv4/IPv6 literal).
 Status ExpectServerName(SSL* ssl, const std::string& name);

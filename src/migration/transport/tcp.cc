@@ -204,12 +204,6 @@ struct SslStep {
   std::string why;  // for a fatal err: OpenSSL's reason
 };
 
-bool PlaintextPeerHint(const std::string& why) {
-  for (const char* s : {"wrong version number", "packet length too long", "http request", "record layer failure"})
-    if (why.find(s) != std::string::npos) return true;
-  return false;
-}
-
 }  // namespace
 
 Status Socket::StartTls(const net::TlsContext& tls, const std::string& server_name, uint64_t deadline_ns) {
@@ -232,25 +226,7 @@ Status Socket::StartTls(const net::TlsContext& tls, const std::string& server_na
   // by the migration protocol itself, which notices a stream cut short.
   SSL_set_options(ssl, SSL_OP_IGNORE_UNEXPECTED_EOF);
   fcntl(fd_, F_SETFL, flags | O_NONBLOCK);
-  for (;;) {
-    ERR_clear_error();
-    const int r = tls.server() ? SSL_accept(ssl) : SSL_connect(ssl);
-    if (r == 1) break;
-    const int err = SSL_get_error(ssl, r);
-    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
-      const int left = MsUntil(deadline_ns);
-      Status w = left > 0 ? WaitFd(fd_, err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, left, "TLS handshake")
-                          : Status(Errorf(ErrorCode::kTimeout, "TLS handshake: timed out"));
-      if (!w) return fail(w.error().WithContext(fmt::format("TLS with {}", peer_)));
-      continue;
-    }
-    if (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0)
-      return fail(Errorf(ErrorCode::kIo, "TLS with {}: the connection ended during the handshake{}", peer_,
-                         errno ? fmt::format(" ({})", strerror(errno)) : "").error());
-    std::string why = net::HandshakeError(ssl);
-    if (PlaintextPeerHint(why)) why += " - the other side does not speak TLS (tcp: where tls: is expected, or the reverse)";
-    return fail(Errorf(ErrorCode::kPermissionDenied, "TLS handshake with {} failed: {}", peer_, why).error());
-  }
+  if (auto st = net::RunHandshake(ssl, fd_, tls.server(), deadline_ns, nullptr, peer_); !st) return fail(st.error());
   ssl_ = ssl;
   peer_cert_ = net::PeerCertName(ssl);
   // The allow-list is judged after a completed handshake, so the refusal can travel to the
