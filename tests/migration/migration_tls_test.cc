@@ -83,20 +83,36 @@ TEST_F(MigrationTlsTest, ATlsMigrationVerifiesAndTheDestinationRefusesEveryoneEl
   auto dst = Destination(port);
 
   // 20 peers trickle a byte every 200 ms; one sends plaintext junk and stays.
-  std::atomic<bool> stop{false};
-  std::vector<int> tricklers;
+  // The tricklers and their thread end with this scope whichever way the test leaves it (an ASSERT
+  // returning early with the thread still joinable would terminate the test and orphan both VMMs).
+  struct Tricklers {
+    std::atomic<bool> stop{false};
+    std::vector<int> fds;
+    std::thread thread;
+    int junk = -1;
+    void Stop() {
+      stop = true;
+      if (thread.joinable()) thread.join();
+      for (int fd : fds) close(fd);
+      fds.clear();
+      if (junk >= 0) close(junk);
+      junk = -1;
+    }
+    ~Tricklers() { Stop(); }
+  } t;
   for (int i = 0; i < 20; ++i) {
     const int fd = ConnectLoopback(port);
     ASSERT_GE(fd, 0);
-    tricklers.push_back(fd);
+    t.fds.push_back(fd);
   }
-  std::thread trickle([&] {
-    while (!stop) {
-      for (int fd : tricklers) (void)!send(fd, "\x16", 1, MSG_NOSIGNAL);
+  t.thread = std::thread([&t] {
+    while (!t.stop) {
+      for (int fd : t.fds) (void)!send(fd, "\x16", 1, MSG_NOSIGNAL);
       std::this_thread::sleep_for(200ms);
     }
   });
   const int junk = ConnectLoopback(port);
+  t.junk = junk;
   ASSERT_GE(junk, 0);
   const std::string garbage = "GET / HTTP/1.1\r\nHost: x\r\n\r\nFERRY\x00\x00\x00\x02 and then some junk";
   ASSERT_GT(send(junk, garbage.data(), garbage.size(), MSG_NOSIGNAL), 0);
@@ -134,10 +150,7 @@ TEST_F(MigrationTlsTest, ATlsMigrationVerifiesAndTheDestinationRefusesEveryoneEl
   // The proper source: a TLS migration that completes, with the tricklers and the junk still there.
   auto ok = Ferry("migrate --api-socket " + src.socket() + " --to tls:127.0.0.1:" + std::to_string(port) + TlsFlags("client") +
                   " --json --no-progress");
-  stop = true;
-  trickle.join();
-  for (int fd : tricklers) close(fd);
-  close(junk);
+  t.Stop();
   ASSERT_EQ(ok.rc, 0) << ok.out << "\nsource:\n" << src.Stderr() << "\ndestination:\n" << dst->Stderr();
   ASSERT_TRUE(ok.json.is_object()) << ok.out;
   EXPECT_EQ(ok.json["status"], "completed");
