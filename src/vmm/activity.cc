@@ -20,7 +20,7 @@ void ActivityRecorder::CloseWindowsBefore(uint64_t t_ns) {
 }
 
 void ActivityRecorder::Record(uint64_t now_ns, const Totals& t, bool idle_after) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (!started_) {
     started_ = true;
     cur_.start_ns = now_ns / kWindowNs * kWindowNs;
@@ -64,7 +64,7 @@ void ActivityRecorder::Record(uint64_t now_ns, const Totals& t, bool idle_after)
 migration::ActivitySeries ActivityRecorder::Recent(size_t max_windows, uint64_t now_ns) const {
   migration::ActivitySeries s;
   s.window_ns = kWindowNs;
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (!started_) return s;
   // While the machine thread waits, the windows that ended since are complete and empty.
   std::vector<migration::ActivityWindow> idle_tail;

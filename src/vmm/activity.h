@@ -16,8 +16,8 @@
 
 #include <cstdint>
 #include <deque>
-#include <mutex>
 
+#include "common/thread_annotations.h"
 #include "migration/engine/vm_interface.h"
 
 namespace ferry {
@@ -33,20 +33,20 @@ class ActivityRecorder {
 
   // Machine thread: the cumulative totals at `now_ns`. idle_after: the thread now waits
   // without running the guest until its next Record().
-  void Record(uint64_t now_ns, const Totals& totals, bool idle_after);
+  void Record(uint64_t now_ns, const Totals& totals, bool idle_after) EXCLUDES(mu_);
   // The last `max_windows` complete windows as of `now_ns`.
-  migration::ActivitySeries Recent(size_t max_windows, uint64_t now_ns) const;
+  migration::ActivitySeries Recent(size_t max_windows, uint64_t now_ns) const EXCLUDES(mu_);
 
  private:
-  void CloseWindowsBefore(uint64_t t_ns);  // REQUIRES(mu_)
+  void CloseWindowsBefore(uint64_t t_ns) REQUIRES(mu_);
 
-  mutable std::mutex mu_;
-  bool started_ = false;                       // GUARDED_BY(mu_)
-  uint64_t last_ns_ = 0;                       // GUARDED_BY(mu_): time of the last Record
-  Totals last_;                                // GUARDED_BY(mu_)
-  bool idle_ = false;                          // GUARDED_BY(mu_)
-  migration::ActivityWindow cur_;              // GUARDED_BY(mu_): the open window (start_ns set)
-  std::deque<migration::ActivityWindow> ring_;  // GUARDED_BY(mu_): complete windows
+  mutable Mutex mu_;
+  bool started_ GUARDED_BY(mu_) = false;
+  uint64_t last_ns_ GUARDED_BY(mu_) = 0;  // time of the last Record
+  Totals last_ GUARDED_BY(mu_);
+  bool idle_ GUARDED_BY(mu_) = false;
+  migration::ActivityWindow cur_ GUARDED_BY(mu_);               // the open window (start_ns set)
+  std::deque<migration::ActivityWindow> ring_ GUARDED_BY(mu_);  // complete windows
 };
 
 }  // namespace ferry

@@ -21,32 +21,32 @@ uint64_t Clint::HostTicks() {
 Clint::Clint() { offset_ = 0 - HostTicks(); }
 
 uint64_t Clint::Ticks() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return paused_ ? frozen_ : HostTicks() + offset_;
 }
 
 void Clint::SetTicks(uint64_t t) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (paused_) frozen_ = t;
   else offset_ = t - HostTicks();
 }
 
 void Clint::Pause() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (paused_) return;
   frozen_ = HostTicks() + offset_;
   paused_ = true;
 }
 
 void Clint::Resume() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (!paused_) return;
   offset_ = frozen_ - HostTicks();
   paused_ = false;
 }
 
 bool Clint::paused() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return paused_;
 }
 

@@ -4,8 +4,8 @@
 #pragma once
 
 #include <atomic>
-#include <mutex>
 
+#include "common/thread_annotations.h"
 #include "cpu/vcpu.h"
 #include "machine/device.h"
 
@@ -26,19 +26,19 @@ class Clint final : public Device, public TimeSource {
   nlohmann::json Metrics() const override;
   void PostRestore() override;
 
-  uint64_t Ticks() const override;
-  void Pause();
-  void Resume();
-  bool paused() const;
+  uint64_t Ticks() const override EXCLUDES(mu_);
+  void Pause() EXCLUDES(mu_);
+  void Resume() EXCLUDES(mu_);
+  bool paused() const EXCLUDES(mu_);
 
  private:
   static uint64_t HostTicks();
-  void SetTicks(uint64_t t);  // guest time := t
+  void SetTicks(uint64_t t) EXCLUDES(mu_);  // guest time := t
   Vcpu* hart_ = nullptr;
-  mutable std::mutex mu_;
-  uint64_t offset_ = 0;          // GUARDED_BY(mu_): guest = host + offset (mod 2^64) while running
-  uint64_t frozen_ = 0;          // GUARDED_BY(mu_): guest time while paused
-  bool paused_ = false;          // GUARDED_BY(mu_)
+  mutable Mutex mu_;
+  uint64_t offset_ GUARDED_BY(mu_) = 0;  // guest = host + offset (mod 2^64) while running
+  uint64_t frozen_ GUARDED_BY(mu_) = 0;  // guest time while paused
+  bool paused_ GUARDED_BY(mu_) = false;
   uint64_t mtimecmp_ = UINT64_MAX;
   uint32_t msip_ = 0;
 };
