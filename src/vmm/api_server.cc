@@ -108,7 +108,7 @@ Result<std::unique_ptr<ApiServer>> ApiServer::StartIncoming(const std::string& p
 
 void ApiServer::AttachVm(Vm* vm, VmMigrationManager* mig) {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     vm_ = vm;
     mig_ = mig;
   }
@@ -116,9 +116,9 @@ void ApiServer::AttachVm(Vm* vm, VmMigrationManager* mig) {
 }
 
 ApiServer::Target ApiServer::target() const {
-  std::unique_lock<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (!vm_ && incoming_ && incoming_->phase() == migration::IncomingPhase::kCompleted)
-    attached_.wait_for(l, std::chrono::seconds(5), [&] { return vm_ != nullptr; });
+    l.WaitFor(attached_, std::chrono::seconds(5), [&]() REQUIRES(mu_) { return vm_ != nullptr; });
   return {vm_, mig_};
 }
 
@@ -129,8 +129,11 @@ Result<std::unique_ptr<ApiServer>> ApiServer::Serve(const std::string& path, Vm*
   if (stat(path.c_str(), &st) == 0) unlink(path.c_str());  // stale socket from a previous run
   std::unique_ptr<ApiServer> api(new ApiServer());
   api->path_ = path;
-  api->vm_ = vm;
-  api->mig_ = mig;
+  {
+    MutexLock l(api->mu_);  // no handler runs yet; the lock only satisfies the analysis
+    api->vm_ = vm;
+    api->mig_ = mig;
+  }
   api->incoming_ = incoming;
   api->server_ = std::make_unique<httplib::Server>();
   api->Routes();
@@ -204,7 +207,11 @@ void ApiServer::Routes() {
       ReplyStatus(res, vm->Snapshot(body["path"].get<std::string>()));
     });
   });
-  if (mig_ || incoming) {
+  const bool has_mig = [this] {
+    MutexLock l(mu_);
+    return mig_ != nullptr;
+  }();
+  if (has_mig || incoming) {
     svr.Put("/vm/migrate", [with_vm](const httplib::Request& req, httplib::Response& res) {
       with_vm("migrate", res, [&](Vm*, VmMigrationManager* mig) {
         if (!mig) return ReplyError(res, 409, "this VMM has no migration support");

@@ -23,11 +23,11 @@
 #include <functional>
 #include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 
 #include "common/error.h"
+#include "common/thread_annotations.h"
 #include "migration/engine/destination.h"
 #include "vmm/migration.h"
 #include "vmm/vm.h"
@@ -44,7 +44,7 @@ class ApiServer {
   static Result<std::unique_ptr<ApiServer>> StartIncoming(const std::string& socket_path,
                                                           migration::IncomingMigration* incoming);
   // The migrated VM runs: requests go to it from now on (thread-safe, once).
-  void AttachVm(Vm* vm, VmMigrationManager* migrations);
+  void AttachVm(Vm* vm, VmMigrationManager* migrations) EXCLUDES(mu_);
   // The checks Start makes on the path before binding (length; an existing non-socket file),
   // so a caller can reject a bad path before it boots or receives a VM.
   static Status CheckPath(const std::string& socket_path);
@@ -63,12 +63,12 @@ class ApiServer {
   };
   // The attached VM (null members before AttachVm). Once the incoming migration completed, waits
   // (bounded) for the hand-over, so a client never sees a completed migration without its VM.
-  Target target() const;
+  Target target() const EXCLUDES(mu_);
 
-  mutable std::mutex mu_;
+  mutable Mutex mu_;
   mutable std::condition_variable attached_;           // AttachVm happened
-  Vm* vm_ = nullptr;                                   // GUARDED_BY(mu_): null until a VM is attached
-  VmMigrationManager* mig_ = nullptr;                  // GUARDED_BY(mu_)
+  Vm* vm_ GUARDED_BY(mu_) = nullptr;                   // null until a VM is attached
+  VmMigrationManager* mig_ GUARDED_BY(mu_) = nullptr;
   migration::IncomingMigration* incoming_ = nullptr;   // const after Start (destinations only)
   std::string path_;
   std::unique_ptr<httplib::Server> server_;

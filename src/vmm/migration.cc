@@ -7,7 +7,7 @@ namespace ferry {
 VmMigrationManager::~VmMigrationManager() {
   std::unique_ptr<migration::SourceMigration> m;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     m = std::move(current_);
   }
   m.reset();  // cancels if still running, joins
@@ -16,7 +16,7 @@ VmMigrationManager::~VmMigrationManager() {
 Status VmMigrationManager::Start(const nlohmann::json& body) {
   auto params = migration::ParseSourceParams(body);
   if (!params) return std::unexpected(params.error());
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (current_ && !migration::IsFinal(current_->status()))
     return Errorf(ErrorCode::kBusy, "a migration is already in progress (status {})", migration::MigrationStatusName(current_->status()));
   const VmState st = vm_->state();
@@ -28,31 +28,31 @@ Status VmMigrationManager::Start(const nlohmann::json& body) {
 }
 
 Result<nlohmann::json> VmMigrationManager::Stats() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (!current_) return Errorf(ErrorCode::kNotFound, "no migration has been started");
   return current_->Stats();
 }
 
 Status VmMigrationManager::Cancel() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (!current_) return Errorf(ErrorCode::kNotFound, "no migration has been started");
   return current_->Cancel();
 }
 
 Status VmMigrationManager::StartPostcopy() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (!current_) return Errorf(ErrorCode::kNotFound, "no migration has been started");
   return current_->StartPostcopy();
 }
 
 Status VmMigrationManager::Recover(const std::string& to) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (!current_) return Errorf(ErrorCode::kNotFound, "no migration has been started");
   return current_->Recover(to);
 }
 
 bool VmMigrationManager::active() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return current_ && !migration::IsFinal(current_->status());
 }
 

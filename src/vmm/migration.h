@@ -5,11 +5,11 @@
 #pragma once
 
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include <nlohmann/json.hpp>
 
+#include "common/thread_annotations.h"
 #include "migration/engine/destination.h"
 #include "migration/engine/source.h"
 #include "vmm/vm.h"
@@ -34,16 +34,16 @@ class VmMigrationManager : public migration::SourceVm {
   explicit VmMigrationManager(Vm* vm) : vm_(vm), tracker_(&vm->memory().dirty_log()) {}
   ~VmMigrationManager() override;
 
-  Status Start(const nlohmann::json& body);
-  Result<nlohmann::json> Stats();
-  Status Cancel();
+  Status Start(const nlohmann::json& body) EXCLUDES(mu_);
+  Result<nlohmann::json> Stats() EXCLUDES(mu_);
+  Status Cancel() EXCLUDES(mu_);
   // PUT /vm/migration/postcopy: the running pre-copy switches to post-copy.
-  Status StartPostcopy();
+  Status StartPostcopy() EXCLUDES(mu_);
   // PUT /vm/migration/recover: a post-copy whose connection was cut reconnects to `to`.
-  Status Recover(const std::string& to);
+  Status Recover(const std::string& to) EXCLUDES(mu_);
   // True while a migration is between setup and its final status (the API refuses
   // pause/resume/snapshot then).
-  bool active();
+  bool active() EXCLUDES(mu_);
 
   // migration::SourceVm
   migration::RamView Ram() override;
@@ -59,8 +59,8 @@ class VmMigrationManager : public migration::SourceVm {
  private:
   Vm* vm_;
   DirtyLogTracker tracker_;
-  std::mutex mu_;
-  std::unique_ptr<migration::SourceMigration> current_;  // GUARDED_BY(mu_)
+  Mutex mu_;
+  std::unique_ptr<migration::SourceMigration> current_ GUARDED_BY(mu_);
   bool paused_by_migration_ = false;                      // migration thread only
 };
 
