@@ -95,7 +95,7 @@ Status Vm::RestoreStateRecords(const std::vector<migration::StateRecord>& record
 
 Status Vm::MarkMigrated(const std::string& destination) {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     migrated_to_ = destination;
   }
   return Post([this]() -> Status {
@@ -184,7 +184,7 @@ void Vm::MachineLoop() {
     // Commands from other threads.
     std::deque<std::packaged_task<Status()>> cmds;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(mu_);
       cmds.swap(commands_);
     }
     for (auto& c : cmds) c();
@@ -248,7 +248,7 @@ void Vm::MachineLoop() {
       case VcpuExitReason::kHostTrap:
         spdlog::error("vm: vCPU stopped: {}", r.error);
         {
-          std::lock_guard<std::mutex> l(mu_);
+          MutexLock l(mu_);
           error_ = r.error;
         }
         board_->clint().Pause();
@@ -258,7 +258,7 @@ void Vm::MachineLoop() {
   }
   console_->Flush();
   // Fail commands that arrived after the loop ended.
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   for (auto& c : commands_) c();
   commands_.clear();
 }
@@ -270,7 +270,7 @@ Status Vm::Post(std::function<Status()> fn) {
   });
   auto fut = task.get_future();
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (!thread_.joinable() || (stop_.load() && state() == VmState::kShutdown))
       return Errorf(ErrorCode::kBusy, "VM is not running (state {})", VmStateName(state()));
     commands_.push_back(std::move(task));
@@ -314,7 +314,7 @@ Status Vm::DoPause() {
 Status Vm::DoResume() {
   if (state() == VmState::kRunning) return {};
   if (state() == VmState::kMigrated) {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     return Errorf(ErrorCode::kBusy, "the VM was migrated to {}; this copy can never run again", migrated_to_);
   }
   if (state() != VmState::kPaused) return Errorf(ErrorCode::kBusy, "cannot resume a VM in state {}", VmStateName(state()));
@@ -371,7 +371,7 @@ Result<nlohmann::json> Vm::Info() {
     };
     if (!board_->config().tap.empty()) info["config"]["tap"] = board_->config().tap;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(mu_);
       if (!error_.empty()) info["error"] = error_;
       if (!migrated_to_.empty()) info["migrated_to"] = migrated_to_;
     }
@@ -383,7 +383,7 @@ Result<nlohmann::json> Vm::Info() {
 
 void Vm::Halt(const std::string& reason) {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     error_ = reason;
   }
   // The machine loop runs the vCPU only in state kRunning and checks it before every slice.

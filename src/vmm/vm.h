@@ -13,7 +13,6 @@
 #include <functional>
 #include <future>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 
@@ -21,6 +20,7 @@
 
 #include "common/error.h"
 #include "common/event_loop.h"
+#include "common/thread_annotations.h"
 #include "machine/board.h"
 #include "migration/protocol/wire.h"
 #include "vmm/activity.h"
@@ -57,13 +57,13 @@ class Vm {
   int Wait();
 
   // Thread-safe commands (executed on the machine thread).
-  Result<nlohmann::json> Info();
-  Status Pause();
-  Status Resume();
-  Status Snapshot(const std::string& path);
-  Status Shutdown();
+  Result<nlohmann::json> Info() EXCLUDES(mu_);
+  Status Pause() EXCLUDES(mu_);
+  Status Resume() EXCLUDES(mu_);
+  Status Snapshot(const std::string& path) EXCLUDES(mu_);
+  Status Shutdown() EXCLUDES(mu_);
   // Runs fn on the machine thread with the board (VM state is whatever it is).
-  Status RunOnMachine(std::function<Status(Board&)> fn);
+  Status RunOnMachine(std::function<Status(Board&)> fn) EXCLUDES(mu_);
   VmState state() const { return state_.load(); }
 
   // Migration support (src/vmm/migration.h).
@@ -80,7 +80,7 @@ class Vm {
   // machine thread; vmm/activity.h).
   migration::ActivitySeries RecentActivity(size_t max_windows) const;
   // The guest runs elsewhere now: stay paused forever.
-  Status MarkMigrated(const std::string& destination);
+  Status MarkMigrated(const std::string& destination) EXCLUDES(mu_);
   // Sends a gratuitous RARP for the guest MAC (after a migration), if it has a NIC. Before
   // Start() it runs on the calling thread (no machine thread owns the board yet), so a
   // migration destination announces before the guest's first instruction; afterwards it is
@@ -89,14 +89,14 @@ class Vm {
   // From any thread, without waiting for the machine thread (it may be blocked in the kernel on
   // a post-copy page that will never arrive): the vCPU stops at its next exit check and the guest
   // never runs again; state error with `reason`. Device backends are not polled any more.
-  void Halt(const std::string& reason);
+  void Halt(const std::string& reason) EXCLUDES(mu_);
   std::string Prometheus();
 
  private:
   Vm() = default;
   Status Init(VmOptions options, bool load_kernel);
-  void MachineLoop();
-  Status Post(std::function<Status()> fn);
+  void MachineLoop() EXCLUDES(mu_);
+  Status Post(std::function<Status()> fn) EXCLUDES(mu_);
   void SetState(VmState s) { state_.store(s); }
   Status DoPause();
   Status DoResume();
@@ -111,16 +111,16 @@ class Vm {
   std::atomic<VmState> state_{VmState::kCreated};
   std::atomic<bool> stop_{false};
   int exit_code_ = 0;
-  std::string error_;  // machine thread; copied under mu_ for Info
-  std::string migrated_to_;  // GUARDED_BY(mu_)
+  std::string error_ GUARDED_BY(mu_);        // set by the machine thread or Halt, read by Info
+  std::string migrated_to_ GUARDED_BY(mu_);
   uint64_t started_ns_ = 0;
   std::atomic<double> cpu_share_{1.0};
   double throttle_debt_ns_ = 0;  // machine thread only
   ActivityRecorder activity_;     // locks itself
   std::vector<Device*> io_devices_;  // machine thread only: the board's devices (activity counters)
 
-  std::mutex mu_;
-  std::deque<std::packaged_task<Status()>> commands_;  // GUARDED_BY(mu_)
+  Mutex mu_;
+  std::deque<std::packaged_task<Status()>> commands_ GUARDED_BY(mu_);
 };
 
 }  // namespace ferry
