@@ -177,7 +177,7 @@ Status PostcopyRam::WritePage(uint64_t gfn, std::span<const uint8_t> data) {
   placed_.fetch_add(1);
   if (uint64_t t = fault_ns_[gfn].load(std::memory_order_acquire)) {
     const uint64_t us = (NowNs() - t) / 1000;
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     latency_us_.push_back(static_cast<uint32_t>(std::min<uint64_t>(us, UINT32_MAX)));
   }
   return {};
@@ -233,7 +233,7 @@ void PostcopyRam::FaultLoop() {
     ssize_t got = read(uffd_, msgs, sizeof msgs);
     if (got < 0) {
       if (errno == EAGAIN || errno == EINTR) continue;
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(mu_);
       failure_ = Errorf(ErrorCode::kIo, "post-copy: read userfaultfd: {}", std::strerror(errno)).error();
       return;
     }
@@ -242,7 +242,7 @@ void PostcopyRam::FaultLoop() {
       auto s = Resolve(msgs[i].arg.pagefault.address & ~(uint64_t{kWirePageSize} - 1));
       if (!s) {
         spdlog::error("{}", s.error().message());
-        std::lock_guard<std::mutex> l(mu_);
+        MutexLock l(mu_);
         if (!failure_) failure_ = s.error();
         return;  // stop serving faults: waiting threads keep waiting
       }
@@ -294,7 +294,7 @@ PostcopyDone PostcopyRam::Stats() const {
   d.duplicate_pages = duplicates_.load();
   std::vector<uint32_t> lat;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     lat = latency_us_;
   }
   if (!lat.empty()) {
@@ -307,7 +307,7 @@ PostcopyDone PostcopyRam::Stats() const {
 }
 
 std::optional<Error> PostcopyRam::failure() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return failure_;
 }
 

@@ -29,12 +29,12 @@
 #include <atomic>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <thread>
 #include <vector>
 
 #include "common/error.h"
+#include "common/thread_annotations.h"
 #include "migration/engine/page_sink.h"
 #include "migration/protocol/postcopy.h"
 
@@ -64,13 +64,13 @@ class PostcopyRam final : public PageSink {
   PostcopyStart MissingNow() const;
   Status RequestOutstanding();
   // Fault statistics so far.
-  PostcopyDone Stats() const;
+  PostcopyDone Stats() const EXCLUDES(mu_);
   // The fault thread's error (it stops handling faults then), if any.
-  std::optional<Error> failure() const;
+  std::optional<Error> failure() const EXCLUDES(mu_);
 
  private:
   PostcopyRam(const RamView& ram, const PostcopyStart& missing, RequestFn request);
-  void FaultLoop();
+  void FaultLoop() EXCLUDES(mu_);
   Status Resolve(uint64_t addr);
   bool IsMissing(uint64_t p) const { return (missing_[p / 64] >> (p % 64)) & 1; }
   bool IsPlaced(uint64_t p) const { return (placed_bits_[p / 64].load(std::memory_order_acquire) >> (p % 64)) & 1; }
@@ -90,9 +90,9 @@ class PostcopyRam final : public PageSink {
   std::unique_ptr<std::atomic<uint64_t>[]> fault_ns_;  // per page: when its first demand fault was seen (0 = none)
   std::atomic<uint64_t> placed_{0}, duplicates_{0}, demand_faults_{0}, local_faults_{0};
 
-  mutable std::mutex mu_;
-  std::vector<uint32_t> latency_us_;  // GUARDED_BY(mu_): demand fault -> page placed
-  std::optional<Error> failure_;      // GUARDED_BY(mu_)
+  mutable Mutex mu_;
+  std::vector<uint32_t> latency_us_ GUARDED_BY(mu_);  // demand fault -> page placed
+  std::optional<Error> failure_ GUARDED_BY(mu_);
 };
 
 }  // namespace ferry::migration

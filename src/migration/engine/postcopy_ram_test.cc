@@ -8,9 +8,9 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
-#include <mutex>
 #include <thread>
 
+#include "common/thread_annotations.h"
 #include "memory/guest_memory.h"
 
 namespace ferry::migration {
@@ -21,16 +21,20 @@ constexpr uint64_t kPages = 64;
 struct Fixture {
   std::unique_ptr<GuestMemory> mem = std::move(*GuestMemory::Create(0x80000000, kPages * 4096));
   RamView ram{mem->host(), mem->size(), nullptr, mem->memfd(), {}};
-  std::mutex mu;
-  std::vector<uint64_t> requests;
+  Mutex mu;
+  std::vector<uint64_t> requests GUARDED_BY(mu);
   PostcopyRam::RequestFn request = [this](uint64_t gfn, uint32_t) {
-    std::lock_guard<std::mutex> l(mu);
+    MutexLock l(mu);
     requests.push_back(gfn);
     return Status{};
   };
-  size_t requests_size() {
-    std::lock_guard<std::mutex> l(mu);
+  size_t requests_size() EXCLUDES(mu) {
+    MutexLock l(mu);
     return requests.size();
+  }
+  uint64_t requested(size_t i) EXCLUDES(mu) {
+    MutexLock l(mu);
+    return requests.at(i);
   }
 };
 
@@ -58,7 +62,7 @@ TEST(PostcopyRam, AccessToMissingPageWaitsForItAndRequestsOnce) {
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   EXPECT_EQ(seen.load(), -1) << "read a missing page before it arrived";
   ASSERT_EQ(f.requests_size(), 1u);
-  EXPECT_EQ(f.requests[0], 3u);
+  EXPECT_EQ(f.requested(0), 3u);
   std::vector<uint8_t> page(4096, 0x33);
   ASSERT_TRUE((*pc)->WritePage(3, page));
   reader.join();
