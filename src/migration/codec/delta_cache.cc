@@ -106,7 +106,7 @@ bool DeltaCache::EncodeDelta(uint64_t gfn, const uint8_t* page, uint8_t* out, si
   if (was_cached) *was_cached = false;
   if (slots_ == 0 || gfn >= ram_pages_) return false;
   Shard& sh = ShardOf(gfn);
-  std::lock_guard lk(sh.mu);
+  MutexLock lk(sh.mu);
   const uint32_t e = index_[gfn];
   if (e == 0) {
     sh.misses++;
@@ -130,7 +130,7 @@ bool DeltaCache::Insert(uint64_t gfn, const uint8_t* page, uint64_t seq, bool ma
   if (frozen_.load(std::memory_order_relaxed)) return false;
   if (slots_ == 0 || gfn >= ram_pages_) return false;
   Shard& sh = ShardOf(gfn);
-  std::lock_guard lk(sh.mu);
+  MutexLock lk(sh.mu);
   uint32_t slot;
   if (const uint32_t e = index_[gfn]; e != 0) {
     slot = e - 1;
@@ -158,7 +158,7 @@ bool DeltaCache::Insert(uint64_t gfn, const uint8_t* page, uint64_t seq, bool ma
 void DeltaCache::Erase(uint64_t gfn) {
   if (slots_ == 0 || gfn >= ram_pages_) return;
   Shard& sh = ShardOf(gfn);
-  std::lock_guard lk(sh.mu);
+  MutexLock lk(sh.mu);
   const uint32_t e = index_[gfn];
   if (e == 0) return;
   index_[gfn] = 0;
@@ -171,7 +171,7 @@ DeltaCache::Stats DeltaCache::stats() const {
   st.capacity_pages = slots_;
   for (unsigned s = 0; s < num_shards_; ++s) {
     const Shard& sh = shards_[s];
-    std::lock_guard lk(sh.mu);
+    MutexLock lk(sh.mu);
     st.used_pages += sh.count - sh.free_count;
     st.hits += sh.hits;
     st.misses += sh.misses;

@@ -25,11 +25,13 @@
 // others have room, so a hot set skewed onto few shards gets less than the whole capacity.
 //
 // Threads: every method may be called from any thread. An entry only ever uses a slot of its gfn's
-// shard, so each call locks exactly one shard mutex (stats() takes them in turn):
-//   index_[gfn]                               GUARDED_BY(ShardOf(gfn).mu)
-//   meta_[s], the 4096 data bytes of slot s   GUARDED_BY(the mutex of the shard owning slot s)
-//   free_[begin, begin + count) of a shard    GUARDED_BY(that Shard::mu)
-//   Shard::{hand, free_count, counters}       GUARDED_BY(Shard::mu)
+// shard, so each call locks exactly one shard mutex (stats() takes them in turn). Shard::{hand,
+// free_count, counters} carry GUARDED_BY(mu) (clang checks them); the arrays are shared by all
+// shards and guarded element-wise, which the analysis cannot express, so for them the rule is
+// this comment:
+//   index_[gfn]                               guarded by ShardOf(gfn).mu
+//   meta_[s], the 4096 data bytes of slot s   guarded by the mutex of the shard owning slot s
+//   free_[begin, begin + count) of a shard    guarded by that Shard::mu
 // (Shard::{begin, count} and all other members are set in the constructor and then only read.)
 // EncodeDelta runs the encoder under the shard lock (0.1-0.3 us per page), so an eviction
 // by another thread cannot replace the base being read. The lock makes every call safe for any
@@ -42,7 +44,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <mutex>
+
+#include "common/thread_annotations.h"
 
 namespace ferry::migration {
 
@@ -99,18 +102,19 @@ class DeltaCache {
     bool referenced;
   };
   struct alignas(64) Shard {
-    mutable std::mutex mu;
+    mutable Mutex mu;
     uint32_t begin = 0;  // slots [begin, begin + count)
     uint32_t count = 0;
-    uint32_t hand = 0;   // CLOCK position, relative to begin
-    uint32_t free_count = 0;  // free slots: a stack in free_[begin, begin + free_count)
-    uint64_t hits = 0, misses = 0, inserts = 0, evictions = 0, encode_overflows = 0, refused = 0;
+    uint32_t hand GUARDED_BY(mu) = 0;        // CLOCK position, relative to begin
+    uint32_t free_count GUARDED_BY(mu) = 0;  // free slots: a stack in free_[begin, begin + free_count)
+    uint64_t hits GUARDED_BY(mu) = 0, misses GUARDED_BY(mu) = 0, inserts GUARDED_BY(mu) = 0,
+        evictions GUARDED_BY(mu) = 0, encode_overflows GUARDED_BY(mu) = 0, refused GUARDED_BY(mu) = 0;
   };
 
   unsigned ShardIndex(uint64_t gfn) const;
   Shard& ShardOf(uint64_t gfn) const { return shards_[ShardIndex(gfn)]; }
   uint8_t* Data(uint32_t slot) const { return data_ + uint64_t{slot} * kSlotBytes; }
-  uint32_t ClockVictim(Shard& sh);  // requires sh.mu held and no free slot
+  uint32_t ClockVictim(Shard& sh) REQUIRES(sh.mu);  // and no free slot
 
   static constexpr uint64_t kSlotBytes = 4096;
 
