@@ -10,12 +10,15 @@
 // MutexLock is the scoped holder; it also runs condition-variable waits (the wait releases and
 // re-acquires mu, which the analysis treats as held throughout - as the code after it may). A
 // predicate lambda declares REQUIRES(mu) so its reads are checked too.
-// std::mutex itself is unannotated in libstdc++: code that must keep one (shared_mutex readers,
-// third-party callbacks) says why next to it.
+// SharedMutex is the reader/writer variant: WriterLock holds it exclusively, ReaderLock shared;
+// a member GUARDED_BY it may be read under either and written only under WriterLock.
+// std::mutex itself is unannotated in libstdc++: code that must keep one (third-party
+// callbacks) says why next to it.
 #pragma once
 
 #include <condition_variable>
 #include <mutex>
+#include <shared_mutex>
 
 #if defined(__clang__)
 #define FERRY_TSA(x) __attribute__((x))
@@ -28,8 +31,11 @@
 #define GUARDED_BY(x) FERRY_TSA(guarded_by(x))
 #define PT_GUARDED_BY(x) FERRY_TSA(pt_guarded_by(x))
 #define REQUIRES(...) FERRY_TSA(requires_capability(__VA_ARGS__))
+#define REQUIRES_SHARED(...) FERRY_TSA(requires_shared_capability(__VA_ARGS__))
 #define ACQUIRE(...) FERRY_TSA(acquire_capability(__VA_ARGS__))
+#define ACQUIRE_SHARED(...) FERRY_TSA(acquire_shared_capability(__VA_ARGS__))
 #define RELEASE(...) FERRY_TSA(release_capability(__VA_ARGS__))
+#define RELEASE_SHARED(...) FERRY_TSA(release_shared_capability(__VA_ARGS__))
 #define TRY_ACQUIRE(...) FERRY_TSA(try_acquire_capability(__VA_ARGS__))
 #define EXCLUDES(...) FERRY_TSA(locks_excluded(__VA_ARGS__))
 #define ASSERT_CAPABILITY(x) FERRY_TSA(assert_capability(x))
@@ -87,6 +93,44 @@ class SCOPED_CAPABILITY MutexLock {
 
  private:
   std::unique_lock<std::mutex> lock_;
+};
+
+class CAPABILITY("mutex") SharedMutex {
+ public:
+  SharedMutex() = default;
+  SharedMutex(const SharedMutex&) = delete;
+  SharedMutex& operator=(const SharedMutex&) = delete;
+  void Lock() ACQUIRE() { mu_.lock(); }
+  void Unlock() RELEASE() { mu_.unlock(); }
+  void LockShared() ACQUIRE_SHARED() { mu_.lock_shared(); }
+  void UnlockShared() RELEASE_SHARED() { mu_.unlock_shared(); }
+
+ private:
+  std::shared_mutex mu_;
+};
+
+// Scoped exclusive holder of a SharedMutex.
+class SCOPED_CAPABILITY WriterLock {
+ public:
+  explicit WriterLock(SharedMutex& mu) ACQUIRE(mu) : mu_(mu) { mu_.Lock(); }
+  ~WriterLock() RELEASE() { mu_.Unlock(); }
+  WriterLock(const WriterLock&) = delete;
+  WriterLock& operator=(const WriterLock&) = delete;
+
+ private:
+  SharedMutex& mu_;
+};
+
+// Scoped shared holder of a SharedMutex.
+class SCOPED_CAPABILITY ReaderLock {
+ public:
+  explicit ReaderLock(SharedMutex& mu) ACQUIRE_SHARED(mu) : mu_(mu) { mu_.LockShared(); }
+  ~ReaderLock() RELEASE() { mu_.UnlockShared(); }
+  ReaderLock(const ReaderLock&) = delete;
+  ReaderLock& operator=(const ReaderLock&) = delete;
+
+ private:
+  SharedMutex& mu_;
 };
 
 }  // namespace ferry
