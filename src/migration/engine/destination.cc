@@ -41,15 +41,19 @@ IncomingMigration::~IncomingMigration() { Cleanup(); }
 void IncomingMigration::Abort() {
   aborted_.store(true);
   listener_->Shutdown();
-  std::lock_guard<std::mutex> l(mu_);
-  for (auto& d : data_) d->Shutdown();
-  if (control_) control_->Interrupt(Error(ErrorCode::kCancelled, "interrupted by the operator"));
+  ControlChannel* control = nullptr;
+  {
+    MutexLock l(mu_);
+    for (auto& d : data_) d->Shutdown();
+    control = control_.get();
+  }
   cv_.notify_all();
+  ControlInterrupt(control, Error(ErrorCode::kCancelled, "interrupted by the operator"));
 }
 
 void IncomingMigration::Cleanup() {
   {
-    std::lock_guard<std::mutex> l(mu_);  // a greeting registers data channels under mu_ (it sees stopping_)
+    MutexLock l(mu_);  // a greeting registers data channels under mu_ (it sees stopping_)
     stopping_.store(true);
   }
   listener_->Shutdown();
@@ -58,7 +62,7 @@ void IncomingMigration::Cleanup() {
   handshakes_.JoinAll();
   std::vector<std::thread> readers;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     for (auto& d : data_) d->Shutdown();
     readers.swap(readers_);
   }
@@ -78,7 +82,7 @@ Status IncomingMigration::AcceptControl(const IncomingParams& params) {
     else if (!rec) hello = std::unexpected(rec.error());
     else hello = rec->type() == RecordType::kHello ? DecodeHello(rec->payload)
                                                    : Errorf(ErrorCode::kCorrupt, "expected HELLO, got {}", TypeName(*rec));
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (hello && (control_taken_ || candidate_))
       hello = Errorf(ErrorCode::kBusy, "another source was first: a migration is already in progress");
     if (!hello) {
@@ -92,12 +96,12 @@ Status IncomingMigration::AcceptControl(const IncomingParams& params) {
   for (;;) {
     if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
     {
-      std::unique_lock<std::mutex> l(mu_);
+      MutexLock l(mu_);
       if (candidate_) {
         Candidate c = std::move(*candidate_);
         candidate_.reset();
         control_taken_ = true;
-        l.unlock();
+        l.Unlock();
         return TakeControl(std::move(c), params);
       }
     }
@@ -122,7 +126,7 @@ Status IncomingMigration::TakeControl(Candidate c, const IncomingParams& params)
   const std::string peer = c.sock->tls() ? fmt::format("{} (TLS, certificate '{}')", c.sock->peer(), c.sock->peer_cert_name())
                                           : c.sock->peer();
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     control_ = std::make_unique<ControlChannel>(std::move(c.sock));
     channel_used_.assign(hello_.channels, false);
   }
@@ -143,7 +147,7 @@ void IncomingMigration::Greeted(std::unique_ptr<Socket> sock, Result<Preamble> p
                                                                : Errorf(ErrorCode::kCorrupt, "expected HELLO, got {}", TypeName(*rec)))
                           : std::unexpected(rec.error());
     if (h && h->uuid == hello_.uuid && pre->version == version_) {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(mu_);
       if (recovering_ && !recover_sock_ && !stopping_) {
         recover_sock_ = std::move(sock);
         cv_.notify_all();
@@ -159,7 +163,7 @@ void IncomingMigration::Greeted(std::unique_ptr<Socket> sock, Result<Preamble> p
     if (dh && pre->version != version_)
       dh = Errorf(ErrorCode::kVersionMismatch, "data connection speaks protocol v{}, the migration v{}", pre->version, version_);
   }
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (dh && stopping_) dh = Errorf(ErrorCode::kBusy, "the migration is over");
   if (dh && recovering_) dh = Errorf(ErrorCode::kBusy, "the migration waits for its source to reconnect its control connection first");
   if (dh && (dh->channel >= channel_used_.size() || channel_used_[dh->channel]))
@@ -193,16 +197,23 @@ void IncomingMigration::AcceptLoop(const IncomingParams& params) {
 }
 
 void IncomingMigration::DataFailed(const Error& e) {
+  ControlChannel* control = nullptr;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (!data_error_) data_error_ = e;
+    control = control_.get();  // under mu_: a post-copy recovery may be replacing control_
   }
   cv_.notify_all();
-  if (control_) control_->Interrupt(e);  // wake the control loop
+  // A replaced channel stays alive in retired_controls_.
+  ControlInterrupt(control, e);  // wake the control loop
+}
+
+void IncomingMigration::ControlInterrupt(ControlChannel* control, const Error& e) {
+  if (control) control->Interrupt(e);
 }
 
 Status IncomingMigration::CheckDataError() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (data_error_) return std::unexpected(*data_error_);
   return {};
 }
@@ -218,13 +229,13 @@ void IncomingMigration::DataReader(Socket* sock, uint32_t channel) {
     if (r) {
       bytes_received_ += kRecordHeaderSize + rec.payload.size();
       if (!rec.header.mandatory() && !IsKnownRecordType(rec.header.type)) continue;
-      std::shared_lock<std::shared_mutex> seal(seal_mu_);
+      ReaderLock seal(seal_mu_);
       if (sealed_) {
         s = Errorf(ErrorCode::kCorrupt, "{} after END: every page record it announced was applied already", TypeName(rec));
       } else {
         s = ApplyRecord(rec, dec, &scratch);
         if (s) {
-          std::lock_guard<std::mutex> l(mu_);
+          MutexLock l(mu_);
           ++batches_applied_;
         }
       }
@@ -255,7 +266,7 @@ Status IncomingMigration::ApplyEntries(const PagesView& v) {
   uint64_t zero = 0, raw = 0, delta = 0, free = 0;
   for (const auto& e : v.entries) {
     for (uint64_t p = e.gfn; p < e.gfn + e.count; ++p) {
-      std::lock_guard<std::mutex> l(stripes_[p % kStripes]);
+      MutexLock l(stripes_[p % kStripes]);
       uint64_t& last = last_seq_[p];
       if (e.kind == PageKind::kDelta && last != e.base_seq)
         return Errorf(ErrorCode::kCorrupt, "delta for page {} was made against the copy of seq {}, but the page holds seq {}", p,
@@ -281,30 +292,30 @@ Status IncomingMigration::ApplyEntries(const PagesView& v) {
 
 void IncomingMigration::ProgressLoop() {
   uint64_t sent = 0, last_send = NowNs();
-  std::unique_lock<std::mutex> l(mu_);
+  MutexLock l(mu_);
   while (!stopping_ && !progress_stop_) {
-    cv_.wait_for(l, std::chrono::milliseconds(50),
-                 [&] { return stopping_ || progress_stop_ || batches_applied_ != sent || data_error_; });
+    l.WaitFor(cv_, std::chrono::milliseconds(50),
+              [&]() REQUIRES(mu_) { return stopping_ || progress_stop_ || batches_applied_ != sent || data_error_; });
     if (stopping_ || progress_stop_ || data_error_) return;
     if (batches_applied_ == sent) {
       // Post-copy: a quiet connection is still checked (the source pings as well; a path that
       // drops everything fails the connection after liveness_timeout_ms).
       if (postcopy_active_.load() && NowNs() - last_send > 250'000'000) {
-        l.unlock();
+        l.Unlock();
         last_send = NowNs();
         auto s = SendControl(RecordType::kPing, {}, false);
-        l.lock();
+        l.Lock();
         if (!s) return;
       }
       continue;
     }
     sent = batches_applied_;
-    l.unlock();
+    l.Unlock();
     last_send = NowNs();
     auto s = SendControl(RecordType::kProgress, Encode(Progress{sent, bytes_received_.load()}), false);
     // Coalesce: at most one PROGRESS per millisecond; the next loop reports what arrived meanwhile.
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    l.lock();
+    l.Lock();
     if (!s) return;  // the control loop sees the broken connection
   }
 }
@@ -338,7 +349,11 @@ Result<IncomingResult> IncomingMigration::Run(DestinationVm* vm, const IncomingP
     Cleanup();
     return std::unexpected(e.WithContext("incoming migration"));
   }
-  out.batches = batches_applied_;
+  {
+    // Post-copy's data readers still count records until Cleanup() joins them.
+    MutexLock l(mu_);
+    out.batches = batches_applied_;
+  }
   out.pages = pages_applied_;
   out.bytes = bytes_received_;
   out.zero_pages = zero_pages_;
@@ -397,9 +412,9 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
     }
   }
   {
-    std::unique_lock<std::mutex> l(mu_);
-    bool ok = cv_.wait_for(l, std::chrono::milliseconds(params.idle_timeout_ms),
-                           [&] { return data_error_.has_value() || batches_applied_ >= end.batches; });
+    MutexLock l(mu_);
+    bool ok = l.WaitFor(cv_, std::chrono::milliseconds(params.idle_timeout_ms),
+                        [&]() REQUIRES(mu_) { return data_error_.has_value() || batches_applied_ >= end.batches; });
     if (data_error_) return std::unexpected(*data_error_);
     if (!ok) return Errorf(ErrorCode::kTimeout, "END announced {} page records, only {} arrived", end.batches, batches_applied_);
     if (batches_applied_ != end.batches)
@@ -407,9 +422,9 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   }
   if (!postcopy_start_) {
     // Sealed: from here on a page record is an error, never applied (post-copy's pages keep coming).
-    std::unique_lock<std::shared_mutex> seal(seal_mu_);
+    WriterLock seal(seal_mu_);
     sealed_ = true;
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (batches_applied_ != end.batches)
       return Errorf(ErrorCode::kCorrupt, "END announced {} page records, but {} arrived", end.batches, batches_applied_);
   }
@@ -431,7 +446,7 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   const uint64_t t_go = NowNs();
   {
     // The commit point: a Cancel() either came first (the guest never starts here) or is refused.
-    std::lock_guard<std::mutex> l(commit_mu_);
+    MutexLock l(commit_mu_);
     if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
     guest_started_.store(true);
   }
@@ -468,7 +483,7 @@ Status IncomingMigration::StartPostcopy() {
   active_sink_.store(postcopy_.get(), std::memory_order_release);
   postcopy_active_.store(true, std::memory_order_release);
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     control_->socket().SetUserTimeout(liveness_timeout_ms_);
     for (auto& d : data_) d->SetUserTimeout(liveness_timeout_ms_);
   }
@@ -480,7 +495,7 @@ bool IncomingMigration::FoldControl(const Record& r) {
   if (r.type() != RecordType::kEncodedPages || !postcopy_active_.load(std::memory_order_acquire)) return false;
   Status s = ApplyRecord(r, ctl_dec_, &ctl_scratch_);
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (s) ++ctl_batches_;
     else if (!data_error_) data_error_ = s.error().WithContext("requested pages");
   }
@@ -489,7 +504,7 @@ bool IncomingMigration::FoldControl(const Record& r) {
 }
 
 Status IncomingMigration::SendControl(RecordType type, std::span<const uint8_t> payload, bool mandatory) {
-  std::lock_guard<std::mutex> l(send_mu_);
+  MutexLock l(send_mu_);
   return control_->Send(type, payload, mandatory);
 }
 
@@ -526,10 +541,10 @@ Status IncomingMigration::PostcopyWait(const IncomingParams& params) {
   auto end = DecodeEnd(r->payload);
   if (!end) return std::unexpected(end.error().WithContext("POSTCOPY_END"));
   {
-    std::unique_lock<std::mutex> l(mu_);
-    auto applied = [&] { return batches_applied_ + ctl_batches_ - gen_batches_base_; };
-    bool ok = cv_.wait_for(l, std::chrono::milliseconds(params.idle_timeout_ms),
-                           [&] { return data_error_.has_value() || applied() >= end->batches; });
+    MutexLock l(mu_);
+    auto applied = [&]() REQUIRES(mu_) { return batches_applied_ + ctl_batches_ - gen_batches_base_; };
+    bool ok = l.WaitFor(cv_, std::chrono::milliseconds(params.idle_timeout_ms),
+                        [&]() REQUIRES(mu_) { return data_error_.has_value() || applied() >= end->batches; });
     if (data_error_) return std::unexpected(*data_error_);
     if (!ok) return Errorf(ErrorCode::kTimeout, "POSTCOPY_END announced {} page records, only {} arrived", end->batches, applied());
     if (applied() != end->batches)
@@ -550,7 +565,7 @@ Status IncomingMigration::AwaitRecovery(const IncomingParams& params, const Erro
   std::vector<std::thread> readers;
   std::vector<std::unique_ptr<Socket>> old_data;  // freed only after their readers are joined
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     for (auto& d : data_) d->Shutdown();
     readers.swap(readers_);
     old_data.swap(data_);
@@ -561,11 +576,11 @@ Status IncomingMigration::AwaitRecovery(const IncomingParams& params, const Erro
   old_data.clear();
   std::unique_ptr<Socket> sock;
   {
-    std::unique_lock<std::mutex> l(mu_);
+    MutexLock l(mu_);
     channel_used_.assign(channel_used_.size(), false);
     data_error_.reset();  // the cut is handled here; what fails from now on is reported
-    const bool back = cv_.wait_for(l, std::chrono::milliseconds(params.recover_timeout_ms),
-                                   [&] { return recover_sock_ != nullptr || aborted_.load(); });
+    const bool back = l.WaitFor(cv_, std::chrono::milliseconds(params.recover_timeout_ms),
+                                [&]() REQUIRES(mu_) { return recover_sock_ != nullptr || aborted_.load(); });
     recovering_ = false;
     if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
     if (!back)
@@ -578,8 +593,8 @@ Status IncomingMigration::AwaitRecovery(const IncomingParams& params, const Erro
   gen_pages_base_ = pages_applied_;
   sock->SetUserTimeout(params.liveness_timeout_ms);
   {
-    std::lock_guard<std::mutex> sl(send_mu_);
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock sl(send_mu_);
+    MutexLock l(mu_);
     retired_controls_.push_back(std::move(control_));
     control_ = std::make_unique<ControlChannel>(std::move(sock));
   }
@@ -617,7 +632,7 @@ Status IncomingMigration::PostcopyLoop(const IncomingParams& params, IncomingRes
 // ---------------------------------------------------------------- progress
 
 Status IncomingMigration::Cancel() {
-  std::lock_guard<std::mutex> l(commit_mu_);
+  MutexLock l(commit_mu_);
   if (guest_started_.load())
     return Errorf(ErrorCode::kBusy,
                   "the guest already runs on this destination (GO was received): an incoming migration can only be "
@@ -630,7 +645,7 @@ Status IncomingMigration::Cancel() {
 
 void IncomingMigration::SetPhase(IncomingPhase p, const IncomingResult& out) {
   {
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     info_.uuid = out.uuid;
     info_.source = out.source;
     info_.protocol_version = out.protocol_version;
@@ -648,7 +663,7 @@ void IncomingMigration::SetFinal(const Status& s, const IncomingResult& out) {
   IncomingPhase p = IncomingPhase::kCompleted;
   if (!s) {
     p = s.error().code() == ErrorCode::kCancelled ? IncomingPhase::kCancelled : IncomingPhase::kFailed;
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     info_.error = s.error().message();
     if (guest_started_.load())
       info_.error += " (after GO: the guest cannot run on without the pages the source still holds)";
@@ -661,7 +676,7 @@ IncomingProgress IncomingMigration::Stats() const {
   const IncomingPhase phase = phase_.load();
   IncomingProgress p;
   {
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     p = info_;
   }
   p.phase = phase;
@@ -677,7 +692,7 @@ IncomingProgress IncomingMigration::Stats() const {
   p.delta_pages = delta_pages_.load();
   p.free_pages = free_pages_.load();
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     p.received_records = batches_applied_ + ctl_batches_;
   }
   if (const PostcopyRam* pc = pc_view_.load()) {

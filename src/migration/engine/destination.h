@@ -35,14 +35,13 @@
 #include <atomic>
 #include <condition_variable>
 #include <memory>
-#include <mutex>
-#include <shared_mutex>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "common/error.h"
+#include "common/thread_annotations.h"
 #include "migration/engine/incoming_stats.h"
 #include "migration/engine/page_sink.h"
 #include "migration/engine/postcopy_ram.h"
@@ -106,13 +105,13 @@ class IncomingMigration {
   // On failure the caller must tear the prepared VM down.
   Result<IncomingResult> Run(DestinationVm* vm, const IncomingParams& params = {});
   // Thread-safe: makes Run() fail promptly (operator interrupt).
-  void Abort();
+  void Abort() EXCLUDES(mu_);
   // Thread-safe: Abort() if GO has not been handled yet (the source then resumes its VM);
   // kBusy once the guest started here (it is the only running copy) or the migration ended.
-  Status Cancel();
+  Status Cancel() EXCLUDES(commit_mu_, mu_);
   IncomingPhase phase() const { return phase_.load(); }
   // Thread-safe snapshot of the progress so far (the final figures once Run() returned).
-  IncomingProgress Stats() const;
+  IncomingProgress Stats() const EXCLUDES(stats_mu_, mu_);
   // True once the guest was started (GO) - also when Run() then failed in post-copy: the VMM
   // must then stop without running the guest again.
   bool guest_started() const { return guest_started_.load(); }
@@ -148,8 +147,12 @@ class IncomingMigration {
   void StopProgress();
   Status SendControl(RecordType type, std::span<const uint8_t> payload, bool mandatory = true);
   // Control-channel fold (reader thread, channel lock held): pages requested in post-copy.
-  bool FoldControl(const Record& r);
-  void DataFailed(const Error& e);
+  bool FoldControl(const Record& r) EXCLUDES(mu_);
+  void DataFailed(const Error& e) EXCLUDES(mu_);
+  // Interrupts `control` (may be null). The channel runs FoldControl - which takes mu_ - with its
+  // own lock held, so nothing calls into a ControlChannel while holding mu_ (lock order: the
+  // channel's lock, then mu_).
+  void ControlInterrupt(ControlChannel* control, const Error& e) EXCLUDES(mu_);
   Status CheckDataError();
   void Cleanup();
   // Progress publication (control thread): the phase, and the figures of `out` known so far.
@@ -160,9 +163,11 @@ class IncomingMigration {
   std::string listen_;  // the endpoint given to Listen (const after it)
   std::shared_ptr<const net::TlsContext> tls_;  // const after Listen; null: plaintext
   // Set under mu_ after the handshake; replaced (under mu_ and send_mu_) when post-copy recovers.
+  // Only the control thread writes it, so it reads it without a lock; other threads read it
+  // holding mu_ or send_mu_. "Either of two locks" has no GUARDED_BY form: this comment is the rule.
   std::unique_ptr<ControlChannel> control_;
   std::vector<std::unique_ptr<ControlChannel>> retired_controls_;  // kept alive for late readers
-  std::mutex send_mu_;  // sends from other threads (PAGE_REQUEST) vs replacing control_
+  Mutex send_mu_;  // sends from other threads (PAGE_REQUEST) vs replacing control_
   Hello hello_;
   uint32_t version_ = kProtocolVersion;  // of this migration (the control preamble's)
   uint64_t caps_ = 0;                    // acknowledged capabilities
@@ -172,18 +177,18 @@ class IncomingMigration {
   std::atomic<bool> aborted_{false};
   uint64_t t_end_ = 0;  // END received (control thread only; for the downtime log)
 
-  mutable std::mutex mu_;  // mutable: Stats() reads the counters it guards
+  mutable Mutex mu_;  // mutable: Stats() reads the counters it guards
   std::condition_variable cv_;
-  std::vector<std::unique_ptr<Socket>> data_;   // GUARDED_BY(mu_)
-  std::vector<std::thread> readers_;            // GUARDED_BY(mu_)
-  std::vector<bool> channel_used_;              // GUARDED_BY(mu_)
-  uint64_t batches_applied_ = 0;                // GUARDED_BY(mu_)
+  std::vector<std::unique_ptr<Socket>> data_ GUARDED_BY(mu_);
+  std::vector<std::thread> readers_ GUARDED_BY(mu_);
+  std::vector<bool> channel_used_ GUARDED_BY(mu_);
+  uint64_t batches_applied_ GUARDED_BY(mu_) = 0;
   // Pre-copy: once END's count is met, no page record is applied any more (none may change RAM
   // while the state is restored or the guest runs). Readers hold it shared while they apply and
   // count a record; sealing takes it exclusively, so no apply is in flight after it.
-  std::shared_mutex seal_mu_;
-  bool sealed_ = false;                         // GUARDED_BY(seal_mu_)
-  std::optional<Error> data_error_;             // GUARDED_BY(mu_)
+  SharedMutex seal_mu_;
+  bool sealed_ GUARDED_BY(seal_mu_) = false;
+  std::optional<Error> data_error_ GUARDED_BY(mu_);
 
   // RAM, published once the machine is prepared (before CONFIG_ACK).
   std::atomic<bool> ram_ready_{false};
@@ -199,18 +204,20 @@ class IncomingMigration {
   std::atomic<bool> guest_started_{false};
   std::atomic<bool> progress_stop_{false};
   // Recovery: the acceptor hands a returning source's control connection over here.
-  bool recovering_ = false;                     // GUARDED_BY(mu_)
-  std::unique_ptr<Socket> recover_sock_;        // GUARDED_BY(mu_)
-  uint64_t gen_batches_base_ = 0;               // GUARDED_BY(mu_): records applied before this connection
+  bool recovering_ GUARDED_BY(mu_) = false;
+  std::unique_ptr<Socket> recover_sock_ GUARDED_BY(mu_);
+  uint64_t gen_batches_base_ GUARDED_BY(mu_) = 0;  // records applied before this connection
   uint64_t gen_pages_base_ = 0;                 // control thread only
   uint32_t recoveries_ = 0;                     // control thread only
   int liveness_timeout_ms_ = 3000;              // from the IncomingParams of Run()
   Decompressor ctl_dec_;                // control reader thread only
   std::vector<uint8_t> ctl_scratch_;    // control reader thread only
-  uint64_t ctl_batches_ = 0;            // GUARDED_BY(mu_): page records applied from the control connection
+  uint64_t ctl_batches_ GUARDED_BY(mu_) = 0;  // page records applied from the control connection
   static constexpr size_t kStripes = 256;
-  std::mutex stripes_[kStripes];
-  std::vector<uint64_t> last_seq_;  // GUARDED_BY(stripes_[gfn % kStripes])
+  Mutex stripes_[kStripes];
+  // last_seq_[gfn] is guarded by stripes_[gfn % kStripes] (a per-element lock: not expressible as
+  // GUARDED_BY; the vector itself is sized before the first reader starts).
+  std::vector<uint64_t> last_seq_;
   std::atomic<uint64_t> pages_applied_{0}, bytes_received_{0};
   std::atomic<uint64_t> zero_pages_{0}, raw_pages_{0}, delta_pages_{0}, free_pages_{0};
 
@@ -220,11 +227,11 @@ class IncomingMigration {
   std::atomic<uint64_t> t_go_ns_{0};     // GO handled (post-copy time runs from here)
   std::atomic<uint64_t> t_final_ns_{0};  // final phase reached
   std::atomic<PostcopyRam*> pc_view_{nullptr};  // postcopy_ once started (lives as long as *this)
-  std::mutex commit_mu_;                 // Cancel() vs the handling of GO (guest_started_)
-  mutable std::mutex stats_mu_;
-  IncomingProgress info_;                // GUARDED_BY(stats_mu_): identity, times and final figures
-  std::optional<Candidate> candidate_;   // GUARDED_BY(mu_)
-  bool control_taken_ = false;           // GUARDED_BY(mu_): a source was accepted; later HELLOs are busy
+  Mutex commit_mu_;                      // Cancel() vs the handling of GO (guest_started_)
+  mutable Mutex stats_mu_;
+  IncomingProgress info_ GUARDED_BY(stats_mu_);  // identity, times and final figures
+  std::optional<Candidate> candidate_ GUARDED_BY(mu_);
+  bool control_taken_ GUARDED_BY(mu_) = false;   // a source was accepted; later HELLOs are busy
   // Last: its greeting threads use the members above; Cleanup() and its destructor join them.
   HandshakeThreads handshakes_{kMaxHandshakes};
 };
