@@ -93,7 +93,10 @@ std::unique_ptr<SourceMigration> SourceMigration::Start(SourceVm* vm, SourcePara
   // Set before the migration thread starts and constant after: Stats() reads them from API threads.
   m->ram_ = vm->Ram();
   m->pages_ = m->ram_.size / kWirePageSize;
-  m->start_ns_ = NowNs();
+  {
+    MutexLock l(m->stats_mu_);  // no other thread yet; the lock only satisfies the analysis
+    m->start_ns_ = NowNs();
+  }
   m->thread_ = std::thread([p = m.get()] { p->Run(); });
   return m;
 }
@@ -111,7 +114,7 @@ void SourceMigration::Wait() {
 void SourceMigration::Shutdown() {
   StopResponder();
   StopPinger();
-  std::lock_guard<std::mutex> l(ctl_mu_);
+  MutexLock l(ctl_mu_);
   if (pool_) pool_->Cancel(Error(ErrorCode::kCancelled, "migration ended"));
   if (control_) control_->Shutdown();
 }
@@ -121,7 +124,7 @@ bool SourceMigration::FoldControl(const Record& r) {
     auto rq = DecodePageRequest(r.payload, pages_);
     if (!rq) return false;  // queued: fails the next wait
     {
-      std::lock_guard<std::mutex> l(req_mu_);
+      MutexLock l(req_mu_);
       requests_.push_back(*rq);
     }
     last_request_.store(rq->gfn);
@@ -146,7 +149,7 @@ Status SourceMigration::Recover(const std::string& to) {
   if (st != MigrationStatus::kPostcopyPaused && st != MigrationStatus::kPostcopy)
     return Errorf(ErrorCode::kBusy, "recover applies to a post-copy migration (status {})", MigrationStatusName(st));
   {
-    std::lock_guard<std::mutex> l(recover_mu_);
+    MutexLock l(recover_mu_);
     recover_to_ = to;
     recover_kick_ = true;
   }
@@ -156,7 +159,7 @@ Status SourceMigration::Recover(const std::string& to) {
 }
 
 Status SourceMigration::StartPostcopy() {
-  std::lock_guard<std::mutex> l(commit_mu_);
+  MutexLock l(commit_mu_);
   const MigrationStatus st = status();
   if (IsFinal(st)) return Errorf(ErrorCode::kBusy, "migration already {}", MigrationStatusName(st));
   if (params_.mode == MigrationMode::kPrecopy) return Errorf(ErrorCode::kInvalidArgument, "this migration runs in mode precopy");
@@ -171,13 +174,13 @@ Status SourceMigration::StartPostcopy() {
 
 Status SourceMigration::Cancel() {
   {
-    std::lock_guard<std::mutex> l(commit_mu_);
+    MutexLock l(commit_mu_);
     if (IsFinal(status())) return Errorf(ErrorCode::kBusy, "migration already {}", MigrationStatusName(status()));
     if (committed_) return Errorf(ErrorCode::kBusy, "migration is past its commit point (destination told to run the guest)");
     cancelled_.store(true);
   }
   const Error why(ErrorCode::kCancelled, "cancelled by operator");
-  std::lock_guard<std::mutex> l(ctl_mu_);
+  MutexLock l(ctl_mu_);
   // Tell the destination why before its data connections close under it, so it reports
   // "cancelled" rather than a lost connection (the migration thread sends CANCEL again when it
   // unwinds; a second one is harmless).
@@ -210,7 +213,7 @@ void SourceMigration::Run() {
     if (!next) {
       if (cpu_share_set_ != 1.0) (void)vm_->SetCpuShare(1.0);
       {
-        std::lock_guard<std::mutex> l(stats_mu_);
+        MutexLock l(stats_mu_);
         end_ns_ = NowNs();
       }
       Fail(Explain(next.error()));
@@ -221,20 +224,22 @@ void SourceMigration::Run() {
     if (phase == Phase::kIterate) SetStatus(MigrationStatus::kActive);
     if (phase == Phase::kStopCopy || phase == Phase::kPostcopy) SetStatus(MigrationStatus::kDevice);
   }
+  double total_ms, downtime_ms;
   {
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     end_ns_ = NowNs();
+    total_ms = MsFromNs(end_ns_ - start_ns_);
+    downtime_ms = downtime_ms_;
   }
   SetStatus(MigrationStatus::kCompleted);
   vm_->OnMigrated(params_.to);
-  spdlog::info("migration {}: completed in {:.1f} ms, downtime {:.2f} ms", FormatUuid(uuid_), MsFromNs(end_ns_ - start_ns_),
-               downtime_ms_);
+  spdlog::info("migration {}: completed in {:.1f} ms, downtime {:.2f} ms", FormatUuid(uuid_), total_ms, downtime_ms);
   Shutdown();
 }
 
 Error SourceMigration::Explain(const Error& local) const {
   if (local.code() == ErrorCode::kCancelled && cancelled_) return local;
-  std::lock_guard<std::mutex> l(ctl_mu_);
+  MutexLock l(ctl_mu_);
   // A short grace period: the destination's ERROR usually follows the connection it closed.
   if (control_)
     if (auto peer = control_->PeerVerdict(50)) return *peer;
@@ -244,11 +249,11 @@ Error SourceMigration::Explain(const Error& local) const {
 void SourceMigration::Fail(const Error& e) {
   bool committed;
   {
-    std::lock_guard<std::mutex> l(commit_mu_);
+    MutexLock l(commit_mu_);
     committed = committed_;
   }
   {
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     error_ = e.message();
   }
   if (committed) {
@@ -260,7 +265,7 @@ void SourceMigration::Fail(const Error& e) {
   }
   const bool cancelled = cancelled_.load();
   {
-    std::lock_guard<std::mutex> l(ctl_mu_);
+    MutexLock l(ctl_mu_);
     if (control_ && hello_sent_.load())
       (void)control_->Send(RecordType::kCancel, EncodeCancel(cancelled ? "cancelled by operator" : e.message()));
   }
@@ -289,7 +294,7 @@ Status SourceMigration::Handshake(const Endpoint& ep, uint32_t version) {
   if (params_.mode != MigrationMode::kPrecopy) want |= kCapPostcopy;
   want = NegotiateCaps(version, want);
   {
-    std::lock_guard<std::mutex> l(ctl_mu_);
+    MutexLock l(ctl_mu_);
     if (control_) control_->Shutdown();
     control_ = std::make_unique<ControlChannel>(std::move(*sock));
   }
@@ -374,7 +379,7 @@ Result<SourceMigration::Phase> SourceMigration::Connect() {
   const uint64_t cache_bytes = params_.delta_cache < 0 ? DefaultDeltaCache(ram_.size) : static_cast<uint64_t>(params_.delta_cache);
   const bool delta = (caps_ & kCapDelta) && cache_bytes > 0;
   {
-    std::lock_guard<std::mutex> l(ctl_mu_);
+    MutexLock l(ctl_mu_);
     cache_ = std::make_unique<DeltaCache>(delta ? cache_bytes : 0, pages_);
     selector_ = std::make_unique<CodecSelector>(params_.compress, caps_ & kCapLz4, caps_ & kCapZstd, delta, params_.channels);
     if (params_.max_bandwidth) selector_->ReportLink(static_cast<double>(params_.max_bandwidth));
@@ -383,7 +388,7 @@ Result<SourceMigration::Phase> SourceMigration::Connect() {
   }
   if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
   state_bytes_ = vm_->EstimateStateBytes();
-  std::lock_guard<std::mutex> l(stats_mu_);
+  MutexLock l(stats_mu_);
   setup_ns_ = NowNs() - start_ns_;
   return Phase::kIterate;
 }
@@ -512,7 +517,7 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
   m.round_ms = MsFromNs(ns);
   const Decision d = Decide(policy_cfg_, m, &policy_state_);
   {
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     iterations_ = it + 1;
     bandwidth_bps_ = bw * 8;
     dirty_rate_ = m.dirty_pages_per_s;
@@ -548,7 +553,7 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
     case DecisionKind::kWatch: return Phase::kWatch;
     case DecisionKind::kStop:
       if (!d.converged) {
-        std::lock_guard<std::mutex> l(stats_mu_);
+        MutexLock l(stats_mu_);
         converged_ = false;
         spdlog::warn("migration: {}", d.reason);
       }
@@ -557,13 +562,13 @@ Result<SourceMigration::Phase> SourceMigration::Round() {
     case DecisionKind::kThrottle: {
       FERRY_RETURN_IF_ERROR(vm_->SetCpuShare(d.cpu_share), "throttle");
       cpu_share_set_ = d.cpu_share;
-      std::lock_guard<std::mutex> l(stats_mu_);
+      MutexLock l(stats_mu_);
       throttle_max_pct_ = std::max(throttle_max_pct_, (1.0 - d.cpu_share) * 100.0);
       spdlog::info("migration: {}", d.reason);
       return Phase::kIterate;
     }
     case DecisionKind::kFail: {
-      std::lock_guard<std::mutex> l(stats_mu_);
+      MutexLock l(stats_mu_);
       converged_ = false;
       return Errorf(ErrorCode::kTimeout, "{}", d.reason);
     }
@@ -600,7 +605,7 @@ void SourceMigration::NoteStop(const Decision& d, const nlohmann::json& extra) {
   nlohmann::json j = {{"reason", d.reason}, {"predicted_downtime_ms", d.predicted_downtime_ms}, {"activity", windows}};
   for (auto& [k, v] : extra.items()) j[k] = v;
   spdlog::info("migration: stop-and-copy now: {}", d.reason);
-  std::lock_guard<std::mutex> l(stats_mu_);
+  MutexLock l(stats_mu_);
   predicted_downtime_ms_ = d.predicted_downtime_ms;
   expected_downtime_ms_ = d.predicted_downtime_ms;
   stop_ = std::move(j);
@@ -689,7 +694,7 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
              {"rtt_ms", wm.link.rtt_ms},
              {"fixed_ms", wm.link.fixed_ms}};
     {
-      std::lock_guard<std::mutex> l(stats_mu_);
+      MutexLock l(stats_mu_);
       expected_downtime_ms_ = d.predicted_downtime_ms;
       predicted_downtime_ms_ = d.predicted_downtime_ms;
       remaining_pages_ = wm.link.remaining_pages;
@@ -708,7 +713,7 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
                                     {"quiet_dirty_pages", lull.quiet_dirty_per_window}};
   const double ms = MsFromNs(NowNs() - t_begin);
   {
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     nlohmann::json entry = SentSince(t, before);
     entry.update({{"iteration", iterations_},
                   {"watch", true},
@@ -727,7 +732,7 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
     // over it): after the second watch that could not reach the target, this is non-convergence.
     if (++watch_returns_ < 2 && round_ < policy_cfg_.max_iterations) return Phase::kIterate;
     {
-      std::lock_guard<std::mutex> l(stats_mu_);
+      MutexLock l(stats_mu_);
       converged_ = false;
     }
     const std::string why = fmt::format("{} watches could not reach the {:.0f} ms target ({})", watch_returns_,
@@ -751,7 +756,7 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
 Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
   const uint64_t t_pause = NowNs();
   {
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     pause_ns_ = t_pause;
   }
   FERRY_RETURN_IF_ERROR(vm_->Pause(), "pause source VM");
@@ -780,7 +785,7 @@ Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
                "send state + END {:.2f} ms, destination READY after {:.2f} ms",
                pass.pages, MsFromNs(t_pages - t_pause), MsFromNs(t_paused - t_pause), MsFromNs(t_saved - t_pages), state_bytes, MsFromNs(t_end - t_saved),
                MsFromNs(t_ready - t_end));
-  std::lock_guard<std::mutex> l(stats_mu_);
+  MutexLock l(stats_mu_);
   final_pages_ms_ = MsFromNs(t_pages - t_pause);
   pause_ms_ = MsFromNs(t_paused - t_pause);
   state_ms_ = MsFromNs(t_ready - t_pages);
@@ -817,7 +822,7 @@ Result<SourceMigration::Handover> SourceMigration::HandOverState() {
 
 Result<SourceMigration::Phase> SourceMigration::Commit() {
   {
-    std::lock_guard<std::mutex> l(commit_mu_);
+    MutexLock l(commit_mu_);
     if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
     committed_ = true;
   }
@@ -826,7 +831,7 @@ Result<SourceMigration::Phase> SourceMigration::Commit() {
   auto resumed = control_->Await(RecordType::kResumed, params_.reply_timeout_ms);
   if (!resumed) return std::unexpected(resumed.error().WithContext("waiting for RESUMED"));
   const uint64_t t_resumed = NowNs();
-  std::lock_guard<std::mutex> l(stats_mu_);
+  MutexLock l(stats_mu_);
   resume_ms_ = MsFromNs(t_resumed - t_go);
   downtime_ms_ = MsFromNs(t_resumed - pause_ns_);
   return Phase::kDone;
@@ -837,7 +842,7 @@ Result<SourceMigration::Phase> SourceMigration::Commit() {
 Result<SourceMigration::Phase> SourceMigration::Postcopy() {
   const uint64_t t_pause = NowNs();
   {
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     pause_ns_ = t_pause;
     mode_ran_ = "postcopy";
   }
@@ -859,7 +864,7 @@ Result<SourceMigration::Phase> SourceMigration::Postcopy() {
   {
     // What a post-copy switch pauses for (not the pre-copy prediction that led here).
     const double predicted = PredictPostcopySwitchMs(LinkMeasurement(), pc_missing_count_);
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     predicted_downtime_ms_ = predicted;
     expected_downtime_ms_ = predicted;
   }
@@ -883,7 +888,7 @@ Result<SourceMigration::Phase> SourceMigration::Postcopy() {
   spdlog::info("migration: post-copy switch: {} pages missing, {} bytes of state, destination READY after {:.2f} ms",
                pc_missing_count_, state_bytes, MsFromNs(NowNs() - t_end));
   {
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     final_pages_ms_ = MsFromNs(t_end - t_pause);
     pause_ms_ = MsFromNs(t_paused - t_pause);
     state_ms_ = MsFromNs(NowNs() - t_end);
@@ -894,7 +899,7 @@ Result<SourceMigration::Phase> SourceMigration::Postcopy() {
   auto committed = Commit();  // GO: the guest runs on the destination from here
   if (!committed) return std::unexpected(committed.error());
   {
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     go_ns_ = NowNs();
   }
   SetStatus(MigrationStatus::kPostcopy);
@@ -915,7 +920,7 @@ Result<SourceMigration::Phase> SourceMigration::Postcopy() {
   StopPinger();
   auto d = DecodePostcopyDone(done->payload);
   if (!d) return std::unexpected(d.error());
-  std::lock_guard<std::mutex> l(stats_mu_);
+  MutexLock l(stats_mu_);
   pc_done_ = *d;
   postcopy_ms_ = MsFromNs(NowNs() - go_ns_);
   spdlog::info("migration: post-copy done in {:.1f} ms: {} pages, {} demand faults (p50 {} us, p99 {} us), {} recoveries",
@@ -926,13 +931,13 @@ Result<SourceMigration::Phase> SourceMigration::Postcopy() {
 Status SourceMigration::PostcopyRun() {
   FERRY_RETURN_IF_ERROR(PushMissing(), "post-copy push");
   {
-    std::unique_lock<std::mutex> l(req_mu_);
-    req_cv_.wait(l, [&] { return !responder_busy_ || responder_error_; });
+    MutexLock l(req_mu_);
+    l.Wait(req_cv_, [&]() REQUIRES(req_mu_) { return !responder_busy_ || responder_error_; });
   }
   StopResponder();
   EncodeTally rt;
   {
-    std::lock_guard<std::mutex> l(req_mu_);
+    MutexLock l(req_mu_);
     if (responder_error_) return std::unexpected(*responder_error_);
     rt = responder_tally_;
   }
@@ -949,7 +954,7 @@ bool SourceMigration::Recoverable(const Error& e) {
 
 void SourceMigration::StartResponder() {
   {
-    std::lock_guard<std::mutex> l(req_mu_);
+    MutexLock l(req_mu_);
     responder_stop_ = false;
     responder_busy_ = false;
     responder_error_.reset();
@@ -961,7 +966,7 @@ void SourceMigration::StartResponder() {
 
 void SourceMigration::StopResponder() {
   {
-    std::lock_guard<std::mutex> l(req_mu_);
+    MutexLock l(req_mu_);
     responder_stop_ = true;
   }
   req_cv_.notify_all();
@@ -974,9 +979,9 @@ void SourceMigration::StartPinger() {
     // A quiet post-copy connection is still checked: with TCP_USER_TIMEOUT, a path that drops
     // everything fails the connection instead of hanging it.
     while (!pinger_stop_.load()) {
-      std::unique_lock<std::mutex> l(recover_mu_);
-      recover_cv_.wait_for(l, std::chrono::milliseconds(250), [&] { return pinger_stop_.load(); });
-      l.unlock();
+      MutexLock l(recover_mu_);
+      l.WaitFor(recover_cv_, std::chrono::milliseconds(250), [&] { return pinger_stop_.load(); });
+      l.Unlock();
       if (pinger_stop_.load()) return;
       (void)control_->Send(RecordType::kPing, {}, false);
     }
@@ -998,7 +1003,7 @@ Status SourceMigration::Reconnect(const Error& why) {
   StopResponder();
   uint64_t next_seq;
   {
-    std::lock_guard<std::mutex> l(ctl_mu_);
+    MutexLock l(ctl_mu_);
     retired_tally_.Add(pool_->tally());
     retired_bytes_ += pool_->bytes_written() + control_->socket().bytes_written();
     retired_cpu_ns_ += pool_->cpu_ns() + control_->reader_cpu_ns();
@@ -1007,14 +1012,14 @@ Status SourceMigration::Reconnect(const Error& why) {
     control_->Shutdown();
   }
   {
-    std::lock_guard<std::mutex> l(ctl_mu_);
+    MutexLock l(ctl_mu_);
     pool_.reset();  // joins its workers
   }
   const uint64_t deadline = NowNs() + static_cast<uint64_t>(params_.recover_timeout_ms) * 1'000'000;
   for (uint32_t attempt = 1;; ++attempt) {
     std::string to;
     {
-      std::lock_guard<std::mutex> l(recover_mu_);
+      MutexLock l(recover_mu_);
       to = recover_to_.empty() ? params_.to : recover_to_;
       recover_kick_ = false;
     }
@@ -1022,25 +1027,25 @@ Status SourceMigration::Reconnect(const Error& why) {
     if (s) break;
     spdlog::warn("migration {}: reconnect {} to {} failed: {}", FormatUuid(uuid_), attempt, to, s.error().message());
     {
-      std::lock_guard<std::mutex> l(ctl_mu_);
+      MutexLock l(ctl_mu_);
       if (pool_) {
         pool_->Cancel(s.error());
       }
       if (control_) control_->Shutdown();
     }
     {
-      std::lock_guard<std::mutex> l(ctl_mu_);
+      MutexLock l(ctl_mu_);
       pool_.reset();
     }
     if (NowNs() >= deadline)
       return Errorf(ErrorCode::kTimeout, "post-copy: could not reach the destination again within {} ms (last: {}); the source "
                     "keeps the pages the destination misses and stays paused", params_.recover_timeout_ms, s.error().message());
-    std::unique_lock<std::mutex> l(recover_mu_);
-    recover_cv_.wait_for(l, std::chrono::milliseconds(std::min<uint64_t>(1000, (deadline - NowNs()) / 1'000'000 + 1)),
-                         [&] { return recover_kick_; });
+    MutexLock l(recover_mu_);
+    l.WaitFor(recover_cv_, std::chrono::milliseconds(std::min<uint64_t>(1000, (deadline - NowNs()) / 1'000'000 + 1)),
+              [&]() REQUIRES(recover_mu_) { return recover_kick_; });
   }
   {
-    std::lock_guard<std::mutex> l(stats_mu_);
+    MutexLock l(stats_mu_);
     ++recoveries_;
   }
   SetStatus(MigrationStatus::kPostcopy);
@@ -1070,7 +1075,7 @@ Status SourceMigration::TryReconnect(const std::string& to, uint64_t next_seq) {
   control_->socket().SetUserTimeout(params_.liveness_timeout_ms);
   // What the destination misses now is sent again (what was on the wire may be lost).
   for (size_t w = 0; w < pc_missing_.size(); ++w) pc_claimed_[w].store(pc_missing_[w] & ~now->missing[w]);
-  std::lock_guard<std::mutex> l(ctl_mu_);
+  MutexLock l(ctl_mu_);
   pool_ = std::make_unique<ChannelPool>(std::move(*data), ram_, PoolOptions(next_seq), cache_.get(), selector_.get(), &limiter_);
   spdlog::info("migration {}: post-copy reconnected to {}; {} pages still missing there", FormatUuid(uuid_), to, now->missing_pages);
   return {};
@@ -1115,8 +1120,8 @@ void SourceMigration::Responder() {
   for (;;) {
     PageRequest rq;
     {
-      std::unique_lock<std::mutex> l(req_mu_);
-      req_cv_.wait(l, [&] { return responder_stop_ || !requests_.empty(); });
+      MutexLock l(req_mu_);
+      l.Wait(req_cv_, [&]() REQUIRES(req_mu_) { return responder_stop_ || !requests_.empty(); });
       // Stopped: every page is on the wire already (the push is complete), queued requests too.
       if (responder_stop_) return;
       rq = requests_.front();
@@ -1125,7 +1130,7 @@ void SourceMigration::Responder() {
     }
     Status s = SendRequested(rq.gfn, rq.count, &enc);
     {
-      std::lock_guard<std::mutex> l(req_mu_);
+      MutexLock l(req_mu_);
       responder_busy_ = false;
       if (!s && !responder_error_) responder_error_ = s.error().WithContext("send requested pages");
     }
@@ -1149,7 +1154,7 @@ Status SourceMigration::SendRequested(uint64_t gfn, uint32_t count, PageEncoder*
   EncodeTally t;
   const std::span<const uint8_t> rec = enc->Encode(runs, pool_->TakeSeq(), &t);
   FERRY_RETURN_IF_ERROR(control_->socket().WriteAll(rec), "control channel");
-  std::lock_guard<std::mutex> l(req_mu_);
+  MutexLock l(req_mu_);
   responder_tally_.Add(t);
   return {};
 }
@@ -1162,7 +1167,7 @@ nlohmann::json SourceMigration::Stats() const {
   EncodeTally t;
   nlohmann::json codec = nullptr, cache = nullptr;
   {
-    std::lock_guard<std::mutex> cl(ctl_mu_);
+    MutexLock cl(ctl_mu_);
     transferred += retired_bytes_;
     cpu_ns += retired_cpu_ns_;
     t = retired_tally_;
@@ -1182,7 +1187,7 @@ nlohmann::json SourceMigration::Stats() const {
                {"hits", s.hits}, {"misses", s.misses}, {"overflows", s.encode_overflows}, {"evictions", s.evictions}};
     }
   }
-  std::lock_guard<std::mutex> l(stats_mu_);
+  MutexLock l(stats_mu_);
   const MigrationStatus st = status();
   const uint64_t now = end_ns_ ? end_ns_ : NowNs();
   nlohmann::json j = {

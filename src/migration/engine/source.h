@@ -39,7 +39,6 @@
 #include <condition_variable>
 #include <deque>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -48,6 +47,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/thread_annotations.h"
 #include "migration/codec/codec_selector.h"
 #include "migration/codec/delta_cache.h"
 #include "migration/engine/channel_pool.h"
@@ -78,18 +78,18 @@ class SourceMigration {
   // and per-codec batches), delta_cache, history (one entry per round and one for the watch),
   // predicted_downtime_ms (the prediction the stop was decided on; while running the latest),
   // stop (why and when the stop-and-copy began: reason, activity before the pause).
-  nlohmann::json Stats() const;
+  nlohmann::json Stats() const EXCLUDES(ctl_mu_, stats_mu_);
   MigrationStatus status() const { return status_.load(); }
   // Cancels in any phase before the commit point; the source VM keeps (or resumes) running.
-  Status Cancel();
+  Status Cancel() EXCLUDES(commit_mu_, ctl_mu_);
   // Blocks until the migration reached a final status.
   void Wait();
   // Switches a running pre-copy to post-copy (as QEMU's migrate-start-postcopy): the current pass
   // ends early and the guest moves to the destination with the rest of its pages missing.
-  Status StartPostcopy();
+  Status StartPostcopy() EXCLUDES(commit_mu_);
   // Post-copy recovery (PUT /vm/migration/recover): while the connection is being re-established
   // (status postcopy-paused), try `to` (tcp:HOST:PORT) from now on, at once.
-  Status Recover(const std::string& to);
+  Status Recover(const std::string& to) EXCLUDES(recover_mu_);
 
  private:
   enum class Phase { kConnect, kIterate, kWatch, kStopCopy, kCommit, kPostcopy, kDone };
@@ -165,7 +165,11 @@ class SourceMigration {
   double cpu_share_set_ = 1.0;    // migration thread only
 
   // Stages (created by Connect; the migration thread owns them, Stats/Cancel read through
-  // the pointers under ctl_mu_).
+  // the pointers under ctl_mu_). The migration thread sets and replaces the pointers under
+  // ctl_mu_ and reads them without it (no one else writes them); the responder and pinger
+  // threads read them without it too, as they run only between StartResponder/StartPinger and
+  // StopResponder/StopPinger, while the pointers do not change. "Locked for others, not for the
+  // owner" has no GUARDED_BY form: this comment is the rule.
   RateLimiter limiter_;
   std::unique_ptr<ControlChannel> control_;
   std::unique_ptr<DeltaCache> cache_;
@@ -174,11 +178,14 @@ class SourceMigration {
   std::unique_ptr<PageScheduler> scheduler_;
   PolicyConfig policy_cfg_;
   PolicyState policy_state_;
-  mutable std::mutex ctl_mu_;        // guards the stage pointers while they are set up / torn down
+  mutable Mutex ctl_mu_;        // guards the stage pointers while they are set up / torn down
   std::atomic<bool> hello_sent_{false};  // CANCEL may be sent on the control channel
   std::atomic<uint32_t> version_{kProtocolVersion};  // negotiated (set during connect, read by Stats)
   std::atomic<uint64_t> caps_{0};                    // acknowledged capabilities (likewise)
-  uint64_t dest_applied_ = 0;            // GUARDED_BY(the control channel's lock): page records applied (PROGRESS)
+  // Page records applied (PROGRESS). Guarded by the control channel's own lock (FoldControl runs
+  // under it, WaitDrained reads it in the channel's WaitUntil predicate): a lock private to
+  // ControlChannel, so this rule stays a comment.
+  uint64_t dest_applied_ = 0;
 
   // Round bookkeeping (migration thread only).
   uint32_t round_ = 0;
@@ -193,8 +200,8 @@ class SourceMigration {
   EncodeTally last_tally_;
 
   // Cancel vs commit: once GO is sent the migration can no longer be cancelled.
-  std::mutex commit_mu_;
-  bool committed_ = false;  // GUARDED_BY(commit_mu_)
+  Mutex commit_mu_;
+  bool committed_ GUARDED_BY(commit_mu_) = false;
 
   // Post-copy. The missing set is fixed before POSTCOPY is sent; claims are atomic (a page is
   // pushed once; a requested page is sent at once even if claimed, the destination drops the
@@ -204,44 +211,47 @@ class SourceMigration {
   uint64_t pc_missing_count_ = 0;
   std::unique_ptr<std::atomic<uint64_t>[]> pc_claimed_;
   std::thread responder_;
-  std::mutex req_mu_;
+  Mutex req_mu_;
   std::condition_variable req_cv_;
-  std::deque<PageRequest> requests_;       // GUARDED_BY(req_mu_)
-  bool responder_stop_ = false;            // GUARDED_BY(req_mu_)
-  bool responder_busy_ = false;            // GUARDED_BY(req_mu_)
-  std::optional<Error> responder_error_;   // GUARDED_BY(req_mu_)
-  EncodeTally responder_tally_;            // GUARDED_BY(req_mu_)
+  std::deque<PageRequest> requests_ GUARDED_BY(req_mu_);
+  bool responder_stop_ GUARDED_BY(req_mu_) = false;
+  bool responder_busy_ GUARDED_BY(req_mu_) = false;
+  std::optional<Error> responder_error_ GUARDED_BY(req_mu_);
+  EncodeTally responder_tally_ GUARDED_BY(req_mu_);
   std::atomic<uint64_t> last_request_{UINT64_MAX};  // gfn of the latest request (push locality)
   std::atomic<uint64_t> requests_seen_{0};
   std::thread pinger_;
   std::atomic<bool> pinger_stop_{false};
-  std::mutex recover_mu_;
+  Mutex recover_mu_;
   std::condition_variable recover_cv_;
-  std::string recover_to_;   // GUARDED_BY(recover_mu_): operator's new address ("" = params_.to)
-  bool recover_kick_ = false;  // GUARDED_BY(recover_mu_)
-  // Figures of pools and control channels replaced by a recovery. GUARDED_BY(ctl_mu_).
-  EncodeTally retired_tally_;
-  uint64_t retired_bytes_ = 0, retired_cpu_ns_ = 0;
-  uint32_t recoveries_ = 0;  // GUARDED_BY(stats_mu_)
-  double throttle_max_pct_ = 0;  // GUARDED_BY(stats_mu_): the most the vCPUs were slowed (100 - share %)
+  std::string recover_to_ GUARDED_BY(recover_mu_);  // operator's new address ("" = params_.to)
+  bool recover_kick_ GUARDED_BY(recover_mu_) = false;
+  // Figures of pools and control channels replaced by a recovery.
+  EncodeTally retired_tally_ GUARDED_BY(ctl_mu_);
+  uint64_t retired_bytes_ GUARDED_BY(ctl_mu_) = 0, retired_cpu_ns_ GUARDED_BY(ctl_mu_) = 0;
 
-  // Statistics. GUARDED_BY(stats_mu_) unless atomic.
-  mutable std::mutex stats_mu_;
-  uint64_t start_ns_ = 0, setup_ns_ = 0, end_ns_ = 0;
-  uint64_t pause_ns_ = 0;
-  double pause_ms_ = 0, final_pages_ms_ = 0, state_ms_ = 0, resume_ms_ = 0, downtime_ms_ = 0;
-  double expected_downtime_ms_ = 0, bandwidth_bps_ = 0, dirty_rate_ = 0, rtt_ms_ = 0;
-  std::string mode_ran_ = "precopy";
-  uint64_t go_ns_ = 0;
-  double postcopy_ms_ = 0;
-  uint64_t postcopy_pages_ = 0;
-  PostcopyDone pc_done_;
-  double predicted_downtime_ms_ = 0;  // at the stop decision (before it: the latest prediction)
-  nlohmann::json stop_ = nullptr;
-  uint64_t remaining_pages_ = 0, iterations_ = 0, held_back_total_ = 0;
-  bool converged_ = true;
-  std::string error_;
-  nlohmann::json history_ = nlohmann::json::array();
+  // Statistics (unless atomic).
+  mutable Mutex stats_mu_;
+  uint32_t recoveries_ GUARDED_BY(stats_mu_) = 0;
+  double throttle_max_pct_ GUARDED_BY(stats_mu_) = 0;  // the most the vCPUs were slowed (100 - share %)
+  uint64_t start_ns_ GUARDED_BY(stats_mu_) = 0, setup_ns_ GUARDED_BY(stats_mu_) = 0, end_ns_ GUARDED_BY(stats_mu_) = 0;
+  uint64_t pause_ns_ GUARDED_BY(stats_mu_) = 0;
+  double pause_ms_ GUARDED_BY(stats_mu_) = 0, final_pages_ms_ GUARDED_BY(stats_mu_) = 0, state_ms_ GUARDED_BY(stats_mu_) = 0,
+         resume_ms_ GUARDED_BY(stats_mu_) = 0, downtime_ms_ GUARDED_BY(stats_mu_) = 0;
+  double expected_downtime_ms_ GUARDED_BY(stats_mu_) = 0, bandwidth_bps_ GUARDED_BY(stats_mu_) = 0,
+         dirty_rate_ GUARDED_BY(stats_mu_) = 0, rtt_ms_ GUARDED_BY(stats_mu_) = 0;
+  std::string mode_ran_ GUARDED_BY(stats_mu_) = "precopy";
+  uint64_t go_ns_ GUARDED_BY(stats_mu_) = 0;
+  double postcopy_ms_ GUARDED_BY(stats_mu_) = 0;
+  uint64_t postcopy_pages_ GUARDED_BY(stats_mu_) = 0;
+  PostcopyDone pc_done_ GUARDED_BY(stats_mu_);
+  double predicted_downtime_ms_ GUARDED_BY(stats_mu_) = 0;  // at the stop decision (before it: the latest prediction)
+  nlohmann::json stop_ GUARDED_BY(stats_mu_) = nullptr;
+  uint64_t remaining_pages_ GUARDED_BY(stats_mu_) = 0, iterations_ GUARDED_BY(stats_mu_) = 0,
+           held_back_total_ GUARDED_BY(stats_mu_) = 0;
+  bool converged_ GUARDED_BY(stats_mu_) = true;
+  std::string error_ GUARDED_BY(stats_mu_);
+  nlohmann::json history_ GUARDED_BY(stats_mu_) = nlohmann::json::array();
   std::atomic<uint64_t> migration_thread_cpu_ns_{0};
   std::atomic<uint64_t> round_pages_total_{0}, round_pages_base_{0};  // this pass: pages, pages sent before it
 };
