@@ -167,7 +167,7 @@ class Tamper {
         if (!c) return;
         auto d = Socket::Connect(dest_, 2000);
         if (!d) return;
-        std::lock_guard<std::mutex> l(mu_);
+        MutexLock l(mu_);
         Socket* cs = c->get();
         Socket* ds = d->get();
         socks_.push_back(std::move(*c));
@@ -187,7 +187,7 @@ class Tamper {
   ~Tamper() {
     listener_->Shutdown();
     acceptor_.join();
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     for (auto& s : socks_) s->Shutdown();
     for (auto& t : threads_) t.join();
   }
@@ -215,9 +215,9 @@ class Tamper {
   Endpoint dest_;
   std::unique_ptr<Listener> listener_;
   std::thread acceptor_;
-  std::mutex mu_;
-  std::vector<std::unique_ptr<Socket>> socks_;
-  std::vector<std::thread> threads_;
+  Mutex mu_;
+  std::vector<std::unique_ptr<Socket>> socks_ GUARDED_BY(mu_);
+  std::vector<std::thread> threads_ GUARDED_BY(mu_);
   std::atomic<bool> done_{false};
 };
 

@@ -134,7 +134,7 @@ class CuttableProxy {
         if (!in) return;
         auto out = Socket::Connect(*ParseEndpoint(fmt::format("tcp:127.0.0.1:{}", to_port_)), 2000);
         if (!out) continue;
-        std::lock_guard<std::mutex> l(mu_);
+        MutexLock l(mu_);
         auto pair = std::make_shared<std::pair<std::unique_ptr<Socket>, std::unique_ptr<Socket>>>(std::move(*in), std::move(*out));
         pairs_.push_back(pair);
         pumps_.emplace_back([pair] { Pump(*pair->first, *pair->second); });
@@ -146,13 +146,13 @@ class CuttableProxy {
     listener_->Shutdown();
     acceptor_.join();
     Cut();
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     for (auto& t : pumps_) t.join();
   }
   std::string to() const { return fmt::format("tcp:127.0.0.1:{}", listener_->port()); }
   // Closes every connection relayed so far (both ends see a reset/EOF).
-  int Cut() {
-    std::lock_guard<std::mutex> l(mu_);
+  int Cut() EXCLUDES(mu_) {
+    MutexLock l(mu_);
     int n = 0;
     for (auto& p : pairs_) {
       p->first->Shutdown();
@@ -176,9 +176,9 @@ class CuttableProxy {
   uint16_t to_port_;
   std::unique_ptr<Listener> listener_;
   std::thread acceptor_;
-  std::mutex mu_;
-  std::vector<std::shared_ptr<std::pair<std::unique_ptr<Socket>, std::unique_ptr<Socket>>>> pairs_;
-  std::vector<std::thread> pumps_;
+  Mutex mu_;
+  std::vector<std::shared_ptr<std::pair<std::unique_ptr<Socket>, std::unique_ptr<Socket>>>> pairs_ GUARDED_BY(mu_);
+  std::vector<std::thread> pumps_ GUARDED_BY(mu_);
 };
 
 TEST(MigrationPostcopy, SurvivesACutAndASecondCutDuringRecovery) {

@@ -5,7 +5,6 @@
 
 #include <cstring>
 #include <deque>
-#include <mutex>
 #include <random>
 #include <chrono>
 #include <thread>
@@ -13,6 +12,7 @@
 #include <fmt/format.h>
 
 #include "common/clock.h"
+#include "common/thread_annotations.h"
 #include "memory/guest_memory.h"
 #include "migration/engine/destination.h"
 #include "migration/engine/source.h"
@@ -92,7 +92,7 @@ class FakeSource : public SourceVm {
   void OnMigrated(const std::string&) override { migrated_ = true; }
   // 10 ms windows of pages newly dirtied and writes (as instructions), recorded by the writer.
   ActivitySeries RecentActivity(size_t max_windows) override {
-    std::lock_guard<std::mutex> l(act_mu_);
+    MutexLock l(act_mu_);
     ActivitySeries s;
     const size_t n = std::min(max_windows, windows_.size());
     s.windows.assign(windows_.end() - static_cast<std::ptrdiff_t>(n), windows_.end());
@@ -150,7 +150,7 @@ class FakeSource : public SourceVm {
   // The writer closes the 10 ms windows that ended (empty ones included).
   void RollWindows() {
     const uint64_t now = NowNs();
-    std::lock_guard<std::mutex> l(act_mu_);
+    MutexLock l(act_mu_);
     if (win_start_ns_ == 0) {
       win_start_ns_ = now;
       win_dirty_ = mem_->dirty_log().NewlyDirtied();
@@ -178,9 +178,9 @@ class FakeSource : public SourceVm {
   std::atomic<int> delay_us_{20};
   std::atomic<int> burst_on_ms_{0}, burst_off_ms_{0};
   std::atomic<uint64_t> burst_t0_ns_{0}, pause_ns_{0}, write_count_{0};
-  std::mutex act_mu_;
-  std::deque<ActivityWindow> windows_;  // GUARDED_BY(act_mu_)
-  uint64_t win_start_ns_ = 0, win_dirty_ = 0, win_writes_ = 0;  // GUARDED_BY(act_mu_)
+  Mutex act_mu_;
+  std::deque<ActivityWindow> windows_ GUARDED_BY(act_mu_);
+  uint64_t win_start_ns_ GUARDED_BY(act_mu_) = 0, win_dirty_ GUARDED_BY(act_mu_) = 0, win_writes_ GUARDED_BY(act_mu_) = 0;
   bool paused_ = false, migrated_ = false;
   std::atomic<double> cpu_share_{1.0};
 };
