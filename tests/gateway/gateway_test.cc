@@ -1011,6 +1011,95 @@ TEST_F(GatewayTest, StuckDataConnectionIsBypassed) {
   EXPECT_GE(MetricValue(metrics, "ferry_gateway_chunks_bypassed_total").value_or(-1), 1) << metrics;
 }
 
+// Out of threads (a pids cgroup at its limit: root is not exempt, unlike RLIMIT_NPROC), a serve
+// gateway cannot start a connection's thread. It must drop that connection, count it and keep
+// serving - not terminate on the std::system_error - and serve again once threads are available.
+TEST_F(GatewayTest, OutOfThreadsDropsTheConnectionAndKeepsServing) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root (a pids cgroup)";
+  // cgroup v1 (a pids hierarchy) or v2 (the unified hierarchy with the pids controller).
+  fs::path root = "/sys/fs/cgroup/pids";
+  if (!fs::exists(root / "cgroup.procs")) {
+    std::ifstream c("/sys/fs/cgroup/cgroup.controllers");
+    std::string controllers((std::istreambuf_iterator<char>(c)), std::istreambuf_iterator<char>());
+    if (controllers.find("pids") == std::string::npos) GTEST_SKIP() << "no pids cgroup controller";
+    root = "/sys/fs/cgroup";
+  }
+  const fs::path cg = root / ("ferry-gw-test-" + std::to_string(getpid()));
+  ASSERT_TRUE(fs::create_directory(cg)) << cg;
+  auto write = [](const fs::path& f, const std::string& v) {
+    std::ofstream o(f);
+    o << v;
+    o.flush();
+    return o.good();
+  };
+  auto read = [](const fs::path& f) {
+    std::ifstream i(f);
+    std::string v;
+    i >> v;
+    return v;
+  };
+  auto bin = GatewayBinary();
+  ASSERT_TRUE(fs::exists(bin)) << bin;
+  const uint16_t port = FreeLoopbackPort();
+  const std::string metrics_sock = "/tmp/ferry-gw-threads-" + std::to_string(getpid()) + ".sock";
+  pid_t pid = fork();
+  if (pid == 0) {
+    std::ofstream(cg / "cgroup.procs") << getpid() << std::flush;
+    execl(bin.c_str(), bin.c_str(), "serve", "--listen", ("127.0.0.1:" + std::to_string(port)).c_str(), "--insecure",
+          "--metrics", ("unix:" + metrics_sock).c_str(), "--log-level", "error", nullptr);
+    _exit(127);
+  }
+  struct Cleanup {  // the child gateway and the cgroup go whichever way the test ends
+    pid_t pid;
+    fs::path cg, sock;
+    ~Cleanup() {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+      std::error_code ec;
+      fs::remove(cg, ec);  // rmdir of an empty cgroup
+      fs::remove(sock, ec);
+    }
+  } cleanup{pid, cg, metrics_sock};
+  auto spawn_failures = [&] {  // -1: no metrics (yet)
+    return MetricValue(MetricsGet(metrics_sock, "/metrics"), "ferry_gateway_spawn_failures_total").value_or(-1);
+  };
+  for (int i = 0; i < 200 && spawn_failures() < 0; ++i) std::this_thread::sleep_for(20ms);
+  ASSERT_EQ(spawn_failures(), 0) << "the gateway's metrics did not come up";
+  const int probe = Dial(port);  // listening, and one connection served with threads to spare
+  ASSERT_GE(probe, 0);
+  close(probe);
+  std::this_thread::sleep_for(200ms);
+
+  // No thread more than the gateway has now.
+  ASSERT_TRUE(write(cg / "pids.max", read(cg / "pids.current"))) << "cannot set pids.max";
+  for (int i = 0; i < 5; ++i) {
+    const int fd = Dial(port);
+    ASSERT_GE(fd, 0) << "the gateway stopped listening";
+    pollfd p{fd, POLLIN, 0};
+    const auto t0 = std::chrono::steady_clock::now();
+    ASSERT_EQ(poll(&p, 1, 3000), 1) << "connection " << i << " neither served nor dropped in 3 s";
+    char c;
+    EXPECT_LE(recv(fd, &c, 1, 0), 0) << "a dropped connection is closed, not answered";
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 2s);
+    close(fd);
+  }
+  int wstatus = 0;
+  ASSERT_EQ(waitpid(pid, &wstatus, WNOHANG), 0) << "the gateway died out of threads (status " << wstatus << ")";
+  EXPECT_GE(spawn_failures(), 5);
+
+  // Threads again: a new connection gets its handshake thread (it waits for the peer's first
+  // frame instead of being closed at once), and nothing more is dropped.
+  ASSERT_TRUE(write(cg / "pids.max", "max"));
+  const double dropped = spawn_failures();
+  const int fd = Dial(port);
+  ASSERT_GE(fd, 0);
+  pollfd p{fd, POLLIN, 0};
+  EXPECT_EQ(poll(&p, 1, 500), 0) << "with threads available the connection must be served, not dropped";
+  close(fd);
+  EXPECT_EQ(spawn_failures(), dropped);
+  EXPECT_EQ(waitpid(pid, &wstatus, WNOHANG), 0);
+}
+
 TEST(GatewayOptionsTest, BadOptionsAreErrors) {
   GatewayOptions o;
   o.role = Role::kForward;
