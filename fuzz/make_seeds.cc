@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <array>
+#include <cstring>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "migration/codec/xbzrle.h"
 #include "migration/protocol/pages.h"
 #include "migration/protocol/wire.h"
+#include "vmm/snapshot.h"
 
 using namespace ferry;
 using namespace ferry::migration;
@@ -169,6 +171,43 @@ void Devices() {
   unlink(tmpl);
 }
 
+// For fuzz_snapshot: snapshots of a fresh 16 MiB board written by WriteSnapshot (one with a few
+// non-zero RAM pages, one with a balloon), each once as is (byte 0 = 0: the file's own CRCs) and
+// once for the harness to re-CRC (byte 0 = 1).
+void Snapshots() {
+  const char* t = "snapshot";
+  char dir[] = "/tmp/ferry-seed-snap-XXXXXX";
+  if (!mkdtemp(dir)) std::exit(1);
+  const std::string path = std::string(dir) + "/snap";
+  for (int variant = 0; variant < 2; ++variant) {
+    BoardConfig cfg;
+    cfg.ram_bytes = kMinRam;
+    cfg.balloon = variant == 1;
+    cfg.console_out = [](std::span<const uint8_t>) {};
+    auto board = Board::Create(cfg, false);
+    if (!board) std::exit(1);
+    if (variant == 0)
+      for (uint64_t p = 0; p < 3; ++p) std::memset((*board)->memory().host() + p * 5 * kPageSize, 0x40 + static_cast<int>(p), 64);
+    SnapshotState st;
+    st.config = {{"board", (*board)->config().GuestJson()}, {"vmm", "ferry-vmm"}};
+    st.vcpu = (*board)->vcpu().SaveState();
+    for (Device* d : (*board)->devices()) st.devices[d->id()] = d->SaveState();
+    if (auto s = WriteSnapshot(path, st, (*board)->memory()); !s) {
+      std::fprintf(stderr, "ferry-fuzz-seeds: snapshot: %s\n", s.error().message().c_str());
+      std::exit(1);
+    }
+    FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) std::exit(1);
+    std::vector<uint8_t> bytes;
+    for (int c; (c = std::fgetc(f)) != EOF;) bytes.push_back(static_cast<uint8_t>(c));
+    std::fclose(f);
+    Put(t, 0, bytes);
+    Put(t, 1, bytes);
+    unlink(path.c_str());
+  }
+  rmdir(dir);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -182,6 +221,7 @@ int main(int argc, char** argv) {
   PageRecords();
   GatewayFrames();
   Devices();
+  Snapshots();
   std::printf("ferry-fuzz-seeds: %d seeds in %s\n", g_count, g_dir.c_str());
   return 0;
 }
