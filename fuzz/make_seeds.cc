@@ -208,6 +208,77 @@ void Snapshots() {
   rmdir(dir);
 }
 
+// For fuzz_incoming_migration: whole pre-copy migrations as a source sends them - [flags][u16 len]
+// control bytes (preamble, HELLO, CONFIG for the harness's 16 MiB destination, STATE, END, GO),
+// then per data channel [u16 len] its bytes (preamble, DATA_HELLO, page records). One v2 migration
+// over two channels (ENCODED_PAGES: zero and free runs, raw pages, a delta), one v1 migration over
+// one channel (PAGES) for a destination that speaks at most v1.
+void IncomingMigrations() {
+  const char* t = "incoming_migration";
+  const Uuid uuid{0xfe, 0x77, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14};
+  auto append = [](std::vector<uint8_t>* out, std::span<const uint8_t> b) { out->insert(out->end(), b.begin(), b.end()); };
+  auto segment = [&](std::vector<uint8_t>* in, const std::vector<uint8_t>& seg) {
+    in->push_back(static_cast<uint8_t>(seg.size()));
+    in->push_back(static_cast<uint8_t>(seg.size() >> 8));
+    append(in, seg);
+  };
+  std::array<uint8_t, kWirePageSize> page{}, next{};
+  for (size_t i = 0; i < page.size(); ++i) page[i] = static_cast<uint8_t>("incoming page "[i % 14]);
+  next = page;
+  for (size_t i = 0; i < next.size(); i += 700) next[i] ^= 0x21;
+  std::array<uint8_t, kWirePageSize> delta{};
+  const size_t dlen = XbzrleEncode(page.data(), next.data(), delta.data(), kMaxDeltaBytes);
+  for (const uint32_t version : {2u, 1u}) {
+    const uint32_t channels = version == 2 ? 2 : 1;
+    const uint64_t caps = version == 2 ? kCapsSupported & ~kCapPostcopy : kCapProgress;
+    std::vector<std::vector<uint8_t>> data(channels);
+    uint64_t batches = 0, pages = 0;
+    for (uint32_t ch = 0; ch < channels; ++ch) {
+      append(&data[ch], EncodePreamble(Role::kData, version));
+      append(&data[ch], EncodeRecord(RecordType::kDataHello, Encode(DataHello{uuid, ch})));
+    }
+    if (version == 2) {
+      EncodedPagesBuilder b;
+      b.Reset(1, true);
+      b.AddZeroRun(0, 8);
+      b.AddFreeRun(8, 8);
+      b.AddRaw(16, page.data());
+      b.AddZero(17);
+      append(&data[0], b.Finish());
+      b.Reset(2, true);  // after seq 1 on the same channel: the delta's base is in place
+      if (dlen > 0) b.AddDelta(16, 1, std::span<const uint8_t>(delta.data(), dlen));
+      else b.AddRaw(16, next.data());
+      append(&data[0], b.Finish());
+      b.Reset(3, true);
+      b.AddRaw(20, next.data());
+      append(&data[1], b.Finish());
+      batches = 3;
+      pages = 18 + 1 + 1;
+    } else {
+      PagesBuilder b;
+      b.Reset(1);
+      b.AddZero(3);
+      b.AddRaw(4, page.data());
+      append(&data[0], b.Finish());
+      batches = 1;
+      pages = 2;
+    }
+    std::vector<uint8_t> ctl;
+    append(&ctl, EncodePreamble(Role::kControl, version));
+    append(&ctl, EncodeRecord(RecordType::kHello, Encode(Hello{uuid, caps, channels, kWirePageSize})));
+    append(&ctl, EncodeRecord(RecordType::kConfig, EncodeConfig(nlohmann::json{{"ram", 16ull << 20}})));
+    append(&ctl, EncodeRecord(RecordType::kState, Encode(StateRecord{"vcpu:0", {1, 2, 3}})));
+    append(&ctl, EncodeRecord(RecordType::kState, Encode(StateRecord{"dev:uart0", std::vector<uint8_t>(40, 7)})));
+    append(&ctl, EncodeRecord(RecordType::kEnd, Encode(End{batches, pages})));
+    append(&ctl, EncodeRecord(RecordType::kGo, {}));
+    std::vector<uint8_t> in;
+    in.push_back(version == 1 ? 1 : 0);
+    segment(&in, ctl);
+    for (const auto& d : data) segment(&in, d);
+    Put(t, 0, in, false);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -222,6 +293,7 @@ int main(int argc, char** argv) {
   GatewayFrames();
   Devices();
   Snapshots();
+  IncomingMigrations();
   std::printf("ferry-fuzz-seeds: %d seeds in %s\n", g_count, g_dir.c_str());
   return 0;
 }
