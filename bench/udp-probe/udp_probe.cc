@@ -8,7 +8,8 @@
 //   sent, received (distinct probes answered), lost (sent - received), duplicates,
 //   max_gap_ms (longest silence between replies while sending, including a trailing one),
 //   max_gap_start_s, first_reply_s, rtt_ms {p50, p99, max} (per answered probe),
-//   duration_s (sending time), rate_hz, target, start_mono_s (CLOCK_MONOTONIC at the start) and
+//   duration_s (sending time), rate_hz, target, start_mono_s (CLOCK_MONOTONIC at the start),
+//   last_reply_mono_s (the last reply while sending, -1 if none) and end_mono_s (sending ended), and
 //   gaps: every silence longer than --gap-list-ms as [start_mono_s, end_mono_s] (the reply before
 //   and the reply after it, or the end of sending; CLOCK_MONOTONIC seconds, comparable with other
 //   processes' clocks).
@@ -151,11 +152,11 @@ int main(int argc, char** argv) {
     if (ppoll(&p, 1, &ts, nullptr) > 0) receive_all(false);
   }
   std::printf("%s\n",
-              fmt::format(R"({{"target":"{}","rate_hz":{},"duration_s":{:.3f},"sent":{},"received":{},"lost":{},"duplicates":{},"max_gap_ms":{:.3f},"max_gap_start_s":{:.3f},"first_reply_s":{:.3f},"rtt_ms":{{"p50":{:.3f},"p99":{:.3f},"max":{:.3f}}},"start_mono_s":{:.6f},"gaps":[{}]}})",
+              fmt::format(R"({{"target":"{}","rate_hz":{},"duration_s":{:.3f},"sent":{},"received":{},"lost":{},"duplicates":{},"max_gap_ms":{:.3f},"max_gap_start_s":{:.3f},"first_reply_s":{:.3f},"rtt_ms":{{"p50":{:.3f},"p99":{:.3f},"max":{:.3f}}},"start_mono_s":{:.6f},"last_reply_mono_s":{:.6f},"end_mono_s":{:.6f},"gaps":[{}]}})",
                           target, rate, end - start, sent, received, sent - received, duplicates,
                           last_reply < 0 ? (end - start) * 1000 : max_gap * 1000, max_gap_at,
                           first_reply < 0 ? -1.0 : first_reply - start, Percentile(rtts, 0.5), Percentile(rtts, 0.99),
-                          rtts.empty() ? -1.0 : *std::max_element(rtts.begin(), rtts.end()), start, gaps)
+                          rtts.empty() ? -1.0 : *std::max_element(rtts.begin(), rtts.end()), start, last_reply, end, gaps)
                   .c_str());
   std::fflush(stdout);
   close(fd);

@@ -74,6 +74,13 @@ class MigrationTest : public ::testing::Test {
   std::string dir_;
 };
 
+// What the echo service's longest silence may add to the VMM's downtime: the guest's first slices
+// after the resume, the probe's 1 ms period, and a loaded 2-core host not running the destination
+// at once. Measured here: longest silence 40-60 ms (the busy guest's own jitter) for 1-4 ms of VMM
+// downtime, answers flowing straight across the resume; without the RARP announce the first
+// answer after the resume came 230 ms late (the bridge still sent to the source's port).
+constexpr double kServiceMarginMs = 500;
+
 // --- the main case: memdirty at 20k pages/s + UDP echo, over a bridge ---
 TEST_F(MigrationTest, MemdirtyAndEchoMoveToTheDestination) {
   if (geteuid() != 0) GTEST_SKIP() << "needs root for network namespaces and TAP devices";
@@ -91,6 +98,8 @@ TEST_F(MigrationTest, MemdirtyAndEchoMoveToTheDestination) {
   auto dst = Incoming(port, {"--net", "tap=fmtapb"}, ns.name());
   std::this_thread::sleep_for(1s);  // let memdirty reach its rate
 
+  PacketCapture rarp(ns.name(), 0x8035);  // from before the migration: the source must announce nothing
+  ASSERT_TRUE(rarp.ok());
   UdpProbe probe(ns.name(), "10.77.0.2:7", dir_);
   std::this_thread::sleep_for(500ms);
   auto r = Ferry("migrate --api-socket " + src.socket() + " --to tcp:127.0.0.1:" + std::to_string(port) + " --json --no-progress",
@@ -98,6 +107,8 @@ TEST_F(MigrationTest, MemdirtyAndEchoMoveToTheDestination) {
   ASSERT_EQ(r.rc, 0) << r.out << src.Stderr() << dst->Stderr();
   std::this_thread::sleep_for(1s);
   auto p = probe.Stop();
+  // The destination told the bridge where the guest's MAC lives now.
+  ExpectOneRarpFromTap(rarp, "fmtapb", {0x52, 0x54, 0x00, 0x12, 0x34, 0x56});
   ASSERT_TRUE(r.json.is_object()) << r.out;
   for (const char* k : {"status", "total_ms", "downtime_ms", "setup_ms", "transferred_bytes", "iterations"})
     EXPECT_TRUE(r.json.contains(k)) << k << " missing: " << r.out;
@@ -112,9 +123,11 @@ TEST_F(MigrationTest, MemdirtyAndEchoMoveToTheDestination) {
   ASSERT_TRUE(p.is_object());
   std::printf("migration: %s\nprobe: %s\n", r.json.dump().c_str(), p.dump().c_str());
   // How many of the 1 kHz probes a guest answers depends on its CPU (a sanitizer build is slow);
-  // what matters is that answers kept coming and the longest silence was short.
-  EXPECT_GT(p["received"].get<int>(), 0) << p.dump();
-  EXPECT_LT(p["max_gap_ms"].get<double>(), 2000.0) << "service downtime " << p.dump();
+  // what matters is that answers came from the destination after its resume, up to the end, and
+  // that no silence lasted much longer than the VMM's own downtime.
+  const auto resumed = GuestResumedMono(dst->Stderr());
+  ASSERT_TRUE(resumed) << dst->Stderr();
+  ExpectServiceContinuesAfterResume(p, *resumed, r.json["downtime_ms"].get<double>(), kServiceMarginMs);
   EXPECT_EQ(dst->Api("PUT", "/vm/shutdown", "{}"), 200);
   EXPECT_EQ(dst->Wait(10s), 0);
 }

@@ -1,12 +1,22 @@
 #include "vm_process.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <net/if.h>
+#include <poll.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
+#include <iterator>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -213,6 +223,62 @@ int NetNs::UdpEcho(const std::string& ip, int port, int count, int timeout_ms) {
   std::string out;
   if (Sh("ip netns exec " + name_ + " python3 -c \"" + py + "\"", &out) != 0) return -1;
   return std::atoi(out.c_str());
+}
+
+PacketCapture::PacketCapture(const std::string& netns, uint16_t ethertype) {
+  // A socket belongs to the namespace of the thread that creates it: create it from a thread
+  // that joined `netns` (this thread stays where it is).
+  std::thread t([&] {
+    const int nsfd = open(("/var/run/netns/" + netns).c_str(), O_RDONLY | O_CLOEXEC);
+    if (nsfd < 0) return;
+    if (setns(nsfd, CLONE_NEWNET) == 0)
+      fd_ = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, htons(ETH_P_ALL));
+    close(nsfd);
+  });
+  t.join();
+  // ETH_P_ALL, not the ethertype itself: a socket for one protocol sees a bridge port's frames only
+  // after the bridge passed them up on the bridge device, never as they enter the port. A filter
+  // in the kernel keeps the other traffic out of the receive buffer.
+  sock_filter code[] = {
+      {0x28, 0, 0, 12},                   // ldh [12]  (the ethertype)
+      {0x15, 0, 1, ethertype},            // jeq #ethertype, keep, drop
+      {0x06, 0, 0, 0x40000},              // keep: ret #262144
+      {0x06, 0, 0, 0},                    // drop: ret #0
+  };
+  sock_fprog prog{static_cast<unsigned short>(std::size(code)), code};
+  if (fd_ >= 0 && setsockopt(fd_, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof prog) != 0) {
+    close(fd_);
+    fd_ = -1;
+  }
+  ethertype_ = ethertype;
+}
+
+PacketCapture::~PacketCapture() {
+  if (fd_ >= 0) close(fd_);
+}
+
+std::vector<CapturedFrame> PacketCapture::Take(std::chrono::milliseconds timeout) {
+  std::vector<CapturedFrame> frames;
+  if (fd_ < 0) return frames;
+  pollfd p{fd_, POLLIN, 0};
+  if (poll(&p, 1, static_cast<int>(timeout.count())) <= 0) return frames;
+  for (;;) {
+    uint8_t buf[2048];
+    sockaddr_ll from{};
+    socklen_t len = sizeof from;
+    const ssize_t n = recvfrom(fd_, buf, sizeof buf, 0, reinterpret_cast<sockaddr*>(&from), &len);
+    if (n < 0) break;
+    if (n < 14 || (buf[12] << 8 | buf[13]) != ethertype_) continue;  // queued before the filter was attached
+    CapturedFrame f;
+    f.pkttype = from.sll_pkttype;
+    f.bytes.assign(buf, buf + n);
+    ifreq ifr{};
+    ifr.ifr_ifindex = from.sll_ifindex;
+    // The index belongs to the capture's namespace, so it is resolved through the socket itself.
+    if (ioctl(fd_, SIOCGIFNAME, &ifr) == 0) f.ifname = ifr.ifr_name;
+    frames.push_back(std::move(f));
+  }
+  return frames;
 }
 
 }  // namespace ferry::test

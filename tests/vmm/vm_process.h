@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -69,6 +70,34 @@ class NetNs {
  private:
   std::string name_;
   bool ok_ = false;
+};
+
+// An Ethernet frame a PacketCapture saw: the interface it was seen on, the packet type
+// (PACKET_HOST, PACKET_BROADCAST, ..., PACKET_OUTGOING for a copy the namespace sent) and the frame
+// from the destination MAC on.
+struct CapturedFrame {
+  std::string ifname;
+  int pkttype = 0;
+  std::vector<uint8_t> bytes;
+};
+
+// An AF_PACKET socket on every interface of a network namespace, filtered to one ethertype, open
+// from construction on: frames queue in the socket (up to its receive buffer) until Take() reads
+// them. Each frame is seen on every interface it crosses (a bridge port, the bridge, the other
+// ports as PACKET_OUTGOING).
+class PacketCapture {
+ public:
+  PacketCapture(const std::string& netns, uint16_t ethertype);
+  ~PacketCapture();
+  PacketCapture(const PacketCapture&) = delete;
+  PacketCapture& operator=(const PacketCapture&) = delete;
+  bool ok() const { return fd_ >= 0; }
+  // Every frame queued so far; waits up to `timeout` for the first one if none is queued.
+  std::vector<CapturedFrame> Take(std::chrono::milliseconds timeout);
+
+ private:
+  int fd_ = -1;
+  uint16_t ethertype_ = 0;
 };
 
 }  // namespace ferry::test
