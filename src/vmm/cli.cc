@@ -45,7 +45,13 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
   app.add_option("--net", net, "virtio-net on a TAP: tap=NAME[,mac=MAC]");
   app.add_option("--disk", cl.vm.board.disk, "virtio-blk raw disk image");
   app.add_flag("--balloon", cl.vm.board.balloon, "virtio-balloon with free page reporting");
-  app.add_option("--restore", cl.restore, "restore a snapshot file instead of booting");
+  std::string clone;
+  app.add_option("--restore", cl.restore,
+                 "restore a snapshot file instead of booting; this process then holds a claim on the snapshot (FILE.claim) and a "
+                 "second --restore of it while this copy runs is refused");
+  app.add_option("--restore-clone", clone,
+                 "restore a snapshot file as a clone: no claim (the original may run too), a new VM identity (generation_id in GET "
+                 "/vm); the guest keeps everything else, its MAC address included: give the clone its own network segment");
   app.add_option("--incoming", cl.incoming,
                  "wait for a live migration on tls:ADDR:PORT (mutual TLS: --tls-cert, --tls-key, --tls-ca) or tcp:ADDR:PORT "
                  "(plaintext: loopback only unless --allow-plaintext) instead of booting");
@@ -71,6 +77,11 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
   } catch (const CLI::ParseError& e) {
     return Errorf(ErrorCode::kInvalidArgument, "{}", e.what());
   }
+  if (!clone.empty()) {
+    if (!cl.restore.empty()) return Errorf(ErrorCode::kInvalidArgument, "--restore and --restore-clone: give one of them");
+    cl.restore = clone;
+    cl.restore_clone = true;
+  }
   auto size = ParseSize(mem);
   if (!size) return std::unexpected(size.error().WithContext("--mem"));
   cl.vm.board.ram_bytes = *size;
@@ -78,7 +89,7 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
   if (!net.empty()) FERRY_RETURN_IF_ERROR(ParseNetSpec(net, &cl.vm.board), "command line");
   if (!cl.incoming.empty()) {
     if (!cl.restore.empty() || !cl.vm.board.kernel.empty() || !cl.vm.board.initrd.empty() || !cmdline.empty() || mem != "256M")
-      return Errorf(ErrorCode::kInvalidArgument, "--incoming takes the VM configuration from the migration stream: do not pass --kernel/--initrd/--cmdline/--mem/--restore");
+      return Errorf(ErrorCode::kInvalidArgument, "--incoming takes the VM configuration from the migration stream: do not pass --kernel/--initrd/--cmdline/--mem/--restore/--restore-clone");
     if (!cl.incoming.starts_with("tcp:") && !cl.incoming.starts_with("tls:"))
       return Errorf(ErrorCode::kInvalidArgument, "--incoming: '{}' must look like tls:ADDR:PORT or tcp:ADDR:PORT", cl.incoming);
     const bool tls = cl.incoming.starts_with("tls:");

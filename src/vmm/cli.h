@@ -15,6 +15,9 @@ struct VmmCommandLine {
   VmOptions vm;
   std::string api_socket;
   std::string restore;
+  // --restore-clone FILE: restore without claiming the snapshot (another copy may run) and with a
+  // new VM identity (generation id). restore holds FILE then too.
+  bool restore_clone = false;
   std::string incoming;  // tls:ADDR:PORT or tcp:ADDR:PORT
   net::TlsFiles tls;                   // --tls-cert/--tls-key/--tls-ca (incoming tls: only)
   std::vector<std::string> tls_allow;  // --tls-allow NAME...: accepted source certificate names

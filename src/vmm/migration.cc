@@ -66,7 +66,8 @@ Result<nlohmann::json> VmMigrationManager::Config() {
   if (!info) return std::unexpected(info.error());
   nlohmann::json board = (*info)["config"];
   board.erase("tap");  // host-side detail
-  return nlohmann::json{{"board", board}, {"vmm", "ferry-vmm"}};
+  // The same VM moves: the destination keeps its identity.
+  return nlohmann::json{{"board", board}, {"vmm", "ferry-vmm"}, {"generation_id", (*info).value("generation_id", "")}};
 }
 
 Status VmMigrationManager::Pause() {
@@ -104,6 +105,11 @@ Result<migration::RamView> VmMigrationTarget::Prepare(const nlohmann::json& conf
     return Errorf(ErrorCode::kCorrupt, "configuration has no \"board\" object");
   VmOptions opts = options_;
   FERRY_RETURN_IF_ERROR(opts.board.ApplyGuestJson(config["board"]), "guest configuration");
+  if (auto id = config.find("generation_id"); id != config.end()) {
+    if (!id->is_string() || id->get_ref<const std::string&>().size() > 64)
+      return Errorf(ErrorCode::kCorrupt, "configuration: \"generation_id\" must be a string of at most 64 characters");
+    opts.generation_id = id->get<std::string>();
+  }
   if (max_ram_ && opts.board.ram_bytes > max_ram_)
     return Errorf(ErrorCode::kInvalidArgument, "the VM has {} MiB of RAM; this destination takes at most {} MiB (--max-mem)",
                   opts.board.ram_bytes >> 20, max_ram_ >> 20);

@@ -1,10 +1,12 @@
 #include "vmm/snapshot.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <climits>
 #include <cstring>
 
 #include "common/crc32c.h"
@@ -315,6 +317,41 @@ Result<SnapshotState> ReadSnapshot(const std::string& path,
   if (!have_end || !have_vcpu || !have_ram) return Errorf(ErrorCode::kCorrupt, "{}", ctx("missing VCPU, RAM or END section"));
   if (r.remaining() != 0) return Errorf(ErrorCode::kCorrupt, "{}", ctx(fmt::format("{} trailing bytes after END", r.remaining())));
   return st;
+}
+
+Result<SnapshotClaim> SnapshotClaim::Acquire(const std::string& snapshot_path) {
+  char real[PATH_MAX];
+  if (!realpath(snapshot_path.c_str(), real)) return Errorf(ErrorCode::kIo, "snapshot '{}': {}", snapshot_path, std::strerror(errno));
+  const std::string path = std::string(real) + ".claim";
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0)
+    return Errorf(ErrorCode::kIo, "cannot claim snapshot '{}' ({}: {}); --restore-clone runs a copy without a claim", snapshot_path, path,
+                  std::strerror(errno));
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    char holder[32] = {};
+    const ssize_t n = pread(fd, holder, sizeof holder - 1, 0);
+    close(fd);
+    if (err != EWOULDBLOCK) return Errorf(ErrorCode::kIo, "cannot claim snapshot '{}' ({}: {})", snapshot_path, path, std::strerror(err));
+    std::string pid(holder, n > 0 ? static_cast<size_t>(n) : 0);
+    while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
+    return Errorf(ErrorCode::kBusy,
+                  "snapshot '{}' is already restored and running (ferry-vmm pid {}, claim {}): a second copy of the same VM would "
+                  "run with the same identity, MAC address and disk; stop that copy first, or pass --restore-clone to run a clone "
+                  "with a new identity",
+                  snapshot_path, pid.empty() ? "unknown" : pid, path);
+  }
+  const std::string me = std::to_string(getpid()) + "\n";
+  if (ftruncate(fd, 0) != 0 || pwrite(fd, me.data(), me.size(), 0) != static_cast<ssize_t>(me.size())) {
+    const int err = errno;
+    close(fd);
+    return Errorf(ErrorCode::kIo, "cannot claim snapshot '{}' ({}: {})", snapshot_path, path, std::strerror(err));
+  }
+  return SnapshotClaim(fd, path);
+}
+
+SnapshotClaim::~SnapshotClaim() {
+  if (fd_ >= 0) close(fd_);  // releases the lock
 }
 
 }  // namespace ferry

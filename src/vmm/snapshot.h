@@ -8,6 +8,15 @@
 //   DEVICE* (u32 id length, id, blob), RAM (u64 ram bytes, u64 non-zero pages, page bitmap
 //   padded to 8 bytes, the non-zero pages in ascending order), END (empty).
 // Decoding checks every CRC, length and limit and names the section and offset on error.
+//
+// The CONFIG JSON holds "board" (guest-visible board config), "vmm" and "generation_id" (the VM's
+// identity, GET /vm; a plain restore keeps it, a clone gets a new one). Older snapshots have no
+// generation_id: their restore gets a new one.
+//
+// One running copy per snapshot: SnapshotClaim. ferry-vmm --restore holds an exclusive claim on
+// the snapshot it restored for as long as the process lives, so restoring the same snapshot
+// again while that copy runs (two copies of one VM: same MAC, same disk, same identity) is
+// refused; --restore-clone restores without a claim and with a new generation id.
 #pragma once
 
 #include <functional>
@@ -39,5 +48,26 @@ Status WriteSnapshot(const std::string& path, const SnapshotState& state, const 
 // guest RAM to load into (typically after building the board from the config).
 Result<SnapshotState> ReadSnapshot(const std::string& path,
                                    const std::function<Result<GuestMemory*>(const nlohmann::json&)>& make_memory);
+
+// An exclusive claim on a snapshot: flock(LOCK_EX) on "<real path of the snapshot>.claim", a file
+// created beside it that names the holder's pid. The kernel drops the lock when the process ends
+// however it ends (no stale claims); the file itself stays (empty of meaning once unlocked).
+// Symbolic links are resolved, so two spellings of one path share the claim; a hard link under
+// another name does not. Not thread-safe (one per process, held by main).
+class SnapshotClaim {
+ public:
+  // kBusy naming the holder's pid when another process holds the claim; kIo when the claim file
+  // cannot be created (e.g. a read-only directory).
+  static Result<SnapshotClaim> Acquire(const std::string& snapshot_path);
+  SnapshotClaim(SnapshotClaim&& o) noexcept : fd_(o.fd_), path_(std::move(o.path_)) { o.fd_ = -1; }
+  SnapshotClaim& operator=(SnapshotClaim&&) = delete;
+  ~SnapshotClaim();
+  const std::string& path() const { return path_; }
+
+ private:
+  SnapshotClaim(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  int fd_ = -1;
+  std::string path_;
+};
 
 }  // namespace ferry

@@ -7,6 +7,7 @@
 
 #include "common/clock.h"
 #include "machine/devices/virtio/virtio_factory.h"
+#include "migration/protocol/wire.h"
 #include "vmm/snapshot.h"
 
 namespace ferry {
@@ -37,6 +38,7 @@ Result<std::unique_ptr<Vm>> Vm::Create(VmOptions options) {
 
 Status Vm::Init(VmOptions options, bool load_kernel) {
   options_ = std::move(options);
+  if (options_.generation_id.empty()) options_.generation_id = migration::FormatUuid(migration::NewUuid());
   auto loop = EventLoop::Create();
   if (!loop) return std::unexpected(loop.error());
   loop_ = std::move(*loop);
@@ -116,6 +118,7 @@ Status Vm::AnnounceNetwork() {
 
 Result<std::unique_ptr<Vm>> Vm::Restore(VmOptions options, const std::string& snapshot_path) {
   std::unique_ptr<Vm> vm(new Vm());
+  const bool new_identity = !options.generation_id.empty();
   auto make = [&](const nlohmann::json& config) -> Result<GuestMemory*> {
     auto s = options.board.ApplyGuestJson(config.value("board", nlohmann::json::object()));
     if (!s) return std::unexpected(s.error());
@@ -125,6 +128,9 @@ Result<std::unique_ptr<Vm>> Vm::Restore(VmOptions options, const std::string& sn
   };
   auto st = ReadSnapshot(snapshot_path, make);
   if (!st) return std::unexpected(st.error().WithContext("restore"));
+  // The same VM continues (a clone was given its new identity by the caller).
+  if (auto id = st->config.find("generation_id"); !new_identity && id != st->config.end() && id->is_string() && !id->get_ref<const std::string&>().empty())
+    vm->options_.generation_id = id->get<std::string>();
   FERRY_RETURN_IF_ERROR(vm->board_->vcpu().RestoreState(st->vcpu), "restore");
   FERRY_RETURN_IF_ERROR(vm->board_->RestoreDevices(st->devices), "restore");
   vm->board_->PostRestore();
@@ -342,7 +348,7 @@ Status Vm::Snapshot(const std::string& path) {
       return Errorf(ErrorCode::kBusy, "cannot snapshot a VM in state {}", VmStateName(state()));
     FERRY_RETURN_IF_ERROR(DoPause(), "snapshot");
     SnapshotState st;
-    st.config = {{"board", board_->config().GuestJson()}, {"vmm", "ferry-vmm"}};
+    st.config = {{"board", board_->config().GuestJson()}, {"vmm", "ferry-vmm"}, {"generation_id", options_.generation_id}};
     st.vcpu = board_->vcpu().SaveState();
     for (Device* d : board_->devices()) st.devices[d->id()] = d->SaveState();
     auto s = WriteSnapshot(path, st, board_->memory());
@@ -360,6 +366,7 @@ Result<nlohmann::json> Vm::Info() {
     auto& mem = board_->memory();
     info = {
         {"state", VmStateName(state())},
+        {"generation_id", options_.generation_id},
         {"config", board_->config().GuestJson()},
         {"uptime_s", static_cast<double>(NowNs() - started_ns_) / 1e9},
         {"guest_time_ticks", board_->clint().Ticks()},

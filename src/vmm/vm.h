@@ -36,6 +36,9 @@ std::string_view VmStateName(VmState s);
 struct VmOptions {
   BoardConfig board;
   std::string console = "stdio";  // stdio | file:PATH | none
+  // The VM's identity (a UUID, GET /vm "generation_id"): empty = a new one; Restore() then keeps the
+  // snapshot's. Set it to restore a clone under a new identity.
+  std::string generation_id;
 };
 
 class Vm {

@@ -18,6 +18,7 @@
 #include "migration/engine/destination.h"
 #include "vmm/cli.h"
 #include "vmm/migration.h"
+#include "vmm/snapshot.h"
 #include "vmm/vm.h"
 
 namespace {
@@ -80,6 +81,7 @@ int main(int argc, char** argv) {
   }
 
   // Declared in this order so the API server (last) goes first: its handlers use the others.
+  std::optional<ferry::SnapshotClaim> claim;  // --restore: the snapshot this process runs
   std::unique_ptr<ferry::Vm> vm;
   std::unique_ptr<ferry::VmMigrationManager> migrations;
   std::unique_ptr<ferry::migration::IncomingMigration> incoming;
@@ -152,6 +154,20 @@ int main(int argc, char** argv) {
     vm = target->TakeVm();
     started = true;
   } else {
+    if (!cl->restore.empty() && !cl->restore_clone) {
+      // One running copy per snapshot: held until this process ends.
+      auto c = ferry::SnapshotClaim::Acquire(cl->restore);
+      if (!c) {
+        std::fprintf(stderr, "ferry-vmm: %s\n", c.error().message().c_str());
+        return 1;
+      }
+      claim.emplace(std::move(*c));
+    } else if (cl->restore_clone) {
+      cl->vm.generation_id = ferry::migration::FormatUuid(ferry::migration::NewUuid());
+      spdlog::warn("restoring '{}' as a clone with the new generation id {}: the guest keeps everything else, its MAC address "
+                   "included - on the original's network segment the two copies conflict",
+                   cl->restore, cl->vm.generation_id);
+    }
     auto v = cl->restore.empty() ? ferry::Vm::Create(cl->vm) : ferry::Vm::Restore(cl->vm, cl->restore);
     if (!v) {
       std::fprintf(stderr, "ferry-vmm: %s\n", v.error().message().c_str());
