@@ -5,19 +5,24 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <thread>
 
 #include <gtest/gtest.h>
 
+#include "migration/protocol/wire.h"
+#include "migration/transport/tcp.h"
 #include "migration_util.h"
 
 namespace ferry::test {
 namespace {
 using namespace std::chrono_literals;
+using namespace ferry::migration;
 
 // memdirty over 16 MiB = 4096 pages (verified on demand through the console).
 constexpr int kMib = 16, kPages = kMib * 256;
@@ -115,6 +120,124 @@ TEST_F(MigrationFaultsTest, AnUnreachableDestinationFailsWithinTheConnectTimeout
     EXPECT_EQ(src->Get("/vm")["state"], "running");
   }
   ASSERT_TRUE(MemverifyOk(*src, kPages)) << src->Console();
+}
+
+// A relay between source and destination that reads the control connection's records (the
+// first connection a source opens is its control connection) and, right after it has passed GO
+// on to the destination, shuts every connection down: the destination has GO (and runs the
+// guest), the source never gets RESUMED. The commit point's fault, at exactly that point.
+class GoCuttingRelay {
+ public:
+  explicit GoCuttingRelay(int dst_port) : dst_port_(dst_port) {
+    listener_ = std::move(*Listener::Listen(*ParseEndpoint("tcp:127.0.0.1:0")));
+    acceptor_ = std::thread([this] {
+      for (bool control = true;; control = false) {
+        auto a = listener_->Accept(-1);
+        if (!a) return;
+        auto b = Socket::Connect(*ParseEndpoint("tcp:127.0.0.1:" + std::to_string(dst_port_)), 2000);
+        if (!b) return;
+        std::lock_guard<std::mutex> l(mu_);
+        auto pair = std::make_shared<Pair>(std::move(*a), std::move(*b));
+        pairs_.push_back(pair);
+        threads_.emplace_back([this, pair, control] { control ? ForwardUntilGo(*pair->first, *pair->second) : Pump(*pair->first, *pair->second); });
+        threads_.emplace_back([pair] { Pump(*pair->second, *pair->first); });
+      }
+    });
+  }
+  ~GoCuttingRelay() {
+    listener_->Shutdown();
+    acceptor_.join();
+    CutAll();
+    std::vector<std::thread> threads;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      threads.swap(threads_);
+    }
+    for (auto& t : threads) t.join();
+  }
+  int port() const { return listener_->port(); }
+  bool cut_after_go() const { return cut_after_go_; }
+
+ private:
+  using Pair = std::pair<std::unique_ptr<Socket>, std::unique_ptr<Socket>>;
+  void ForwardUntilGo(Socket& from, Socket& to) {
+    auto pre = ReadPreamble(from, 60000);
+    if (!pre || !WritePreamble(to, pre->role, pre->version)) return CutAll();
+    for (;;) {
+      auto r = ReadRecord(from, 600000);
+      if (!r || !to.WriteAll(EncodeRecord(r->type(), r->payload, r->header.mandatory()))) return CutAll();
+      if (r->type() == RecordType::kGo) {
+        cut_after_go_ = true;  // GO is in the destination's socket; nothing comes back
+        return CutAll();
+      }
+    }
+  }
+  static void Pump(Socket& from, Socket& to) {
+    uint8_t buf[65536];
+    for (;;) {
+      const ssize_t n = read(from.fd(), buf, sizeof buf);
+      if (n <= 0 || !to.WriteAll({buf, static_cast<size_t>(n)})) break;
+    }
+    from.Shutdown();
+    to.Shutdown();
+  }
+  void CutAll() {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& p : pairs_) {
+      p->first->Shutdown();
+      p->second->Shutdown();
+    }
+  }
+  const int dst_port_;
+  std::unique_ptr<Listener> listener_;
+  std::thread acceptor_;
+  std::mutex mu_;
+  std::vector<std::shared_ptr<Pair>> pairs_;  // guarded by mu_
+  std::vector<std::thread> threads_;          // guarded by mu_
+  std::atomic<bool> cut_after_go_{false};
+};
+
+// GO is the commit point. The connection lost right after it: the source reports failed-unknown
+// and stays paused - it never resumes by itself (its vCPU retires no instruction and its RAM
+// gets no write) - because the destination may run the guest. The operator's way out
+// (docs/reliability.md): look at the destination. It runs (here it does, it got GO): shut the
+// source down. It is known gone (here: killed): `ferry resume` the source.
+TEST_F(MigrationFaultsTest, ConnectionLostRightAfterGoLeavesTheSourcePausedInFailedUnknown) {
+  for (const bool destination_runs : {true, false}) {
+    SCOPED_TRACE(destination_runs ? "the destination runs the guest" : "the destination is gone");
+    auto src = Boot(GuestArgs(kMemdirty), "memdirty started");
+    const int port = FreePort();
+    auto dst = Incoming(port);
+    GoCuttingRelay relay(port);
+    CliResult r;
+    const std::string err = Migrate(*src, "tcp:127.0.0.1:" + std::to_string(relay.port()), &r);
+    EXPECT_NE(r.rc, 0) << r.out;
+    EXPECT_TRUE(relay.cut_after_go());
+    EXPECT_EQ(src->Get("/vm/migration").value("status", ""), "failed-unknown") << src->Get("/vm/migration").dump();
+    EXPECT_NE(err.find("RESUMED"), std::string::npos) << err;
+    EXPECT_NE(r.out.find("`ferry resume` the source only if it is not running there"), std::string::npos) << r.out;
+    const auto before = src->Get("/vm");
+    std::this_thread::sleep_for(500ms);
+    const auto after = src->Get("/vm");
+    EXPECT_EQ(after["state"], "paused") << after.dump();
+    EXPECT_EQ(after["counters"]["instructions"], before["counters"]["instructions"]) << "the source ran on";
+    EXPECT_EQ(after["counters"]["dirty_pages"], before["counters"]["dirty_pages"]) << "the source's RAM changed";
+    ASSERT_TRUE(ApiUp(*dst)) << dst->Stderr();
+    const auto d = dst->Get("/vm");
+    EXPECT_EQ(d["state"], "running") << d.dump();
+    EXPECT_EQ(d.value("generation_id", ""), before.value("generation_id", "?")) << "a migration moves the same VM";
+    if (destination_runs) {
+      EXPECT_EQ(Ferry("shutdown --api-socket " + src->socket()).rc, 0);
+      EXPECT_EQ(src->Wait(30s), 0);
+      ASSERT_TRUE(MemverifyOk(*dst, kPages)) << dst->Console();
+    } else {
+      dst->Kill();
+      (void)dst->Wait(10s);
+      EXPECT_EQ(Ferry("resume --api-socket " + src->socket()).rc, 0);
+      EXPECT_EQ(src->Get("/vm")["state"], "running");
+      ASSERT_TRUE(MemverifyOk(*src, kPages)) << src->Console();
+    }
+  }
 }
 
 // FNV-1a 64 over the blkcheck data (splitmix64 words of `seed`), as guest/src/blkcheck.c.
