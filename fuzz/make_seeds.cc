@@ -279,6 +279,26 @@ void IncomingMigrations() {
   }
 }
 
+// For fuzz_http_api: [flags][method][path][u16 n][path suffix '\n' header lines][body] - GET and
+// PUT on each path of the harness's table (indexes 0..15), against both servers, with the bodies
+// the API documents (snapshot path, migrate and recover targets) where they apply.
+void HttpRequests() {
+  const char* t = "http_api";
+  for (uint8_t server = 0; server < 2; ++server)
+    for (uint8_t method = 0; method < 2; ++method)
+      for (uint8_t path = 0; path < 16; ++path) {
+        std::string extra = path == 7 ? "?verbose=1\nAccept: application/json\r\n" : "\nUser-Agent: ferry\r\n";
+        std::string body;
+        if (method == 1 && path == 3) body = R"({"path": "vm.snap"})";
+        if (method == 1 && path == 6) body = R"({"to": "tcp:127.0.0.1:1", "channels": 2, "downtime_ms": 50})";
+        if (method == 1 && path == 10) body = R"({"to": "tcp:127.0.0.1:1"})";
+        std::vector<uint8_t> in = {server, method, path, static_cast<uint8_t>(extra.size()), static_cast<uint8_t>(extra.size() >> 8)};
+        in.insert(in.end(), extra.begin(), extra.end());
+        in.insert(in.end(), body.begin(), body.end());
+        Put(t, 0, in, false);
+      }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -294,6 +314,7 @@ int main(int argc, char** argv) {
   Devices();
   Snapshots();
   IncomingMigrations();
+  HttpRequests();
   std::printf("ferry-fuzz-seeds: %d seeds in %s\n", g_count, g_dir.c_str());
   return 0;
 }
