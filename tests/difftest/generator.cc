@@ -94,7 +94,9 @@ struct Ctx {
   int mem_lo, mem_hi;  // load/store offsets from s11 (inclusive; 8 bytes fit below mem_hi + 8)
   bool system = false;
   bool supervisor = false;
-  bool tvm = false;  // mstatus.TVM: sfence.vma traps, so PTEs must not be rewritten
+  bool tvm = false;      // mstatus.TVM: sfence.vma traps in S, so PTEs must not be rewritten
+  bool machine = false;  // M mode: mret/sret/wfi are legal there and never generated
+  bool physical = false; // M mode without MPRV: s11 and the AMO page are physical addresses
 };
 
 // A random RV64I/M register-register or immediate ALU instruction, encoded (for SMC).
@@ -124,14 +126,14 @@ std::string SystemInstruction(Gen& g, const Ctx& c) {
       return kIllegal[g.Int(0, std::size(kIllegal) - 1)];
     }
     case 3: return fmt::format("csrr {}, {}", rd, g.Coin(50) ? "mstatus" : "mscratch");  // M-only
-    case 4: return "mret";                                                             // illegal below M
-    case 5: return c.supervisor ? "sfence.vma" : (g.Coin(50) ? "sret" : "wfi");  // sret/wfi: U only (illegal)
+    case 4: return c.machine ? "ecall" : "mret";  // illegal below M
+    case 5: return c.supervisor || c.machine ? "sfence.vma" : (g.Coin(50) ? "sret" : "wfi");  // U only (illegal)
     case 6: {
       static const char* kCsr[] = {"sstatus", "scause", "stval", "sepc", "stvec", "sscratch", "satp", "sie", "sip"};
       return fmt::format("csrr {}, {}", rd, kCsr[g.Int(0, std::size(kCsr) - 1)]);
     }
     case 7: {  // rewrite a window PTE (toggle permission/A/D/V bits) and fence it (S only)
-      if (!c.supervisor || c.tvm) return "sfence.vma";
+      if (!(c.supervisor || c.machine) || (c.supervisor && c.tvm)) return "sfence.vma";
       static const int kBits[] = {1, 2, 4, 8, 16, 64, 128, 64 | 128, 2 | 4, 16 | 64};
       return fmt::format("lla s10, l0 + {}\n\tld {}, 0(s10)\n\txori {}, {}, {}\n\tsd {}, 0(s10)\n\tsfence.vma{}",
                          8 * g.Int(0, 3), rd, rd, rd, kBits[g.Int(0, std::size(kBits) - 1)], rd,
@@ -183,8 +185,11 @@ std::string Instruction(Gen& g, const Ctx& c, std::string* pending_label) {
     bool d = g.Coin(50);
     std::string sfx = d ? ".d" : ".w";
     std::string pre;
-    if (c.system) {  // on the always-writable page, within its dumped head
-      pre = fmt::format("li s10, {:#x}\n\t", kAmoVa + g.Int(0, kSysReach / 8 - 1) * 8 + (d ? 0 : 4 * g.Int(0, 1)));
+    const int off = g.Int(0, kSysReach / 8 - 1) * 8 + (d ? 0 : 4 * g.Int(0, 1));
+    if (c.physical) {  // M mode without translation: the head of a physical window page
+      pre = fmt::format("lla s10, win + {}\n\t", 4096 * g.Int(0, kWinPages - 1) + off);
+    } else if (c.system) {  // on the always-writable page, within its dumped head
+      pre = fmt::format("li s10, {:#x}\n\t", kAmoVa + off);
     } else {
       int off = g.Int(c.mem_lo / 8 + 1, c.mem_hi / 8) * 8 - 8 + (d ? 0 : 4 * g.Int(0, 1));
       pre = fmt::format("addi s10, s11, {}\n\t", off);
@@ -335,7 +340,7 @@ std::vector<std::string> Exclusions() {
           "system programs: misaligned or faulting AMOs and SCs (AMOs use an always-writable page): QEMU 7.2 reports "
           "load faults (cause 4/13) for AMOs where the spec requires store/AMO faults (6/15), and an SC without a "
           "reservation fails there without checking the address",
-          "system programs: sret/wfi in S mode, interrupts, PTE rewrites from U mode (no sfence.vma possible there), "
+          "system programs: mret/sret/wfi in M mode, sret/wfi in S mode, interrupts, PTE rewrites from U mode (no sfence.vma possible there), "
           "fetch faults (bodies never jump outside their code)"};
 }
 
@@ -396,8 +401,13 @@ std::string GenerateSystemProgram(const GeneratorOptions& opt) {
   s += "\tlla t1, l1\n\tlla t0, l0\n\tsrli t0, t0, 12\n\tslli t0, t0, 10\n\tori t0, t0, 1\n\tsd t0, 0(t1)\n";
   s += "\tlla t0, root\n\tsrli t0, t0, 12\n\tli t1, 8\n\tslli t1, t1, 60\n\tor t0, t0, t1\n\tcsrw satp, t0\n";
   for (int i = 0; i < opt.sequences; ++i) {
-    const bool sup = g.Coin(60);
-    const std::string alias = sup ? "" : fmt::format("\tli t1, {:#x}\n\tsub t0, t0, t1\n", kRamBase);
+    // Privilege of the body: S, U, or M (with MPRV half of the time: loads and stores then
+    // translate as U, since mret leaves MPP = U).
+    const int pick = g.Int(0, 99);
+    const int priv = pick < 50 ? 1 : pick < 80 ? 0 : 3;
+    const bool sup = priv == 1, mach = priv == 3, mprv = mach && g.Coin(50);
+    const bool user_pages = !sup;  // window PTEs mostly usable by this privilege
+    const std::string alias = priv != 0 ? "" : fmt::format("\tli t1, {:#x}\n\tsub t0, t0, t1\n", kRamBase);
     s += fmt::format("\tli t0, {:#x}\n\tlla t1, win\n\tli t2, {}\n\tcall fill\n", g.U64() | 1, kWinPages * 512);
     s += fmt::format("\tlla t2, save\n\tlla t0, .Lend{}\n{}\tsd t0, {}(t2)\n", i, alias, kSaveEnd);
     s += fmt::format("\tlla t0, .Lnext{}\n\tsd t0, {}(t2)\n\tsd zero, {}(t2)\n\tsd zero, {}(t2)\n", i, kSaveNext, kSaveDone,
@@ -405,7 +415,7 @@ std::string GenerateSystemProgram(const GeneratorOptions& opt) {
     s += "\tlla t1, l0\n";
     for (int k = 0; k < 4; ++k) {
       // Mostly usable leaves for the sequence's privilege; otherwise any low-8-bit pattern.
-      int flags = g.Coin(60) ? (1 | 2 | (g.Coin(75) ? 4 : 0) | (g.Coin(20) ? 8 : 0) | ((sup ? g.Coin(15) : g.Coin(85)) ? 16 : 0) |
+      int flags = g.Coin(60) ? (1 | 2 | (g.Coin(75) ? 4 : 0) | (g.Coin(20) ? 8 : 0) | ((user_pages ? g.Coin(85) : g.Coin(15)) ? 16 : 0) |
                                 (g.Coin(50) ? 64 : 0) | (g.Coin(50) ? 128 : 0))
                              : g.Int(0, 255);
       s += fmt::format("\tlla t0, win + {}\n\tsrli t0, t0, 12\n\tslli t0, t0, 10\n\tori t0, t0, {}\n", 4096 * g.Int(0, kWinPages - 1),
@@ -414,21 +424,24 @@ std::string GenerateSystemProgram(const GeneratorOptions& opt) {
       s += fmt::format("\tsd t0, {}(t1)\n", 8 * k);
     }
     s += fmt::format("\tlla t0, win + {}\n\tsrli t0, t0, 12\n\tslli t0, t0, 10\n\tori t0, t0, {}\n\tsd t0, 32(t1)\n",
-                     4096 * g.Int(0, kWinPages - 1), sup ? 0xc7 : 0xd7);
+                     4096 * g.Int(0, kWinPages - 1), user_pages ? 0xd7 : 0xc7);
     // Delegate a random subset of the delegable exceptions (never ecall from S: the S handler
     // uses it to reach M at the end of a sequence).
     uint64_t medeleg = g.Coin(30) ? 0xb1ff : g.Coin(30) ? 0 : (g.U64() & 0xb1ff);
     // FS starts Dirty: QEMU 7.2 leaves FS alone when an instruction only accrues fflags
     // (fcvt to integer, compares), Ferry marks it Dirty as the spec asks (see Exclusions).
-    uint64_t mstatus = (sup ? 1ull << 11 : 0) | (3ull << 13) | (g.Coin(40) ? 1ull << 18 : 0) | (g.Coin(30) ? 1ull << 19 : 0) |
+    uint64_t mstatus = (static_cast<uint64_t>(priv) << 11) | (mprv ? 1ull << 17 : 0) | (3ull << 13) | (g.Coin(40) ? 1ull << 18 : 0) | (g.Coin(30) ? 1ull << 19 : 0) |
                        (g.Coin(15) ? 1ull << 20 : 0) | (g.Coin(50) ? 1ull << 5 : 0);
     const bool tvm = (mstatus >> 20) & 1;
     std::string csrs = fmt::format("\tli t0, {:#x}\n\tcsrw medeleg, t0\n\tlla t0, .Lbody{}\n{}\tcsrw mepc, t0\n"
                                    "\tli t0, {:#x}\n\tcsrw mstatus, t0\n\tsfence.vma\n",
                                    medeleg, i, alias, mstatus);
     s += InitRegisters(g, csrs);
-    s += fmt::format("\tli s11, {:#x}\n\tmret\n.Lbody{}:\n", kWindowVa + (g.Coin(50) ? 0x1000 : 0x3000), i);
-    s += Body(g, Ctx{-kSysReach, kSysReach - 8, true, sup, tvm}, opt.length);
+    const int boundary = g.Int(0, 1);
+    if (mach && !mprv) s += fmt::format("\tlla s11, win + {}\n", 4096 * (boundary + 1));
+    else s += fmt::format("\tli s11, {:#x}\n", kWindowVa + (boundary ? 0x3000 : 0x1000));
+    s += fmt::format("\tmret\n.Lbody{}:\n", i);
+    s += Body(g, Ctx{-kSysReach, kSysReach - 8, true, sup, tvm, mach, mach && !mprv}, opt.length);
     s += fmt::format(".Lend{0}:\n\tecall\n.Lnext{0}:\n", i);
   }
   s += "\tli t0, 0x100000\n\tli t1, 0x5555\n\tsw t1, 0(t0)\n1:\tj 1b\n";

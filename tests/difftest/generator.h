@@ -15,8 +15,9 @@
 //   and by RiscvCpu on a bare machine; see harness.h): an M-mode driver builds Sv39 page
 //   tables (identity gigapage for S, a U alias gigapage of the same memory, four 4 KiB
 //   window pages with random permissions / A / D / reserved bits over three physical
-//   pages), picks medeleg, mstatus.SUM/MXR/TVM and the privilege (S or U) per sequence and
-//   mrets into the body. Bodies add system events to the user mix: ecall, ebreak, illegal
+//   pages, and one always-writable page for AMOs), picks medeleg, mstatus.SUM/MXR/TVM and
+//   the privilege per sequence (S, U, or M: physical addresses, or MPRV with MPP = U so
+//   loads/stores translate as U) and mrets into the body. Bodies add system events to the user mix: ecall, ebreak, illegal
 //   instructions (reserved opcodes, M/S-only CSRs and xRETs from lower privilege, U-mode
 //   sfence.vma/wfi), misaligned and page-faulting loads/stores/AMOs, S-CSR reads, and PTE
 //   rewrites followed by sfence.vma. Traps go to an S handler (if delegated) or the M
