@@ -1,9 +1,10 @@
-/* memdirty:mib=N,rate=PAGES_PER_S|max,bytes=B,verify=SECS,pattern=random|text|sparse,words=W,hot=H,hotpct=P,
+/* memdirty:mib=N,rate=PAGES_PER_S|max,bytes=B,verify=SECS,pattern=random|text|sparse|partial,words=W,hot=H,hotpct=P,
  *          burst_on_ms=ON,burst_off_ms=OFF
  * Dirties pages at a steady rate (or in bursts: ON ms at the rate, then OFF ms without a single write, repeated) with a verifiable pattern (see guest/README.md for the exact definitions):
  *   random  page p at generation g holds  PRNG(p,g)[0:B] ++ PRNG(p,0)[B:4096]   (incompressible; the default)
  *   text    page p at generation g holds  Text(p,g)[0:B] ++ Text(p,0)[B:4096]   (compresses like real text)
  *   sparse  Text(p,0) with W scattered 8-byte words rewritten per generation    (a delta of W*8 bytes)
+ *   partial each dirtying writes one byte range at an odd offset, of any length, across the boundary of pages p and p+1
  * where PRNG(p,g) is the splitmix64 word stream seeded with seed(p,g) and Text(p,g) is a sequence of text chunks
  * that the same stream picks. hot=H sends hotpct% of the writes to the first H MiB. gen[] lives in guest memory
  * too, so a migration that loses or reorders any page write is detected by the verifier. */
@@ -125,9 +126,66 @@ static void sparse_apply(uint64_t *pg, uint64_t p, uint64_t g, uint64_t w) {
     pg[(j * SPARSE_STEP) % PWORDS] = sparse_value(p, j + (total - 1 - j) / PWORDS * PWORDS);
 }
 
+/* ---- pattern=partial ----
+ * Sub-page writes that cross page boundaries. The set has one page more than its slots; slot p owns the 4096-byte
+ * window from byte 2048 of page p to byte 2048 of page p+1 (the first half of page 0 and the last half of the extra
+ * page stay zero). Generation g of slot p writes the window's bytes [a, b) with a = 1 + 2*(r mod 1024) (odd, 1..2047)
+ * and b = 2049 + ((r >> 32) mod 2047) (2049..4095: any parity, so any length parity), r = the first splitmix64 output
+ * for seed(p,g) ^ 0x5041525449414C00: every write starts at an odd byte, covers the page boundary (window byte 2048)
+ * and is not word-aligned at either end. Window byte i at generation g is byte (i mod 8) (little-endian) of
+ * partial_word(p,g,i/8) = the first splitmix64 output for seed(p,g) ^ (i/8); generation 0 fills the whole window.
+ * Because every range contains byte 2048, the bytes written by generations g..G form one interval, so the expected
+ * window is built walking back from G: O(G + 4096) per slot. */
+#define PARTIAL_SALT 0x5041525449414C00ull
+static uint64_t partial_word(uint64_t p, uint64_t g, uint64_t k) {
+  uint64_t s = seed_of(p, g) ^ k;
+  return splitmix64(&s);
+}
+static void partial_range(uint64_t p, uint64_t g, size_t *a, size_t *b) {
+  uint64_t s = seed_of(p, g) ^ PARTIAL_SALT, r = splitmix64(&s);
+  *a = 1 + 2 * (size_t)((r & 0xffffffffu) % 1024);
+  *b = 2049 + (size_t)((r >> 32) % 2047);
+}
+/* Writes generation g's bytes [a, b) of slot p's window `w`, one splitmix64 per 8 bytes, byte by byte. */
+static void partial_fill(uint8_t *w, uint64_t p, uint64_t g, size_t a, size_t b) {
+  for (size_t k = a / 8; k * 8 < b; k++) {
+    uint64_t v = partial_word(p, g, k);
+    for (size_t i = k * 8 > a ? k * 8 : a; i < (k + 1) * 8 && i < b; i++) w[i] = (uint8_t)(v >> (8 * (i % 8)));
+  }
+}
+/* The guest's write of generation g: misaligned 8-byte stores (`sd` at odd addresses, which the CPU performs; the
+ * one around window byte 2048 straddles the page boundary), then the last b-a mod 8 bytes one by one. */
+static void partial_write(uint64_t *pg, uint64_t p, uint64_t g) {
+  size_t a, b, i;
+  partial_range(p, g, &a, &b);
+  uint8_t *w = (uint8_t *)pg + PAGE / 2;
+  for (i = a; i + 8 <= b; i += 8) {
+    const unsigned shift = 8 * (unsigned)(i % 8); /* never 0: i is odd */
+    const uint64_t v = partial_word(p, g, i / 8) >> shift | partial_word(p, g, i / 8 + 1) << (64 - shift);
+#if defined(__riscv)
+    __asm__ volatile("sd %1, 0(%0)" : : "r"(w + i), "r"(v) : "memory");
+#else
+    memcpy(w + i, &v, 8);
+#endif
+  }
+  partial_fill(w, p, g, i, b);
+}
+/* What slot p's window must hold at generation G. */
+static void partial_expected(uint8_t *w, uint64_t p, uint64_t G) {
+  size_t lo = 2048, hi = 2048;
+  for (uint64_t g = G; g >= 1; g--) {
+    size_t a, b;
+    partial_range(p, g, &a, &b);
+    if (a < lo) { partial_fill(w, p, g, a, lo); lo = a; }
+    if (b > hi) { partial_fill(w, p, g, hi, b); hi = b; }
+  }
+  partial_fill(w, p, 0, 0, lo);
+  partial_fill(w, p, 0, hi, PAGE);
+}
+
 /* ---- the working set ---- */
-enum pattern { PAT_RANDOM, PAT_TEXT, PAT_SPARSE };
-static const char *const pattern_name[] = {"random", "text", "sparse"};
+enum pattern { PAT_RANDOM, PAT_TEXT, PAT_SPARSE, PAT_PARTIAL };
+static const char *const pattern_name[] = {"random", "text", "sparse", "partial"};
 
 struct set {
   enum pattern pat;
@@ -140,6 +198,7 @@ struct set {
 /* Generation 0 of page p. */
 static void base_page(const struct set *s, uint64_t *pg, size_t p) {
   if (s->pat == PAT_RANDOM) fill(pg, p, 0, PWORDS);
+  else if (s->pat == PAT_PARTIAL) partial_fill((uint8_t *)pg + PAGE / 2, p, 0, 0, PAGE);  /* slot p's window */
   else text_fill(pg, p, 0, PWORDS);
 }
 
@@ -149,6 +208,7 @@ static void dirty_page(const struct set *s, uint64_t *pg, size_t p, uint32_t g) 
     case PAT_RANDOM: fill(pg, p, g, s->bwords); break;
     case PAT_TEXT: text_fill(pg, p, g, s->bwords); break;
     case PAT_SPARSE: sparse_write(pg, p, g, s->words); break;
+    case PAT_PARTIAL: partial_write(pg, p, g); break;
   }
 }
 
@@ -171,8 +231,33 @@ static size_t pick_page(const struct set *s, uint64_t *rng) {
   return s->hot_pages + (size_t)(at % (s->pages - s->hot_pages));
 }
 
+/* pattern=partial: every slot's window, and the two half pages no window covers still zero. */
+static int verify_partial(const struct set *s) {
+  static uint8_t expect[PAGE];
+  const uint8_t *m = (const uint8_t *)s->mem;
+  for (size_t i = 0; i < PAGE / 2; i++)
+    if (m[i] || m[s->pages * PAGE + PAGE / 2 + i]) {
+      size_t at = m[i] ? i : s->pages * PAGE + PAGE / 2 + i;
+      say("memverify FAIL page=%zu gen=0 offset=%zu", at / PAGE, at % PAGE);
+      return 0;
+    }
+  for (size_t p = 0; p < s->pages; p++) {
+    const uint8_t *w = m + p * PAGE + PAGE / 2;
+    partial_expected(expect, p, s->gen[p]);
+    for (size_t i = 0; i < PAGE; i++)
+      if (w[i] != expect[i]) {
+        size_t at = p * PAGE + PAGE / 2 + i;
+        say("memverify FAIL page=%zu gen=%u offset=%zu", at / PAGE, s->gen[p], at % PAGE);
+        return 0;
+      }
+  }
+  say("memverify ok pages=%zu", s->pages);
+  return 1;
+}
+
 static int verify(const struct set *s) {
   uint64_t expect[PWORDS];
+  if (s->pat == PAT_PARTIAL) return verify_partial(s);
   for (size_t p = 0; p < s->pages; p++) {
     uint64_t *pg = s->mem + p * PWORDS;
     expected_page(s, expect, p, s->gen[p]);
@@ -189,7 +274,7 @@ static int verify(const struct set *s) {
 static int parse_pattern(const char *a, enum pattern *pat) {
   char v[16];
   if (!opt_get(a, "pattern", v, sizeof v)) { *pat = PAT_RANDOM; return 1; }
-  for (int i = 0; i < 3; i++)
+  for (int i = 0; i < 4; i++)
     if (strcmp(v, pattern_name[i]) == 0) { *pat = (enum pattern)i; return 1; }
   return 0;
 }
@@ -212,7 +297,8 @@ int main(int argc, char **argv) {
   s.pages = (size_t)mib * 256;
   s.hot_pages = (size_t)hot * 256;
   s.hotpct = (unsigned)hotpct;
-  s.mem = mmap(NULL, s.pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  /* pattern=partial: one page more, for the last slot's window */
+  s.mem = mmap(NULL, (s.pages + (s.pat == PAT_PARTIAL)) * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   s.gen = calloc(s.pages, sizeof *s.gen);
   if (s.mem == MAP_FAILED || !s.gen) { say("memdirty: out of memory"); return 1; }
   text_init();
