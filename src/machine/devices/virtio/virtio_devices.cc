@@ -1,10 +1,7 @@
-// virtio-blk (raw file), virtio-net (TAP) and virtio-balloon (free page reporting, discarding
+// virtio-blk (raw file), virtio-net (a NetBackend: TAP, or a socket pair in tests) and virtio-balloon (free page reporting, discarding
 // the reported pages).
 #include <fcntl.h>
-#include <linux/if.h>
-#include <linux/if_tun.h>
 #include <sys/epoll.h>
-#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -14,6 +11,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/state_io.h"
+#include "machine/devices/virtio/net_backend.h"
 #include "machine/devices/virtio/virtio_mmio.h"
 
 namespace ferry {
@@ -143,11 +141,10 @@ class VirtioNet final : public VirtioMmioDevice {
   static constexpr uint64_t kFMac = 1ull << 5;
   static constexpr size_t kHdr = 12;  // virtio_net_hdr_v1
   static constexpr size_t kMaxFrame = 65536 - kHdr;  // what a TAP frame can be (the guest's MTU is far below)
-  VirtioNet(const VirtioDeps& d, int fd, std::string tap, MacAddress mac)
-      : VirtioMmioDevice(d, 1, 2, kFMac), fd_(fd), tap_(std::move(tap)), mac_(mac) {}
+  VirtioNet(const VirtioDeps& d, std::unique_ptr<NetBackend> backend, MacAddress mac)
+      : VirtioMmioDevice(d, 1, 2, kFMac), backend_(std::move(backend)), mac_(mac) {}
   ~VirtioNet() override {
-    if (deps().loop && polling_) deps().loop->Remove(fd_);
-    close(fd_);
+    if (deps().loop && polling_) deps().loop->Remove(backend_->fd());
   }
   Status Announce() {
     uint8_t f[kHdr + 60] = {};
@@ -159,7 +156,7 @@ class VirtioNet final : public VirtioMmioDevice {
     e[18] = 6; e[19] = 4; e[20] = 0; e[21] = 3;     // hlen, plen, op = reverse request
     std::memcpy(e + 22, mac_.data(), 6);
     std::memcpy(e + 32, mac_.data(), 6);
-    if (write(fd_, f, sizeof f) != static_cast<ssize_t>(sizeof f)) return ErrnoError("announce MAC on " + tap_);
+    if (!backend_->Write(f)) return ErrnoError("announce MAC on " + backend_->name());
     announces_++;
     return {};
   }
@@ -192,7 +189,7 @@ class VirtioNet final : public VirtioMmioDevice {
       frame.resize(len);
       if (!ReadChain(c, 0, frame.data(), frame.size())) {
         tx_errors_++;
-      } else if (write(fd_, frame.data(), frame.size()) != static_cast<ssize_t>(frame.size())) {
+      } else if (!backend_->Write(frame)) {
         tx_dropped_++;
       } else {
         tx_packets_++;
@@ -205,7 +202,7 @@ class VirtioNet final : public VirtioMmioDevice {
   }
   DeviceActivity Activity() const override { return {.packets = rx_packets_ + tx_packets_, .requests = 0}; }
   nlohmann::json DeviceMetrics() const override {
-    return {{"tap", tap_}, {"mac", FormatMacStr()}, {"rx_packets", rx_packets_}, {"rx_bytes", rx_bytes_},
+    return {{"tap", backend_->name()}, {"mac", FormatMacStr()}, {"rx_packets", rx_packets_}, {"rx_bytes", rx_bytes_},
             {"rx_dropped", rx_dropped_}, {"tx_packets", tx_packets_}, {"tx_bytes", tx_bytes_},
             {"tx_dropped", tx_dropped_}, {"tx_errors", tx_errors_}, {"announces", announces_}};
   }
@@ -217,12 +214,12 @@ class VirtioNet final : public VirtioMmioDevice {
   void EnsurePolling() {
     if (!deps().loop) return;
     if (!polling_) {
-      auto s = deps().loop->Add(fd_, EPOLLIN, [this](uint32_t) { Receive(); });
-      if (!s) { spdlog::error("virtio-net: cannot poll {}: {}", tap_, s.error().ToString()); return; }
+      auto s = deps().loop->Add(backend_->fd(), EPOLLIN, [this](uint32_t) { Receive(); });
+      if (!s) { spdlog::error("virtio-net: cannot poll {}: {}", backend_->name(), s.error().ToString()); return; }
       polling_ = true;
       armed_ = true;
     } else if (!armed_) {
-      (void)deps().loop->Modify(fd_, EPOLLIN);
+      (void)deps().loop->Modify(backend_->fd(), EPOLLIN);
       armed_ = true;
     }
   }
@@ -236,10 +233,10 @@ class VirtioNet final : public VirtioMmioDevice {
       uint16_t avail_idx;
       if (!memory()->Read(q.avail + 2, &avail_idx, 2)) { DeviceError("rx avail ring outside RAM"); break; }
       if (avail_idx == q.last_avail) {  // no RX buffers: stop polling until the driver adds some
-        if (armed_ && deps().loop) { (void)deps().loop->Modify(fd_, 0); armed_ = false; }
+        if (armed_ && deps().loop) { (void)deps().loop->Modify(backend_->fd(), 0); armed_ = false; }
         break;
       }
-      ssize_t n = read(fd_, buf, sizeof buf);
+      ssize_t n = backend_->Read(buf, sizeof buf);
       if (n < 0) break;  // EAGAIN: nothing more
       if (n < static_cast<ssize_t>(kHdr)) continue;
       VirtioChain c;
@@ -261,8 +258,7 @@ class VirtioNet final : public VirtioMmioDevice {
     }
     if (any) SignalUsed();
   }
-  int fd_;
-  std::string tap_;
+  std::unique_ptr<NetBackend> backend_;
   MacAddress mac_;
   bool polling_ = false, armed_ = false;
   uint64_t rx_packets_ = 0, rx_bytes_ = 0, rx_dropped_ = 0, tx_packets_ = 0, tx_bytes_ = 0, tx_dropped_ = 0,
@@ -392,24 +388,15 @@ Result<std::unique_ptr<Device>> CreateVirtioBlk(const VirtioDeps& deps, const st
 }
 
 Result<std::unique_ptr<Device>> CreateVirtioNet(const VirtioDeps& deps, const std::string& tap, std::array<uint8_t, 6> mac) {
-  if (tap.empty() || tap.size() >= IFNAMSIZ) return Errorf(ErrorCode::kInvalidArgument, "bad TAP name '{}'", tap);
-  int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
-  if (fd < 0) return ErrnoError("open /dev/net/tun");
-  ifreq ifr{};
-  std::strncpy(ifr.ifr_name, tap.c_str(), IFNAMSIZ - 1);
-  ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-  if (ioctl(fd, TUNSETIFF, &ifr) != 0) {
-    auto e = ErrnoError("attach TAP '" + tap + "'");
-    close(fd);
-    return e;
-  }
-  int hdr = 12;
-  if (ioctl(fd, TUNSETVNETHDRSZ, &hdr) != 0) {
-    auto e = ErrnoError("TUNSETVNETHDRSZ on '" + tap + "'");
-    close(fd);
-    return e;
-  }
-  return std::unique_ptr<Device>(new VirtioNet(deps, fd, tap, mac));
+  auto backend = OpenTapBackend(tap);
+  if (!backend) return std::unexpected(backend.error());
+  return CreateVirtioNet(deps, std::move(*backend), mac);
+}
+
+Result<std::unique_ptr<Device>> CreateVirtioNet(const VirtioDeps& deps, std::unique_ptr<NetBackend> backend,
+                                                std::array<uint8_t, 6> mac) {
+  if (!backend) return Errorf(ErrorCode::kInvalidArgument, "virtio-net without a backend");
+  return std::unique_ptr<Device>(new VirtioNet(deps, std::move(backend), mac));
 }
 
 Result<std::unique_ptr<Device>> CreateVirtioBalloon(const VirtioDeps& deps) {

@@ -11,6 +11,7 @@
 #include "common/error.h"
 #include "common/event_loop.h"
 #include "machine/device.h"
+#include "machine/devices/virtio/net_backend.h"
 #include "machine/irq.h"
 #include "memory/guest_memory.h"
 
@@ -28,6 +29,9 @@ struct VirtioDeps {
 Result<std::unique_ptr<Device>> CreateVirtioBlk(const VirtioDeps& deps, const std::string& path, bool read_only);
 // TAP backend (existing TAP interface `tap_name`, opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR as needed).
 Result<std::unique_ptr<Device>> CreateVirtioNet(const VirtioDeps& deps, const std::string& tap_name,
+                                                std::array<uint8_t, 6> mac);
+// Any backend (net_backend.h: the TAP above, or a socket pair where no TAP can exist).
+Result<std::unique_ptr<Device>> CreateVirtioNet(const VirtioDeps& deps, std::unique_ptr<NetBackend> backend,
                                                 std::array<uint8_t, 6> mac);
 // Balloon with free page reporting (VIRTIO_BALLOON_F_FREE_PAGE_REPORTING): reported pages
 // are discarded and marked freed in the dirty log. Runs on the machine thread, possibly
