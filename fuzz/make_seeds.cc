@@ -299,6 +299,77 @@ void HttpRequests() {
       }
 }
 
+// For fuzz_virtio_net: no state blob, then a driver's setup of RX queue 0 (rings at RAM 0x4000,
+// 0x5000, 0x6000) and TX queue 1 (0x1000, 0x2000, 0x3000), one posted RX buffer and one TX frame
+// (ops: 0 RAM write, 25 MMIO 4-byte write, 2 frame from the network, 3 loop poll).
+void VirtioNetSeeds() {
+  const char* t = "virtio_net";
+  std::vector<uint8_t> in = {0, 0};
+  auto u16 = [&](uint16_t v) {
+    in.push_back(static_cast<uint8_t>(v));
+    in.push_back(static_cast<uint8_t>(v >> 8));
+  };
+  auto mmio = [&](uint16_t off, uint64_t v) {
+    in.push_back(1 | 8 | 16);
+    u16(off);
+    for (int b = 0; b < 8; ++b) in.push_back(static_cast<uint8_t>(v >> (8 * b)));
+  };
+  auto ram = [&](uint16_t off, std::vector<uint8_t> bytes) {
+    in.push_back(0);
+    u16(off);
+    in.push_back(static_cast<uint8_t>(bytes.size()));
+    in.insert(in.end(), bytes.begin(), bytes.end());
+  };
+  auto le = [](uint64_t v, int n) {
+    std::vector<uint8_t> b;
+    for (int i = 0; i < n; ++i) b.push_back(static_cast<uint8_t>(v >> (8 * i)));
+    return b;
+  };
+  auto cat = [](std::initializer_list<std::vector<uint8_t>> parts) {
+    std::vector<uint8_t> out;
+    for (const auto& p : parts) out.insert(out.end(), p.begin(), p.end());
+    return out;
+  };
+  mmio(0x70, 1 | 2);
+  mmio(0x24, 1);
+  mmio(0x20, 1);  // VERSION_1
+  mmio(0x24, 0);
+  mmio(0x20, 1 << 5);  // MAC
+  mmio(0x70, 1 | 2 | 8);
+  const uint64_t ram0 = 0x80000000;
+  for (int q = 0; q < 2; ++q) {
+    const uint64_t base = ram0 + (q == 0 ? 0x4000 : 0x1000);
+    mmio(0x30, static_cast<uint64_t>(q));
+    mmio(0x38, 16);
+    mmio(0x80, base & 0xffffffff);
+    mmio(0x84, base >> 32);
+    mmio(0x90, (base + 0x1000) & 0xffffffff);
+    mmio(0x94, (base + 0x1000) >> 32);
+    mmio(0xa0, (base + 0x2000) & 0xffffffff);
+    mmio(0xa4, (base + 0x2000) >> 32);
+    mmio(0x44, 1);
+  }
+  mmio(0x70, 1 | 2 | 8 | 4);
+  // RX: one 2 KiB device-writable buffer at 0xa000.
+  ram(0x4000, cat({le(ram0 + 0xa000, 8), le(2048, 4), le(2, 2), le(0, 2)}));
+  ram(0x5000, cat({le(0, 2), le(1, 2), le(0, 2)}));
+  // TX: a 72-byte frame (header + 60 bytes) at 0x8000.
+  std::vector<uint8_t> frame(72, 0);
+  for (int i = 0; i < 6; ++i) frame[12 + i] = 0xff;
+  frame[24] = 0x08; frame[25] = 0x06;
+  ram(0x8000, frame);
+  ram(0x1000, cat({le(ram0 + 0x8000, 8), le(72, 4), le(0, 2), le(0, 2)}));
+  ram(0x2000, cat({le(0, 2), le(1, 2), le(0, 2)}));
+  mmio(0x50, 1);  // notify TX
+  mmio(0x50, 0);  // notify RX
+  in.push_back(2);  // a frame from the network
+  u16(static_cast<uint16_t>(frame.size()));
+  in.insert(in.end(), frame.begin(), frame.end());
+  in.push_back(3);
+  mmio(0x64, 1);  // interrupt acknowledge
+  Put(t, 0, in, false);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -315,6 +386,7 @@ int main(int argc, char** argv) {
   Snapshots();
   IncomingMigrations();
   HttpRequests();
+  VirtioNetSeeds();
   std::printf("ferry-fuzz-seeds: %d seeds in %s\n", g_count, g_dir.c_str());
   return 0;
 }
