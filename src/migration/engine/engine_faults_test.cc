@@ -381,5 +381,44 @@ TEST(MigrationFaults, CutDuringStopAndCopyResumesTheSource) {
   ExpectSourceRunsAndMigratesCleanly(src);
 }
 
+
+// Stalled in the rounds: the destination (here the relay) stops reading while the source sends
+// its first pass. The guest keeps running all along (a stall before the pause costs no
+// downtime), and the migration fails on its own within the stall bound once the windows close
+// (TCP_USER_TIMEOUT at stall_timeout_ms also ends a connection whose window stays shut).
+TEST(MigrationFaults, StalledRoundsKeepTheSourceRunningAndFailWithinTheStallBound) {
+  HookedSource src;
+  HookedDestination dst;
+  Incoming in(&dst);
+  Relay relay(in.in->port());
+  auto p = Params(relay.to());
+  p.max_bandwidth = 2 << 20;  // the first pass takes seconds
+  p.compress = *ParseCompressMode("none");
+  p.stall_timeout_ms = 2000;
+  auto m = SourceMigration::Start(&src, p);
+  ASSERT_TRUE(WaitStatus(*m, MigrationStatus::kActive, 10s));
+  while (m->Stats()["normal_pages"].get<uint64_t>() == 0 && m->status() == MigrationStatus::kActive) std::this_thread::sleep_for(2ms);
+  ASSERT_EQ(m->status(), MigrationStatus::kActive);
+  relay.Freeze(true);
+  const auto t0 = std::chrono::steady_clock::now();
+  bool ran_throughout = true;
+  while (!IsFinal(m->status()) && std::chrono::steady_clock::now() - t0 < 30s) {
+    ran_throughout = ran_throughout && !src.paused();
+    std::this_thread::sleep_for(5ms);
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("stalled rounds: %s after %.2f s (%s)\n", std::string(MigrationStatusName(m->status())).c_str(), s,
+              m->Stats().value("error", "").c_str());
+  EXPECT_TRUE(ran_throughout) << "the source paused while the destination stalled in the rounds";
+  EXPECT_EQ(m->status(), MigrationStatus::kFailed) << m->Stats().dump(2);
+  EXPECT_LT(s, 2.0 + 1.0 + 5.0) << "stall_timeout_ms is 2 s (the windows take a moment to close)";
+  relay.Freeze(false);
+  relay.Cut();
+  in.in->Abort();
+  m->Wait();
+  in.thread.join();
+  ExpectSourceRunsAndMigratesCleanly(src);
+}
+
 }  // namespace
 }  // namespace ferry::migration

@@ -1,12 +1,14 @@
 // Test helper for the engine's fault tests: a TCP relay on loopback between a source and a
 // destination that the test can cut (every connection relayed so far is shut down both ways)
-// or make unreachable (new connections are closed as soon as they are accepted).
+// or make unreachable (new connections are closed as soon as they are accepted), or freeze (it
+// stops reading: the kernel buffers fill and the peers' windows close, as with a hung peer).
 //
 // Threads: one acceptor, two pump threads per relayed connection; Cut(), Refuse() and to() are
 // thread-safe (a test double may call Cut() from inside an engine hook). The destructor cuts
 // and joins everything.
 #pragma once
 
+#include <poll.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -55,6 +57,8 @@ class Relay {
   }
   // While set, a new connection is closed at once (the destination cannot be reached).
   void Refuse(bool on) { refuse_.store(on); }
+  // While set, nothing is read from either side of any connection.
+  void Freeze(bool on) { frozen_.store(on); }
   int refused() const { return refused_.load(); }
 
  private:
@@ -73,13 +77,17 @@ class Relay {
       auto pair = std::make_shared<Pair>(std::move(*in), std::move(*out));
       MutexLock l(mu_);
       pairs_.push_back(pair);
-      pumps_.emplace_back([pair] { Pump(*pair->first, *pair->second); });
-      pumps_.emplace_back([pair] { Pump(*pair->second, *pair->first); });
+      pumps_.emplace_back([this, pair] { Pump(*pair->first, *pair->second); });
+      pumps_.emplace_back([this, pair] { Pump(*pair->second, *pair->first); });
     }
   }
-  static void Pump(Socket& from, Socket& to) {
+  void Pump(Socket& from, Socket& to) {
     uint8_t buf[65536];
     for (;;) {
+      while (frozen_.load()) {
+        pollfd p{from.fd(), POLLRDHUP, 0};  // a cut (Shutdown) still ends the pump
+        if (poll(&p, 1, 5) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))) break;
+      }
       const ssize_t n = read(from.fd(), buf, sizeof buf);
       if (n <= 0 || !to.WriteAll({buf, static_cast<size_t>(n)})) break;
     }
@@ -89,7 +97,7 @@ class Relay {
   const uint16_t to_port_;
   std::unique_ptr<Listener> listener_;
   std::thread acceptor_;
-  std::atomic<bool> refuse_{false};
+  std::atomic<bool> refuse_{false}, frozen_{false};
   std::atomic<int> refused_{0};
   Mutex mu_;
   std::vector<std::shared_ptr<Pair>> pairs_ GUARDED_BY(mu_);

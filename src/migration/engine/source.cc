@@ -450,8 +450,27 @@ uint64_t SourceMigration::HoldbackBudget() const {
 Status SourceMigration::WaitDrained() {
   if (!(caps_ & kCapProgress)) return {};
   const uint64_t sent = pool_->records();
-  return control_->WaitUntil([&] { return dest_applied_ >= sent; }, params_.reply_timeout_ms,
-                             fmt::format("destination applying {} page records", sent));
+  // A destination that applies no record for stall_timeout_ms has stalled (hung, or its host gone
+  // while the data sat in socket buffers, where keepalives and TCP_USER_TIMEOUT see nothing
+  // wrong): fail - the VM keeps running - rather than wait out the reply timeout.
+  const uint64_t deadline = NowNs() + static_cast<uint64_t>(params_.reply_timeout_ms) * 1'000'000;
+  uint64_t mark = 0;
+  bool drained = false;
+  for (;;) {
+    const int left = static_cast<int>(std::max<int64_t>(0, static_cast<int64_t>(deadline - std::min(deadline, NowNs())) / 1'000'000));
+    auto s = control_->WaitUntil([&] {
+      drained = dest_applied_ >= sent;
+      if (drained || dest_applied_ == mark) return drained;
+      mark = dest_applied_;
+      return true;
+    }, std::min(left, params_.stall_timeout_ms), fmt::format("destination applying {} page records", sent));
+    if (drained) return {};
+    if (!s) {
+      if (s.error().code() == ErrorCode::kTimeout && left > params_.stall_timeout_ms)
+        return Errorf(ErrorCode::kTimeout, "the destination applied no page record for {} ms ({} of {} applied)", params_.stall_timeout_ms, mark, sent);
+      return s;
+    }
+  }
 }
 
 Result<SourceMigration::Phase> SourceMigration::Round() {
