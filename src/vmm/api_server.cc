@@ -166,6 +166,13 @@ void ApiServer::Routes() {
     if (!info) ReplyError(res, HttpStatusFor(info.error()), info.error().message());
     else Reply(res, 200, *info);
   });
+  svr.Get("/vm/memory-digest", [with_vm](const httplib::Request&, httplib::Response& res) {
+    with_vm("digest the memory", res, [&](Vm* vm, VmMigrationManager*) {
+      auto d = vm->MemoryDigest();
+      if (!d) ReplyError(res, HttpStatusFor(d.error()), d.error().message());
+      else Reply(res, 200, *d);
+    });
+  });
   svr.Get("/metrics", [this, incoming](const httplib::Request&, httplib::Response& res) {
     Target t = target();
     if (t.vm) res.set_content(t.vm->Prometheus(), "text/plain; version=0.0.4");

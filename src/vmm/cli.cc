@@ -69,6 +69,9 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
   std::string max_mem;
   app.add_option("--max-mem", max_mem,
                  "with --incoming: the most guest RAM a source may bring, e.g. 4G (default: this host's physical memory)");
+  app.add_flag("--incoming-paused", cl.incoming_paused,
+               "with --incoming: the guest stays paused after the migration until PUT /vm/resume (to check or snapshot what "
+               "arrived first; the MAC is announced at the switchover all the same)");
   app.add_option("--log-level", cl.log_level, "trace|debug|info|warn|error")->capture_default_str();
   try {
     app.parse(argc, argv);
@@ -110,6 +113,8 @@ Result<VmmCommandLine> ParseVmmCommandLine(int argc, const char* const* argv) {
     }
   } else if (!max_mem.empty()) {
     return Errorf(ErrorCode::kInvalidArgument, "--max-mem limits what an incoming migration may bring: use it with --incoming");
+  } else if (cl.incoming_paused) {
+    return Errorf(ErrorCode::kInvalidArgument, "--incoming-paused is for --incoming (a booted or restored VM: PUT /vm/pause)");
   } else if (!cl.tls.empty() || !cl.tls_allow.empty() || cl.allow_plaintext) {
     return Errorf(ErrorCode::kInvalidArgument,
                   "--tls-* and --allow-plaintext secure an incoming migration: use them with --incoming (an outgoing "

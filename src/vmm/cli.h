@@ -26,6 +26,9 @@ struct VmmCommandLine {
   // --incoming: the most guest RAM an incoming CONFIG may ask for (--max-mem; default: this host's
   // physical memory).
   uint64_t max_mem = 0;
+  // --incoming-paused: the migrated guest stays paused after the migration (PUT /vm/resume runs it),
+  // e.g. to check or snapshot what arrived before it runs.
+  bool incoming_paused = false;
   std::string log_level = "info";
 };
 

@@ -136,7 +136,7 @@ Status VmMigrationTarget::Start() {
   // (announcing after the start waited for the machine thread's first slice).
   auto s = vm_->AnnounceNetwork();
   if (!s) spdlog::warn("incoming: MAC announcement failed: {}", s.error().message());
-  FERRY_RETURN_IF_ERROR(vm_->Start(false), "start");
+  FERRY_RETURN_IF_ERROR(vm_->Start(start_paused_), "start");
   return {};
 }
 

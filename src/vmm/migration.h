@@ -68,7 +68,9 @@ class VmMigrationManager : public migration::SourceVm {
 class VmMigrationTarget : public migration::DestinationVm {
  public:
   // max_ram_bytes: the most guest RAM a CONFIG may ask for (0: no limit beyond the board's).
-  explicit VmMigrationTarget(VmOptions options, uint64_t max_ram_bytes = 0) : options_(std::move(options)), max_ram_(max_ram_bytes) {}
+  // start_paused (--incoming-paused): Start() announces the MAC but leaves the guest paused.
+  explicit VmMigrationTarget(VmOptions options, uint64_t max_ram_bytes = 0, bool start_paused = false)
+      : options_(std::move(options)), max_ram_(max_ram_bytes), start_paused_(start_paused) {}
   Result<migration::RamView> Prepare(const nlohmann::json& config) override;
   Status Restore(const std::vector<migration::StateRecord>& state) override;
   Status Start() override;
@@ -80,6 +82,7 @@ class VmMigrationTarget : public migration::DestinationVm {
  private:
   VmOptions options_;
   uint64_t max_ram_ = 0;
+  bool start_paused_ = false;
   std::unique_ptr<Vm> vm_;
 };
 

@@ -64,6 +64,10 @@ class Vm {
   Status Pause() EXCLUDES(mu_);
   Status Resume() EXCLUDES(mu_);
   Status Snapshot(const std::string& path) EXCLUDES(mu_);
+  // SHA-256 of guest RAM, read directly from the RAM mapping (no migration or snapshot code on the
+  // way; memfd holes hashed as zeros without touching them): {"algorithm", "sha256", "ram_bytes",
+  // "state"}. Only while the vCPU does not run (paused or migrated): kBusy while running.
+  Result<nlohmann::json> MemoryDigest() EXCLUDES(mu_);
   Status Shutdown() EXCLUDES(mu_);
   // Runs fn on the machine thread with the board (VM state is whatever it is).
   Status RunOnMachine(std::function<Status(Board&)> fn) EXCLUDES(mu_);

@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
       api = std::move(*a);
     }
     spdlog::info("waiting for an incoming migration on {} (port {})", cl->incoming, incoming->port());
-    target.emplace(cl->vm, cl->max_mem);
+    target.emplace(cl->vm, cl->max_mem, cl->incoming_paused);
     set_on_signal([inc = incoming.get()] { inc->Abort(); });
     ferry::migration::IncomingParams params;
     params.recover_timeout_ms = cl->recover_timeout_ms;
