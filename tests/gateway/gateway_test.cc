@@ -344,12 +344,24 @@ TEST_F(GatewayTest, LostDataConnectionIsRecoveredWithoutCorruption) {
   EchoServer echo;
   auto p = MakePair(pki_, echo.port(), 4);
   std::string err;
-  std::thread t([&] { err = EchoTransfer(p.fwd->port(), 48u << 20, 42); });
-  std::this_thread::sleep_for(300ms);
+  std::atomic<bool> done{false};
+  std::thread t([&] {
+    err = EchoTransfer(p.fwd->port(), 48u << 20, 42);
+    done = true;
+  });
+  // Each connection dies mid-transfer: after 8 and 24 of the 48 MiB came from the client (not
+  // after a guessed sleep, which a fast machine may outlast), and the transfer still running.
+  const auto wait_for_bytes = [&](uint64_t n) {
+    for (int i = 0; i < 3000 && p.fwd->counters().bytes_from_local.load() < n && !done; i++) std::this_thread::sleep_for(1ms);
+  };
+  wait_for_bytes(8u << 20);
   p.fwd->KillOneDataConnectionForTest();
-  std::this_thread::sleep_for(300ms);
+  const bool first_mid_transfer = !done;
+  wait_for_bytes(24u << 20);
   p.serve->KillOneDataConnectionForTest();
+  const bool second_mid_transfer = !done;
   t.join();
+  EXPECT_TRUE(first_mid_transfer && second_mid_transfer) << "a kill came after the transfer had finished";
   EXPECT_EQ(err, "");
   EXPECT_GE(p.fwd->counters().data_conns_lost.load() + p.serve->counters().data_conns_lost.load(), 2u);
 }

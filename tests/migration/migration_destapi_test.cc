@@ -250,7 +250,8 @@ TEST_F(DestinationApiTest, PostcopyFailureIsReportedBeforeTheDestinationExits) {
   auto samples = Sample(*dst, 60s, [](const json& j) { return j.value("phase", "") == "running-postcopy"; });
   ASSERT_FALSE(samples.empty());
   ASSERT_EQ(samples.back()["phase"], "running-postcopy") << samples.back().dump();
-  std::this_thread::sleep_for(300ms);
+  const json under_way = WaitPostcopyUnderWay(*dst, 30s);
+  ExpectPostcopyUnderWay(under_way);
   src->Kill();
   (void)src->Wait(10s);
   // The API reports the failure (and a halted VM) for a while, then the process exits with 3.

@@ -142,7 +142,8 @@ TEST_F(PostcopyTest, SourceKilledDuringPostcopyStopsTheDestinationWithoutRunning
                      R"({"to": "tcp:127.0.0.1:)" + std::to_string(port) + R"(", "mode": "postcopy", "max_bandwidth": 4194304, "compress": "none"})");
   ASSERT_EQ(put, 202) << src.last_api_error();
   ASSERT_EQ(WaitMigrationStatus(src, "postcopy-active", 60s), "postcopy-active") << src.Get("/vm/migration").dump() << src.Stderr();
-  std::this_thread::sleep_for(300ms);
+  const auto under_way = WaitPostcopyUnderWay(*dst, 30s);
+  ExpectPostcopyUnderWay(under_way);
   src.Kill();
   (void)src.Wait(10s);
   const int rc = dst->Wait(30s);

@@ -77,6 +77,30 @@ inline std::string WaitMigrationStatus(VmProcess& vm, const std::string& status,
   return last;
 }
 
+// Polls a post-copy destination's GET /vm/migration until the push is under way: phase
+// running-postcopy, pages placed since GO, and pages still missing. A fault injected then hits
+// post-copy itself (after a fixed sleep it might come after the last page). Returns the last
+// sample; the caller checks it (ExpectPostcopyUnderWay).
+inline nlohmann::json WaitPostcopyUnderWay(VmProcess& dst, std::chrono::milliseconds timeout) {
+  nlohmann::json j;
+  for (auto end = std::chrono::steady_clock::now() + timeout; std::chrono::steady_clock::now() < end;) {
+    j = dst.Get("/vm/migration");
+    if (j.is_object() && j.value("phase", "") == "running-postcopy") {
+      const uint64_t missing = j.value("postcopy_remaining_pages", uint64_t{0}), total = j.value("postcopy_pages", uint64_t{0});
+      if (missing > 0 && missing < total) return j;
+      if (missing == 0) return j;  // too late: every page is in place
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return j;
+}
+inline void ExpectPostcopyUnderWay(const nlohmann::json& j) {
+  ASSERT_TRUE(j.is_object());
+  ASSERT_EQ(j.value("phase", ""), "running-postcopy") << j.dump();
+  ASSERT_GT(j.value("postcopy_remaining_pages", uint64_t{0}), 0u) << "post-copy already over: " << j.dump();
+  ASSERT_LT(j.value("postcopy_remaining_pages", uint64_t{0}), j.value("postcopy_pages", uint64_t{0})) << "the push has not begun: " << j.dump();
+}
+
 // Asks the guest to verify every memdirty page now.
 inline bool MemverifyOk(VmProcess& vm, int pages, std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
   size_t at = vm.ConsoleSize();
