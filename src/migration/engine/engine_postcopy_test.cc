@@ -3,6 +3,7 @@
 // push runs from the first), so demand faults happen; RAM must end identical to the source's.
 #include <gtest/gtest.h>
 
+#include "migration/engine/engine_test_relay.h"
 #include "migration/engine/engine_test_util.h"
 
 namespace ferry::migration {
@@ -146,64 +147,6 @@ namespace ferry::migration {
 namespace {
 using namespace ferry::migration::test;
 
-// A TCP relay between the source and the destination whose connections the test can cut.
-class CuttableProxy {
- public:
-  explicit CuttableProxy(uint16_t to_port) : to_port_(to_port) {
-    listener_ = std::move(*Listener::Listen(*ParseEndpoint("tcp:127.0.0.1:0")));
-    acceptor_ = std::thread([this] {
-      for (;;) {
-        auto in = listener_->Accept(-1);
-        if (!in) return;
-        auto out = Socket::Connect(*ParseEndpoint(fmt::format("tcp:127.0.0.1:{}", to_port_)), 2000);
-        if (!out) continue;
-        MutexLock l(mu_);
-        auto pair = std::make_shared<std::pair<std::unique_ptr<Socket>, std::unique_ptr<Socket>>>(std::move(*in), std::move(*out));
-        pairs_.push_back(pair);
-        pumps_.emplace_back([pair] { Pump(*pair->first, *pair->second); });
-        pumps_.emplace_back([pair] { Pump(*pair->second, *pair->first); });
-      }
-    });
-  }
-  ~CuttableProxy() {
-    listener_->Shutdown();
-    acceptor_.join();
-    Cut();
-    MutexLock l(mu_);
-    for (auto& t : pumps_) t.join();
-  }
-  std::string to() const { return fmt::format("tcp:127.0.0.1:{}", listener_->port()); }
-  // Closes every connection relayed so far (both ends see a reset/EOF).
-  int Cut() EXCLUDES(mu_) {
-    MutexLock l(mu_);
-    int n = 0;
-    for (auto& p : pairs_) {
-      p->first->Shutdown();
-      p->second->Shutdown();
-      ++n;
-    }
-    pairs_.clear();
-    return n;
-  }
-
- private:
-  static void Pump(Socket& from, Socket& to) {
-    uint8_t buf[65536];
-    for (;;) {
-      ssize_t n = read(from.fd(), buf, sizeof buf);
-      if (n <= 0 || !to.WriteAll({buf, static_cast<size_t>(n)})) break;
-    }
-    from.Shutdown();
-    to.Shutdown();
-  }
-  uint16_t to_port_;
-  std::unique_ptr<Listener> listener_;
-  std::thread acceptor_;
-  Mutex mu_;
-  std::vector<std::shared_ptr<std::pair<std::unique_ptr<Socket>, std::unique_ptr<Socket>>>> pairs_ GUARDED_BY(mu_);
-  std::vector<std::thread> pumps_ GUARDED_BY(mu_);
-};
-
 TEST(MigrationPostcopy, SurvivesACutAndASecondCutDuringRecovery) {
   FakeSource src;
   src.set_write_delay_us(0);
@@ -214,7 +157,7 @@ TEST(MigrationPostcopy, SurvivesACutAndASecondCutDuringRecovery) {
   IncomingParams ip;
   ip.recover_timeout_ms = 20000;
   Incoming in(&dst, ip);
-  CuttableProxy proxy(in.in->port());
+  Relay proxy(in.in->port());
   auto p = Params(proxy.to());
   p.mode = MigrationMode::kPostcopy;
   p.max_bandwidth = 4 << 20;  // a post-copy push of seconds
@@ -246,7 +189,7 @@ TEST(MigrationPostcopy, DestinationGoneForGoodLeavesTheSourcePausedWithItsPages)
   IncomingParams ip;
   ip.recover_timeout_ms = 1500;
   Incoming in(&dst, ip);
-  CuttableProxy proxy(in.in->port());
+  Relay proxy(in.in->port());
   auto p = Params(proxy.to());
   p.mode = MigrationMode::kPostcopy;
   p.max_bandwidth = 4 << 20;

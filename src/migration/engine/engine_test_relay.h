@@ -44,7 +44,7 @@ class Relay {
   }
   std::string to() const { return fmt::format("tcp:127.0.0.1:{}", listener_->port()); }
   // Shuts down every connection relayed so far; returns how many.
-  int Cut() {
+  int Cut() EXCLUDES(mu_) {
     MutexLock l(mu_);
     int n = 0;
     for (auto& p : pairs_) {
