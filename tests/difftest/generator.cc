@@ -45,8 +45,10 @@ class Gen {
     }
   }
   std::string Rd() { return fmt::format("x{}", RdNum()); }
+  // A register for a loop counter or SMC operand; never ra (the window calls link through it).
   int Reserve() {
     int r = RdNum();
+    while (r == 1) r = RdNum();
     reserved_ |= 1u << r;
     return r;
   }
@@ -97,6 +99,7 @@ struct Ctx {
   bool tvm = false;      // mstatus.TVM: sfence.vma traps in S, so PTEs must not be rewritten
   bool machine = false;  // M mode: mret/sret/wfi are legal there and never generated
   bool physical = false; // M mode without MPRV: s11 and the AMO page are physical addresses
+  bool sum = false;      // mstatus.SUM (S mode then never jumps into the window: Exclusions)
 };
 
 // A random RV64I/M register-register or immediate ALU instruction, encoded (for SMC).
@@ -149,7 +152,9 @@ std::string SystemInstruction(Gen& g, const Ctx& c) {
       int off = g.Int(-kSysReach / 8, kSysReach / 8 - 1) * 8 + (g.Coin(50) ? 0 : g.Int(1, 3));
       return fmt::format("addi s10, s11, {}\n\tlr.{} {}, (s10)", off, g.Coin(50) ? "w" : "d", rd);
     }
-    case 10: return fmt::format("fence.i");
+    case 10:  // call the `ret` at offset 2048 of the window page below s11: X/U/A checks, fetch faults
+      // (not M with MPRV: fetches ignore MPRV, so the target would be unmapped physical memory)
+      return (c.machine && !c.physical) || (c.supervisor && c.sum) ? "fence.i" : "jalr ra, -2048(s11)";
     case 11: return fmt::format("csrr {}, {}", rd, g.Coin(50) ? "fcsr" : "sstatus");
     default: return fmt::format("ld {}, {}(s11)", rd, g.Int(c.mem_lo, c.mem_hi));
   }
@@ -341,7 +346,11 @@ std::vector<std::string> Exclusions() {
           "load faults (cause 4/13) for AMOs where the spec requires store/AMO faults (6/15), and an SC without a "
           "reservation fails there without checking the address",
           "system programs: mret/sret/wfi in M mode, sret/wfi in S mode, interrupts, PTE rewrites from U mode (no sfence.vma possible there), "
-          "fetch faults (bodies never jump outside their code)"};
+          "fetch access faults (bodies jump only to their code and into window pages, where a fetch page "
+          "fault resumes at ra)",
+          "system programs: S-mode jumps into the window with mstatus.SUM = 1: QEMU 7.2 lets S execute a U page "
+          "once a SUM data access has filled its TLB entry (the fetch then hits that entry's exec permission); "
+          "Ferry faults, as the spec requires"};
 }
 
 std::vector<DumpField> UserDumpFields() {
@@ -409,6 +418,9 @@ std::string GenerateSystemProgram(const GeneratorOptions& opt) {
     const bool user_pages = !sup;  // window PTEs mostly usable by this privilege
     const std::string alias = priv != 0 ? "" : fmt::format("\tli t1, {:#x}\n\tsub t0, t0, t1\n", kRamBase);
     s += fmt::format("\tli t0, {:#x}\n\tlla t1, win\n\tli t2, {}\n\tcall fill\n", g.U64() | 1, kWinPages * 512);
+    // A `ret` (jalr x0, 0(ra)) in the middle of every window page, out of the bodies' reach.
+    s += "\tli t0, 0x8067\n";
+    for (int p = 0; p < kWinPages; ++p) s += fmt::format("\tlla t1, win + {}\n\tsw t0, 0(t1)\n", 4096 * p + 2048);
     s += fmt::format("\tlla t2, save\n\tlla t0, .Lend{}\n{}\tsd t0, {}(t2)\n", i, alias, kSaveEnd);
     s += fmt::format("\tlla t0, .Lnext{}\n\tsd t0, {}(t2)\n\tsd zero, {}(t2)\n\tsd zero, {}(t2)\n", i, kSaveNext, kSaveDone,
                      kSaveCount);
@@ -441,7 +453,8 @@ std::string GenerateSystemProgram(const GeneratorOptions& opt) {
     if (mach && !mprv) s += fmt::format("\tlla s11, win + {}\n", 4096 * (boundary + 1));
     else s += fmt::format("\tli s11, {:#x}\n", kWindowVa + (boundary ? 0x3000 : 0x1000));
     s += fmt::format("\tmret\n.Lbody{}:\n", i);
-    s += Body(g, Ctx{-kSysReach, kSysReach - 8, true, sup, tvm, mach, mach && !mprv}, opt.length);
+    const bool sum = (mstatus >> 18) & 1;
+    s += Body(g, Ctx{-kSysReach, kSysReach - 8, true, sup, tvm, mach, mach && !mprv, sum}, opt.length);
     s += fmt::format(".Lend{0}:\n\tecall\n.Lnext{0}:\n", i);
   }
   s += "\tli t0, 0x100000\n\tli t1, 0x5555\n\tsw t1, 0(t0)\n1:\tj 1b\n";
@@ -461,10 +474,12 @@ std::string GenerateSystemProgram(const GeneratorOptions& opt) {
                      "\tslli t1, t1, 5\n\tadd t1, t1, t6\n\tcsrr t0, {2}cause\n\tsd t0, {3}(t1)\n\tcsrr t0, {2}tval\n"
                      "\tsd t0, {4}(t1)\n\tcsrr t0, {2}epc\n\tsd t0, {5}(t1)\n\tli t0, {6}\n\tsd t0, {7}(t1)\n",
                      kSaveCount, kLogEntries, m, kSaveLog, kSaveLog + 8, kSaveLog + 16, priv, kSaveLog + 24);
-    h += fmt::format("2:\tcsrr t0, {0}epc\n\tli t1, {1:#x}\n\tbgeu t0, t1, 3f\n\tli t1, {2:#x}\n\tadd t0, t0, t1\n"
+    // A fetch page fault (a jump into a window page): resume at the return address.
+    h += fmt::format("2:\tcsrr t0, {0}cause\n\tli t1, 12\n\tbne t0, t1, 6f\n\tcsrw {0}epc, ra\n\tj 7f\n6:\n", m);
+    h += fmt::format("\tcsrr t0, {0}epc\n\tli t1, {1:#x}\n\tbgeu t0, t1, 3f\n\tli t1, {2:#x}\n\tadd t0, t0, t1\n"
                      "3:\tlhu t1, 0(t0)\n\tandi t1, t1, 3\n\taddi t1, t1, -3\n\tcsrr t0, {0}epc\n\taddi t0, t0, 2\n"
                      "\tbnez t1, 4f\n\taddi t0, t0, 2\n4:\tcsrw {0}epc, t0\n"
-                     "\tld t0, {3}(t6)\n\tld t1, {4}(t6)\n\tcsrrw t6, {0}scratch, t6\n\t{0}ret\n",
+                     "7:\tld t0, {3}(t6)\n\tld t1, {4}(t6)\n\tcsrrw t6, {0}scratch, t6\n\t{0}ret\n",
                      m, kWindowVa, kRamBase, t0_slot, t0_slot + 8);
     if (m == 's')
       h += fmt::format(".Ls_done:\n\tli t0, 1\n\tsd t0, {}(t6)\n\tld t0, 0(t6)\n\tld t1, 8(t6)\n\tcsrrw t6, sscratch, t6\n\tecall\n",

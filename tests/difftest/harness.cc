@@ -106,7 +106,7 @@ Result<std::string> RunOnQemu(const std::string& elf) { return Slurp("qemu-riscv
 
 Result<std::string> RunOnQemuSystem(const std::string& elf) {
   const std::string out = elf + ".uart";
-  auto r = Slurp(fmt::format("timeout 600 qemu-system-riscv64 -M virt -m 64M -smp 1 -bios none -nodefaults -display none "
+  auto r = Slurp(fmt::format("timeout 120 qemu-system-riscv64 -M virt -m 64M -smp 1 -bios none -nodefaults -display none "
                              "-monitor none -serial file:{} -kernel {} 2>&1",
                              out, elf));
   if (!r) return std::unexpected(r.error().WithContext("qemu-system-riscv64"));
