@@ -104,6 +104,13 @@ World& W() {
     if (!a) std::abort();
     w->in_api = std::move(*a);
     w->in_api->server().set_read_timeout(0, kReadTimeoutMs * 1000);
+    std::atexit([] {  // the servers unlink their sockets as they stop
+      World& w = W();
+      w.in_api.reset();
+      w.api.reset();
+      unlink(w.snap.c_str());
+      rmdir(w.dir.c_str());
+    });
     return w;
   }();
   return *w;

@@ -162,11 +162,13 @@ SnapshotState Save(Board& b) {
   return st;
 }
 
+char g_dir[] = "/dev/shm/ferry-fuzz-snapshot-XXXXXX";
+
 const std::string& Dir() {
   static const std::string dir = [] {
-    char tmpl[] = "/dev/shm/ferry-fuzz-snapshot-XXXXXX";
-    if (!mkdtemp(tmpl)) std::abort();
-    return std::string(tmpl);
+    if (!mkdtemp(g_dir)) std::abort();
+    std::atexit([] { rmdir(g_dir); });
+    return std::string(g_dir);
   }();
   return dir;
 }
