@@ -30,11 +30,13 @@
 
 #include <spdlog/spdlog.h>
 
+#include "fuzz_reader.h"
 #include "machine/board.h"
 #include "machine/devices/virtio/net_backend.h"
 #include "machine/devices/virtio/virtio_factory.h"
 
 using namespace ferry;
+using ferry::fuzz::Reader;
 
 namespace {
 
@@ -47,23 +49,6 @@ void Check(bool ok, const char* what) {
   }
 }
 
-struct Reader {
-  std::span<const uint8_t> d;
-  bool Take(size_t n, std::span<const uint8_t>* out) {
-    if (d.size() < n) return false;
-    *out = d.first(n);
-    d = d.subspan(n);
-    return true;
-  }
-  template <class T>
-  bool Get(T* v) {
-    std::span<const uint8_t> b;
-    if (!Take(sizeof(T), &b)) return false;
-    *v = 0;
-    for (size_t i = 0; i < sizeof(T); ++i) *v |= static_cast<T>(static_cast<T>(b[i]) << (8 * i));
-    return true;
-  }
-};
 
 class NullIrq : public IrqSink {
  public:

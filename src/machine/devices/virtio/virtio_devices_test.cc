@@ -73,35 +73,38 @@ TEST(VirtioNetBackend, SocketPairCarriesFramesBothWays) {
   std::memcpy(frame + 18, mac.data(), 6);
   for (size_t i = 24; i < sizeof frame; ++i) frame[i] = static_cast<uint8_t>(i);
 
-  auto tx_pair = SocketPairBackend("tx-test");
-  ASSERT_TRUE(tx_pair) << tx_pair.error().ToString();
-  const int tx_peer = tx_pair->peer;
-  auto tx = CreateVirtioNet(deps, std::move(tx_pair->backend), mac);
-  ASSERT_TRUE(tx) << tx.error().ToString();
-  SetUpQueue(**tx, 1u << 5, 1);
+  // A device on a fresh pair, its queue q set up; *peer: the network's end.
+  auto make = [&](const char* name, int q, int* peer) -> std::unique_ptr<Device> {
+    auto pair = SocketPairBackend(name);
+    if (!pair) return nullptr;
+    *peer = pair->peer;
+    auto dev = CreateVirtioNet(deps, std::move(pair->backend), mac);
+    if (!dev) return nullptr;
+    SetUpQueue(**dev, 1u << 5, q);
+    return std::move(*dev);
+  };
+  int tx_peer = -1, rx_peer = -1;
+  auto tx = make("tx-test", 1, &tx_peer);
+  ASSERT_TRUE(tx);
   ASSERT_TRUE(mem->Write(kRamBase + 0x8000, frame, sizeof frame));
   Desc d0{kRamBase + 0x8000, sizeof frame, 0, 0};
   ASSERT_TRUE(mem->Write(kDesc, &d0, sizeof d0));
   uint16_t ring[3] = {0, 1, 0};
   ASSERT_TRUE(mem->Write(kAvail, ring, 6));
-  (*tx)->MmioWrite(0x50, 4, 1);
+  tx->MmioWrite(0x50, 4, 1);
   uint8_t got[128];
   EXPECT_EQ(recv(tx_peer, got, sizeof got, MSG_DONTWAIT), static_cast<ssize_t>(sizeof frame));
   EXPECT_EQ(std::memcmp(got, frame, sizeof frame), 0);
-  EXPECT_EQ((*tx)->Metrics()["tx_packets"], 1u);
+  EXPECT_EQ(tx->Metrics()["tx_packets"], 1u);
   close(tx_peer);
 
-  auto rx_pair = SocketPairBackend("rx-test");
-  ASSERT_TRUE(rx_pair) << rx_pair.error().ToString();
-  const int rx_peer = rx_pair->peer;
-  auto rx = CreateVirtioNet(deps, std::move(rx_pair->backend), mac);
-  ASSERT_TRUE(rx) << rx.error().ToString();
-  SetUpQueue(**rx, 1u << 5, 0);
+  auto rx = make("rx-test", 0, &rx_peer);
+  ASSERT_TRUE(rx);
   Desc buf{kRamBase + 0xa000, 2048, 2 /* device writes */, 0};
   ASSERT_TRUE(mem->Write(kDesc, &buf, sizeof buf));
   ASSERT_TRUE(mem->Write(kAvail, ring, 6));
   ASSERT_EQ(send(rx_peer, frame, sizeof frame, 0), static_cast<ssize_t>(sizeof frame));
-  (*rx)->MmioWrite(0x50, 4, 0);  // the driver notifies RX: the device reads what waits
+  rx->MmioWrite(0x50, 4, 0);  // the driver notifies RX: the device reads what waits
   uint8_t in[sizeof frame];
   ASSERT_TRUE(mem->Read(kRamBase + 0xa000, in, sizeof in));
   EXPECT_EQ(in[10], 1) << "num_buffers";
@@ -109,8 +112,8 @@ TEST(VirtioNetBackend, SocketPairCarriesFramesBothWays) {
   uint32_t used_len = 0;
   ASSERT_TRUE(mem->Read(kUsed + 4 + 4, &used_len, 4));
   EXPECT_EQ(used_len, sizeof frame);
-  EXPECT_EQ((*rx)->Metrics()["rx_packets"], 1u);
-  EXPECT_EQ((*rx)->Metrics()["tap"], "rx-test");
+  EXPECT_EQ(rx->Metrics()["rx_packets"], 1u);
+  EXPECT_EQ(rx->Metrics()["tap"], "rx-test");
   close(rx_peer);
 }
 
