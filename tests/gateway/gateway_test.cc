@@ -30,6 +30,7 @@
 
 #include "gateway/gateway.h"
 #include "gateway/protocol.h"
+#include "prometheus_text.h"
 
 namespace ferry::gateway {
 namespace {
@@ -190,21 +191,7 @@ int Dial(uint16_t port, const std::string& ip = "127.0.0.1", const std::string& 
   return fd;
 }
 
-// The value of the unlabelled sample `name` in Prometheus text ("name VALUE" on a line of its
-// own); nullopt when the metric is absent or its value does not parse, so a check of the value
-// also fails when the metric is missing.
-std::optional<double> MetricValue(const std::string& text, const std::string& name) {
-  std::istringstream in(text);
-  for (std::string line; std::getline(in, line);) {
-    if (line.size() <= name.size() + 1 || line.compare(0, name.size(), name) != 0 || line[name.size()] != ' ') continue;
-    const std::string value = line.substr(name.size() + 1);
-    char* end = nullptr;
-    const double v = std::strtod(value.c_str(), &end);
-    if (end == value.c_str() || *end != '\0') return std::nullopt;
-    return v;
-  }
-  return std::nullopt;
-}
+using ferry::test::MetricValue;
 
 // How a peer answered a connection it refuses: what the first read returned (0 = orderly close,
 // -1 with the errno) and how long it took. A peer that never answers shows as EAGAIN after the
