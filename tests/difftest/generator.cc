@@ -274,14 +274,18 @@ std::string Loop(Gen& g, int counter, int trips, const std::string& inner) {
 }
 
 // Self-modifying code: a loop executes a 32-bit ALU instruction, overwrites it with another
-// (sw + fence.i), and the next iteration executes the new one.
+// (sw + fence.i), and the next iteration executes the new one. In S mode the store goes
+// through the U alias of the code now and then (a store page fault unless SUM = 1).
 std::string SelfModifying(Gen& g, const Ctx& c) {
   const int t = g.Reserve(), counter = g.Reserve();
   const uint32_t first = EncodeAlu(g), second = EncodeAlu(g);
   const int id = g.Label();
-  std::string inner = fmt::format("\t.balign 4\n.Lsmc{}:\n\t.4byte {:#010x}\n\tsw x{}, 0(s10)\n\tfence.i\n", id, first, t);
+  const std::string alias = c.supervisor && g.Coin(30) ? fmt::format(" - {:#x}", kRamBase) : "";
+  std::string inner = fmt::format("\t.balign 4\n.Lsmc{0}:\n\t.4byte {1:#010x}\n\tlla s10, .Lsmc{0}{2}\n\tsw x{3}, 0(s10)\n"
+                                  "\tfence.i\n",
+                                  id, first, alias, t);
   inner += Straight(g, c, g.Int(0, 2));
-  std::string s = fmt::format("\tlla s10, .Lsmc{}\n\tli x{}, {:#x}\n", id, t, second);
+  std::string s = fmt::format("\tli x{}, {:#x}\n", t, second);
   s += Loop(g, counter, g.Int(2, 3), inner);
   g.Release(t);
   g.Release(counter);
@@ -296,7 +300,7 @@ std::string Body(Gen& g, const Ctx& c, int items) {
       const int counter = g.Reserve();
       s += Loop(g, counter, g.Int(1, 6), Straight(g, c, g.Int(1, 6)));
       g.Release(counter);
-    } else if (what < 12 && !c.system) {
+    } else if (what < 12 && !c.machine) {  // (M mode with MPRV: see Exclusions)
       s += SelfModifying(g, c);
     } else {
       s += Straight(g, c, 1);
@@ -350,7 +354,10 @@ std::vector<std::string> Exclusions() {
           "fault resumes at ra)",
           "system programs: S-mode jumps into the window with mstatus.SUM = 1: QEMU 7.2 lets S execute a U page "
           "once a SUM data access has filled its TLB entry (the fetch then hits that entry's exec permission); "
-          "Ferry faults, as the spec requires"};
+          "Ferry faults, as the spec requires",
+          "system programs: self-modifying code in M mode: with MPRV, QEMU 7.2 lets a store to the code page "
+          "hit the M-mode TLB entry its fetch filled (no U-mode translation, no fault); Ferry translates the "
+          "store as MPP = U and faults, as the spec requires"};
 }
 
 std::vector<DumpField> UserDumpFields() {

@@ -19,8 +19,9 @@
 //   the privilege per sequence (S, U, or M: physical addresses, or MPRV with MPP = U so
 //   loads/stores translate as U) and mrets into the body. Bodies add system events to the user mix: ecall, ebreak, illegal
 //   instructions (reserved opcodes, M/S-only CSRs and xRETs from lower privilege, U-mode
-//   sfence.vma/wfi), misaligned and page-faulting loads/stores/AMOs, S-CSR reads, and PTE
-//   rewrites followed by sfence.vma. Traps go to an S handler (if delegated) or the M
+//   sfence.vma/wfi), misaligned LR and page-faulting loads/stores, S-CSR reads, PTE
+//   rewrites followed by sfence.vma, calls into window pages (fetch page faults) and, in S
+//   and U, self-modifying code (in S sometimes stored through the U alias). Traps go to an S handler (if delegated) or the M
 //   handler; both log cause/tval/epc and skip the instruction (sret/mret). The final
 //   ecall ends the sequence and the M-mode dump sends kSysDumpBytes (layout: SysDumpFields)
 //   over the UART.
