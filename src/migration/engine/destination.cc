@@ -225,6 +225,13 @@ void IncomingMigration::DataReader(Socket* sock, uint32_t channel) {
   for (;;) {
     auto r = ReadRecordInto(*sock, &rec, -1);
     if (stopping_) return;
+    if (!r && r.error().code() == ErrorCode::kIo) {
+      // Sealed (pre-copy, every announced page record applied): the data channels have nothing
+      // more to carry. Their close - a cut, or a source that lost its control connection after
+      // GO - must not race the GO on the control channel, which alone decides from here.
+      ReaderLock seal(seal_mu_);
+      if (sealed_) return;
+    }
     Status s = r;
     if (r) {
       bytes_received_ += kRecordHeaderSize + rec.payload.size();

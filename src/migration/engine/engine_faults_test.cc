@@ -79,8 +79,9 @@ class HookedSource : public FakeSource {
   std::function<void()> on_save_state;
 };
 
-// The destination with hooks: when CONFIG arrives (the source is in kSetup) and right after GO
-// started the guest (before RESUMED goes out).
+// The destination with hooks: when CONFIG arrives (the source is in kSetup), when the state is
+// restored (every page record applied, before READY) and right after GO started the guest (before
+// RESUMED goes out).
 class HookedDestination : public TouchingDestination {
  public:
   using TouchingDestination::TouchingDestination;
@@ -88,13 +89,17 @@ class HookedDestination : public TouchingDestination {
     prepare_gate.Pass();
     return TouchingDestination::Prepare(config);
   }
+  Status Restore(const std::vector<StateRecord>& state) override {
+    if (on_restore) on_restore();
+    return TouchingDestination::Restore(state);
+  }
   Status Start() override {
     auto s = TouchingDestination::Start();
     if (on_start) on_start();
     return s;
   }
   Gate prepare_gate;
-  std::function<void()> on_start;
+  std::function<void()> on_restore, on_start;
 };
 
 bool WaitStatus(SourceMigration& m, MigrationStatus want, std::chrono::milliseconds timeout) {
@@ -418,6 +423,32 @@ TEST(MigrationFaults, StalledRoundsKeepTheSourceRunningAndFailWithinTheStallBoun
   m->Wait();
   in.thread.join();
   ExpectSourceRunsAndMigratesCleanly(src);
+}
+
+
+// The data connections close once every page record is applied (END met, the destination sealed),
+// before GO: they have nothing more to carry, so the migration completes on the control
+// connection. (The destination used to fail on the first data channel's EOF, racing the GO that a
+// source losing its connections right after GO had sent: then neither copy ran.)
+TEST(MigrationFaults, DataChannelsClosingAfterEndDoNotUndoTheMigration) {
+  HookedSource src;
+  HookedDestination dst;
+  Incoming in(&dst);
+  Relay relay(in.in->port());
+  int cut = 0;
+  dst.on_restore = [&] {
+    cut = relay.CutAllButFirst();
+    std::this_thread::sleep_for(100ms);  // held in the restore: the data readers see their EOF now
+  };
+  auto p = Params(relay.to());
+  p.mode = MigrationMode::kPrecopy;
+  auto m = SourceMigration::Start(&src, p);
+  m->Wait();
+  in.thread.join();
+  EXPECT_EQ(cut, 3) << "the data connections";
+  ASSERT_EQ(m->status(), MigrationStatus::kCompleted) << m->Stats().dump(2);
+  EXPECT_TRUE(src.migrated());
+  ExpectDestinationRunsTheOnlyCopy(src, dst, in);
 }
 
 }  // namespace

@@ -55,6 +55,17 @@ class Relay {
     pairs_.clear();
     return n;
   }
+  // Shuts down every connection relayed so far but the first (a source's control connection: it
+  // opens that one first); returns how many.
+  int CutAllButFirst() EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    int n = 0;
+    for (size_t i = 1; i < pairs_.size(); ++i, ++n) {
+      pairs_[i]->first->Shutdown();
+      pairs_[i]->second->Shutdown();
+    }
+    return n;
+  }
   // While set, a new connection is closed at once (the destination cannot be reached).
   void Refuse(bool on) { refuse_.store(on); }
   // While set, nothing is read from either side of any connection.
