@@ -123,9 +123,10 @@ TEST_F(MigrationFaultsTest, AnUnreachableDestinationFailsWithinTheConnectTimeout
 }
 
 // A relay between source and destination that reads the control connection's records (the
-// first connection a source opens is its control connection) and, right after it has passed GO
-// on to the destination, shuts every connection down: the destination has GO (and runs the
-// guest), the source never gets RESUMED. The commit point's fault, at exactly that point.
+// first connection a source opens is its control connection). When GO comes it stops passing
+// anything back to the source, passes GO on to the destination and shuts every connection down: the destination
+// has GO (and runs the guest), the source never gets RESUMED. The commit point's fault, at
+// exactly that point.
 class GoCuttingRelay {
  public:
   explicit GoCuttingRelay(int dst_port) : dst_port_(dst_port) {
@@ -140,7 +141,7 @@ class GoCuttingRelay {
         auto pair = std::make_shared<Pair>(std::move(*a), std::move(*b));
         pairs_.push_back(pair);
         threads_.emplace_back([this, pair, control] { control ? ForwardUntilGo(*pair->first, *pair->second) : Pump(*pair->first, *pair->second); });
-        threads_.emplace_back([pair] { Pump(*pair->second, *pair->first); });
+        threads_.emplace_back([this, pair, control] { Pump(*pair->second, *pair->first, control ? &go_seen_ : nullptr); });
       }
     });
   }
@@ -165,18 +166,23 @@ class GoCuttingRelay {
     if (!pre || !WritePreamble(to, pre->role, pre->version)) return CutAll();
     for (;;) {
       auto r = ReadRecord(from, 600000);
-      if (!r || !to.WriteAll(EncodeRecord(r->type(), r->payload, r->header.mandatory()))) return CutAll();
+      if (!r) return CutAll();
       if (r->type() == RecordType::kGo) {
-        cut_after_go_ = true;  // GO is in the destination's socket; nothing comes back
+        go_seen_ = true;  // from now on nothing goes back to the source: no RESUMED slips through
+        cut_after_go_ = static_cast<bool>(to.WriteAll(EncodeRecord(r->type(), r->payload, r->header.mandatory())));
         return CutAll();
       }
+      if (!to.WriteAll(EncodeRecord(r->type(), r->payload, r->header.mandatory()))) return CutAll();
     }
   }
-  static void Pump(Socket& from, Socket& to) {
+  // Copies from -> to; once *drop is set, what arrives is dropped.
+  static void Pump(Socket& from, Socket& to, const std::atomic<bool>* drop = nullptr) {
     uint8_t buf[65536];
     for (;;) {
       const ssize_t n = read(from.fd(), buf, sizeof buf);
-      if (n <= 0 || !to.WriteAll({buf, static_cast<size_t>(n)})) break;
+      if (n <= 0) break;
+      if (drop && drop->load()) continue;
+      if (!to.WriteAll({buf, static_cast<size_t>(n)})) break;
     }
     from.Shutdown();
     to.Shutdown();
@@ -194,7 +200,7 @@ class GoCuttingRelay {
   std::mutex mu_;
   std::vector<std::shared_ptr<Pair>> pairs_;  // guarded by mu_
   std::vector<std::thread> threads_;          // guarded by mu_
-  std::atomic<bool> cut_after_go_{false};
+  std::atomic<bool> go_seen_{false}, cut_after_go_{false};
 };
 
 // GO is the commit point. The connection lost right after it: the source reports failed-unknown
