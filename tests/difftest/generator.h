@@ -17,14 +17,19 @@
 //   window pages with random permissions / A / D / reserved bits over three physical
 //   pages, and one always-writable page for AMOs), picks medeleg, mstatus.SUM/MXR/TVM and
 //   the privilege per sequence (S, U, or M: physical addresses, or MPRV with MPP = U so
-//   loads/stores translate as U) and mrets into the body. Bodies add system events to the user mix: ecall, ebreak, illegal
-//   instructions (reserved opcodes, M/S-only CSRs and xRETs from lower privilege, U-mode
-//   sfence.vma/wfi), misaligned LR and page-faulting loads/stores, S-CSR reads, PTE
-//   rewrites followed by sfence.vma, calls into window pages (fetch page faults) and, in S
-//   and U, self-modifying code (in S sometimes stored through the U alias). Traps go to an S handler (if delegated) or the M
-//   handler; both log cause/tval/epc and skip the instruction (sret/mret). The final
-//   ecall ends the sequence and the M-mode dump sends kSysDumpBytes (layout: SysDumpFields)
-//   over the UART.
+//   loads/stores translate as U) and mrets into the body. Bodies add system events to the
+//   user mix: ecall, ebreak, illegal instructions (reserved opcodes, M/S-only CSRs and
+//   xRETs from lower privilege, U-mode sfence.vma/wfi), misaligned LR, page-faulting and
+//   page-crossing loads/stores, S-CSR reads, PTE rewrites followed by sfence.vma, calls
+//   into window pages (fetch page faults) and, in S and U, self-modifying code (in S
+//   sometimes stored through the U alias). Traps go to an S handler (if delegated) or the
+//   M handler; both log cause/tval/epc and step over the instruction (sret/mret). The
+//   final ecall ends the sequence and the M-mode dump sends SysDumpBytes() (layout:
+//   SysDumpFields) over the UART.
+//
+// Threads: pure functions of their options (same seed, same program), callable from any
+// thread. Invariant: a program's output depends only on architectural behaviour, never on
+// timing, counters or interrupts, so any difference between the two runs is a divergence.
 #pragma once
 
 #include <cstdint>
