@@ -90,16 +90,36 @@ class HookedDestination : public TouchingDestination {
     return TouchingDestination::Prepare(config);
   }
   Status Restore(const std::vector<StateRecord>& state) override {
-    if (on_restore) on_restore();
+    Run(/*restore=*/true);
     return TouchingDestination::Restore(state);
   }
   Status Start() override {
     auto s = TouchingDestination::Start();
-    if (on_start) on_start();
+    Run(/*restore=*/false);
     return s;
   }
+  // The hooks are set while the destination already waits on its own thread.
+  void OnRestore(std::function<void()> f) {
+    MutexLock l(mu_);
+    on_restore_ = std::move(f);
+  }
+  void OnStart(std::function<void()> f) {
+    MutexLock l(mu_);
+    on_start_ = std::move(f);
+  }
   Gate prepare_gate;
-  std::function<void()> on_restore, on_start;
+
+ private:
+  void Run(bool restore) {
+    std::function<void()> f;
+    {
+      MutexLock l(mu_);
+      f = restore ? on_restore_ : on_start_;
+    }
+    if (f) f();
+  }
+  Mutex mu_;
+  std::function<void()> on_restore_ GUARDED_BY(mu_), on_start_ GUARDED_BY(mu_);
 };
 
 bool WaitStatus(SourceMigration& m, MigrationStatus want, std::chrono::milliseconds timeout) {
@@ -152,7 +172,7 @@ void ExpectCancelledBeforeGo(SourceMigration& m, HookedSource& src, HookedDestin
 // The commit point: the connection is lost right after the destination got GO (its Start hook
 // cuts every connection before RESUMED goes out). Leaves `m` in kFailedUnknown.
 std::unique_ptr<SourceMigration> LoseTheConnectionAfterGo(HookedSource& src, HookedDestination& dst, Relay& relay) {
-  dst.on_start = [&] { relay.Cut(); };
+  dst.OnStart([&] { relay.Cut(); });
   auto p = Params(relay.to());
   p.mode = MigrationMode::kPrecopy;
   return SourceMigration::Start(&src, p);
@@ -436,10 +456,10 @@ TEST(MigrationFaults, DataChannelsClosingAfterEndDoNotUndoTheMigration) {
   Incoming in(&dst);
   Relay relay(in.in->port());
   int cut = 0;
-  dst.on_restore = [&] {
+  dst.OnRestore([&] {
     cut = relay.CutAllButFirst();
     std::this_thread::sleep_for(100ms);  // held in the restore: the data readers see their EOF now
-  };
+  });
   auto p = Params(relay.to());
   p.mode = MigrationMode::kPrecopy;
   auto m = SourceMigration::Start(&src, p);
