@@ -126,6 +126,12 @@ void ChannelPool::Worker(size_t index) {
   }
 }
 
+uint64_t ChannelPool::bytes_acked() const {
+  uint64_t acked = 0;
+  for (const auto& sock : sockets_) acked += sock->Path().bytes_acked;
+  return acked;
+}
+
 void ChannelPool::MaybeSamplePath() {
   const uint64_t now = NowNs();
   uint64_t due = next_sample_ns_.load(std::memory_order_relaxed);

@@ -86,6 +86,7 @@ class ChannelPool {
   EncodeTally tally() const;
   uint64_t cpu_ns() const;            // CPU time of the workers so far
   uint64_t bytes_written() const;     // on all data connections
+  uint64_t bytes_acked() const;       // by the peer's TCP on all data connections (TCP_INFO; any thread)
   double link_bytes_per_s() const;    // the last path estimate (0 = not measured)
   size_t channels() const { return sockets_.size(); }
 

@@ -446,6 +446,55 @@ TEST(MigrationFaults, StalledRoundsKeepTheSourceRunningAndFailWithinTheStallBoun
 }
 
 
+// Stalled in the stop-and-copy: the destination (here the relay) stops reading just as the source
+// pauses, and the final pass is bigger than the connection's buffers, so the sender blocks on a shut
+// window while its TCP still answers the window probes. The source's stall guard cuts the
+// connections after stall_timeout_ms without anything acknowledged and the source resumes, with
+// the cause named. (On Linux >= 5.11 TCP_USER_TIMEOUT, set to the same bound, also ends a window
+// shut that long, as "Connection timed out" - older kernels keep such a connection open as long
+// as the probes are answered; the guard does not depend on the kernel or on which connection
+// blocks. Without the guard this test fails on the error it expects.)
+TEST(MigrationFaults, StalledStopAndCopyResumesTheSourceWithinTheStallBound) {
+  HookedSource src;
+  HookedDestination dst;
+  Incoming in(&dst);
+  Relay relay(in.in->port());
+  auto p = Params(relay.to());
+  p.mode = MigrationMode::kPrecopy;
+  p.channels = 1;
+  p.compress = *ParseCompressMode("none");
+  p.stall_timeout_ms = 1000;
+  src.pause_gate.Arm();
+  auto m = SourceMigration::Start(&src, p);
+  ASSERT_TRUE(src.pause_gate.WaitReached(60s)) << m->Stats().dump(2);
+  relay.Freeze(true);
+  {  // every page dirty and incompressible: the final pass is all of RAM, more than the buffers hold
+    std::mt19937_64 rng(7);
+    std::vector<uint64_t> page(kWirePageSize / 8);
+    for (uint64_t off = 0; off < kRam; off += kWirePageSize) {
+      for (auto& w : page) w = rng();
+      ASSERT_TRUE(src.mem().Write(src.mem().base() + off, page.data(), kWirePageSize));
+    }
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  src.pause_gate.Open();
+  while (!IsFinal(m->status()) && std::chrono::steady_clock::now() - t0 < 20s) std::this_thread::sleep_for(5ms);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("stalled stop-and-copy: %s after %.2f s (%s)\n", std::string(MigrationStatusName(m->status())).c_str(), s,
+              m->Stats().value("error", "").c_str());
+  EXPECT_EQ(m->status(), MigrationStatus::kFailed) << m->Stats().dump(2);
+  EXPECT_NE(m->Stats().value("error", "").find("stop-and-copy made no progress"), std::string::npos) << m->Stats().dump(2);
+  EXPECT_LT(s, 1.0 + 1.5) << "stall_timeout_ms is 1 s";
+  EXPECT_FALSE(src.paused()) << "the source must run again";
+  relay.Freeze(false);
+  relay.Cut();
+  in.in->Abort();
+  m->Wait();
+  in.thread.join();
+  EXPECT_FALSE(dst.started_);
+  ExpectSourceRunsAndMigratesCleanly(src);
+}
+
 // The data connections close once every page record is applied (END met, the destination sealed),
 // before GO: they have nothing more to carry, so the migration completes on the control
 // connection. (The destination used to fail on the first data channel's EOF, racing the GO that a

@@ -211,12 +211,18 @@ void SourceMigration::Run() {
     }
     SampleCpu();
     if (!next) {
+      StopStallGuard();
+      std::optional<Error> stalled;
+      {
+        MutexLock l(commit_mu_);
+        stalled = stall_error_;
+      }
       if (cpu_share_set_ != 1.0) (void)vm_->SetCpuShare(1.0);
       {
         MutexLock l(stats_mu_);
         end_ns_ = NowNs();
       }
-      Fail(Explain(next.error()));
+      Fail(stalled ? *stalled : Explain(next.error()));
       Shutdown();
       return;
     }
@@ -781,6 +787,7 @@ Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
   FERRY_RETURN_IF_ERROR(vm_->Pause(), "pause source VM");
   const uint64_t t_paused = NowNs();
   paused_by_us_ = true;
+  StartStallGuard();
   if (cpu_share_set_ != 1.0) {
     (void)vm_->SetCpuShare(1.0);  // paused anyway; the destination runs at full speed
     cpu_share_set_ = 1.0;
@@ -839,12 +846,67 @@ Result<SourceMigration::Handover> SourceMigration::HandOverState() {
   return h;
 }
 
+void SourceMigration::StartStallGuard() {
+  {
+    MutexLock l(guard_mu_);
+    guard_stop_ = false;
+  }
+  // The stage pointers do not change between the pause and the commit (see the members).
+  ChannelPool* pool = pool_.get();
+  ControlChannel* control = control_.get();
+  const int bound_ms = params_.stall_timeout_ms;
+  stall_guard_ = std::thread([this, pool, control, bound_ms] {
+    const auto acked = [&] { return pool->bytes_acked() + control->socket().Path().bytes_acked; };
+    const auto period = std::chrono::milliseconds(std::clamp(bound_ms / 10, 10, 250));
+    uint64_t last = acked(), since = NowNs();
+    for (;;) {
+      {
+        MutexLock l(guard_mu_);
+        if (l.WaitFor(guard_cv_, period, [&]() REQUIRES(guard_mu_) { return guard_stop_; })) return;
+      }
+      const uint64_t now_acked = acked();
+      if (now_acked != last) {
+        last = now_acked;
+        since = NowNs();
+        continue;
+      }
+      if (NowNs() - since < static_cast<uint64_t>(bound_ms) * 1'000'000) continue;
+      const Error e(ErrorCode::kTimeout,
+                    fmt::format("the stop-and-copy made no progress for {} ms (stall_timeout_ms: the destination "
+                                "acknowledged nothing on any connection); the source resumes",
+                                bound_ms));
+      {
+        MutexLock l(commit_mu_);
+        if (committed_) return;  // GO went out: only the migration thread decides from here
+        stall_error_ = e;
+      }
+      spdlog::warn("migration {}: {}", FormatUuid(uuid_), e.message());
+      pool->Cancel(e);  // unblocks the data senders
+      control->Interrupt(e);
+      control->socket().Shutdown();  // unblocks a STATE/END send on the control connection
+      return;
+    }
+  });
+}
+
+void SourceMigration::StopStallGuard() {
+  if (!stall_guard_.joinable()) return;
+  {
+    MutexLock l(guard_mu_);
+    guard_stop_ = true;
+  }
+  guard_cv_.notify_all();
+  stall_guard_.join();
+}
+
 Result<SourceMigration::Phase> SourceMigration::Commit() {
   {
     MutexLock l(commit_mu_);
     if (cancelled_) return Errorf(ErrorCode::kCancelled, "cancelled by operator");
+    if (stall_error_) return std::unexpected(*stall_error_);
     committed_ = true;
   }
+  StopStallGuard();  // past the commit point: a lost destination now means failed-unknown
   const uint64_t t_go = NowNs();
   FERRY_RETURN_IF_ERROR(control_->Send(RecordType::kGo, {}), "send GO");
   auto resumed = control_->Await(RecordType::kResumed, params_.reply_timeout_ms);

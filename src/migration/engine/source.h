@@ -132,6 +132,14 @@ class SourceMigration {
   void StopResponder();
   void StartPinger();
   void StopPinger();
+  // The stop-and-copy's stall guard (pre-copy): from the pause until the commit point a thread
+  // watches what the destination's TCP acknowledges on every connection. Nothing for
+  // stall_timeout_ms - a hung destination whose windows stay shut, which keepalives and
+  // TCP_USER_TIMEOUT take for a live peer, so a blocked send would wait for ever with the guest
+  // paused - and it cuts the connections: the blocked sends fail and the source resumes. It never
+  // acts once GO is committed (it checks committed_ under commit_mu_ and Commit refuses after it).
+  void StartStallGuard();
+  void StopStallGuard();
   bool Claim(uint64_t p) {
     const uint64_t bit = 1ull << (p % 64);
     return !(pc_claimed_[p / 64].fetch_or(bit, std::memory_order_relaxed) & bit);
@@ -202,6 +210,7 @@ class SourceMigration {
   // Cancel vs commit: once GO is sent the migration can no longer be cancelled.
   Mutex commit_mu_;
   bool committed_ GUARDED_BY(commit_mu_) = false;
+  std::optional<Error> stall_error_ GUARDED_BY(commit_mu_);  // the stall guard cut the stop-and-copy
 
   // Post-copy. The missing set is fixed before POSTCOPY is sent; claims are atomic (a page is
   // pushed once; a requested page is sent at once even if claimed, the destination drops the
@@ -221,6 +230,10 @@ class SourceMigration {
   std::atomic<uint64_t> last_request_{UINT64_MAX};  // gfn of the latest request (push locality)
   std::atomic<uint64_t> requests_seen_{0};
   std::thread pinger_;
+  std::thread stall_guard_;  // migration thread starts and joins it
+  Mutex guard_mu_;
+  std::condition_variable guard_cv_;
+  bool guard_stop_ GUARDED_BY(guard_mu_) = false;
   std::atomic<bool> pinger_stop_{false};
   Mutex recover_mu_;
   std::condition_variable recover_cv_;
