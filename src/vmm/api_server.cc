@@ -17,6 +17,7 @@ int HttpStatusFor(const Error& e) {
   switch (e.code()) {
     case ErrorCode::kInvalidArgument: case ErrorCode::kCorrupt: case ErrorCode::kVersionMismatch: return 400;
     case ErrorCode::kNotFound: return 404;
+    case ErrorCode::kPermissionDenied: return 403;
     case ErrorCode::kBusy: return 409;
     default: return 500;
   }

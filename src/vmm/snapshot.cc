@@ -109,7 +109,16 @@ Result<int> CreateTemp(const std::string& path, std::string* tmp) {
     *tmp = fmt::format("{}.tmp.{:016x}", path, r);
     const int fd = open(tmp->c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd >= 0) return fd;
-    if (errno != EEXIST || attempt >= 8) return ErrnoError("create snapshot '" + *tmp + "'");
+    if (errno == EEXIST && attempt < 8) continue;
+    // A path the caller got wrong is the caller's error (HTTP 400/403), not an I/O failure (500).
+    const int err = errno;
+    const std::string why = fmt::format("create snapshot '{}': {}", *tmp, strerror(err));
+    switch (err) {
+      case ENOENT: case ENOTDIR: case ENAMETOOLONG: case EISDIR: case ELOOP:
+        return Errorf(ErrorCode::kInvalidArgument, "{} (the snapshot's directory must exist)", why);
+      case EACCES: case EPERM: case EROFS: return Errorf(ErrorCode::kPermissionDenied, "{}", why);
+      default: return Errorf(ErrorCode::kIo, "{}", why);
+    }
   }
 }
 

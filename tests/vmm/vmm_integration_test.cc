@@ -51,6 +51,9 @@ TEST_F(VmmTest, BootsToReadyWithin10sAndServesApi) {
   EXPECT_NE(body.find("error"), std::string::npos);
   EXPECT_EQ(vm.Api("PUT", "/vm/snapshot", "{\"path\": 42}"), 400);
   EXPECT_EQ(vm.Api("PUT", "/vm/snapshot", "{\"path\": \"/tmp/x\", \"bogus\": 1}"), 400);
+  // A snapshot path whose directory does not exist is the caller's mistake: 400 naming it, not 500.
+  EXPECT_EQ(vm.Api("PUT", "/vm/snapshot", "{\"path\": \"/no/such/dir/snap\"}", &body), 400) << body;
+  EXPECT_NE(body.find("directory must exist"), std::string::npos) << body;
   EXPECT_EQ(vm.Api("GET", "/vm/nope"), 404);
   // A path that is not UTF-8 (curl --unix-socket S 'http://x/%ff' used to end the VMM: the 404
   // message could not be serialized): 404 with a message, and the VMM keeps serving.
