@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <climits>
+#include <algorithm>
 #include <cstring>
 
 #include "common/crc32c.h"
@@ -166,11 +167,13 @@ Status WriteSnapshot(const std::string& path, const SnapshotState& st, const Gue
   vcpu.insert(vcpu.end(), st.vcpu.begin(), st.vcpu.end());
   if (auto s = PutSection(w, SnapshotSection::kVcpu, vcpu); !s) return fail(s.error());
   for (const auto& [id, blob] : st.devices) {
-    std::vector<uint8_t> p(4);
-    uint32_t n = static_cast<uint32_t>(id.size());
+    // u32 id length, id, blob (sized at once: GCC 12's -Warray-bounds misreads inserts after a
+    // 4-byte vector under -O2 with TSan)
+    std::vector<uint8_t> p(4 + id.size() + blob.size());
+    const uint32_t n = static_cast<uint32_t>(id.size());
     std::memcpy(p.data(), &n, 4);
-    p.insert(p.end(), id.begin(), id.end());
-    p.insert(p.end(), blob.begin(), blob.end());
+    std::copy(id.begin(), id.end(), p.begin() + 4);
+    std::copy(blob.begin(), blob.end(), p.begin() + 4 + static_cast<std::ptrdiff_t>(id.size()));
     if (auto s = PutSection(w, SnapshotSection::kDevice, p); !s) return fail(s.error());
   }
   // RAM: bitmap of non-zero pages, then those pages.
