@@ -92,6 +92,7 @@ Status IncomingMigration::AcceptControl(const IncomingParams& params) {
     }
     candidate_ = Candidate{std::move(sock), *hello, pre->version};
     cv_.notify_all();
+    listener_->Wake();  // AcceptControl's wait for a connection ends: it takes the source now
   };
   for (;;) {
     if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
@@ -105,8 +106,8 @@ Status IncomingMigration::AcceptControl(const IncomingParams& params) {
         return TakeControl(std::move(c), params);
       }
     }
-    // A short wait: a greeting thread may hand over a source meanwhile (taken within 20 ms).
-    auto s = listener_->Accept(20);
+    // Until the next connection, or a greeting thread handing over a source (it wakes the wait).
+    auto s = listener_->Accept(-1);
     if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
     if (!s) {
       if (s.error().code() == ErrorCode::kTimeout) continue;
@@ -420,8 +421,11 @@ Status IncomingMigration::ControlLoop(DestinationVm* vm, const IncomingParams& p
   }
   {
     MutexLock l(mu_);
-    bool ok = l.WaitFor(cv_, std::chrono::milliseconds(params.idle_timeout_ms),
-                        [&]() REQUIRES(mu_) { return data_error_.has_value() || batches_applied_ >= end.batches; });
+    // Abort() ends the wait too (also when no data connection exists whose shutdown would).
+    bool ok = l.WaitFor(cv_, std::chrono::milliseconds(params.idle_timeout_ms), [&]() REQUIRES(mu_) {
+      return data_error_.has_value() || batches_applied_ >= end.batches || aborted_.load();
+    });
+    if (aborted_) return Errorf(ErrorCode::kCancelled, "interrupted by the operator");
     if (data_error_) return std::unexpected(*data_error_);
     if (!ok) return Errorf(ErrorCode::kTimeout, "END announced {} page records, only {} arrived", end.batches, batches_applied_);
     if (batches_applied_ != end.batches)

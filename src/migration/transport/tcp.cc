@@ -7,6 +7,7 @@
 #include <linux/tcp.h>  // struct tcp_info with bytes_acked / notsent_bytes (glibc's is older)
 #include <openssl/err.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -366,15 +367,24 @@ Result<std::unique_ptr<Listener>> Listener::Listen(const Endpoint& ep) {
     return e;
   }
   freeaddrinfo(res);
+  const int wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake < 0) {
+    auto e = ErrnoError("eventfd");
+    close(fd);
+    return e;
+  }
   sockaddr_storage ss{};
   socklen_t len = sizeof ss;
   getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len);
   uint16_t bound = ss.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port)
                                             : ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
-  return std::unique_ptr<Listener>(new Listener(fd, bound));
+  return std::unique_ptr<Listener>(new Listener(fd, wake, bound));
 }
 
-Listener::~Listener() { close(fd_); }
+Listener::~Listener() {
+  close(fd_);
+  close(wake_fd_);
+}
 
 bool Listener::loopback() const {
   sockaddr_storage ss{};
@@ -388,11 +398,27 @@ bool Listener::loopback() const {
 }
 
 Result<std::unique_ptr<Socket>> Listener::Accept(int timeout_ms) {
-  FERRY_RETURN_IF_ERROR(WaitFd(fd_, POLLIN, timeout_ms, "accept"), "listener");
+  pollfd p[2] = {{fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
+  for (;;) {
+    const int n = poll(p, 2, timeout_ms);
+    if (n > 0) break;
+    if (n == 0) return Errorf(ErrorCode::kTimeout, "listener: accept: timed out after {} ms", timeout_ms);
+    if (errno != EINTR) return ErrnoError("listener: accept");
+  }
+  if (p[1].revents & POLLIN) {
+    uint64_t count = 0;
+    (void)!read(wake_fd_, &count, sizeof count);  // drained: one Wake() wakes one wait
+    return Errorf(ErrorCode::kTimeout, "listener: accept: woken");
+  }
   int fd = accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
   if (fd < 0) return ErrnoError("accept");
   TuneSocket(fd);
   return std::make_unique<Socket>(fd);
+}
+
+void Listener::Wake() {
+  const uint64_t one = 1;
+  (void)!write(wake_fd_, &one, sizeof one);
 }
 
 void Listener::Shutdown() { shutdown(fd_, SHUT_RDWR); }

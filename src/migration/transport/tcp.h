@@ -105,13 +105,18 @@ class Listener {
   uint16_t port() const { return port_; }
   // Bound to a loopback address (127.0.0.0/8, ::1, or ::ffff:127.x): only this host can connect.
   bool loopback() const;
-  // timeout_ms < 0: wait forever (until Shutdown()).
+  // timeout_ms < 0: wait forever (until Shutdown() or Wake()). kTimeout when the time passed or
+  // Wake() was called (then the caller looks at whatever it was woken for and may accept again).
   Result<std::unique_ptr<Socket>> Accept(int timeout_ms);
+  // Thread-safe: makes the current Accept() - or the next one, if none waits - return kTimeout at
+  // once (an eventfd: a source handed over by a greeting thread is taken without polling).
+  void Wake();
   void Shutdown();
 
  private:
-  explicit Listener(int fd, uint16_t port) : fd_(fd), port_(port) {}
+  explicit Listener(int fd, int wake_fd, uint16_t port) : fd_(fd), wake_fd_(wake_fd), port_(port) {}
   int fd_;
+  int wake_fd_;  // eventfd (non-blocking): Wake() counts up, Accept() drains it
   uint16_t port_;
 };
 

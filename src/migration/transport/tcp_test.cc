@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <optional>
 #include <thread>
 
 #include "common/clock.h"
@@ -76,6 +77,38 @@ TEST(Socket, AHandshakeRecordSharesOneDeadlineForHeaderAndPayload) {
   ASSERT_TRUE(ok) << ok.error().message();
   EXPECT_EQ(ok->type(), RecordType::kHello);
   EXPECT_EQ(MsUntil(NowNs() - 1), 0);
+}
+
+// Wake() ends an Accept() that waits forever (the destination's wait for its control connection:
+// a greeting thread hands the source over without the acceptor polling), one wake per Wake().
+TEST(Listener, WakeEndsAWaitingAcceptAtOnce) {
+  auto l = std::move(*Listener::Listen(*ParseEndpoint("tcp:127.0.0.1:0")));
+  std::atomic<uint64_t> woke_ns{0};
+  std::optional<Error> err;
+  std::thread t([&] {
+    auto s = l->Accept(-1);
+    woke_ns = NowNs();
+    if (!s) err = s.error();
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(woke_ns.load(), 0u) << "Accept(-1) returned without a connection or a wake";
+  const uint64_t t0 = NowNs();
+  l->Wake();
+  t.join();
+  ASSERT_TRUE(err.has_value());
+  EXPECT_EQ(err->code(), ErrorCode::kTimeout);
+  EXPECT_LT(woke_ns - t0, 1'000'000'000u);
+  // The wake was used up: the next wait times out on its own, and a connection is still accepted.
+  auto again = l->Accept(30);
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code(), ErrorCode::kTimeout);
+  l->Wake();  // a wake while nobody waits ends the next wait at once
+  const uint64_t t1 = NowNs();
+  EXPECT_FALSE(l->Accept(5000));
+  EXPECT_LT(NowNs() - t1, 1'000'000'000u);
+  auto c = Socket::Connect(*ParseEndpoint("tcp:127.0.0.1:" + std::to_string(l->port())), 2000);
+  ASSERT_TRUE(c);
+  EXPECT_TRUE(l->Accept(2000));
 }
 
 }  // namespace
