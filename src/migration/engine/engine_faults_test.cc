@@ -520,5 +520,33 @@ TEST(MigrationFaults, DataChannelsClosingAfterEndDoNotUndoTheMigration) {
   ExpectDestinationRunsTheOnlyCopy(src, dst, in);
 }
 
+// An operator's cancel while the destination waits for the page records END announced ends it at
+// once, also when no data connection exists (whose shutdown used to be the only wake-up: the wait
+// ran to the idle timeout, 120 s by default).
+TEST(MigrationFaults, AbortWhileWaitingForEndsRecordsEndsTheDestinationAtOnce) {
+  FakeDestination dst;
+  IncomingParams params;
+  params.idle_timeout_ms = 30000;
+  Incoming in(&dst, params);
+  auto ctl = Socket::Connect(*ParseEndpoint(in.to), 2000);
+  ASSERT_TRUE(ctl) << ctl.error().message();
+  const Uuid uuid{1, 2, 3};
+  ASSERT_TRUE(WritePreamble(**ctl, Role::kControl));
+  ASSERT_TRUE(WriteRecord(**ctl, RecordType::kHello, Encode(Hello{uuid, kCapsSupported & ~kCapPostcopy, 1, kWirePageSize})));
+  ASSERT_TRUE(WriteRecord(**ctl, RecordType::kConfig, EncodeConfig(nlohmann::json{{"ram", kRam}})));
+  ASSERT_TRUE(WriteRecord(**ctl, RecordType::kEnd, Encode(End{1, 1})));  // a record no data connection brings
+  ASSERT_TRUE(ReadRecord(**ctl, 5000)) << "HELLO_ACK";
+  ASSERT_TRUE(ReadRecord(**ctl, 5000)) << "CONFIG_ACK";
+  std::this_thread::sleep_for(200ms);  // END read: the control loop waits for the record
+  const uint64_t t0 = NowNs();
+  in.in->Abort();
+  in.thread.join();
+  const double ms = MsFromNs(NowNs() - t0);
+  ASSERT_FALSE(in.result);
+  EXPECT_EQ(in.result.error().code(), ErrorCode::kCancelled) << in.result.error().message();
+  EXPECT_LT(ms, 5000) << "Abort() waited for the idle timeout";
+  EXPECT_EQ(in.in->phase(), IncomingPhase::kCancelled);
+}
+
 }  // namespace
 }  // namespace ferry::migration
