@@ -228,12 +228,12 @@ void Vm::MachineLoop() {
   if (state() == VmState::kRunning) (void)loop_->Poll(0);
   while (!stop_.load()) {
     // Commands from other threads.
-    std::deque<std::packaged_task<Status()>> cmds;
     {
       MutexLock l(mu_);
-      cmds.swap(commands_);
+      running_commands_.swap(commands_);
     }
-    for (auto& c : cmds) c();
+    for (auto& c : running_commands_) c();
+    running_commands_.clear();
     if (stop_.load()) break;
 
     if (state() != VmState::kRunning) {
