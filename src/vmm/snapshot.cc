@@ -335,10 +335,17 @@ Result<SnapshotClaim> SnapshotClaim::Acquire(const std::string& snapshot_path) {
   char real[PATH_MAX];
   if (!realpath(snapshot_path.c_str(), real)) return Errorf(ErrorCode::kIo, "snapshot '{}': {}", snapshot_path, std::strerror(errno));
   const std::string path = std::string(real) + ".claim";
-  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  // O_NOFOLLOW and a regular file only: a symlink or device planted under the claim's name is never
+  // truncated or written through (the claim file is rewritten with our pid below).
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
   if (fd < 0)
     return Errorf(ErrorCode::kIo, "cannot claim snapshot '{}' ({}: {}); --restore-clone runs a copy without a claim", snapshot_path, path,
                   std::strerror(errno));
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    close(fd);
+    return Errorf(ErrorCode::kInvalidArgument, "cannot claim snapshot '{}': {} is not a regular file", snapshot_path, path);
+  }
   if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
     char holder[32] = {};

@@ -81,5 +81,31 @@ TEST_F(SnapshotFile, AFailedWriteLeavesNothingBehind) {
   EXPECT_TRUE(std::filesystem::is_empty(dir_));
 }
 
+// The claim a restored VM holds on its snapshot: one holder at a time (named in the refusal), free
+// again once the holder is gone, and a symlink planted under the claim's name is never written
+// through (the claim file is truncated and rewritten with the holder's pid).
+TEST_F(SnapshotFile, OneClaimAtATimeAndAPlantedClaimLinkIsNotWrittenThrough) {
+  const std::string path = dir_ + "/vm.snap", victim = dir_ + "/victim";
+  ASSERT_TRUE(WriteSnapshot(path, st_, *mem_));
+  {
+    auto first = SnapshotClaim::Acquire(path);
+    ASSERT_TRUE(first) << first.error().message();
+    auto second = SnapshotClaim::Acquire(path);  // another open file description: flock conflicts
+    ASSERT_FALSE(second);
+    EXPECT_EQ(second.error().code(), ErrorCode::kBusy);
+    EXPECT_NE(second.error().message().find("pid " + std::to_string(getpid())), std::string::npos) << second.error().message();
+  }
+  auto again = SnapshotClaim::Acquire(path);
+  ASSERT_TRUE(again) << again.error().message();
+  const std::string claim = again->path();
+  { auto gone = std::move(*again); }
+  std::filesystem::remove(claim);
+  { std::ofstream(victim) << "precious"; }
+  ASSERT_EQ(symlink(victim.c_str(), claim.c_str()), 0);
+  auto planted = SnapshotClaim::Acquire(path);
+  EXPECT_FALSE(planted);
+  EXPECT_EQ(Read(victim), "precious");
+}
+
 }  // namespace
 }  // namespace ferry
