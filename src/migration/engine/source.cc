@@ -779,6 +779,7 @@ Result<SourceMigration::Phase> SourceMigration::Watch() {
 }
 
 Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
+  StartStallGuard();  // before the pause: creating its thread is no part of the downtime
   const uint64_t t_pause = NowNs();
   {
     MutexLock l(stats_mu_);
@@ -787,7 +788,6 @@ Result<SourceMigration::Phase> SourceMigration::StopAndCopy() {
   FERRY_RETURN_IF_ERROR(vm_->Pause(), "pause source VM");
   const uint64_t t_paused = NowNs();
   paused_by_us_ = true;
-  StartStallGuard();
   if (cpu_share_set_ != 1.0) {
     (void)vm_->SetCpuShare(1.0);  // paused anyway; the destination runs at full speed
     cpu_share_set_ = 1.0;

@@ -132,7 +132,7 @@ class SourceMigration {
   void StopResponder();
   void StartPinger();
   void StopPinger();
-  // The stop-and-copy's stall guard (pre-copy): from the pause until the commit point a thread
+  // The stop-and-copy's stall guard (pre-copy): from just before the pause until the commit point a thread
   // watches what the destination's TCP acknowledges on every connection. Nothing for
   // stall_timeout_ms - a hung destination whose windows stay shut, which keepalives and
   // TCP_USER_TIMEOUT take for a live peer, so a blocked send would wait for ever with the guest
