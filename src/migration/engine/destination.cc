@@ -1,6 +1,8 @@
 #include "migration/engine/destination.h"
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 
 #include <spdlog/spdlog.h>
 
@@ -185,7 +187,12 @@ void IncomingMigration::AcceptLoop(const IncomingParams& params) {
   while (!stopping_) {
     auto s = listener_->Accept(-1);
     if (!s) {
-      if (stopping_) return;
+      // Abort() shuts the listener down without stopping_: every further accept fails at once,
+      // so this loop ends on either (it spun on the dead listener until Cleanup()).
+      if (stopping_ || aborted_) return;
+      // Out of descriptors (EMFILE) and the like: the pending connection stays queued and poll
+      // reports it again at once - a pause instead of a busy loop.
+      if (s.error().code() != ErrorCode::kTimeout) std::this_thread::sleep_for(std::chrono::milliseconds(10));
       continue;
     }
     auto sock = std::move(*s);

@@ -440,17 +440,41 @@ Status WriteRecord(Socket& s, RecordType type, std::span<const uint8_t> payload,
   return {};
 }
 
-Status ReadRecordInto(Socket& s, Record* r, int timeout_ms) {
+namespace {
+
+// The payload's first read; every further read doubles what arrived (up to the announced length).
+constexpr size_t kFirstPayloadRead = 64 << 10;
+
+// One record: the header within `header_ms` (< 0: no limit), the payload by `payload_deadline_ns`
+// (0: none). The payload buffer grows with the bytes that arrived rather than to the header's
+// announced length at once: a peer announcing kMaxRecordPayload and sending nothing more commits
+// (and has zeroed) no more memory than it sent, times two.
+Status ReadRecordWithin(Socket& s, Record* r, int header_ms, uint64_t payload_deadline_ns) {
   std::array<uint8_t, kRecordHeaderSize> hb;
-  FERRY_RETURN_IF_ERROR(s.ReadExact(hb, timeout_ms), "record header");
+  FERRY_RETURN_IF_ERROR(s.ReadExact(hb, header_ms), "record header");
   auto h = DecodeRecordHeader(hb);
   if (!h) return std::unexpected(h.error());
   r->header = *h;
-  r->payload.resize(h->length);
-  FERRY_RETURN_IF_ERROR(s.ReadExact(r->payload, timeout_ms < 0 ? -1 : std::max(timeout_ms, 30000)),
-                        IsKnownRecordType(h->type) ? RecordTypeName(r->type()) : "record payload");
+  const std::string_view what = IsKnownRecordType(h->type) ? RecordTypeName(r->type()) : std::string_view("record payload");
+  const size_t length = h->length;
+  r->payload.clear();  // keeps its capacity: a reused record allocates nothing
+  while (r->payload.size() < length) {
+    const size_t have = r->payload.size();
+    const size_t n = std::min(length - have, std::max(have, kFirstPayloadRead));
+    r->payload.resize(have + n);
+    FERRY_RETURN_IF_ERROR(s.ReadExact(std::span(r->payload).subspan(have, n), payload_deadline_ns ? MsUntil(payload_deadline_ns) : -1),
+                          have ? fmt::format("{} (after {} of {} bytes)", what, have, length) : std::string(what));
+  }
   FERRY_RETURN_IF_ERROR(VerifyRecord(hb, r->payload), "read");
   return {};
+}
+
+}  // namespace
+
+Status ReadRecordInto(Socket& s, Record* r, int timeout_ms) {
+  // A payload gets at least 30 s, however short the header's wait.
+  const uint64_t payload_deadline = timeout_ms < 0 ? 0 : NowNs() + static_cast<uint64_t>(std::max(timeout_ms, 30000)) * 1'000'000;
+  return ReadRecordWithin(s, r, timeout_ms, payload_deadline);
 }
 
 int MsUntil(uint64_t deadline_ns) {
@@ -460,14 +484,7 @@ int MsUntil(uint64_t deadline_ns) {
 
 Result<Record> ReadRecordUntil(Socket& s, uint64_t deadline_ns) {
   Record r;
-  std::array<uint8_t, kRecordHeaderSize> hb;
-  FERRY_RETURN_IF_ERROR(s.ReadExact(hb, MsUntil(deadline_ns)), "record header");
-  auto h = DecodeRecordHeader(hb);
-  if (!h) return std::unexpected(h.error());
-  r.header = *h;
-  r.payload.resize(h->length);
-  FERRY_RETURN_IF_ERROR(s.ReadExact(r.payload, MsUntil(deadline_ns)), IsKnownRecordType(h->type) ? RecordTypeName(r.type()) : "record payload");
-  FERRY_RETURN_IF_ERROR(VerifyRecord(hb, r.payload), "read");
+  if (auto st = ReadRecordWithin(s, &r, MsUntil(deadline_ns), deadline_ns); !st) return std::unexpected(st.error());
   return r;
 }
 

@@ -79,6 +79,28 @@ TEST(Socket, AHandshakeRecordSharesOneDeadlineForHeaderAndPayload) {
   EXPECT_EQ(MsUntil(NowNs() - 1), 0);
 }
 
+// A header may announce up to kMaxRecordPayload: the reader's buffer grows with what arrives, so
+// a peer announcing 8 MiB and sending 10 bytes before it hangs up costs kilobytes, not 8 MiB.
+TEST(Socket, ARecordsBufferGrowsWithTheBytesThatArriveNotTheAnnouncedLength) {
+  Pair p = Connect();
+  std::vector<uint8_t> big(kMaxRecordPayload, 0x5a);
+  auto rec = EncodeRecord(RecordType::kState, big);
+  ASSERT_TRUE(p.client->WriteAll(std::span<const uint8_t>(rec.data(), kRecordHeaderSize + 10)));
+  p.client->Shutdown();
+  Record r;
+  auto s = ReadRecordInto(*p.server, &r, 2000);
+  ASSERT_FALSE(s);
+  EXPECT_EQ(s.error().code(), ErrorCode::kIo) << s.error().message();
+  EXPECT_LE(r.payload.capacity(), 128u << 10) << "8 MiB announced, 10 bytes sent";
+  // The whole record, across many reads and buffer growths, arrives intact (CRC checked).
+  Pair q = Connect();
+  std::thread writer([&] { ASSERT_TRUE(q.client->WriteAll(rec)); });
+  auto whole = ReadRecordUntil(*q.server, NowNs() + 10'000'000'000);
+  writer.join();
+  ASSERT_TRUE(whole) << whole.error().message();
+  EXPECT_EQ(whole->payload, big);
+}
+
 // Wake() ends an Accept() that waits forever (the destination's wait for its control connection:
 // a greeting thread hands the source over without the acceptor polling), one wake per Wake().
 TEST(Listener, WakeEndsAWaitingAcceptAtOnce) {
