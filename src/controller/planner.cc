@@ -54,10 +54,12 @@ struct Work {
 };
 
 struct Round {
+  Round(const ClusterView& v, const PlannerConfig& c, uint64_t now, const std::map<std::string, Planner::VmMemory>& m)
+      : view(v), config(c), now_ns(now), memory(m), moving(v.vms.size(), false), memo(v.vms.size(), nullptr) {}
   const ClusterView& view;
   const PlannerConfig& config;
   uint64_t now_ns;
-  const std::map<std::string, uint64_t>& last_move_ns;
+  const std::map<std::string, Planner::VmMemory>& memory;
   std::vector<Work> hosts;
   std::unordered_map<std::string, size_t> by_name;
   std::vector<bool> moving;  // per VM: migrating, or moved in this plan
@@ -91,9 +93,33 @@ struct Round {
     const VmView& vm = view.vms[i];
     if (moving[i]) return fmt::format("{}: migrating", vm.name);
     if (drain) return {};
-    if (auto it = last_move_ns.find(vm.name); it != last_move_ns.end() && now_ns - it->second < config.vm_cooldown_ns)
-      return fmt::format("{}: moved {} ago (cooldown {})", vm.name, Duration(now_ns - it->second), Duration(config.vm_cooldown_ns));
+    if (const Planner::VmMemory* m = Memory(i); m && m->moved && now_ns >= m->last_move_ns && now_ns - m->last_move_ns < config.vm_cooldown_ns)
+      return fmt::format("{}: moved {} ago (cooldown {})", vm.name, Duration(now_ns - m->last_move_ns), Duration(config.vm_cooldown_ns));
     return {};
+  }
+
+  std::vector<const Planner::VmMemory*> memo;  // per VM, looked up once (null: nothing known)
+  const Planner::VmMemory* Memory(size_t i) const { return memo[i]; }
+  // The VM's usage to plan a destination with: its current value or its recent peak, the larger.
+  double PeakCpus(size_t i) const { return std::max(view.vms[i].cpus, memo[i] ? memo[i]->cpus_peak : 0.0); }
+  double PeakNet(size_t i) const { return std::max(view.vms[i].net_bytes_per_s, memo[i] ? memo[i]->net_peak : 0.0); }
+
+  // Active hosts by load of `res`, least first (ties by name): rebuilt after every planned move.
+  std::vector<size_t> order[2];
+  int order_at[2] = {-1, -1};
+  const std::vector<size_t>& ByLoad(Resource res) {
+    const int k = res == Resource::kCpu ? 0 : 1;
+    if (order_at[k] != planned) {
+      order[k].clear();
+      for (size_t h = 0; h < hosts.size(); ++h)
+        if (hosts[h].Active()) order[k].push_back(h);
+      std::sort(order[k].begin(), order[k].end(), [&](size_t a, size_t b) {
+        const double la = hosts[a].Load(res), lb = hosts[b].Load(res);
+        return la != lb ? la < lb : hosts[a].view->name < hosts[b].view->name;
+      });
+      order_at[k] = planned;
+    }
+    return order[k];
   }
 
   // Why `dst` cannot take VM `i` (empty: it can), for a hotspot (thresholds) or a drain (room only).
@@ -104,10 +130,18 @@ struct Round {
     if (dst.view->capacity.mem_bytes && dst.mem + vm.mem_bytes > dst.view->capacity.mem_bytes)
       return fmt::format("no room for {}", Mib(vm.mem_bytes));
     if (drain) return {};
+    if (const Planner::VmMemory* m = Memory(i))
+      for (const auto& [host, at] : m->left)
+        if (host == dst.view->name && now_ns >= at && now_ns - at < config.return_ban_ns)
+          return fmt::format("was left by {} {} ago", vm.name, Duration(now_ns - at));
     const double cpu_after = Fraction(dst.cpus + vm.cpus, dst.view->capacity.cpus);
     if (cpu_after > config.cpu_threshold) return fmt::format("would reach cpu {}", Percent(cpu_after));
     const double net_after = Fraction(dst.net + vm.net_bytes_per_s, dst.view->capacity.net_bytes_per_s);
     if (net_after > config.net_threshold) return fmt::format("would reach net {}", Percent(net_after));
+    const double cpu_peak = Fraction(dst.cpus + PeakCpus(i), dst.view->capacity.cpus);
+    if (cpu_peak > config.cpu_threshold) return fmt::format("would reach cpu {} at the VM's recent peak", Percent(cpu_peak));
+    const double net_peak = Fraction(dst.net + PeakNet(i), dst.view->capacity.net_bytes_per_s);
+    if (net_peak > config.net_threshold) return fmt::format("would reach net {} at the VM's recent peak", Percent(net_peak));
     return {};
   }
 };
@@ -116,6 +150,7 @@ struct Candidate {
   size_t vm = 0;
   size_t dst = 0;
   double gain = 0;
+  double dst_after = 0;  // the destination's load of the planned resource with the VM
   MigrationEstimate estimate;
   double score = -1;
 };
@@ -154,6 +189,31 @@ void Planner::Observe(const ClusterView& view, uint64_t now_ns) {
   for (const VmView& vm : view.vms)
     if (vm.net_drops_per_s > 0 && vm.migrating_to.empty()) hold("bandwidth/" + vm.name);
   since_ns_ = std::move(held);
+  // Peaks fade by half every demand_half_life_ns; VMs no longer in the view are forgotten unless
+  // they moved within the return ban (a VM may be missing from one report).
+  std::map<std::string, VmMemory> kept;
+  for (const VmView& vm : view.vms) {
+    VmMemory m = vms_.count(vm.name) ? vms_[vm.name] : VmMemory{};
+    const double fade = m.seen_ns && now_ns > m.seen_ns && config_.demand_half_life_ns
+                            ? std::exp2(-static_cast<double>(now_ns - m.seen_ns) / static_cast<double>(config_.demand_half_life_ns))
+                            : 1.0;
+    m.cpus_peak = std::max(vm.cpus, m.cpus_peak * fade);
+    m.net_peak = std::max(vm.net_bytes_per_s, m.net_peak * fade);
+    m.seen_ns = now_ns;
+    kept[vm.name] = std::move(m);
+  }
+  for (auto& [name, m] : vms_)
+    if (!kept.count(name) && m.moved && now_ns - m.last_move_ns < config_.return_ban_ns) kept[name] = m;
+  vms_ = std::move(kept);
+}
+
+void Planner::RestoreLastMove(const std::string& vm, uint64_t at_ns, const std::string& from) {
+  VmMemory& m = vms_[vm];
+  m.moved = true;
+  m.last_move_ns = at_ns;
+  if (from.empty()) return;
+  std::erase_if(m.left, [&](const auto& e) { return e.first == from || at_ns - std::min(at_ns, e.second) >= config_.return_ban_ns; });
+  m.left.emplace_back(from, at_ns);
 }
 
 void Planner::ResetHost(const std::string& host) {
@@ -161,21 +221,23 @@ void Planner::ResetHost(const std::string& host) {
 }
 
 void Planner::Started(const std::string& vm, const std::string& from, const std::string& to, uint64_t now_ns) {
-  last_move_ns_[vm] = now_ns;
+  RestoreLastMove(vm, now_ns, from);
   since_ns_.erase("bandwidth/" + vm);
   ResetHost(from);
   ResetHost(to);
 }
 
 void Planner::Finished(const std::string& vm, const std::string& from, const std::string& to, uint64_t now_ns) {
-  last_move_ns_[vm] = now_ns;
+  RestoreLastMove(vm, now_ns, from);
   ResetHost(from);
   ResetHost(to);
 }
 
 Plan Planner::Decide(const ClusterView& view, uint64_t now_ns) const {
   Plan plan;
-  Round r{view, config_, now_ns, last_move_ns_, {}, {}, std::vector<bool>(view.vms.size(), false)};
+  Round r(view, config_, now_ns, vms_);
+  for (size_t i = 0; i < view.vms.size(); ++i)
+    if (auto it = vms_.find(view.vms[i].name); it != vms_.end()) r.memo[i] = &it->second;
   r.hosts.reserve(view.hosts.size());
   for (const HostView& h : view.hosts) {
     r.by_name[h.name] = r.hosts.size();
@@ -224,11 +286,12 @@ Plan Planner::Decide(const ClusterView& view, uint64_t now_ns) const {
       std::optional<size_t> best;
       double best_load = std::numeric_limits<double>::infinity();
       std::string refused;
-      for (size_t di : order) {
+      for (size_t di : r.ByLoad(Resource::kCpu)) {
         if (di == hi) continue;
         const Work& dst = r.hosts[di];
+        if (dst.CpuLoad() >= best_load) break;  // its load with the VM can only be higher
         if (std::string why = r.Refuses(dst, i, true); !why.empty()) {
-          if (dst.Active() && refused.empty()) refused = fmt::format("{} {}", dst.view->name, why);
+          if (refused.empty()) refused = fmt::format("{} {}", dst.view->name, why);
           continue;
         }
         const double after = Fraction(dst.cpus + view.vms[i].cpus, dst.view->capacity.cpus);
@@ -331,11 +394,14 @@ Plan Planner::Decide(const ClusterView& view, uint64_t now_ns) const {
                                                       : Fraction(vm.net_bytes_per_s, src.view->capacity.net_bytes_per_s);
         std::optional<Candidate> mine;
         std::string refused;
-        for (size_t di : order) {
+        // Least loaded first: dst_after >= the host's load now, so once that reaches the best
+        // destination's dst_after no later host can do better (for swap: the first that may).
+        for (size_t di : r.ByLoad(swap ? Resource::kCpu : res)) {
           if (di == t.host) continue;
           const Work& dst = r.hosts[di];
+          if (mine && (swap || dst.Load(res) >= mine->dst_after)) break;
           if (std::string why = r.Refuses(dst, i, false); !why.empty()) {
-            if (dst.Active() && refused.empty()) refused = fmt::format("{} {}", dst.view->name, why);
+            if (refused.empty()) refused = fmt::format("{} {}", dst.view->name, why);
             continue;
           }
           if (swap && dst.view->usage.swap_out_pages_per_s > config_.swap_out_pages_per_s) continue;
@@ -354,8 +420,7 @@ Plan Planner::Decide(const ClusterView& view, uint64_t now_ns) const {
             if (refused.empty()) refused = fmt::format("{} gains only {}", dst.view->name, Percent(std::max(gain, 0.0)));
             continue;
           }
-          // Least loaded destination for this VM (the gain is then the largest).
-          if (!mine || gain > mine->gain) mine = Candidate{i, di, gain, est, gain / std::max(est.total_s, 0.001)};
+          if (!mine || dst_after < mine->dst_after) mine = Candidate{i, di, gain, dst_after, est, gain / std::max(est.total_s, 0.001)};
         }
         if (!mine) {
           why_not.push_back(fmt::format("{}: no destination{}", vm.name, refused.empty() ? "" : " (" + refused + ")"));

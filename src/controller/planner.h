@@ -13,7 +13,11 @@
 //     (CPU and network) with the VM's measured usage added;
 //   - the hottest host of the pair cools by more than `hysteresis` (a fraction of capacity): the
 //     pair's peak load after the move is below the source's load before it by that margin;
-//   - the VM has not moved within `vm_cooldown_ns`, is not migrating, and its migration converges
+//   - the destination also stays at or below the thresholds with the VM's recent peak (its
+//     usage decays towards the current value with `demand_half_life_ns`): a bursty VM is placed
+//     where its bursts fit, not where its quiet minute fits;
+//   - the VM has not moved within `vm_cooldown_ns`, does not go back to any host it left within
+//     `return_ban_ns` (no ping-pong, not even by a detour), is not migrating, and its migration converges
 //     (cost_model.h) - a VM that dirties faster than the link carries is a bad candidate;
 //   - at most `max_per_host` migrations touch a host (in or out) and `max_in_cluster` run at once.
 // Among the allowed moves of a hotspot the planner takes the one with the best gain per second of
@@ -45,6 +49,8 @@ struct PlannerConfig {
   uint64_t sustain_ns = 10'000'000'000;       // how long a trigger must hold
   double hysteresis = 0.05;                   // least drop of the pair's peak load (fraction)
   uint64_t vm_cooldown_ns = 600'000'000'000;  // a moved VM stays put this long (drain excepted)
+  uint64_t return_ban_ns = 3600'000'000'000;  // nor goes back to a host it left within this
+  uint64_t demand_half_life_ns = 300'000'000'000;  // how fast a VM's remembered peak fades
   int max_per_host = 1;                       // migrations in or out of one host at once
   int max_in_cluster = 4;                     // migrations at once in the whole cluster
   LinkModel link;
@@ -89,15 +95,25 @@ class Planner {
   // The controller started / finished `vm`'s migration between these hosts.
   void Started(const std::string& vm, const std::string& from, const std::string& to, uint64_t now_ns);
   void Finished(const std::string& vm, const std::string& from, const std::string& to, uint64_t now_ns);
-  // After a restart: when the store says `vm` last moved.
-  void RestoreLastMove(const std::string& vm, uint64_t at_ns) { last_move_ns_[vm] = at_ns; }
+  // After a restart: when the store says `vm` last moved, and from where.
+  void RestoreLastMove(const std::string& vm, uint64_t at_ns, const std::string& from = "");
+
+  // What the planner remembers of a VM.
+  struct VmMemory {
+    uint64_t last_move_ns = 0;
+    bool moved = false;
+    std::vector<std::pair<std::string, uint64_t>> left;  // hosts it left within the return ban, and when
+    double cpus_peak = 0;     // decaying peaks (Observe)
+    double net_peak = 0;
+    uint64_t seen_ns = 0;     // when the peaks were last updated
+  };
 
  private:
   void ResetHost(const std::string& host);
   PlannerConfig config_;
   // trigger key ("cpu/HOST", "net/HOST", "swap/HOST", "bandwidth/VM") -> since when it holds
   std::map<std::string, uint64_t> since_ns_;
-  std::map<std::string, uint64_t> last_move_ns_;
+  std::map<std::string, VmMemory> vms_;
 };
 
 }  // namespace ferry::controller
