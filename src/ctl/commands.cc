@@ -155,7 +155,8 @@ int Status(const ApiClient& api, bool json) {
   std::printf("vm: %s\n", vm->value("state", "?").c_str());
   if (vm->contains("config") && (*vm)["config"].is_object()) {
     const auto& c = (*vm)["config"];
-    if (c.contains("mem_mib")) std::printf("  memory: %s MiB\n", c["mem_mib"].dump().c_str());
+    if (auto m = c.find("ram_bytes"); m != c.end() && m->is_number_unsigned())
+      std::printf("  memory: %llu MiB\n", static_cast<unsigned long long>(m->get<uint64_t>() >> 20));
   }
   if (auto e = vm->find("error"); e != vm->end() && e->is_string()) std::printf("  error: %s\n", e->get<std::string>().c_str());
   if (mig) {

@@ -18,8 +18,10 @@ int HttpStatusFor(const Error& e) {
     case ErrorCode::kInvalidArgument: case ErrorCode::kCorrupt: case ErrorCode::kVersionMismatch: return 400;
     case ErrorCode::kNotFound: return 404;
     case ErrorCode::kPermissionDenied: return 403;
-    case ErrorCode::kBusy: return 409;
-    default: return 500;
+    case ErrorCode::kBusy: case ErrorCode::kCancelled: return 409;
+    case ErrorCode::kUnsupported: return 422;
+    case ErrorCode::kTimeout: return 503;
+    default: return 500;  // kIo, kInternal: the VMM failed, not the request
   }
 }
 

@@ -94,6 +94,12 @@ TEST_F(MigrationTest, MemdirtyAndEchoMoveToTheDestination) {
   ASSERT_TRUE(src.Start());
   ASSERT_TRUE(src.WaitConsole("memdirty started", 15s)) << src.Console() << src.Stderr();
   ASSERT_GE(ns.UdpEcho("10.77.0.2", 7, 20, 2000), 18);
+  // `ferry status` shows the guest's memory from GET /vm (config.ram_bytes).
+  const auto ram = src.Get("/vm")["config"].value("ram_bytes", uint64_t{0});
+  ASSERT_GT(ram, 0u);
+  auto st = Ferry("status --api-socket " + src.socket());
+  EXPECT_EQ(st.rc, 0) << st.out;
+  EXPECT_NE(st.out.find("memory: " + std::to_string(ram >> 20) + " MiB"), std::string::npos) << st.out;
   const int port = FreePort();
   auto dst = Incoming(port, {"--net", "tap=fmtapb"}, ns.name());
   std::this_thread::sleep_for(1s);  // let memdirty reach its rate
