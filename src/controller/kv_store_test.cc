@@ -1,0 +1,96 @@
+// The SQLite store: ordered prefixes, all-or-nothing conditional writes, durability across a
+// reopen, and the leader lease between two connections to one file (as two controller processes).
+#include "controller/kv_store.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <thread>
+
+#include "controller/sqlite_kv.h"
+
+namespace ferry::controller {
+namespace {
+
+class KvStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() / ("ferry-kv-" + std::to_string(getpid()));
+    std::filesystem::create_directories(dir_);
+    path_ = (dir_ / "controller.db").string();
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::unique_ptr<KvStore> Open() {
+    auto kv = OpenKvStore("sqlite:" + path_);
+    EXPECT_TRUE(kv) << kv.error().message();
+    return kv ? std::move(*kv) : nullptr;
+  }
+  std::filesystem::path dir_;
+  std::string path_;
+};
+
+TEST_F(KvStoreTest, ListsAPrefixInKeyOrderAndSurvivesAReopen) {
+  {
+    auto kv = Open();
+    ASSERT_TRUE(kv->Apply({{KvOp::kPut, "vms/b", "2"}, {KvOp::kPut, "vms/a", "1"}, {KvOp::kPut, "vmsx", "no"},
+                           {KvOp::kPut, "hosts/a", "h"}}));
+    ASSERT_TRUE(kv->Apply({{KvOp::kPut, "vms/b", "two"}}));  // replaces
+  }
+  auto kv = Open();
+  auto l = kv->List("vms/");
+  ASSERT_TRUE(l) << l.error().message();
+  ASSERT_EQ(l->size(), 2u);
+  EXPECT_EQ((*l)[0], std::make_pair(std::string("vms/a"), std::string("1")));
+  EXPECT_EQ((*l)[1], std::make_pair(std::string("vms/b"), std::string("two")));
+  EXPECT_EQ(kv->List("")->size(), 4u);
+  EXPECT_EQ(**kv->Get("hosts/a"), "h");
+  EXPECT_FALSE(kv->Get("hosts/zz")->has_value());
+  ASSERT_TRUE(kv->Apply({{KvOp::kDelete, "vms/a", ""}}));
+  EXPECT_EQ(kv->List("vms/")->size(), 1u);
+  // Binary values come back as they went in.
+  const std::string bin("a\0b\xff", 4);
+  ASSERT_TRUE(kv->Apply({{KvOp::kPut, "bin", bin}}));
+  EXPECT_EQ(**kv->Get("bin"), bin);
+}
+
+TEST_F(KvStoreTest, AFailedConditionWritesNothing) {
+  auto kv = Open();
+  ASSERT_TRUE(kv->Apply({{KvOp::kPut, "vms/web", "1"}}, {{KvCondition::kAbsent, "vms/web"}}));
+  auto again = kv->Apply({{KvOp::kPut, "hosts/x", "1"}, {KvOp::kPut, "vms/web", "2"}}, {{KvCondition::kAbsent, "vms/web"}});
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code(), ErrorCode::kBusy);
+  EXPECT_EQ(again.error().message(), "vms/web exists");
+  EXPECT_EQ(**kv->Get("vms/web"), "1");
+  EXPECT_FALSE(kv->Get("hosts/x")->has_value());
+  auto missing = kv->Apply({{KvOp::kPut, "vms/web", "3"}}, {{KvCondition::kExists, "hosts/h1"}});
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(**kv->Get("vms/web"), "1");
+}
+
+TEST_F(KvStoreTest, OneLeaderAtATimeUntilItsLeaseRunsOutOrItResigns) {
+  auto a = Open(), b = Open();
+  EXPECT_TRUE(*a->TryLead("ctl-a", 400));
+  EXPECT_FALSE(*b->TryLead("ctl-b", 400));
+  EXPECT_TRUE(*a->TryLead("ctl-a", 400));  // renewed
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  EXPECT_TRUE(*b->TryLead("ctl-b", 400));  // a stopped renewing
+  EXPECT_FALSE(*a->TryLead("ctl-a", 400));
+  ASSERT_TRUE(b->Resign("ctl-b"));
+  EXPECT_TRUE(*a->TryLead("ctl-a", 400));
+  ASSERT_TRUE(b->Resign("ctl-b"));  // not the holder: nothing changes
+  EXPECT_FALSE(*b->TryLead("ctl-b", 400));
+}
+
+TEST_F(KvStoreTest, BadSpecsAreRefusedWithTheReason) {
+  auto bad = OpenKvStore("mysql:x");
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code(), ErrorCode::kInvalidArgument);
+  auto nodir = OpenKvStore("sqlite:/nonexistent-dir/x.db");
+  ASSERT_FALSE(nodir);
+  EXPECT_NE(nodir.error().message().find("/nonexistent-dir/x.db"), std::string::npos) << nodir.error().message();
+}
+
+}  // namespace
+}  // namespace ferry::controller
