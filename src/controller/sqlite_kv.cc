@@ -2,18 +2,13 @@
 
 #include <sqlite3.h>
 
-#include <chrono>
-
 #include <fmt/format.h>
+
+#include "common/wall_clock.h"
 
 namespace ferry::controller {
 
 namespace {
-
-uint64_t WallMs() {
-  return static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
-}
 
 // One prepared statement, finalized on scope exit.
 class Stmt {
@@ -173,7 +168,7 @@ Result<bool> SqliteKv::TryLead(const std::string& me, uint64_t ttl_ms) {
 }
 
 Result<bool> SqliteKv::LeadInTransaction(const std::string& me, uint64_t ttl_ms) {
-  const uint64_t now = WallMs();
+  const uint64_t now = UnixMs();
   Stmt q(db_, "SELECT holder, expires_ms FROM lease WHERE id = 1");
   if (!q.ok()) return std::unexpected(Fail("read the lease"));
   const int rc = q.Step();
