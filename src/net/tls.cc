@@ -26,16 +26,10 @@ std::string OpenSslErrors() {
   return s.empty() ? "unknown TLS error" : s;
 }
 
-Result<std::shared_ptr<TlsContext>> TlsContext::Create(bool server, const TlsFiles& f, std::vector<std::string> allowed) {
+Status ConfigureContext(SSL_CTX* ctx, const TlsFiles& f) {
   if (f.cert.empty() || f.key.empty() || f.ca.empty())
     return Errorf(ErrorCode::kInvalidArgument, "TLS needs a certificate, its private key and a CA file");
-  if (!server && !allowed.empty()) return Errorf(ErrorCode::kInvalidArgument, "a peer allow-list is for the accepting side");
-  for (const std::string& a : allowed)
-    if (a.empty() || a.find('\0') != std::string::npos) return Errorf(ErrorCode::kInvalidArgument, "an allowed peer name is empty");
   ERR_clear_error();
-  SSL_CTX* ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
-  if (!ctx) return Errorf(ErrorCode::kInternal, "SSL_CTX_new: {}", OpenSslErrors());
-  std::shared_ptr<TlsContext> holder(new TlsContext(ctx, server, std::move(allowed)));
   SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
   if (SSL_CTX_use_certificate_chain_file(ctx, f.cert.c_str()) != 1)
     return Errorf(ErrorCode::kInvalidArgument, "TLS certificate {}: {}", f.cert, OpenSslErrors());
@@ -49,6 +43,20 @@ Result<std::shared_ptr<TlsContext>> TlsContext::Create(bool server, const TlsFil
   SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
   SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
   SSL_CTX_set_num_tickets(ctx, 0);
+  return {};
+}
+
+Result<std::shared_ptr<TlsContext>> TlsContext::Create(bool server, const TlsFiles& f, std::vector<std::string> allowed) {
+  if (f.cert.empty() || f.key.empty() || f.ca.empty())
+    return Errorf(ErrorCode::kInvalidArgument, "TLS needs a certificate, its private key and a CA file");
+  if (!server && !allowed.empty()) return Errorf(ErrorCode::kInvalidArgument, "a peer allow-list is for the accepting side");
+  for (const std::string& a : allowed)
+    if (a.empty() || a.find('\0') != std::string::npos) return Errorf(ErrorCode::kInvalidArgument, "an allowed peer name is empty");
+  ERR_clear_error();
+  SSL_CTX* ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+  if (!ctx) return Errorf(ErrorCode::kInternal, "SSL_CTX_new: {}", OpenSslErrors());
+  std::shared_ptr<TlsContext> holder(new TlsContext(ctx, server, std::move(allowed)));
+  if (auto c = ConfigureContext(ctx, f); !c) return std::unexpected(c.error());
   return holder;
 }
 

@@ -58,6 +58,11 @@ class TlsContext {
   std::vector<std::string> allowed_;
 };
 
+// Applies the policy above (TLS 1.3 only, our certificate and key, peers verified against the CA and
+// required to present a certificate, no resumption) to a context made elsewhere, e.g. by an HTTP
+// library (ferry-agent's HTTPS server and client). TlsContext::Create uses it too.
+Status ConfigureContext(SSL_CTX* ctx, const TlsFiles& files);
+
 // Attaches socket `fd` (not owned) to `ssl` for both directions, through a socket BIO whose writes
 // use send(MSG_NOSIGNAL): a peer that reset the connection is an error (EPIPE), never a SIGPIPE
 // that ends the process, whatever the process does with that signal.

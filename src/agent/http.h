@@ -1,0 +1,39 @@
+// ferry-agent's HTTP side: the server that exposes an Agent (plain HTTP for --insecure, else
+// HTTPS with mutual TLS under net/tls.h's policy: TLS 1.3, a client certificate that chains to
+// the CA is required), and a client for it (tests, the controller) that presents its certificate
+// and checks the agent's against the CA and the host it dialled.
+//
+// Threads: the server runs its handlers on httplib's worker threads; an AgentClient is used by
+// one thread at a time.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "agent/agent.h"
+#include "agent/vmm_process.h"
+#include "common/error.h"
+#include "net/tls.h"
+
+namespace httplib { class Server; }
+
+namespace ferry::agent {
+
+// The server with every route of docs/agent.md. tls empty: plain HTTP.
+Result<std::unique_ptr<httplib::Server>> MakeServer(Agent& agent, const net::TlsFiles& tls);
+
+class AgentClient {
+ public:
+  // tls empty: plain HTTP.
+  AgentClient(std::string host, int port, net::TlsFiles tls = {}) : host_(std::move(host)), port_(port), tls_(std::move(tls)) {}
+  // kIo when no answer came (refused, handshake failed, timeout); any HTTP status otherwise.
+  Result<HttpReply> Do(const std::string& method, const std::string& path, const std::string& body = "",
+                       std::chrono::milliseconds timeout = std::chrono::seconds(30)) const;
+
+ private:
+  std::string host_;
+  int port_;
+  net::TlsFiles tls_;
+};
+
+}  // namespace ferry::agent

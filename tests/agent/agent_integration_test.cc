@@ -1,0 +1,358 @@
+// ferry-agent end to end: real ferry-agent processes (build/bin, next to ferry-vmm) run real
+// guests. A VM is created, boots (its console shows it), answers through the API proxy and is
+// deleted without a trace; bad requests get 4xx and leave nothing; an agent killed with SIGKILL
+// and restarted adopts its running VM; mutual TLS admits a client with a certificate from the CA
+// and refuses the others; a VM migrates between two agents over mutual TLS and its memory
+// verifies on the destination.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "agent/http.h"
+#include "agent/vm_record.h"
+#include "agent/vmm_process.h"
+#include "migration/migration_util.h"  // FreePort
+#include "net/testing/pki.h"
+#include "vm_process.h"
+
+namespace ferry::test {
+namespace {
+using namespace std::chrono_literals;
+using nlohmann::json;
+using agent::AgentClient;
+using agent::HttpReply;
+
+constexpr int kPages = 16 * 256;  // memdirty mib=16
+
+// One ferry-agent process. Its VMMs run in sessions of their own and outlive it: Cleanup kills
+// what its state directory records.
+class AgentProcess {
+ public:
+  AgentProcess(std::string name, std::string state_dir, std::vector<std::string> extra)
+      : name_(std::move(name)), state_dir_(std::move(state_dir)), extra_(std::move(extra)), port_(FreePort()) {}
+  ~AgentProcess() { Kill(); }
+  // Starts it and waits for the API (client: how to reach it). False if it did not come up.
+  bool Start(const AgentClient& client) {
+    log_ = state_dir_ + "." + std::to_string(++starts_) + ".log";
+    std::vector<std::string> args = {BuildDir() + "/bin/ferry-agent", "--listen", "127.0.0.1:" + std::to_string(port_), "--name", name_,
+                                     "--state-dir", state_dir_, "--capacity", "cpus=2,mem=1G", "--sample-ms", "200"};
+    args.insert(args.end(), extra_.begin(), extra_.end());
+    pid_ = Spawn(args, log_);
+    for (int i = 0; i < 200; ++i) {
+      auto r = client.Do("GET", "/v1/host", "", 1s);
+      if (r && r->status == 200) return true;
+      if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
+        pid_ = -1;
+        return false;
+      }
+      std::this_thread::sleep_for(25ms);
+    }
+    return false;
+  }
+  void Kill() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+  static pid_t Spawn(const std::vector<std::string>& args, const std::string& log) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+      const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      dup2(fd, 1);
+      dup2(fd, 2);
+      std::vector<char*> argv;
+      for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+      argv.push_back(nullptr);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    return pid;
+  }
+  // Kills every VMM the state directory records (they outlive the agent by design).
+  void KillVms() const {
+    std::error_code ec;
+    for (const auto& d : std::filesystem::directory_iterator(state_dir_ + "/vms", ec))
+      if (auto r = agent::LoadVmRecord(d.path().string())) agent::KillVmm(*r);
+  }
+  std::string Log() const {
+    auto t = agent::TailFile(log_, 16384);
+    return t ? *t : "";
+  }
+  int port() const { return port_; }
+  pid_t pid() const { return pid_; }
+  const std::string& state_dir() const { return state_dir_; }
+
+ private:
+  std::string name_, state_dir_;
+  std::vector<std::string> extra_;
+  int port_;
+  pid_t pid_ = -1;
+  int starts_ = 0;
+  std::string log_;
+};
+
+json Body(const HttpReply& r) {
+  auto j = json::parse(r.body, nullptr, false);
+  return j.is_discarded() ? json(nullptr) : j;
+}
+
+std::string Show(const Result<HttpReply>& r) {
+  if (!r) return "no answer: " + r.error().message();
+  return "HTTP " + std::to_string(r->status) + " " + r->body.substr(0, 2000);
+}
+
+json VmRequest(const std::string& name, const std::string& mem = "256M") {
+  return {{"name", name},
+          {"kernel", GuestImage()},
+          {"initrd", GuestInitrd()},
+          {"mem", mem},
+          {"cmdline", "console=ttyS0 ferry.run=memdirty:mib=16,rate=2000,bytes=4096,verify=2"}};
+}
+
+// Polls GET /v1/vms/NAME until `pred` holds; returns the last body.
+template <typename Pred>
+json WaitVm(const AgentClient& c, const std::string& name, std::chrono::milliseconds timeout, Pred pred) {
+  json last;
+  for (auto end = std::chrono::steady_clock::now() + timeout; std::chrono::steady_clock::now() < end;) {
+    auto r = c.Do("GET", "/v1/vms/" + name, "", 5s);
+    if (r) {
+      last = Body(*r);
+      last["http_status"] = r->status;
+      if (pred(last)) return last;
+    }
+    std::this_thread::sleep_for(100ms);
+  }
+  return last;
+}
+
+bool WaitConsole(const AgentClient& c, const std::string& name, const std::string& needle, std::chrono::milliseconds timeout,
+                 std::string* text) {
+  for (auto end = std::chrono::steady_clock::now() + timeout; std::chrono::steady_clock::now() < end;) {
+    auto r = c.Do("GET", "/v1/vms/" + name + "/console", "", 5s);
+    if (r && r->status == 200) {
+      *text = r->body;
+      if (r->body.find(needle) != std::string::npos) return true;
+    }
+    std::this_thread::sleep_for(200ms);
+  }
+  return false;
+}
+
+size_t CountVmDirs(const std::string& state_dir) {
+  size_t n = 0;
+  std::error_code ec;
+  for (auto it = std::filesystem::directory_iterator(state_dir + "/vms", ec); !ec && it != std::filesystem::directory_iterator(); ++it) ++n;
+  return n;
+}
+
+class AgentTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    struct stat st;
+    ASSERT_EQ(stat(GuestImage().c_str(), &st), 0) << "guest image missing: run scripts/setup";
+    ASSERT_EQ(stat((BuildDir() + "/bin/ferry-agent").c_str(), &st), 0) << "build ferry-agent first";
+    dir_ = MakeTempDir("agent");
+  }
+  void TearDown() override {
+    for (auto& a : agents_) {
+      a->Kill();
+      a->KillVms();
+      if (HasFailure()) std::printf("--- agent log %s ---\n%s\n", a->state_dir().c_str(), a->Log().c_str());
+    }
+    agents_.clear();
+    RemoveTree(dir_);
+  }
+  AgentProcess& NewAgent(const std::string& name, std::vector<std::string> extra) {
+    agents_.push_back(std::make_unique<AgentProcess>(name, dir_ + "/" + name, std::move(extra)));
+    return *agents_.back();
+  }
+  std::string dir_;
+  std::vector<std::unique_ptr<AgentProcess>> agents_;
+};
+
+TEST_F(AgentTest, AVmIsCreatedBootsAnswersThroughTheProxyAndIsDeletedWithoutATrace) {
+  AgentProcess& a = NewAgent("h1", {"--insecure"});
+  AgentClient c("127.0.0.1", a.port());
+  ASSERT_TRUE(a.Start(c)) << a.Log();
+
+  auto created = c.Do("POST", "/v1/vms", VmRequest("web").dump());
+  ASSERT_TRUE(created && created->status == 201) << Show(created);
+  const json vm = Body(*created);
+  EXPECT_EQ(vm["state"], "running");
+  const int pid = vm["pid"].get<int>();
+  ASSERT_GT(pid, 0);
+  EXPECT_NE(getsid(pid), getsid(a.pid())) << "the VMM runs in a session of its own";
+
+  std::string console;
+  EXPECT_TRUE(WaitConsole(c, "web", "memverify ok pages=" + std::to_string(kPages), 90s, &console)) << console;
+  EXPECT_NE(console.find("Linux version"), std::string::npos) << "the console shows the kernel booting";
+
+  // The proxy: status, body and content type of the VMM's own API.
+  auto info = c.Do("GET", "/v1/vms/web/api/vm");
+  ASSERT_TRUE(info && info->status == 200) << Show(info);
+  EXPECT_EQ(info->content_type, "application/json");
+  EXPECT_EQ(Body(*info)["state"], "running");
+  EXPECT_EQ(Body(*info)["config"]["ram_bytes"], 256 << 20);
+  auto no_migration = c.Do("GET", "/v1/vms/web/api/vm/migration");
+  ASSERT_TRUE(no_migration);
+  EXPECT_EQ(no_migration->status, 404) << "the VMM's own status code comes through: " << Show(no_migration);
+  auto pause = c.Do("PUT", "/v1/vms/web/api/vm/pause", "{}");
+  ASSERT_TRUE(pause && pause->status / 100 == 2) << Show(pause);
+  json paused = WaitVm(c, "web", 10s, [](const json& j) { return j.value("state", "") == "paused"; });
+  EXPECT_EQ(paused["state"], "paused") << paused.dump();
+  auto resume = c.Do("PUT", "/v1/vms/web/api/vm/resume", "{}");
+  ASSERT_TRUE(resume && resume->status / 100 == 2) << Show(resume);
+
+  // Usage: the guest dirties 2000 pages/s and burns CPU doing it.
+  json busy = WaitVm(c, "web", 20s, [](const json& j) {
+    return j.value("state", "") == "running" && j["usage"]["cpus"].get<double>() > 0.05 && j["usage"]["rss_bytes"].get<uint64_t>() > (16u << 20);
+  });
+  EXPECT_GT(busy["usage"]["cpus"].get<double>(), 0.05) << busy.dump();
+  EXPECT_GT(busy["usage"]["rss_bytes"].get<uint64_t>(), 16u << 20) << busy.dump();
+  std::printf("usage of a memdirty guest (2000 pages/s): %s\n", busy["usage"].dump().c_str());
+  auto host = c.Do("GET", "/v1/host");
+  ASSERT_TRUE(host && host->status == 200);
+  const json h = Body(*host);
+  EXPECT_EQ(h["name"], "h1");
+  EXPECT_EQ(h["capacity"]["mem_bytes"], 1ull << 30);
+  EXPECT_EQ(h["allocated"]["mem_bytes"], 256 << 20);
+  EXPECT_EQ(h["vms"], json::array({"web"}));
+  EXPECT_GT(h["usage"]["cpus"].get<double>(), 0.0) << h.dump();
+  EXPECT_GT(h["usage"]["mem_bytes"].get<uint64_t>(), 0u);
+  auto metrics = c.Do("GET", "/metrics");
+  ASSERT_TRUE(metrics && metrics->status == 200);
+  EXPECT_NE(metrics->body.find("ferry_agent_vm_up{host=\"h1\",vm=\"web\",state=\"running\"} 1"), std::string::npos) << metrics->body;
+  EXPECT_NE(metrics->body.find("ferry_agent_vm_cpus{host=\"h1\",vm=\"web\"} "), std::string::npos);
+  EXPECT_NE(metrics->body.find("ferry_agent_host_capacity_mem_bytes{host=\"h1\"} 1073741824"), std::string::npos);
+
+  auto del = c.Do("DELETE", "/v1/vms/web");
+  ASSERT_TRUE(del && del->status == 200) << Show(del);
+  EXPECT_EQ(agent::CheckLiveness(agent::VmRecord{{}, pid, agent::ReadPidStat(pid) ? agent::ReadPidStat(pid)->start_ticks : 0, ""},
+                                 agent::ReadPidStat(pid)),
+            agent::Liveness::kGone)
+      << "the VMM is gone";
+  EXPECT_EQ(CountVmDirs(a.state_dir()), 0u) << "its directory is gone";
+  auto gone = c.Do("GET", "/v1/vms/web");
+  ASSERT_TRUE(gone);
+  EXPECT_EQ(gone->status, 404);
+}
+
+TEST_F(AgentTest, BadRequestsGet4xxAndLeaveNothingBehind) {
+  AgentProcess& a = NewAgent("h1", {"--insecure"});
+  AgentClient c("127.0.0.1", a.port());
+  ASSERT_TRUE(a.Start(c)) << a.Log();
+  auto first = c.Do("POST", "/v1/vms", VmRequest("one", "768M").dump());
+  ASSERT_TRUE(first && first->status == 201) << Show(first);
+
+  json typo = VmRequest("two");
+  typo["memory"] = "1G";
+  json missing_kernel = VmRequest("two");
+  missing_kernel["kernel"] = "/no/such/Image";
+  const struct {
+    const char* what;
+    std::string method, path, body;
+    int status;
+    const char* says;
+  } cases[] = {
+      {"malformed JSON", "POST", "/v1/vms", "{\"name\": \"two\",", 400, "JSON"},
+      {"not an object", "POST", "/v1/vms", "[1, 2]", 400, "object"},
+      {"an unknown field", "POST", "/v1/vms", typo.dump(), 400, "memory"},
+      {"a kernel that does not exist", "POST", "/v1/vms", missing_kernel.dump(), 400, "/no/such/Image"},
+      {"a bad name", "POST", "/v1/vms", VmRequest("../etc").dump(), 400, "name"},
+      {"a duplicate name", "POST", "/v1/vms", VmRequest("one", "64M").dump(), 409, "already exists"},
+      {"a VM that does not fit (768M of 1G allocated)", "POST", "/v1/vms", VmRequest("two", "512M").dump(), 409, "does not fit"},
+      {"an incoming VM that does not fit", "POST", "/v1/incoming", json{{"name", "in"}, {"mem", "512M"}}.dump(), 409, "does not fit"},
+      {"an unknown VM", "GET", "/v1/vms/nobody", "", 404, "nobody"},
+      {"deleting an unknown VM", "DELETE", "/v1/vms/nobody", "", 404, "nobody"},
+      {"the console of an unknown VM", "GET", "/v1/vms/nobody/console", "", 404, "nobody"},
+      {"the API of an unknown VM", "GET", "/v1/vms/nobody/api/vm", "", 404, "nobody"},
+      {"migrating an unknown VM", "POST", "/v1/vms/nobody/migrate", "{\"to\": \"tcp:127.0.0.1:1\"}", 404, "nobody"},
+      {"a migration without \"to\"", "POST", "/v1/vms/one/migrate", "{}", 400, "to"},
+      {"an unknown endpoint", "GET", "/v2/everything", "", 404, "no such endpoint"},
+  };
+  for (const auto& k : cases) {
+    SCOPED_TRACE(k.what);
+    auto r = c.Do(k.method, k.path, k.body);
+    ASSERT_TRUE(r) << r.error().message();
+    EXPECT_EQ(r->status, k.status) << r->body;
+    const json j = Body(*r);
+    ASSERT_TRUE(j.is_object() && j.contains("error")) << r->body;
+    EXPECT_NE(j["error"].get<std::string>().find(k.says), std::string::npos) << r->body;
+  }
+  auto list = c.Do("GET", "/v1/vms");
+  ASSERT_TRUE(list && list->status == 200);
+  ASSERT_EQ(Body(*list).size(), 1u) << list->body;
+  EXPECT_EQ(Body(*list)[0]["name"], "one");
+  EXPECT_EQ(Body(*list)[0]["state"], "running") << "the duplicate left the first VM alone";
+  EXPECT_EQ(CountVmDirs(a.state_dir()), 1u);
+  auto host = c.Do("GET", "/v1/host");
+  EXPECT_EQ(Body(*host)["allocated"]["mem_bytes"], 768 << 20);
+}
+
+TEST_F(AgentTest, AKilledAgentRestartsAndAdoptsItsRunningVm) {
+  AgentProcess& a = NewAgent("h1", {"--insecure"});
+  AgentClient c("127.0.0.1", a.port());
+  ASSERT_TRUE(a.Start(c)) << a.Log();
+  auto created = c.Do("POST", "/v1/vms", VmRequest("db").dump());
+  ASSERT_TRUE(created && created->status == 201) << Show(created);
+  const int pid = Body(*created)["pid"].get<int>();
+  std::string console;
+  ASSERT_TRUE(WaitConsole(c, "db", "memverify ok", 90s, &console)) << console;
+
+  a.Kill();  // SIGKILL: no chance to clean up
+  ASSERT_TRUE(agent::ReadPidStat(pid)) << "the VMM outlives its agent";
+  ASSERT_TRUE(a.Start(c)) << a.Log();
+  auto got = c.Do("GET", "/v1/vms/db");
+  ASSERT_TRUE(got && got->status == 200) << Show(got);
+  EXPECT_EQ(Body(*got)["pid"], pid);
+  EXPECT_EQ(Body(*got)["state"], "running") << got->body;
+  auto info = c.Do("GET", "/v1/vms/db/api/vm");
+  ASSERT_TRUE(info && info->status == 200) << Show(info);
+  EXPECT_EQ(Body(*info)["state"], "running");
+  // The guest keeps verifying its memory under the new agent: more "memverify ok" lines than before the kill.
+  auto count = [](const std::string& text) {
+    size_t n = 0;
+    for (size_t at = 0; (at = text.find("memverify ok", at)) != std::string::npos; ++at) ++n;
+    return n;
+  };
+  const size_t before = count(console);
+  std::string now;
+  for (int i = 0; i < 100 && count(now) <= before; ++i) {
+    WaitConsole(c, "db", "memverify ok", 5s, &now);
+    std::this_thread::sleep_for(200ms);
+  }
+  EXPECT_GT(count(now), before) << now;
+  // Its memory is still accounted for: the same VM again does not fit twice.
+  auto dup = c.Do("POST", "/v1/vms", VmRequest("db").dump());
+  ASSERT_TRUE(dup);
+  EXPECT_EQ(dup->status, 409);
+  auto del = c.Do("DELETE", "/v1/vms/db");
+  ASSERT_TRUE(del && del->status == 200) << Show(del);
+  EXPECT_FALSE(agent::ReadPidStat(pid) && agent::ReadPidStat(pid)->state != 'Z') << "the adopted VMM was stopped";
+}
+
+TEST_F(AgentTest, InsecureIsRefusedOffLoopback) {
+  const std::string log = dir_ + "/insecure.log";
+  const pid_t pid = AgentProcess::Spawn({BuildDir() + "/bin/ferry-agent", "--listen", "0.0.0.0:" + std::to_string(FreePort()), "--name", "x",
+                                         "--state-dir", dir_ + "/x", "--capacity", "cpus=1,mem=1G", "--insecure"},
+                                        log);
+  int st = 0;
+  ASSERT_EQ(waitpid(pid, &st, 0), pid);
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 2) << st;
+  auto text = agent::TailFile(log);
+  EXPECT_NE(text->find("--allow-insecure-remote"), std::string::npos) << *text;
+}
+
+}  // namespace
+}  // namespace ferry::test
