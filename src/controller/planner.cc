@@ -92,6 +92,11 @@ struct Round {
   std::string Unmovable(size_t i, bool drain) const {
     const VmView& vm = view.vms[i];
     if (moving[i]) return fmt::format("{}: migrating", vm.name);
+    if (const Planner::VmMemory* m = Memory(i); m && m->failures > 0) {
+      const uint64_t wait = config.retry_backoff_ns << std::min(m->failures - 1, 4);
+      if (now_ns >= m->failed_ns && now_ns - m->failed_ns < wait)
+        return fmt::format("{}: its last migration failed {} ago (retry after {})", vm.name, Duration(now_ns - m->failed_ns), Duration(wait));
+    }
     if (drain) return {};
     if (const Planner::VmMemory* m = Memory(i); m && m->moved && now_ns >= m->last_move_ns && now_ns - m->last_move_ns < config.vm_cooldown_ns)
       return fmt::format("{}: moved {} ago (cooldown {})", vm.name, Duration(now_ns - m->last_move_ns), Duration(config.vm_cooldown_ns));
@@ -227,8 +232,15 @@ void Planner::Started(const std::string& vm, const std::string& from, const std:
   ResetHost(to);
 }
 
-void Planner::Finished(const std::string& vm, const std::string& from, const std::string& to, uint64_t now_ns) {
-  RestoreLastMove(vm, now_ns, from);
+void Planner::Finished(const std::string& vm, const std::string& from, const std::string& to, uint64_t now_ns, bool ok) {
+  if (ok) {
+    RestoreLastMove(vm, now_ns, from);
+    vms_[vm].failures = 0;
+  } else {
+    VmMemory& m = vms_[vm];
+    ++m.failures;
+    m.failed_ns = now_ns;
+  }
   ResetHost(from);
   ResetHost(to);
 }

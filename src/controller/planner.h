@@ -51,6 +51,7 @@ struct PlannerConfig {
   uint64_t vm_cooldown_ns = 600'000'000'000;  // a moved VM stays put this long (drain excepted)
   uint64_t return_ban_ns = 3600'000'000'000;  // nor goes back to a host it left within this
   uint64_t demand_half_life_ns = 300'000'000'000;  // how fast a VM's remembered peak fades
+  uint64_t retry_backoff_ns = 30'000'000'000;  // after a failed migration of a VM (Finished)
   int max_per_host = 1;                       // migrations in or out of one host at once
   int max_in_cluster = 4;                     // migrations at once in the whole cluster
   LinkModel link;
@@ -94,7 +95,9 @@ class Planner {
   Plan Decide(const ClusterView& view, uint64_t now_ns) const;
   // The controller started / finished `vm`'s migration between these hosts.
   void Started(const std::string& vm, const std::string& from, const std::string& to, uint64_t now_ns);
-  void Finished(const std::string& vm, const std::string& from, const std::string& to, uint64_t now_ns);
+  // A failed migration (ok false) keeps the VM where it is; the VM is then left alone - even by a
+  // drain - for retry_backoff_ns, doubled after each further failure (at most 16 times as long).
+  void Finished(const std::string& vm, const std::string& from, const std::string& to, uint64_t now_ns, bool ok = true);
   // After a restart: when the store says `vm` last moved, and from where.
   void RestoreLastMove(const std::string& vm, uint64_t at_ns, const std::string& from = "");
 
@@ -106,6 +109,8 @@ class Planner {
     double cpus_peak = 0;     // decaying peaks (Observe)
     double net_peak = 0;
     uint64_t seen_ns = 0;     // when the peaks were last updated
+    int failures = 0;         // failed migrations in a row
+    uint64_t failed_ns = 0;   // the last one
   };
 
  private:

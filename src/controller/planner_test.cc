@@ -180,6 +180,29 @@ TEST(Planner, ADrainMovesEveryVmEvenAboveTheThresholdButNotIntoADrainingHost) {
   EXPECT_NE(Why(stuck).find("vm1: no active host can take it (b no room for 256 MiB)"), std::string::npos) << Why(stuck);
 }
 
+TEST(Planner, AFailedMigrationIsRetriedOnlyAfterABackoffThatGrows) {
+  Planner p;
+  ClusterView v{{H("a", 0.2), H("b", 0.1)}, {V("vm1", "a", 0.1)}};
+  v.hosts[0].state = HostState::kDraining;
+  ASSERT_EQ(p.Decide(v, 0).moves.size(), 1u);
+  p.Started("vm1", "a", "b", 0);
+  p.Finished("vm1", "a", "b", kS, false);
+  Plan wait = p.Decide(v, 20 * kS);
+  EXPECT_TRUE(wait.moves.empty());  // not even a drain hammers a failing migration
+  EXPECT_NE(Why(wait).find("vm1: its last migration failed 19 s ago (retry after 30 s)"), std::string::npos) << Why(wait);
+  ASSERT_EQ(p.Decide(v, 32 * kS).moves.size(), 1u);
+  p.Finished("vm1", "a", "b", 32 * kS, false);
+  EXPECT_TRUE(p.Decide(v, 80 * kS).moves.empty());  // 60 s after the second failure
+  EXPECT_EQ(p.Decide(v, 93 * kS).moves.size(), 1u);
+  p.Finished("vm1", "a", "b", 93 * kS, true);  // a success clears the count: the next backoff is 30 s again
+  v.vms[0].host = "b";
+  v.hosts[0].state = HostState::kActive;
+  v.hosts[1].state = HostState::kDraining;
+  p.Finished("vm1", "b", "a", 100 * kS, false);
+  EXPECT_TRUE(p.Decide(v, 129 * kS).moves.empty());
+  EXPECT_EQ(p.Decide(v, 131 * kS).moves.size(), 1u);
+}
+
 TEST(Planner, BandwidthAndSwapHotspots) {
   Planner p;
   ClusterView v{{H("a", 0.1), H("b", 0.1), H("c", 0.1), H("d", 0.1)}, {V("vm1", "a", 0.05), V("vm2", "b", 0.05)}};
