@@ -4,7 +4,8 @@
 // and checks the agent's against the CA and the host it dialled.
 //
 // Threads: the server runs its handlers on httplib's worker threads; an AgentClient is used by
-// one thread at a time.
+// one thread at a time. A process using AgentClient with TLS must ignore SIGPIPE: httplib writes
+// TLS records with write(2), and a server that refuses the handshake closes the connection under it.
 #pragma once
 
 #include <memory>

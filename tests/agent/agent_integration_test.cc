@@ -16,6 +16,7 @@
 #include <thread>
 
 #include <gtest/gtest.h>
+#include <httplib.h>
 #include <nlohmann/json.hpp>
 
 #include "agent/http.h"
@@ -352,6 +353,123 @@ TEST_F(AgentTest, InsecureIsRefusedOffLoopback) {
   EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 2) << st;
   auto text = agent::TailFile(log);
   EXPECT_NE(text->find("--allow-insecure-remote"), std::string::npos) << *text;
+}
+
+class AgentTlsTest : public AgentTest {
+ protected:
+  void SetUp() override {
+    // A refused handshake can close the connection under httplib's next SSL write (write(2), not
+    // send(MSG_NOSIGNAL)): a client process must ignore SIGPIPE, as ferry-agent itself does.
+    signal(SIGPIPE, SIG_IGN);
+    AgentTest::SetUp();
+    pki_ = std::make_unique<net::testing::TestPki>(dir_);
+    auto made = pki_->MakeStandard();
+    ASSERT_TRUE(made) << made.error().message();
+  }
+  // An agent with the "server" certificate (CN server, IP 127.0.0.1) from CA "ca".
+  AgentProcess& TlsAgent(const std::string& name) {
+    const net::TlsFiles f = pki_->Files("server");
+    return NewAgent(name, {"--tls-cert", f.cert, "--tls-key", f.key, "--tls-ca", f.ca});
+  }
+  std::unique_ptr<net::testing::TestPki> pki_;
+};
+
+TEST_F(AgentTlsTest, MutualTlsAdmitsOnlyClientsWithACertificateFromTheCa) {
+  AgentProcess& a = TlsAgent("h1");
+  const AgentClient good("127.0.0.1", a.port(), pki_->Files("client"));
+  ASSERT_TRUE(a.Start(good)) << a.Log();
+  auto host = good.Do("GET", "/v1/host");
+  ASSERT_TRUE(host && host->status == 200) << Show(host);
+  EXPECT_EQ(Body(*host)["name"], "h1");
+
+  // A certificate from another CA, and a client that trusts another CA than the agent's.
+  auto evil = AgentClient("127.0.0.1", a.port(), pki_->Files("evil")).Do("GET", "/v1/host", "", 5s);
+  EXPECT_FALSE(evil) << "a client certificate from a rogue CA was admitted: " << Show(evil);
+  auto distrust = AgentClient("127.0.0.1", a.port(), pki_->Files("client", "rogue")).Do("GET", "/v1/host", "", 5s);
+  EXPECT_FALSE(distrust) << "the client accepted an agent certificate its CA did not sign: " << Show(distrust);
+  auto expired = AgentClient("127.0.0.1", a.port(), pki_->Files("expired")).Do("GET", "/v1/host", "", 5s);
+  EXPECT_FALSE(expired) << Show(expired);
+  // TLS without a client certificate.
+  {
+    httplib::SSLClient anon("127.0.0.1", a.port());
+    anon.set_ca_cert_path(pki_->Files("client").ca.c_str());
+    anon.enable_server_certificate_verification(true);
+    anon.set_connection_timeout(5, 0);
+    anon.set_read_timeout(5, 0);
+    auto r = anon.Get("/v1/host");
+    EXPECT_FALSE(r && r->status == 200) << "a client without a certificate was served";
+  }
+  // Plain HTTP to the TLS port.
+  auto plain = AgentClient("127.0.0.1", a.port()).Do("GET", "/v1/host", "", 5s);
+  EXPECT_FALSE(plain && plain->status == 200) << Show(plain);
+  // The agent is still fine.
+  auto again = good.Do("GET", "/v1/host");
+  EXPECT_TRUE(again && again->status == 200) << Show(again);
+}
+
+TEST_F(AgentTlsTest, AVmMigratesBetweenTwoAgentsOverMutualTlsAndItsMemoryVerifies) {
+  AgentProcess& a = TlsAgent("src");
+  AgentProcess& b = TlsAgent("dst");
+  const AgentClient ca("127.0.0.1", a.port(), pki_->Files("client")), cb("127.0.0.1", b.port(), pki_->Files("client"));
+  ASSERT_TRUE(a.Start(ca)) << a.Log();
+  ASSERT_TRUE(b.Start(cb)) << b.Log();
+  auto created = ca.Do("POST", "/v1/vms", VmRequest("web").dump());
+  ASSERT_TRUE(created && created->status == 201) << Show(created);
+  const int src_pid = Body(*created)["pid"].get<int>();
+  std::string console;
+  ASSERT_TRUE(WaitConsole(ca, "web", "memverify ok pages=" + std::to_string(kPages), 90s, &console)) << console;
+
+  // A failed migration (nobody listens there): the source keeps running and says why.
+  const std::string nowhere = "tls:127.0.0.1:" + std::to_string(FreePort());
+  auto bad = ca.Do("POST", "/v1/vms/web/migrate", json{{"to", nowhere}}.dump());
+  ASSERT_TRUE(bad && bad->status == 202) << Show(bad);
+  json back = WaitVm(ca, "web", 30s, [](const json& j) { return j.value("state", "") == "running" && j.contains("error"); });
+  EXPECT_EQ(back["state"], "running") << back.dump();
+  EXPECT_NE(back.value("error", "").find(nowhere), std::string::npos) << back.dump();
+  EXPECT_EQ(back["pid"], src_pid) << "the same VMM runs on";
+  auto plaintext = ca.Do("POST", "/v1/vms/web/migrate", json{{"to", "tcp:127.0.0.1:1"}}.dump());
+  ASSERT_TRUE(plaintext);
+  EXPECT_EQ(plaintext->status, 400) << "a TLS agent does not migrate in plaintext: " << plaintext->body;
+
+  auto incoming = cb.Do("POST", "/v1/incoming", json{{"name", "web"}, {"mem", "256M"}}.dump());
+  ASSERT_TRUE(incoming && incoming->status == 201) << Show(incoming);
+  const json in = Body(*incoming);
+  EXPECT_EQ(in["state"], "incoming");
+  const std::string to = in["incoming"].get<std::string>();
+  ASSERT_TRUE(to.starts_with("tls:127.0.0.1:")) << to;
+  auto dup = cb.Do("POST", "/v1/incoming", json{{"name", "web"}, {"mem", "256M"}}.dump());
+  ASSERT_TRUE(dup);
+  EXPECT_EQ(dup->status, 409);
+
+  const auto t0 = std::chrono::steady_clock::now();
+  auto mig = ca.Do("POST", "/v1/vms/web/migrate", json{{"to", to}, {"downtime_ms", 300}}.dump());
+  ASSERT_TRUE(mig && mig->status == 202) << Show(mig);
+  json src = WaitVm(ca, "web", 120s, [](const json& j) { return j.value("state", "") == "migrated" || j.value("http_status", 0) == 404; });
+  EXPECT_TRUE(src.value("state", "") == "migrated" || src.value("http_status", 0) == 404) << src.dump();
+  json dst = WaitVm(cb, "web", 30s, [](const json& j) { return j.value("state", "") == "running"; });
+  ASSERT_EQ(dst["state"], "running") << dst.dump();
+  std::printf("migration through the agents: %.1f s until the source reported migrated; destination usage %s\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), dst["usage"].dump().c_str());
+  EXPECT_FALSE(dst.contains("incoming")) << "the destination is an ordinary VM now";
+
+  // The guest verifies all of its dirtied memory on the destination (a fresh console: every line is post-migration).
+  std::string dst_console;
+  EXPECT_TRUE(WaitConsole(cb, "web", "memverify ok pages=" + std::to_string(kPages), 60s, &dst_console)) << dst_console;
+  EXPECT_EQ(dst_console.find("FAIL"), std::string::npos) << dst_console;
+  auto info = cb.Do("GET", "/v1/vms/web/api/vm");
+  ASSERT_TRUE(info && info->status == 200) << Show(info);
+  EXPECT_EQ(Body(*info)["state"], "running");
+  json moved = WaitVm(cb, "web", 10s, [](const json& j) { return j["usage"]["migration_bytes"].get<uint64_t>() > 0; });
+  EXPECT_GT(moved["usage"]["migration_bytes"].get<uint64_t>(), 16u << 20) << moved.dump();
+
+  // The source VMM is gone and so is its directory.
+  EXPECT_FALSE(agent::ReadPidStat(src_pid) && agent::ReadPidStat(src_pid)->state != 'Z') << "the source VMM still runs";
+  EXPECT_EQ(CountVmDirs(a.state_dir()), 0u);
+  auto src_host = ca.Do("GET", "/v1/host");
+  EXPECT_EQ(Body(*src_host)["allocated"]["mem_bytes"], 0) << "a migrated VM holds no memory on its old host";
+  auto metrics = cb.Do("GET", "/metrics");
+  ASSERT_TRUE(metrics);
+  EXPECT_NE(metrics->body.find("ferry_agent_vm_up{host=\"dst\",vm=\"web\",state=\"running\"} 1"), std::string::npos);
 }
 
 }  // namespace
