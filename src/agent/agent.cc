@@ -245,6 +245,7 @@ Agent::Entry Agent::SampleVm(Entry e, double ticks_per_s) {
     return e;
   }
   e.api_failures = 0;
+  if (e.state == "lost") e.error.clear();  // it answers again
   auto j = nlohmann::json::parse(info->body, nullptr, false);
   const std::string vmm_state = j.is_object() ? j.value("state", "") : "";
   auto mig = UnixHttp(e.socket, "GET", "/vm/migration", "", "", std::chrono::seconds(1));
@@ -448,6 +449,8 @@ Reply Agent::Launch(const VmSpec& spec, const std::string& incoming) {
   const std::string dir = VmDir(spec.name);
   {
     MutexLock l(mu_);
+    // A VM that migrated away may come back at once: its entry is only a report (no directory).
+    if (auto it = vms_.find(spec.name); it != vms_.end() && it->second.state == "migrated" && !it->second.busy_op) vms_.erase(it);
     if (vms_.contains(spec.name)) return Reply::Err(409, fmt::format("a VM named '{}' already exists on host {}", spec.name, cfg_.name));
     const uint64_t used = AllocatedMemLocked();
     if (used + spec.mem_bytes > cfg_.capacity.mem_bytes)

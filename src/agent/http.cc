@@ -12,7 +12,7 @@ void Send(httplib::Response& res, const Reply& r) {
 
 }  // namespace
 
-Result<std::unique_ptr<httplib::Server>> MakeServer(Agent& agent, const net::TlsFiles& tls) {
+Result<std::unique_ptr<httplib::Server>> NewServer(const net::TlsFiles& tls) {
   std::unique_ptr<httplib::Server> svr;
   if (tls.empty()) {
     svr = std::make_unique<httplib::Server>();
@@ -26,10 +26,16 @@ Result<std::unique_ptr<httplib::Server>> MakeServer(Agent& agent, const net::Tls
     if (!ssl->is_valid()) return Errorf(ErrorCode::kInternal, "HTTPS server: {}", net::OpenSslErrors());
     svr = std::move(ssl);
   }
-  auto& s = *svr;
-  s.set_read_timeout(10, 0);
-  s.set_write_timeout(10, 0);
-  s.set_payload_max_length(1 << 20);
+  svr->set_read_timeout(10, 0);
+  svr->set_write_timeout(10, 0);
+  svr->set_payload_max_length(1 << 20);
+  return svr;
+}
+
+Result<std::unique_ptr<httplib::Server>> MakeServer(Agent& agent, const net::TlsFiles& tls) {
+  auto svr = NewServer(tls);
+  if (!svr) return std::unexpected(svr.error());
+  auto& s = **svr;
   s.Get("/v1/host", [&agent](const httplib::Request&, httplib::Response& res) { Send(res, agent.GetHost()); });
   s.Get("/v1/vms", [&agent](const httplib::Request&, httplib::Response& res) { Send(res, agent.ListVms()); });
   s.Post("/v1/vms", [&agent](const httplib::Request& req, httplib::Response& res) { Send(res, agent.CreateVm(req.body)); });

@@ -20,6 +20,9 @@ namespace httplib { class Server; }
 
 namespace ferry::agent {
 
+// An empty server: plain HTTP (tls empty) or HTTPS with mutual TLS under net/tls.h's policy;
+// 10 s read/write timeouts, bodies up to 1 MiB. (The controller's API uses it too.)
+Result<std::unique_ptr<httplib::Server>> NewServer(const net::TlsFiles& tls);
 // The server with every route of docs/agent.md. tls empty: plain HTTP.
 Result<std::unique_ptr<httplib::Server>> MakeServer(Agent& agent, const net::TlsFiles& tls);
 

@@ -470,6 +470,19 @@ TEST_F(AgentTlsTest, AVmMigratesBetweenTwoAgentsOverMutualTlsAndItsMemoryVerifie
   auto metrics = cb.Do("GET", "/metrics");
   ASSERT_TRUE(metrics);
   EXPECT_NE(metrics->body.find("ferry_agent_vm_up{host=\"dst\",vm=\"web\",state=\"running\"} 1"), std::string::npos);
+
+  // And straight back (the old host still reports "migrated" for a while; that does not block the name).
+  auto back_in = ca.Do("POST", "/v1/incoming", json{{"name", "web"}, {"mem", "256M"}}.dump());
+  ASSERT_TRUE(back_in && back_in->status == 201) << Show(back_in);
+  auto return_mig = cb.Do("POST", "/v1/vms/web/migrate", json{{"to", Body(*back_in)["incoming"]}}.dump());
+  ASSERT_TRUE(return_mig && return_mig->status == 202) << Show(return_mig);
+  json home = WaitVm(ca, "web", 60s, [](const json& j) { return j.value("state", "") == "running"; });
+  ASSERT_EQ(home["state"], "running") << home.dump();
+  json left = WaitVm(cb, "web", 30s, [](const json& j) { return j.value("state", "") == "migrated"; });
+  EXPECT_EQ(left["state"], "migrated") << left.dump();
+  std::string home_console;
+  EXPECT_TRUE(WaitConsole(ca, "web", "memverify ok pages=" + std::to_string(kPages), 60s, &home_console)) << home_console;
+  EXPECT_EQ(home_console.find("FAIL"), std::string::npos) << home_console;
 }
 
 }  // namespace
