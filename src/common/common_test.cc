@@ -132,6 +132,21 @@ TEST(ParseJson, ValidTextAndClearErrors) {
   EXPECT_EQ(bin.error().message().find('\x1b'), std::string::npos);
 }
 
+TEST(JsonUint, OnlyIntegersInRangeAndNoFloatEvenAHugeOne) {
+  EXPECT_EQ(*JsonUint(nlohmann::json(uint64_t{1} << 63), "ram_bytes"), uint64_t{1} << 63);
+  EXPECT_EQ(*JsonUint(nlohmann::json(7), "x", 1, 8), 7u);
+  // 1.677e219 as a uint64_t is undefined behaviour in nlohmann's conversion (UBSan: fuzz_snapshot).
+  for (const char* bad : {"1.677e219", "256.0", "-1", "\"5\"", "null", "true", "[1]"}) {
+    auto r = JsonUint(nlohmann::json::parse(bad), "ram_bytes");
+    ASSERT_FALSE(r) << bad;
+    EXPECT_EQ(r.error().code(), ErrorCode::kInvalidArgument);
+    EXPECT_EQ(r.error().message(), "\"ram_bytes\" must be a non-negative integer");
+  }
+  auto big = JsonUint(nlohmann::json(9), "x", 1, 8);
+  ASSERT_FALSE(big);
+  EXPECT_EQ(big.error().message(), "\"x\" = 9 is outside 1..8");
+}
+
 TEST(ParseJson, NestingIsBounded) {
   EXPECT_TRUE(ParseJson(Nested(kMaxJsonDepth), "body"));
   auto deep = ParseJson(Nested(kMaxJsonDepth + 1), "body");

@@ -24,4 +24,13 @@ Result<nlohmann::json> ParseJson(std::string_view text, std::string_view what, E
   return j;
 }
 
+Result<uint64_t> JsonUint(const nlohmann::json& v, std::string_view what, uint64_t lo, uint64_t hi) {
+  uint64_t x = 0;
+  if (v.is_number_unsigned()) x = v.get<uint64_t>();
+  else if (v.is_number_integer() && v.get<int64_t>() >= 0) x = static_cast<uint64_t>(v.get<int64_t>());
+  else return Errorf(ErrorCode::kInvalidArgument, "\"{}\" must be a non-negative integer", what);
+  if (x < lo || x > hi) return Errorf(ErrorCode::kInvalidArgument, "\"{}\" = {} is outside {}..{}", what, x, lo, hi);
+  return x;
+}
+
 }  // namespace ferry

@@ -3,6 +3,7 @@
 // later cannot exhaust the stack (nlohmann::json copies and dumps recursively). Pure, any thread.
 #pragma once
 
+#include <cstdint>
 #include <string_view>
 
 #include <nlohmann/json.hpp>
@@ -17,5 +18,10 @@ inline constexpr int kMaxJsonDepth = 64;
 // byte position), nested deeper than max_depth.
 Result<nlohmann::json> ParseJson(std::string_view text, std::string_view what, ErrorCode code = ErrorCode::kInvalidArgument,
                                  int max_depth = kMaxJsonDepth);
+
+// A non-negative integer from JSON that came from outside: kInvalidArgument (naming `what`) unless
+// `v` is an integer in [lo, hi]. A float is refused even when whole: nlohmann's get<uint64_t>()
+// converts a float such as 1e300 with undefined behaviour (found by fuzz_snapshot).
+Result<uint64_t> JsonUint(const nlohmann::json& v, std::string_view what, uint64_t lo = 0, uint64_t hi = UINT64_MAX);
 
 }  // namespace ferry

@@ -10,6 +10,7 @@
 #include <libfdt.h>
 #include <spdlog/spdlog.h>
 
+#include "common/json.h"
 #include "machine/devices/virtio/virtio_factory.h"
 
 namespace ferry {
@@ -46,7 +47,9 @@ nlohmann::json BoardConfig::GuestJson() const {
 
 Status BoardConfig::ApplyGuestJson(const nlohmann::json& j) {
   try {
-    ram_bytes = j.at("ram_bytes").get<uint64_t>();
+    auto ram = JsonUint(j.at("ram_bytes"), "ram_bytes");
+    if (!ram) return std::unexpected(ram.error());
+    ram_bytes = *ram;
     cmdline = j.at("cmdline").get<std::string>();
     disk_read_only = j.value("disk_read_only", false);
     balloon = j.at("balloon").get<bool>();

@@ -277,6 +277,27 @@ TEST(Virtio, BlkLargeRequestsMoveInChunksAndHugeOnesFail) {
   unlink(path);
 }
 
+// A snapshot's or a migration's CONFIG comes from outside: a RAM size that is a float (1.677e219
+// made UBSan report an out-of-range conversion in fuzz_snapshot) is refused, the config unchanged.
+TEST(Board, GuestJsonWithAFloatRamSizeIsRefused) {
+  BoardConfig cfg;
+  cfg.ram_bytes = 64 << 20;
+  nlohmann::json j = cfg.GuestJson();
+  for (const char* bad : {"1.677e219", "67108864.0", "-1"}) {
+    j["ram_bytes"] = nlohmann::json::parse(bad);
+    BoardConfig into;
+    into.ram_bytes = 5;
+    auto s = into.ApplyGuestJson(j);
+    ASSERT_FALSE(s) << bad;
+    EXPECT_EQ(s.error().message(), "\"ram_bytes\" must be a non-negative integer");
+    EXPECT_EQ(into.ram_bytes, 5u);
+  }
+  j["ram_bytes"] = 64 << 20;
+  BoardConfig ok;
+  ASSERT_TRUE(ok.ApplyGuestJson(j));
+  EXPECT_EQ(ok.ram_bytes, uint64_t{64} << 20);
+}
+
 TEST(Board, DeviceTreeDescribesTheVirtBoard) {
   BoardConfig cfg;
   cfg.ram_bytes = 64 << 20;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "common/json.h"
 #include "common/size.h"
 #include "migration/transport/tcp.h"
 
@@ -39,12 +40,9 @@ Result<SourceParams> ParseSourceParams(const nlohmann::json& body) {
   if (!body.is_object()) return Errorf(ErrorCode::kInvalidArgument, "request body must be a JSON object");
   SourceParams p;
   auto get_uint = [&](const std::string& key, uint64_t lo, uint64_t hi, uint64_t* out) -> Status {
-    const auto& v = body[key];
-    if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<int64_t>() >= 0))
-      return Errorf(ErrorCode::kInvalidArgument, "\"{}\" must be a non-negative integer", key);
-    uint64_t x = v.get<uint64_t>();
-    if (x < lo || x > hi) return Errorf(ErrorCode::kInvalidArgument, "\"{}\" = {} is outside {}..{}", key, x, lo, hi);
-    *out = x;
+    auto x = JsonUint(body[key], key, lo, hi);
+    if (!x) return std::unexpected(x.error());
+    *out = *x;
     return {};
   };
   bool have_to = false;
