@@ -123,14 +123,17 @@ World& W() {
 }
 
 // The headers and as many body bytes as their Content-Length says have arrived.
-bool ResponseComplete(const std::string& got, bool head_only) {
+// The length of the first whole response in `got` (0: none yet). An input may hold more than one
+// request (pipelined on its connection): the server answers each, and a single read can bring
+// several answers - only the first is the answer to the request the harness checks.
+size_t FirstResponseLength(const std::string& got, bool head_only) {
   const size_t end = got.find("\r\n\r\n");
-  if (end == std::string::npos) return false;
-  if (head_only) return true;  // the answer to HEAD: its Content-Length is the GET's
+  if (end == std::string::npos) return 0;
+  if (head_only) return end + 4;  // the answer to HEAD: its Content-Length is the GET's
   const std::string head = got.substr(0, end);
   const size_t cl = head.find("Content-Length: ");
   const size_t want = cl == std::string::npos ? 0 : std::strtoull(head.c_str() + cl + 16, nullptr, 10);
-  return got.size() - end - 4 >= want;
+  return got.size() - end - 4 >= want ? end + 4 + want : 0;
 }
 
 // One exchange on a fresh connection: the request, then the response (complete, or until EOF).
@@ -157,7 +160,11 @@ std::string Exchange(const std::string& sock_path, const std::string& request, u
     const ssize_t n = recv(fd, buf, sizeof buf, 0);
     if (n <= 0) break;
     got.append(buf, static_cast<size_t>(n));
-    if (ResponseComplete(got, request.starts_with("HEAD "))) break;  // the server may keep the connection (a request it could not parse)
+    // The server may keep the connection (a request it could not parse).
+    if (const size_t n = FirstResponseLength(got, request.starts_with("HEAD "))) {
+      got.resize(n);
+      break;
+    }
   }
   close(fd);
   *took_us = (NowNs() - t0) / 1'000;
