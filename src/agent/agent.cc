@@ -223,7 +223,7 @@ Agent::Entry Agent::SampleVm(Entry e, double ticks_per_s) {
   u.rss_bytes = ps->rss_pages * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
   e.ps = ps;
   if (!e.rec.spec.tap.empty()) {
-    auto t = ReadTapCounters(TapStatisticsDir(e.rec.spec.tap));
+    auto t = ReadTapCounters(e.rec.spec.tap);
     if (t && e.tap && dt > 0) {
       // The host's tx is what the guest receives.
       u.net_rx_bytes_per_s = RateOf(e.tap->tx_bytes, t->tx_bytes, dt);

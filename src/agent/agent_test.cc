@@ -95,27 +95,29 @@ TEST(ProcParsers, PidStatCountsFieldsFromTheLastParenthesis) {
   EXPECT_FALSE(ReadPidStat(0));
 }
 
-TEST(ProcParsers, TapCountersFromAStatisticsDirectory) {
-  const std::string dir = TempDir("tap");
-  const std::pair<const char*, const char*> files[] = {{"rx_bytes", "1000\n"}, {"tx_bytes", "2000\n"}, {"rx_packets", "10\n"},
-                                                       {"tx_packets", "20\n"}, {"rx_dropped", "1\n"},  {"tx_dropped", "3\n"}};
-  for (auto [n, v] : files) WriteFile(dir + "/" + n, v);
-  auto c = ReadTapCounters(dir);
+TEST(ProcParsers, TapCountersFromProcNetDev) {
+  const std::string text =
+      "Inter-|   Receive                                                |  Transmit\n"
+      " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n"
+      "    lo:  466884 5611    0    0    0     0          0         0   466884 5611    0    0    0     0       0          0\n"
+      "tap0: 1000 10 0 1 0 0 0 0 2000 20 0 3 0 0 0 0\n"
+      " tap00:  9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9\n";
+  auto c = ParseNetDev(text, "tap0");
   ASSERT_TRUE(c) << c.error().message();
   EXPECT_EQ(c->rx_bytes, 1000u);
-  EXPECT_EQ(c->tx_bytes, 2000u);
   EXPECT_EQ(c->rx_packets, 10u);
-  EXPECT_EQ(c->tx_packets, 20u);
   EXPECT_EQ(c->rx_dropped, 1u);
+  EXPECT_EQ(c->tx_bytes, 2000u);
+  EXPECT_EQ(c->tx_packets, 20u);
   EXPECT_EQ(c->tx_dropped, 3u);
-  WriteFile(dir + "/tx_dropped", "lots\n");
-  EXPECT_FALSE(ReadTapCounters(dir));
-  unlink((dir + "/tx_dropped").c_str());
-  EXPECT_FALSE(ReadTapCounters(dir));
-  EXPECT_EQ(TapStatisticsDir("tap0"), "/sys/class/net/tap0/statistics");
-  // The loopback interface has the same files (a TAP is no different here).
-  EXPECT_TRUE(ReadTapCounters(TapStatisticsDir("lo")));
-  std::filesystem::remove_all(dir);
+  EXPECT_EQ(ParseNetDev(text, "lo")->rx_packets, 5611u);
+  auto missing = ParseNetDev(text, "tap1");
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(missing.error().code(), ErrorCode::kNotFound);
+  EXPECT_FALSE(ParseNetDev("tap0: 1 2 3\n", "tap0")) << "short line";
+  EXPECT_FALSE(ParseNetDev("tap0: 1 2 3 4 5 6 7 8 x 10 11 12 13 14 15 16\n", "tap0"));
+  // This host's loopback, for real.
+  EXPECT_TRUE(ReadTapCounters("lo"));
   EXPECT_EQ(RateOf(100, 300, 2.0), 100.0);
   EXPECT_EQ(RateOf(300, 100, 2.0), 0.0) << "a counter reset is no negative rate";
   EXPECT_EQ(RateOf(100, 300, 0.0), 0.0);

@@ -217,21 +217,41 @@ std::optional<PidStat> ReadPidStat(int pid) {
   return *s;
 }
 
-std::string TapStatisticsDir(const std::string& tap) { return "/sys/class/net/" + tap + "/statistics"; }
+Result<TapCounters> ParseNetDev(std::string_view text, std::string_view iface) {
+  std::optional<TapCounters> found;
+  Status bad;
+  ForEachLine(text, [&](std::string_view line) {
+    const size_t colon = line.find(':');
+    if (colon == std::string_view::npos || found) return;
+    std::string_view name = line.substr(0, colon);
+    while (!name.empty() && name.front() == ' ') name.remove_prefix(1);
+    if (name != iface) return;
+    // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes packets errs drop ...
+    auto w = Words(line.substr(colon + 1));
+    if (w.size() < 16) {
+      bad = Errorf(ErrorCode::kCorrupt, "/proc/net/dev: {} has {} fields, expected 16", iface, w.size());
+      return;
+    }
+    uint64_t v[16];
+    for (size_t i = 0; i < 16; ++i) {
+      auto n = U64(w[i]);
+      if (!n) {
+        bad = Errorf(ErrorCode::kCorrupt, "/proc/net/dev: {}: '{}' is not a counter", iface, w[i]);
+        return;
+      }
+      v[i] = *n;
+    }
+    found = TapCounters{v[0], v[8], v[1], v[9], v[3], v[11]};
+  });
+  if (!bad) return std::unexpected(bad.error());
+  if (!found) return Errorf(ErrorCode::kNotFound, "interface {} is not in /proc/net/dev", iface);
+  return *found;
+}
 
-Result<TapCounters> ReadTapCounters(const std::string& dir) {
-  TapCounters c;
-  for (auto [name, field] : {std::pair{"rx_bytes", &c.rx_bytes}, {"tx_bytes", &c.tx_bytes}, {"rx_packets", &c.rx_packets},
-                             {"tx_packets", &c.tx_packets}, {"rx_dropped", &c.rx_dropped}, {"tx_dropped", &c.tx_dropped}}) {
-    auto text = ReadSmallFile(dir + "/" + name, 64);
-    if (!text) return std::unexpected(text.error());
-    std::string_view v = *text;
-    while (!v.empty() && (v.back() == '\n' || v.back() == ' ')) v.remove_suffix(1);
-    auto n = U64(v);
-    if (!n) return Errorf(ErrorCode::kCorrupt, "{}/{}: '{}' is not a counter", dir, name, v);
-    *field = *n;
-  }
-  return c;
+Result<TapCounters> ReadTapCounters(const std::string& tap) {
+  auto text = ReadSmallFile("/proc/net/dev");
+  if (!text) return std::unexpected(text.error());
+  return ParseNetDev(*text, tap);
 }
 
 double RateOf(uint64_t before, uint64_t now, double seconds) {

@@ -1,6 +1,6 @@
 // What ferry-agent measures on its host, from text the kernel writes: /proc/stat (CPU time),
 // /proc/meminfo, /proc/vmstat (swap-out), /proc/PID/stat (a VMM's CPU time, RSS and start time)
-// and a TAP's /sys/class/net/TAP/statistics counters; plus the operator's declared capacity
+// and a TAP's counters (/proc/net/dev); plus the operator's declared capacity
 // (`--capacity cpus=N,mem=SIZE[,net=RATE]`).
 //
 // The parsers are pure functions of the text (unit-tested on fixtures); the Read* helpers read
@@ -57,9 +57,12 @@ Result<PidStat> ParsePidStat(std::string_view text);
 struct TapCounters {
   uint64_t rx_bytes = 0, tx_bytes = 0, rx_packets = 0, tx_packets = 0, rx_dropped = 0, tx_dropped = 0;
 };
-// Reads DIR/{rx,tx}_{bytes,packets,dropped} (DIR = /sys/class/net/TAP/statistics).
-Result<TapCounters> ReadTapCounters(const std::string& statistics_dir);
-std::string TapStatisticsDir(const std::string& tap);
+// The line of interface `iface` in /proc/net/dev (the same counters as /sys/class/net/IFACE/
+// statistics, but of the reading process's network namespace whatever /sys shows: sysfs shows the
+// namespace of whoever mounted it). kNotFound when the interface is not listed.
+Result<TapCounters> ParseNetDev(std::string_view text, std::string_view iface);
+// /proc/net/dev read and parsed for `tap`.
+Result<TapCounters> ReadTapCounters(const std::string& tap);
 
 // The whole of a small file (/proc and /sys files report size 0: read until EOF), at most max_bytes.
 Result<std::string> ReadSmallFile(const std::string& path, size_t max_bytes = 1 << 20);
