@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include "agent/http.h"
 #include "controller/web_page.h"
 
 namespace ferry::controller {
@@ -49,23 +50,9 @@ std::optional<nlohmann::json> Body(const httplib::Request& req, httplib::Respons
 }  // namespace
 
 Result<std::unique_ptr<httplib::Server>> MakeApiServer(Controller& c, const net::TlsFiles& tls) {
-  std::unique_ptr<httplib::Server> svr;
-  if (tls.empty()) {
-    svr = std::make_unique<httplib::Server>();
-  } else {
-    ferry::Status configured;
-    auto ssl = std::make_unique<httplib::SSLServer>([&](SSL_CTX& ctx) {
-      configured = net::ConfigureContext(&ctx, tls);
-      return static_cast<bool>(configured);
-    });
-    if (!configured) return std::unexpected(configured.error().WithContext("HTTPS server"));
-    if (!ssl->is_valid()) return Errorf(ErrorCode::kInternal, "HTTPS server: {}", net::OpenSslErrors());
-    svr = std::move(ssl);
-  }
-  auto& s = *svr;
-  s.set_read_timeout(10, 0);
-  s.set_write_timeout(10, 0);
-  s.set_payload_max_length(1 << 20);
+  auto svr = agent::NewServer(tls);  // the same server and TLS policy as the agents'
+  if (!svr) return std::unexpected(svr.error());
+  auto& s = **svr;
   s.Post("/v1/hosts", [&c](const httplib::Request& req, httplib::Response& res) {
     if (auto b = Body(req, res)) Answer(res, c.AddHost(*b), 201);
   });
@@ -92,7 +79,7 @@ Result<std::unique_ptr<httplib::Server>> MakeApiServer(Controller& c, const net:
     if (!res.body.empty()) return;
     Json(res, res.status, {{"error", fmt::format("{} {}: {}", req.method, req.path, res.status == 404 ? "no such endpoint" : fmt::format("HTTP {}", res.status))}});
   });
-  return svr;
+  return std::move(*svr);
 }
 
 }  // namespace ferry::controller
