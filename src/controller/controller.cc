@@ -13,6 +13,7 @@
 #include "agent/http.h"
 #include "common/clock.h"
 #include "common/size.h"
+#include "net/url.h"
 
 namespace ferry::controller {
 
@@ -22,23 +23,6 @@ std::string DefaultId() {
   char host[256] = {};
   gethostname(host, sizeof host - 1);
   return fmt::format("{}:{}", host, getpid());
-}
-
-struct Url {
-  bool tls = false;
-  std::string host;
-  int port = 0;
-};
-
-// "http://HOST:PORT" or "https://HOST:PORT" (IPv6 in brackets), nothing after the port.
-Result<Url> ParseUrl(const std::string& s) {
-  static const std::regex re(R"(^(https?)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})/?$)");
-  std::smatch m;
-  if (!std::regex_match(s, m, re)) return Errorf(ErrorCode::kInvalidArgument, "agent '{}': expected http(s)://HOST:PORT", s);
-  Url u{m[1] == "https", m[2], std::stoi(m[3])};
-  if (u.host.front() == '[') u.host = u.host.substr(1, u.host.size() - 2);
-  if (u.port < 1 || u.port > 65535) return Errorf(ErrorCode::kInvalidArgument, "agent '{}': port out of range", s);
-  return u;
 }
 
 ErrorCode CodeForStatus(int status) {
@@ -109,7 +93,7 @@ void Controller::Loop() {
 
 Result<std::string> Controller::Call(const std::string& url, const std::string& method, const std::string& path,
                                      const nlohmann::json& body, int timeout_ms) const {
-  auto u = ParseUrl(url);
+  auto u = net::ParseHttpUrl(url);
   if (!u) return std::unexpected(u.error());
   if (u->tls && options_.tls.empty())
     return Errorf(ErrorCode::kInvalidArgument, "agent {} speaks HTTPS, but the controller has no certificate (--tls-cert, --tls-key, --tls-ca)", url);
@@ -430,7 +414,7 @@ Result<nlohmann::json> Controller::AddHost(const nlohmann::json& body) {
     return Errorf(ErrorCode::kInvalidArgument, "expected {{\"name\": \"a\", \"agent\": \"https://HOST:PORT\"}}");
   HostRecord h{body["name"].get<std::string>(), body["agent"].get<std::string>(), HostState::kActive, UnixMs()};
   if (!ValidName(h.name)) return Errorf(ErrorCode::kInvalidArgument, "host name '{}': letters, digits, '.', '_' and '-' (at most 63)", h.name);
-  if (auto u = ParseUrl(h.agent); !u) return std::unexpected(u.error());
+  if (auto u = net::ParseHttpUrl(h.agent); !u) return std::unexpected(u.error().WithContext("agent"));
   if (auto existing = store_->Host(h.name); existing && *existing) return Errorf(ErrorCode::kBusy, "host {} exists", h.name);
   auto info = CallJson(h.agent, "GET", "/v1/host", nullptr, 5000);
   if (!info) return std::unexpected(info.error().WithContext("host " + h.name));

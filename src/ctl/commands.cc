@@ -15,6 +15,7 @@
 
 #include "common/size.h"
 #include "ctl/api_client.h"
+#include "ctl/cluster.h"
 #include "ctl/progress.h"
 
 namespace ferry::ctl {
@@ -182,7 +183,7 @@ int Simple(const ApiClient& api, const std::string& target, const nlohmann::json
 }  // namespace
 
 int RunCli(int argc, char** argv) {
-  CLI::App app{"ferry: operate Ferry VMs (live migration, status, lifecycle)"};
+  CLI::App app{"ferry: operate Ferry VMs (live migration, status, lifecycle) and the cluster (ferry cluster ...)"};
   app.require_subcommand(1);
   std::string socket;
   bool json = false;
@@ -255,11 +256,14 @@ int RunCli(int argc, char** argv) {
   add_common(snapshot);
   snapshot->add_option("--path", snap_path, "snapshot file")->required();
 
+  auto cluster = AddClusterCommands(app);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  if (cluster->parsed()) return cluster->Run();
   ApiClient api(socket, timeout_ms);
   if (migrate->parsed()) return Migrate(api, mo, json);
   if (status->parsed()) return Status(api, json);
