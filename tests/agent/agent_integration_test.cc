@@ -1,9 +1,10 @@
 // ferry-agent end to end: real ferry-agent processes (build/bin, next to ferry-vmm) run real
 // guests. A VM is created, boots (its console shows it), answers through the API proxy and is
 // deleted without a trace; bad requests get 4xx and leave nothing; an agent killed with SIGKILL
-// and restarted adopts its running VM; mutual TLS admits a client with a certificate from the CA
-// and refuses the others; a VM migrates between two agents over mutual TLS and its memory
-// verifies on the destination; TAP traffic shows in the VM and host usage (root: a network namespace).
+// and restarted adopts its running VM (a VMM stopped with SIGSTOP is "lost" until it answers
+// again); mutual TLS admits a client with a certificate from the CA and refuses the others; a VM
+// migrates between two agents and back, over mutual TLS and in plaintext on loopback, and its
+// memory verifies on both ends; TAP traffic shows in the VM and host usage (root: a network namespace).
 #include <fcntl.h>
 #include <signal.h>
 #include <sched.h>
@@ -472,12 +473,11 @@ TEST_F(AgentTlsTest, MutualTlsAdmitsOnlyClientsWithACertificateFromTheCa) {
   EXPECT_TRUE(again && again->status == 200) << Show(again);
 }
 
-TEST_F(AgentTlsTest, AVmMigratesBetweenTwoAgentsOverMutualTlsAndItsMemoryVerifies) {
-  AgentProcess& a = TlsAgent("src");
-  AgentProcess& b = TlsAgent("dst");
-  const AgentClient ca("127.0.0.1", a.port(), pki_->Files("client")), cb("127.0.0.1", b.port(), pki_->Files("client"));
-  ASSERT_TRUE(a.Start(ca)) << a.Log();
-  ASSERT_TRUE(b.Start(cb)) << b.Log();
+// Agent `a` (reached through ca) runs a memdirty guest, fails a migration to nowhere, migrates it
+// to agent `b` (host name "dst") over `scheme` (tls or tcp), and takes it back; the memory verifies
+// on both ends.
+void MigrateThereAndBack(const AgentProcess& a, const AgentClient& ca, const AgentClient& cb, const std::string& scheme) {
+  const std::string other = scheme == "tls" ? "tcp" : "tls";
   auto created = ca.Do("POST", "/v1/vms", VmRequest("web").dump());
   ASSERT_TRUE(created && created->status == 201) << Show(created);
   const int src_pid = Body(*created)["pid"].get<int>();
@@ -485,23 +485,23 @@ TEST_F(AgentTlsTest, AVmMigratesBetweenTwoAgentsOverMutualTlsAndItsMemoryVerifie
   ASSERT_TRUE(WaitConsole(ca, "web", "memverify ok pages=" + std::to_string(kPages), 90s, &console)) << console;
 
   // A failed migration (nobody listens there): the source keeps running and says why.
-  const std::string nowhere = "tls:127.0.0.1:" + std::to_string(FreePort());
+  const std::string nowhere = scheme + ":127.0.0.1:" + std::to_string(FreePort());
   auto bad = ca.Do("POST", "/v1/vms/web/migrate", json{{"to", nowhere}}.dump());
   ASSERT_TRUE(bad && bad->status == 202) << Show(bad);
   json back = WaitVm(ca, "web", 30s, [](const json& j) { return j.value("state", "") == "running" && j.contains("error"); });
   EXPECT_EQ(back["state"], "running") << back.dump();
   EXPECT_NE(back.value("error", "").find(nowhere), std::string::npos) << back.dump();
   EXPECT_EQ(back["pid"], src_pid) << "the same VMM runs on";
-  auto plaintext = ca.Do("POST", "/v1/vms/web/migrate", json{{"to", "tcp:127.0.0.1:1"}}.dump());
-  ASSERT_TRUE(plaintext);
-  EXPECT_EQ(plaintext->status, 400) << "a TLS agent does not migrate in plaintext: " << plaintext->body;
+  auto wrong = ca.Do("POST", "/v1/vms/web/migrate", json{{"to", other + ":127.0.0.1:1"}}.dump());
+  ASSERT_TRUE(wrong);
+  EXPECT_EQ(wrong->status, 400) << "a TLS agent migrates only over TLS, an --insecure one only in plaintext: " << wrong->body;
 
   auto incoming = cb.Do("POST", "/v1/incoming", json{{"name", "web"}, {"mem", "256M"}}.dump());
   ASSERT_TRUE(incoming && incoming->status == 201) << Show(incoming);
   const json in = Body(*incoming);
   EXPECT_EQ(in["state"], "incoming");
   const std::string to = in["incoming"].get<std::string>();
-  ASSERT_TRUE(to.starts_with("tls:127.0.0.1:")) << to;
+  ASSERT_TRUE(to.starts_with(scheme + ":127.0.0.1:")) << to;
   auto dup = cb.Do("POST", "/v1/incoming", json{{"name", "web"}, {"mem", "256M"}}.dump());
   ASSERT_TRUE(dup);
   EXPECT_EQ(dup->status, 409);
@@ -548,6 +548,24 @@ TEST_F(AgentTlsTest, AVmMigratesBetweenTwoAgentsOverMutualTlsAndItsMemoryVerifie
   std::string home_console;
   EXPECT_TRUE(WaitConsole(ca, "web", "memverify ok pages=" + std::to_string(kPages), 60s, &home_console)) << home_console;
   EXPECT_EQ(home_console.find("FAIL"), std::string::npos) << home_console;
+}
+
+TEST_F(AgentTlsTest, AVmMigratesBetweenTwoAgentsOverMutualTlsAndItsMemoryVerifies) {
+  AgentProcess& a = TlsAgent("src");
+  AgentProcess& b = TlsAgent("dst");
+  const AgentClient ca("127.0.0.1", a.port(), pki_->Files("client")), cb("127.0.0.1", b.port(), pki_->Files("client"));
+  ASSERT_TRUE(a.Start(ca)) << a.Log();
+  ASSERT_TRUE(b.Start(cb)) << b.Log();
+  MigrateThereAndBack(a, ca, cb, "tls");
+}
+
+TEST_F(AgentTest, AVmMigratesBetweenTwoInsecureAgentsOnLoopback) {
+  AgentProcess& a = NewAgent("src", {"--insecure"});
+  AgentProcess& b = NewAgent("dst", {"--insecure"});
+  const AgentClient ca("127.0.0.1", a.port()), cb("127.0.0.1", b.port());
+  ASSERT_TRUE(a.Start(ca)) << a.Log();
+  ASSERT_TRUE(b.Start(cb)) << b.Log();
+  MigrateThereAndBack(a, ca, cb, "tcp");
 }
 
 }  // namespace
