@@ -3,6 +3,8 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <netinet/in.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -131,12 +133,23 @@ Result<std::unique_ptr<Agent>> Agent::Create(AgentConfig cfg) {
   if (ec) return Errorf(ErrorCode::kIo, "--state-dir {}: {}", cfg.state_dir, ec.message());
   cfg.state_dir = Absolute(cfg.state_dir);
   if (!cfg.tls.empty()) cfg.tls = {Absolute(cfg.tls.cert), Absolute(cfg.tls.key), Absolute(cfg.tls.ca)};
+  const std::string lock = cfg.state_dir + "/agent.lock";
+  const int fd = open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoError("open " + lock);
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    close(fd);
+    return Errorf(ErrorCode::kBusy, "--state-dir {}: another ferry-agent uses it ({} is locked)", cfg.state_dir, lock);
+  }
   std::unique_ptr<Agent> a(new Agent(std::move(cfg)));
+  a->lock_fd_ = fd;
   a->Adopt();
   return a;
 }
 
-Agent::~Agent() { Stop(); }
+Agent::~Agent() {
+  Stop();
+  if (lock_fd_ >= 0) close(lock_fd_);
+}
 
 void Agent::Adopt() {
   DIR* d = opendir((cfg_.state_dir + "/vms").c_str());

@@ -84,7 +84,8 @@ struct HostUsage {
 
 class Agent {
  public:
-  // Reads DIR/vms (adoption); starts nothing yet.
+  // Locks DIR (DIR/agent.lock: one agent per state directory, kBusy if another holds it), reads
+  // DIR/vms (adoption); starts nothing yet.
   static Result<std::unique_ptr<Agent>> Create(AgentConfig cfg);
   ~Agent();
   void StartMonitor();
@@ -138,6 +139,7 @@ class Agent {
   void MonitorLoop() EXCLUDES(mu_);
 
   const AgentConfig cfg_;
+  int lock_fd_ = -1;  // DIR/agent.lock, flock()ed for the agent's lifetime
   mutable Mutex mu_;
   std::map<std::string, Entry> vms_ GUARDED_BY(mu_);
   HostUsage host_ GUARDED_BY(mu_);

@@ -290,6 +290,17 @@ TEST_F(AgentBookkeeping, AVmmThatFailsToStartLeavesNothingBehind) {
   EXPECT_NE(system("pgrep -f '^sleep 31.4159$' >/dev/null"), 0) << "the VMM that never answered was killed";
 }
 
+TEST_F(AgentBookkeeping, OneAgentPerStateDirectory) {
+  auto first = Agent::Create(Config("/bin/false"));
+  ASSERT_TRUE(first) << first.error().message();
+  auto second = Agent::Create(Config("/bin/false"));
+  ASSERT_FALSE(second) << "two agents would both manage the same VMMs";
+  EXPECT_EQ(second.error().code(), ErrorCode::kBusy);
+  EXPECT_NE(second.error().message().find("another ferry-agent"), std::string::npos) << second.error().message();
+  first->reset();
+  EXPECT_TRUE(Agent::Create(Config("/bin/false"))) << "the lock goes with the agent";
+}
+
 TEST_F(AgentBookkeeping, ARestartedAgentAdoptsWhatStillRunsAndReportsTheRestExited) {
   // "alive": a process that runs (sleep, in its own session like a VMM); "gone": one that ended;
   // "reused": a live pid whose start time is not the recorded one.
