@@ -57,23 +57,6 @@ Result<int> PickPort(const std::string& host) {
   return ntohs(ss.ss_family == AF_INET ? a4->sin_port : a6->sin6_port);
 }
 
-std::optional<double> PromValue(const std::string& text, std::string_view name) {
-  size_t at = 0;
-  while ((at = text.find(name, at)) != std::string::npos) {
-    const bool line_start = at == 0 || text[at - 1] == '\n';
-    const size_t after = at + name.size();
-    if (line_start && after < text.size() && text[after] == ' ') {
-      double v = 0;
-      const char* b = text.data() + after + 1;
-      const char* e = text.data() + text.find_first_of("\n", after) ;
-      if (e < b) e = text.data() + text.size();
-      if (std::from_chars(b, e, v).ec == std::errc()) return v;
-    }
-    at = after;
-  }
-  return std::nullopt;
-}
-
 std::string LogTail(const std::string& dir) {
   auto t = TailFile(dir + "/vmm.log", 1024);
   std::string s = t ? *t : "";
@@ -296,17 +279,16 @@ Agent::Entry Agent::SampleVm(Entry e, double ticks_per_s) {
     e.rec.incoming.clear();
     if (auto s = SaveVmRecord(e.dir, e.rec); !s) spdlog::warn("VM {}: {}", e.rec.spec.name, s.error().message());
   }
-  auto metrics = UnixHttp(e.socket, "GET", "/metrics", "", "", std::chrono::seconds(1));
-  if (metrics && metrics->status == 200) {
-    if (auto d = PromValue(metrics->body, "ferry_vm_dirty_pages")) {
-      const uint64_t pages = static_cast<uint64_t>(*d);
-      if (e.dirty_pages && dt > 0) u.dirty_bytes_per_s = RateOf(*e.dirty_pages, pages, dt) * kGuestPageBytes;
-      // While it migrates, the engine harvests the log and measures the real rate: prefer it.
-      if (e.state == "migrating" && m.is_object() && m.contains("dirty_pages_rate") && m["dirty_pages_rate"].is_number())
-        u.dirty_bytes_per_s = m["dirty_pages_rate"].get<double>() * kGuestPageBytes;
-      e.dirty_pages = pages;
-    }
+  // counters.dirty_pages of GET /vm: pages marked dirty since the last harvest (see docs/agent.md).
+  if (j.is_object() && j.contains("counters") && j["counters"].is_object() && j["counters"].contains("dirty_pages") &&
+      j["counters"]["dirty_pages"].is_number_unsigned()) {
+    const uint64_t pages = j["counters"]["dirty_pages"].get<uint64_t>();
+    if (e.dirty_pages && dt > 0) u.dirty_bytes_per_s = RateOf(*e.dirty_pages, pages, dt) * kGuestPageBytes;
+    e.dirty_pages = pages;
   }
+  // While it migrates, the engine harvests the log and measures the real rate: prefer it.
+  if (e.state == "migrating" && m.is_object() && m.contains("dirty_pages_rate") && m["dirty_pages_rate"].is_number())
+    u.dirty_bytes_per_s = m["dirty_pages_rate"].get<double>() * kGuestPageBytes;
   if (auto b = BoundFile(e.dir + "/console.log"); !b) spdlog::warn("VM {} console: {}", e.rec.spec.name, b.error().message());
   e.usage = u;
   e.sampled_at = now;
@@ -388,6 +370,7 @@ nlohmann::json Agent::VmJson(const Entry& e) const {
   nlohmann::json j = {{"name", e.rec.spec.name},
                       {"state", e.state},
                       {"pid", e.rec.pid},
+                      {"mem_bytes", e.rec.spec.mem_bytes},
                       {"spec", VmSpecToJson(e.rec.spec)},
                       {"usage",
                        {{"cpus", u.cpus},
