@@ -1,5 +1,6 @@
 #include "controller/kv_store.h"
 
+#include "controller/etcd_kv.h"
 #include "controller/sqlite_kv.h"
 
 namespace ferry::controller {
@@ -10,8 +11,18 @@ Result<std::unique_ptr<KvStore>> OpenKvStore(const std::string& spec) {
     if (!kv) return std::unexpected(kv.error());
     return std::unique_ptr<KvStore>(std::move(*kv));
   }
-  if (spec.starts_with("etcd:"))
-    return Errorf(ErrorCode::kUnsupported, "--store {}: the etcd store is not built yet (use sqlite:PATH)", spec);
+  if (spec.starts_with("etcd:")) {
+    std::vector<std::string> urls;
+    std::string rest = spec.substr(5);
+    for (size_t at = 0; at <= rest.size();) {
+      const size_t comma = std::min(rest.find(',', at), rest.size());
+      if (comma > at) urls.push_back(rest.substr(at, comma - at));
+      at = comma + 1;
+    }
+    auto kv = EtcdKv::Open(urls);
+    if (!kv) return std::unexpected(kv.error());
+    return std::unique_ptr<KvStore>(std::move(*kv));
+  }
   return Errorf(ErrorCode::kInvalidArgument, "--store '{}': expected sqlite:PATH or etcd:URL[,URL...]", spec);
 }
 
