@@ -252,27 +252,33 @@ Agent::Entry Agent::SampleVm(Entry e, double ticks_per_s) {
     u.migration_bytes = m.value("role", "") == "destination" ? m.value("received_bytes", uint64_t{0}) : m.value("transferred_bytes", uint64_t{0});
   }
   const std::string status = m.is_object() ? m.value("status", "") : "";
+  // An outgoing migration's stats have a "status" (a destination's have a "phase" and role "destination").
+  const bool outgoing = m.is_object() && m.value("role", "") != "destination" && !status.empty();
   if (vmm_state == "incoming") {
     e.state = "incoming";
-  } else if (vmm_state == "error" && !e.rec.incoming.empty()) {
+  } else if (vmm_state == "migrated" || (outgoing && status == "completed")) {
+    // The guest runs at the destination (also when that happened while the agent was away).
+    if (e.migrating_to.empty()) e.migrating_to = m.is_object() ? m.value("to", std::string("?")) : std::string("?");
+    FinishMigration(e);
+    return e;
+  } else if (vmm_state == "error" || vmm_state == "shutdown") {
+    // The VM is over (the guest powered off, a failed incoming migration, a halted post-copy): end its VMM too.
     e.state = "exited";
-    e.error = "incoming migration failed: " + (j.is_object() ? j.value("error", std::string("unknown")) : std::string("unknown"));
+    const std::string why = j.value("error", std::string("unknown"));
+    e.error = vmm_state == "shutdown" ? "the guest shut down"
+              : !e.rec.incoming.empty() ? "incoming migration failed: " + why
+                                        : "the VM failed: " + why;
     KillVmm(e.rec);
-  } else if (!e.migrating_to.empty() || (m.is_object() && m.value("role", "") == "source")) {
-    if (status == "completed") {
-      FinishMigration(e);
-      return e;
-    }
-    if (status == "failed" || status == "cancelled" || status == "failed-unknown") {
-      if (!e.migrating_to.empty()) e.error = fmt::format("migration to {} {}: {}", e.migrating_to, status, m.value("error", std::string("")));
-      e.migrating_to.clear();
-      e.state = vmm_state == "paused" ? "paused" : "running";
-    } else if (!status.empty()) {
-      e.state = "migrating";
-      if (e.migrating_to.empty()) e.migrating_to = m.value("to", std::string("?"));
-    }
+  } else if (outgoing && (status == "failed" || status == "cancelled" || status == "failed-unknown")) {
+    // The source runs on (failed-unknown: paused, see docs/protocol.md); the error is reported once.
+    if (!e.migrating_to.empty()) e.error = fmt::format("migration to {} {}: {}", e.migrating_to, status, m.value("error", std::string("")));
+    e.migrating_to.clear();
+    e.state = vmm_state == "paused" ? "paused" : "running";
+  } else if (outgoing) {
+    e.state = "migrating";
+    if (e.migrating_to.empty()) e.migrating_to = m.value("to", std::string("?"));
   } else {
-    e.state = vmm_state == "paused" ? "paused" : vmm_state == "running" ? "running" : vmm_state.empty() ? e.state : vmm_state;
+    e.state = vmm_state == "paused" ? "paused" : vmm_state == "created" ? "starting" : "running";
   }
   if (!e.rec.incoming.empty() && (vmm_state == "running" || vmm_state == "paused")) {
     // The migration brought the VM: from now on it is an ordinary VM of this host.
@@ -351,6 +357,10 @@ void Agent::SampleOnce() {
     if (last_cpu_ && cpu->total > last_cpu_->total)
       host_.cpus = static_cast<double>(cpu->busy - std::min(cpu->busy, last_cpu_->busy)) / static_cast<double>(cpu->total - last_cpu_->total) * cpu->cpus;
     last_cpu_ = *cpu;
+  }
+  if (cfg_.cpu_from_vms) {  // several agents share this machine: the host's use is its VMs'
+    host_.cpus = 0;
+    for (const auto& [n, e] : vms_) host_.cpus += e.usage.cpus;
   }
   if (mem) host_.mem_bytes = mem->total_bytes - std::min(mem->total_bytes, mem->available_bytes);
   if (swap) {

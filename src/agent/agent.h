@@ -45,6 +45,7 @@ struct AgentConfig {
   std::chrono::milliseconds start_timeout{20000};  // until a new VMM's API answers
   std::chrono::milliseconds stop_timeout{3000};    // PUT /vm/shutdown -> SIGKILL
   std::chrono::seconds migrated_linger{60};        // a migrated VM is reported this long, then forgotten
+  bool cpu_from_vms = false;  // host CPU use = the sum of its VMs' (--cpu-usage vms: agents sharing a machine)
 };
 
 // --listen checks: HOST:PORT (IPv6 in brackets), and plain HTTP only on loopback unless allowed.

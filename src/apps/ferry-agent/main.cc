@@ -50,6 +50,11 @@ int main(int argc, char** argv) {
   app.add_flag("--insecure", insecure, "plain HTTP without authentication (loopback only unless --allow-insecure-remote)");
   app.add_flag("--allow-insecure-remote", allow_remote, "with --insecure: allow a non-loopback --listen address");
   app.add_option("--sample-ms", sample_ms, "how often usage is measured")->check(CLI::Range(100, 60000))->capture_default_str();
+  std::string cpu_usage = "host";
+  app.add_option("--cpu-usage", cpu_usage,
+                 "the host's CPU use: host (/proc/stat, every process) or vms (the sum of this agent's VMs: several agents on one machine)")
+      ->check(CLI::IsMember({"host", "vms"}))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   auto fail = [](const ferry::Error& e) {
@@ -71,6 +76,7 @@ int main(int argc, char** argv) {
   cfg.tls = tls;
   cfg.vmm_path = SelfDir() + "/ferry-vmm";
   cfg.sample_period = std::chrono::milliseconds(sample_ms);
+  cfg.cpu_from_vms = cpu_usage == "vms";
   if (access(cfg.vmm_path.c_str(), X_OK) != 0) {
     std::fprintf(stderr, "ferry-agent: %s is missing (ferry-vmm must sit next to ferry-agent)\n", cfg.vmm_path.c_str());
     return 2;
