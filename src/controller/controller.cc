@@ -230,7 +230,8 @@ void Controller::Monitor(uint64_t now) {
       if (++o.silent_ticks == options_.down_after_ticks)
         Note("host-down", fmt::format("{}: its agent did not answer {} times: {}", h.name, o.silent_ticks,
                                        (!host ? host.error() : list ? Error(ErrorCode::kIo, "bad VM list") : list.error()).message()));
-      if (o.silent_ticks >= options_.down_after_ticks) o.view.state = HostState::kDown;
+      // Not a place for a VM while it does not answer; "down" (its VMs lost) after down_after_ticks.
+      o.view.state = HostState::kDown;
       continue;
     }
     if (o.silent_ticks >= options_.down_after_ticks) Note("host-up", h.name + ": its agent answers again");
@@ -254,6 +255,7 @@ void Controller::Monitor(uint64_t now) {
   for (const VmRecord& v : *vms) {
     auto host = fresh.find(v.host);
     if (host == fresh.end()) continue;
+    if (!host->second.reachable && host->second.silent_ticks < options_.down_after_ticks) continue;  // not yet down
     if (v.state == "running" && host->second.view.state == HostState::kDown) {
       VmRecord lost = v;
       lost.state = "lost";
@@ -300,7 +302,8 @@ void Controller::Monitor(uint64_t now) {
   // A draining host without VMs is drained.
   for (const HostRecord& h : *hosts) {
     if (h.state != HostState::kDraining) continue;
-    const bool empty = std::none_of(vms->begin(), vms->end(), [&](const VmRecord& v) { return v.host == h.name && v.state != "lost"; });
+    // Empty means empty: a lost VM may still run there (its agent is down), so it keeps the drain open.
+    const bool empty = std::none_of(vms->begin(), vms->end(), [&](const VmRecord& v) { return v.host == h.name; });
     if (!empty) continue;
     HostRecord d = h;
     d.state = HostState::kDrained;
@@ -439,7 +442,7 @@ Result<nlohmann::json> Controller::Hosts() {
       if (v.host == h.name) names.push_back(v.name);
     j["vms"] = names;
     if (auto o = observed_.find(h.name); o != observed_.end()) {
-      if (o->second.view.state == HostState::kDown) j["state"] = "down";
+      if (o->second.silent_ticks >= options_.down_after_ticks) j["state"] = "down";
       const HostView& hv = o->second.view;
       j["capacity"] = {{"cpus", hv.capacity.cpus}, {"mem_bytes", hv.capacity.mem_bytes}, {"net_bytes_per_s", hv.capacity.net_bytes_per_s}};
       j["usage"] = {{"cpus", hv.usage.cpus},
@@ -491,27 +494,29 @@ Result<nlohmann::json> Controller::CreateVm(const nlohmann::json& body) {
     return sum;
   };
   std::string where = *host;
-  {
+  if (!where.empty()) {
+    // The operator's choice: asked of its agent now (the loop may not have seen a new host yet).
+    auto rec = store_->Host(where);
+    if (!rec) return std::unexpected(rec.error());
+    if (!*rec) return Errorf(ErrorCode::kNotFound, "no host {}", where);
+    if ((*rec)->state != HostState::kActive) return Errorf(ErrorCode::kBusy, "host {} is {}", where, HostStateName((*rec)->state));
+    auto info = CallJson((*rec)->agent, "GET", "/v1/host", nullptr, 5000);
+    if (!info) return std::unexpected(info.error().WithContext("host " + where));
+    const uint64_t cap = static_cast<uint64_t>(Num(info->value("capacity", nlohmann::json::object()), "mem_bytes"));
+    if (cap && used(where) + *mem_bytes > cap)
+      return Errorf(ErrorCode::kBusy, "host {} is full: {} MiB of {} MiB taken, the VM needs {} MiB", where, used(where) >> 20, cap >> 20,
+                    *mem_bytes >> 20);
+  } else {
+    // Placement: the active host with room whose CPU load is lowest, as the loop saw them last.
     MutexLock l(mu_);
-    auto room = [&](const HostView& hv) { return !hv.capacity.mem_bytes || used(hv.name) + *mem_bytes <= hv.capacity.mem_bytes; };
-    if (!where.empty()) {
-      auto o = observed_.find(where);
-      if (o == observed_.end()) return Errorf(ErrorCode::kNotFound, "no host {}", where);
-      if (o->second.view.state != HostState::kActive)
-        return Errorf(ErrorCode::kBusy, "host {} is {}", where, o->second.view.state == HostState::kDown ? "down" : HostStateName(o->second.view.state));
-      if (!room(o->second.view))
-        return Errorf(ErrorCode::kBusy, "host {} is full: {} MiB of {} MiB taken, the VM needs {} MiB", where, used(where) >> 20,
-                      o->second.view.capacity.mem_bytes >> 20, *mem_bytes >> 20);
-    } else {
-      // Placement: the active host with room whose CPU load is lowest.
-      double best = 1e300;
-      for (const auto& [n, o] : observed_) {
-        if (o.view.state != HostState::kActive || !o.reachable || !room(o.view)) continue;
-        const double load = Fraction(o.view.usage.cpus, o.view.capacity.cpus);
-        if (load < best) best = load, where = n;
-      }
-      if (where.empty()) return Errorf(ErrorCode::kBusy, "no active host has room for {} MiB", *mem_bytes >> 20);
+    double best = 1e300;
+    for (const auto& [n, o] : observed_) {
+      if (o.view.state != HostState::kActive || !o.reachable) continue;
+      if (o.view.capacity.mem_bytes && used(n) + *mem_bytes > o.view.capacity.mem_bytes) continue;
+      const double load = Fraction(o.view.usage.cpus, o.view.capacity.cpus);
+      if (load < best) best = load, where = n;
     }
+    if (where.empty()) return Errorf(ErrorCode::kBusy, "no active host has room for {} MiB", *mem_bytes >> 20);
   }
   auto agent = AgentOf(where);
   if (!agent) return std::unexpected(agent.error());

@@ -38,6 +38,68 @@ static std::string GuestDir() {
 std::string GuestImage() { return GuestDir() + "/Image"; }
 std::string GuestInitrd() { return GuestDir() + "/initramfs.cpio"; }
 
+bool ChildProcess::Start(const std::vector<std::string>& args, const std::string& log) {
+  Kill();
+  log_ = log;
+  pid_ = fork();
+  if (pid_ < 0) return false;
+  if (pid_ == 0) {
+    const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+      dup2(fd, 1);
+      dup2(fd, 2);
+    }
+    std::vector<char*> argv;
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  return true;
+}
+
+bool ChildProcess::Running() {
+  if (pid_ <= 0) return false;
+  if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
+    pid_ = -1;
+    return false;
+  }
+  return true;
+}
+
+void ChildProcess::Signal(int sig) const {
+  if (pid_ > 0) kill(pid_, sig);
+}
+
+int ChildProcess::Wait(std::chrono::milliseconds timeout) {
+  if (pid_ <= 0) return -1;
+  const auto end = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < end) {
+    int st = 0;
+    if (waitpid(pid_, &st, WNOHANG) == pid_) {
+      pid_ = -1;
+      return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return -1;
+}
+
+void ChildProcess::Kill() {
+  if (pid_ <= 0) return;
+  kill(pid_, SIGKILL);
+  waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+}
+
+std::string ChildProcess::Log() const {
+  std::ifstream f(log_, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::string s = ss.str();
+  return s.size() > 16384 ? s.substr(s.size() - 16384) : s;
+}
+
 std::string MakeTempDir(const std::string& tag) {
   std::string t = "/tmp/ferry-" + tag + "-XXXXXX";
   std::vector<char> buf(t.begin(), t.end());

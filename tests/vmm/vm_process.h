@@ -23,6 +23,28 @@ void RemoveTree(const std::string& dir);
 // Runs a shell command; returns its exit status (and output if requested).
 int Sh(const std::string& cmd, std::string* out = nullptr);
 
+// Any program as a child process with stdout and stderr in a log file; killed (SIGKILL) when the
+// object goes unless it exited before. For the cluster tests' agents and controllers.
+class ChildProcess {
+ public:
+  ChildProcess() = default;
+  ~ChildProcess() { Kill(); }
+  ChildProcess(const ChildProcess&) = delete;
+  ChildProcess& operator=(const ChildProcess&) = delete;
+  // args[0] is the program's path. False if fork failed.
+  bool Start(const std::vector<std::string>& args, const std::string& log);
+  bool Running();                 // not exited (reaps it if it did)
+  void Signal(int sig) const;     // e.g. SIGTERM for a clean stop
+  int Wait(std::chrono::milliseconds timeout);  // exit status, -1 on timeout
+  void Kill();
+  std::string Log() const;        // the last 16 KiB of its log
+  pid_t pid() const { return pid_; }
+
+ private:
+  pid_t pid_ = -1;
+  std::string log_;
+};
+
 class VmProcess {
  public:
   // args: ferry-vmm arguments after the binary; console goes to a file we read.

@@ -1,0 +1,367 @@
+// ferry-controller end to end (issue 12): real ferry-agent processes (several on this machine,
+// each counting only its own VMs' CPU: --cpu-usage vms) run real guests, and a real
+// ferry-controller moves them.
+//   - Three agents of 1 CPU, three CPU-bound guests on one: the controller spreads them one per
+//     host, then holds still; a drain empties a host and nothing moves for 30 s after it; every
+//     guest's memory verifies on its new host; the web page, loaded in headless Chromium, shows
+//     the migrations; a controller killed and restarted on the same SQLite file knows the hosts,
+//     the VMs and the drain, and re-plans nothing.
+//   - Bad requests get 4xx with a message and leave nothing behind.
+//   - An agent killed: its host goes down, its VM is reported lost and nothing moves it; restarted,
+//     the agent adopts the VM and the controller finds it running again.
+//   - Two controllers on one etcd: one leads; killed, the other takes over within 10 s and acts.
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "agent/http.h"
+#include "agent/vm_record.h"
+#include "agent/vmm_process.h"
+#include "controller/testing/etcd_process.h"
+#include "migration/migration_util.h"  // FreePort
+#include "vm_process.h"
+
+namespace ferry::test {
+namespace {
+using namespace std::chrono_literals;
+using nlohmann::json;
+
+struct Reply {
+  int status = 0;
+  json body;
+  std::string text;
+};
+
+// One request to a controller or agent on loopback (plain HTTP).
+Reply Http(int port, const std::string& method, const std::string& path, const json& body = nullptr) {
+  agent::AgentClient c("127.0.0.1", port);
+  auto r = c.Do(method, path, body.is_null() ? "" : body.dump(), 30s);
+  Reply out;
+  if (!r) {
+    out.text = r.error().message();
+    return out;
+  }
+  out.status = r->status;
+  out.text = r->body;
+  out.body = json::parse(r->body, nullptr, false);
+  return out;
+}
+
+std::string GuestRun(bool cpu_bound) {
+  return std::string("console=ttyS0 ferry.run=") + (cpu_bound ? "cpubench:every_ms=1000;" : "") +
+         "memdirty:mib=8,rate=500,bytes=4096,verify=2";
+}
+
+json VmBody(const std::string& name, const std::string& host, bool cpu_bound) {
+  json b = {{"name", name}, {"kernel", GuestImage()}, {"initrd", GuestInitrd()}, {"mem", "128M"}, {"cmdline", GuestRun(cpu_bound)}};
+  if (!host.empty()) b["host"] = host;
+  return b;
+}
+
+class Cluster : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    struct stat st;
+    ASSERT_EQ(stat(GuestImage().c_str(), &st), 0) << "guest image missing: run scripts/setup";
+    dir_ = MakeTempDir("ctltest");
+  }
+  void TearDown() override {
+    for (auto& c : controllers_) c.proc.Kill();
+    for (auto& a : agents_) KillAgent(a);
+    RemoveTree(dir_);
+  }
+
+  struct Agent {
+    std::string name;
+    int port = 0;
+    ChildProcess proc;
+    int starts = 0;
+  };
+  struct Controller {
+    int port = 0;
+    ChildProcess proc;
+    int starts = 0;
+  };
+
+  Agent& AddAgent(const std::string& name) {
+    agents_.emplace_back();
+    Agent& a = agents_.back();
+    a.name = name;
+    a.port = FreePort();
+    return a;
+  }
+  bool StartAgent(Agent& a) {
+    const std::vector<std::string> args = {BuildDir() + "/bin/ferry-agent", "--listen", "127.0.0.1:" + std::to_string(a.port), "--name",
+                                           a.name, "--state-dir", dir_ + "/" + a.name, "--capacity", "cpus=1,mem=1G", "--insecure",
+                                           "--cpu-usage", "vms", "--sample-ms", "500"};
+    if (!a.proc.Start(args, dir_ + "/agent-" + a.name + "." + std::to_string(++a.starts) + ".log")) return false;
+    return WaitHttp(a.port, "/v1/host", a.proc);
+  }
+  // The VMMs outlive an agent by design: kill the agent, then what its state directory records.
+  void KillAgent(Agent& a) {
+    a.proc.Kill();
+    std::error_code ec;
+    for (const auto& d : std::filesystem::directory_iterator(dir_ + "/" + a.name + "/vms", ec))
+      if (auto r = agent::LoadVmRecord(d.path().string())) agent::KillVmm(*r);
+  }
+  Controller& AddController() {
+    controllers_.emplace_back();
+    controllers_.back().port = FreePort();
+    return controllers_.back();
+  }
+  bool StartController(Controller& c, const std::string& store, const std::string& id) {
+    const std::vector<std::string> args = {BuildDir() + "/bin/ferry-controller", "--listen", "127.0.0.1:" + std::to_string(c.port), "--store",
+                                           store, "--insecure", "--id", id};
+    if (!c.proc.Start(args, dir_ + "/controller-" + id + "." + std::to_string(++c.starts) + ".log")) return false;
+    return WaitHttp(c.port, "/v1/status", c.proc);
+  }
+  static bool WaitHttp(int port, const std::string& path, ChildProcess& p) {
+    for (int i = 0; i < 200; ++i) {
+      if (Http(port, "GET", path).status == 200) return true;
+      if (!p.Running()) return false;
+      std::this_thread::sleep_for(50ms);
+    }
+    return false;
+  }
+  bool AddHost(int ctl, const Agent& a) {
+    auto r = Http(ctl, "POST", "/v1/hosts", {{"name", a.name}, {"agent", "http://127.0.0.1:" + std::to_string(a.port)}});
+    EXPECT_EQ(r.status, 201) << r.text;
+    return r.status == 201;
+  }
+  // VM name -> host, from the controller.
+  static std::map<std::string, std::string> Placement(int ctl) {
+    std::map<std::string, std::string> out;
+    auto r = Http(ctl, "GET", "/v1/vms");
+    if (r.body.is_array())
+      for (const auto& v : r.body) out[v.value("name", "")] = v.value("host", "");
+    return out;
+  }
+  static size_t Migrations(int ctl, const std::string& status = "") {
+    auto r = Http(ctl, "GET", "/v1/migrations");
+    size_t n = 0;
+    if (r.body.is_array())
+      for (const auto& m : r.body)
+        if (status.empty() || m.value("status", "") == status) ++n;
+    return n;
+  }
+  static bool Settled(int ctl) {
+    auto r = Http(ctl, "GET", "/v1/migrations");
+    if (!r.body.is_array()) return false;
+    for (const auto& m : r.body)
+      if (m.value("status", "") == "running") return false;
+    return true;
+  }
+  std::string Logs() {
+    std::string s;
+    for (auto& c : controllers_) s += "--- controller\n" + c.proc.Log();
+    return s;
+  }
+
+  std::string dir_;
+  std::deque<Agent> agents_;
+  std::deque<Controller> controllers_;
+};
+
+// Waits until `pred` holds (polling every 500 ms) or `timeout` passes.
+template <class F>
+bool Eventually(std::chrono::milliseconds timeout, F pred) {
+  const auto end = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < end) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(500ms);
+  }
+  return pred();
+}
+
+TEST_F(Cluster, CpuBoundVmsSpreadThenHoldStillDrainAndARestartedControllerKnowsItAll) {
+  for (const char* n : {"a", "b", "c"}) ASSERT_TRUE(StartAgent(AddAgent(n))) << n;
+  Controller& ctl = AddController();
+  const std::string store = "sqlite:" + dir_ + "/controller.db";
+  ASSERT_TRUE(StartController(ctl, store, "ctl1")) << ctl.proc.Log();
+  for (auto& a : agents_) ASSERT_TRUE(AddHost(ctl.port, a));
+  for (const char* v : {"vm1", "vm2", "vm3"}) {
+    auto r = Http(ctl.port, "POST", "/v1/vms", VmBody(v, "a", true));
+    ASSERT_EQ(r.status, 201) << r.text;
+  }
+  // One per host within 4 minutes.
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(Eventually(240s, [&] {
+    auto p = Placement(ctl.port);
+    std::set<std::string> hosts;
+    for (auto& [vm, h] : p) hosts.insert(h);
+    return p.size() == 3 && hosts.size() == 3 && Settled(ctl.port);
+  })) << Http(ctl.port, "GET", "/v1/migrations").text << Http(ctl.port, "GET", "/v1/plan").text << Logs();
+  const double spread_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const size_t moves = Migrations(ctl.port, "completed");
+  EXPECT_EQ(moves, 2u) << Http(ctl.port, "GET", "/v1/migrations").text;
+  std::printf("spread in %.0f s with %zu migrations\n", spread_s, moves);
+  // Then it holds still.
+  std::this_thread::sleep_for(30s);
+  EXPECT_EQ(Migrations(ctl.port), moves) << Http(ctl.port, "GET", "/v1/migrations").text;
+
+  // Every guest verifies its memory on its new host (a fresh console there: every line is new).
+  for (const char* v : {"vm1", "vm2", "vm3"})
+    EXPECT_TRUE(Eventually(60s, [&] { return Http(ctl.port, "GET", std::string("/v1/vms/") + v + "/console").text.find("memverify ok") != std::string::npos; }))
+        << v << ": " << Http(ctl.port, "GET", std::string("/v1/vms/") + v + "/console").text;
+
+  // The web page, in a real browser, shows the migrations.
+  const std::string dom = dir_ + "/dom.html";
+  ASSERT_EQ(Sh("timeout 90 chromium --headless --no-sandbox --disable-gpu --virtual-time-budget=5000 --dump-dom http://127.0.0.1:" +
+               std::to_string(ctl.port) + "/ > " + dom + " 2>/dev/null"),
+            0);
+  std::ifstream f(dom);
+  std::stringstream page;
+  page << f.rdbuf();
+  size_t rows = 0;
+  for (size_t at = 0; (at = page.str().find("<tr class=\"migration\">", at)) != std::string::npos; ++at) ++rows;
+  EXPECT_EQ(rows, moves) << page.str();
+  EXPECT_NE(page.str().find("status-completed"), std::string::npos) << page.str();
+  EXPECT_NE(page.str().find("cpu "), std::string::npos) << "the reason of a move" << page.str();
+
+  // Drain the host of vm3's... any host with a VM: it empties, then nothing moves for 30 s.
+  const std::string drained = Placement(ctl.port)["vm1"];
+  ASSERT_EQ(Http(ctl.port, "POST", "/v1/hosts/" + drained + "/drain", json::object()).status, 200);
+  ASSERT_TRUE(Eventually(120s, [&] {
+    auto r = Http(ctl.port, "GET", "/v1/hosts");
+    for (const auto& h : r.body)
+      if (h.value("name", "") == drained) return h.value("state", "") == "drained" && h["vms"].empty();
+    return false;
+  })) << Http(ctl.port, "GET", "/v1/hosts").text << Logs();
+  ASSERT_TRUE(Eventually(30s, [&] { return Settled(ctl.port); }));
+  const size_t after_drain = Migrations(ctl.port);
+  EXPECT_EQ(Migrations(ctl.port, "completed"), moves + 1);
+  std::this_thread::sleep_for(30s);
+  EXPECT_EQ(Migrations(ctl.port), after_drain) << Http(ctl.port, "GET", "/v1/migrations").text;
+  EXPECT_TRUE(Eventually(60s, [&] { return Http(ctl.port, "GET", "/v1/vms/vm1/console").text.find("memverify ok") != std::string::npos; }));
+
+  // Killed and restarted on the same file: it knows the hosts, the VMs and the drain, and moves nothing.
+  const auto before = Placement(ctl.port);
+  ctl.proc.Kill();
+  ASSERT_TRUE(StartController(ctl, store, "ctl1-restarted")) << ctl.proc.Log();
+  auto hosts = Http(ctl.port, "GET", "/v1/hosts");
+  ASSERT_EQ(hosts.body.size(), 3u) << hosts.text;
+  for (const auto& h : hosts.body) EXPECT_EQ(h.value("state", ""), h.value("name", "") == drained ? "drained" : "active") << hosts.text;
+  EXPECT_EQ(Placement(ctl.port), before);
+  std::this_thread::sleep_for(15s);
+  EXPECT_EQ(Migrations(ctl.port), after_drain) << Http(ctl.port, "GET", "/v1/migrations").text << Logs();
+  EXPECT_EQ(Placement(ctl.port), before);
+}
+
+TEST_F(Cluster, BadRequestsGet4xxAndLeaveNothingBehind) {
+  Agent& a = AddAgent("a");
+  ASSERT_TRUE(StartAgent(a));
+  Controller& ctl = AddController();
+  ASSERT_TRUE(StartController(ctl, "sqlite:" + dir_ + "/c.db", "ctl")) << ctl.proc.Log();
+  ASSERT_TRUE(AddHost(ctl.port, a));
+  auto expect = [&](const Reply& r, int status, const std::string& words) {
+    EXPECT_EQ(r.status, status) << r.text;
+    ASSERT_TRUE(r.body.is_object()) << r.text;
+    EXPECT_NE(r.body.value("error", "").find(words), std::string::npos) << r.text;
+  };
+  expect(Http(ctl.port, "POST", "/v1/hosts", json("not an object")), 400, "JSON object");
+  {
+    agent::AgentClient c("127.0.0.1", ctl.port);
+    auto r = c.Do("POST", "/v1/vms", "{\"name\": ", 10s);
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, 400) << r->body;
+  }
+  expect(Http(ctl.port, "POST", "/v1/hosts", {{"name", "a"}, {"agent", "http://127.0.0.1:" + std::to_string(a.port)}}), 409, "exists");
+  expect(Http(ctl.port, "POST", "/v1/hosts", {{"name", "x"}, {"agent", "http://127.0.0.1:1"}}), 502, "");
+  expect(Http(ctl.port, "POST", "/v1/hosts", {{"name", "bad name"}, {"agent", "http://127.0.0.1:1"}}), 400, "host name");
+  expect(Http(ctl.port, "POST", "/v1/vms", VmBody("v1", "nohost", false)), 404, "no host nohost");
+  json big = VmBody("huge", "a", false);
+  big["mem"] = "2G";
+  expect(Http(ctl.port, "POST", "/v1/vms", big), 409, "host a is full");
+  json nokernel = VmBody("nok", "a", false);
+  nokernel["kernel"] = "/nonexistent";
+  expect(Http(ctl.port, "POST", "/v1/vms", nokernel), 400, "/nonexistent");
+  json badmem = VmBody("m", "a", false);
+  badmem["mem"] = 5;
+  expect(Http(ctl.port, "POST", "/v1/vms", badmem), 400, "\"mem\" must be a string");
+  ASSERT_EQ(Http(ctl.port, "POST", "/v1/vms", VmBody("v1", "a", false)).status, 201);
+  expect(Http(ctl.port, "POST", "/v1/vms", VmBody("v1", "a", false)), 409, "VM v1 exists");
+  expect(Http(ctl.port, "POST", "/v1/hosts/nohost/drain", json::object()), 404, "no host nohost");
+  expect(Http(ctl.port, "DELETE", "/v1/vms/nothere"), 404, "no VM nothere");
+  expect(Http(ctl.port, "GET", "/v1/nothing"), 404, "no such endpoint");
+  // Nothing half-created: the controller and the agent know exactly one VM and one host.
+  EXPECT_EQ(Placement(ctl.port), (std::map<std::string, std::string>{{"v1", "a"}}));
+  auto on_agent = Http(a.port, "GET", "/v1/vms");
+  ASSERT_TRUE(on_agent.body.is_array()) << on_agent.text;
+  EXPECT_EQ(on_agent.body.size(), 1u) << on_agent.text;
+  EXPECT_EQ(Http(ctl.port, "GET", "/v1/hosts").body.size(), 1u);
+  EXPECT_EQ(Http(ctl.port, "DELETE", "/v1/vms/v1").status, 200);
+  EXPECT_TRUE(Http(a.port, "GET", "/v1/vms").body.empty());
+}
+
+TEST_F(Cluster, AKilledAgentsVmIsReportedLostNotMovedAndFoundAgain) {
+  Agent& a = AddAgent("a");
+  Agent& b = AddAgent("b");
+  ASSERT_TRUE(StartAgent(a));
+  ASSERT_TRUE(StartAgent(b));
+  Controller& ctl = AddController();
+  ASSERT_TRUE(StartController(ctl, "sqlite:" + dir_ + "/c.db", "ctl")) << ctl.proc.Log();
+  ASSERT_TRUE(AddHost(ctl.port, a));
+  ASSERT_TRUE(AddHost(ctl.port, b));
+  ASSERT_EQ(Http(ctl.port, "POST", "/v1/vms", VmBody("db", "b", false)).status, 201);
+  b.proc.Kill();  // the agent only: its VMM keeps running
+  auto state = [&](const std::string& what, const std::string& name) {
+    for (const auto& x : Http(ctl.port, "GET", what).body)
+      if (x.value("name", "") == name) return x.value("state", "");
+    return std::string();
+  };
+  ASSERT_TRUE(Eventually(20s, [&] { return state("/v1/hosts", "b") == "down" && state("/v1/vms", "db") == "lost"; }))
+      << Http(ctl.port, "GET", "/v1/vms").text << Logs();
+  // Nothing moves a lost VM (it may still run there), not even a drain of its host.
+  ASSERT_EQ(Http(ctl.port, "POST", "/v1/hosts/b/drain", json::object()).status, 200);
+  std::this_thread::sleep_for(10s);
+  EXPECT_EQ(Migrations(ctl.port), 0u) << Http(ctl.port, "GET", "/v1/migrations").text;
+  // The agent comes back and adopts its VMM: the VM is found running where it was.
+  ASSERT_TRUE(StartAgent(b));
+  EXPECT_TRUE(Eventually(20s, [&] { return state("/v1/hosts", "b") != "down" && state("/v1/vms", "db") == "running"; }))
+      << Http(ctl.port, "GET", "/v1/vms").text << Logs();
+  EXPECT_EQ(Placement(ctl.port)["db"], "b");
+}
+
+TEST_F(Cluster, TwoControllersOnEtcdOneLeadsAndTheOtherTakesOverWithin10s) {
+  controller::testing::EtcdProcess etcd;
+  ASSERT_TRUE(etcd.Start()) << etcd.why();
+  Agent& a = AddAgent("a");
+  Agent& b = AddAgent("b");
+  ASSERT_TRUE(StartAgent(a));
+  ASSERT_TRUE(StartAgent(b));
+  Controller& c1 = AddController();
+  Controller& c2 = AddController();
+  ASSERT_TRUE(StartController(c1, "etcd:" + etcd.url(), "one")) << c1.proc.Log();
+  ASSERT_TRUE(Eventually(10s, [&] { return Http(c1.port, "GET", "/v1/status").body.value("leader", false); })) << c1.proc.Log();
+  ASSERT_TRUE(StartController(c2, "etcd:" + etcd.url(), "two")) << c2.proc.Log();
+  std::this_thread::sleep_for(3s);
+  EXPECT_FALSE(Http(c2.port, "GET", "/v1/status").body.value("leader", true));
+  // Both serve the API from the one store.
+  ASSERT_TRUE(AddHost(c2.port, a));
+  ASSERT_TRUE(AddHost(c1.port, b));
+  ASSERT_EQ(Http(c2.port, "POST", "/v1/vms", VmBody("web", "a", false)).status, 201);
+  EXPECT_EQ(Placement(c1.port), (std::map<std::string, std::string>{{"web", "a"}}));
+  // The leader dies; the other leads within 10 s and acts: a drain moves the VM.
+  c1.proc.Kill();
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(Eventually(10s, [&] { return Http(c2.port, "GET", "/v1/status").body.value("leader", false); })) << c2.proc.Log();
+  std::printf("took over in %.1f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  ASSERT_EQ(Http(c2.port, "POST", "/v1/hosts/a/drain", json::object()).status, 200);
+  EXPECT_TRUE(Eventually(60s, [&] { return Placement(c2.port)["web"] == "b" && Settled(c2.port); }))
+      << Http(c2.port, "GET", "/v1/migrations").text << c2.proc.Log();
+  EXPECT_EQ(Migrations(c2.port, "completed"), 1u);
+}
+
+}  // namespace
+}  // namespace ferry::test
