@@ -4,7 +4,8 @@
 // and restarted adopts its running VM (a VMM stopped with SIGSTOP is "lost" until it answers
 // again); mutual TLS admits a client with a certificate from the CA and refuses the others; a VM
 // migrates between two agents and back, over mutual TLS and in plaintext on loopback, and its
-// memory verifies on both ends; TAP traffic shows in the VM and host usage (root: a network namespace).
+// memory verifies on both ends; both agents killed during a migration finish it after their restart
+// (source stopped, destination adopted as an ordinary VM); TAP traffic shows in the VM and host usage (root: a network namespace).
 #include <fcntl.h>
 #include <signal.h>
 #include <sched.h>
@@ -419,6 +420,43 @@ TEST_F(AgentTest, TapTrafficShowsInTheVmAndHostUsage) {
     ASSERT_TRUE(metrics);
     EXPECT_NE(metrics->body.find("ferry_agent_vm_net_drops_per_s{host=\"h1\",vm=\"echo\"}"), std::string::npos);
   });
+}
+
+TEST_F(AgentTest, AgentsKilledDuringAMigrationFinishItAfterTheirRestart) {
+  AgentProcess& a = NewAgent("src", {"--insecure"});
+  AgentProcess& b = NewAgent("dst", {"--insecure"});
+  const AgentClient ca("127.0.0.1", a.port()), cb("127.0.0.1", b.port());
+  ASSERT_TRUE(a.Start(ca)) << a.Log();
+  ASSERT_TRUE(b.Start(cb)) << b.Log();
+  auto created = ca.Do("POST", "/v1/vms", VmRequest("web").dump());
+  ASSERT_TRUE(created && created->status == 201) << Show(created);
+  const int src_pid = Body(*created)["pid"].get<int>();
+  std::string console;
+  ASSERT_TRUE(WaitConsole(ca, "web", "memverify ok", 90s, &console)) << console;
+  auto incoming = cb.Do("POST", "/v1/incoming", json{{"name", "web"}, {"mem", "256M"}}.dump());
+  ASSERT_TRUE(incoming && incoming->status == 201) << Show(incoming);
+  const int dst_pid = Body(*incoming)["pid"].get<int>();
+  auto mig = ca.Do("POST", "/v1/vms/web/migrate", json{{"to", Body(*incoming)["incoming"]}}.dump());
+  ASSERT_TRUE(mig && mig->status == 202) << Show(mig);
+  // Both agents die at once; the VMMs carry on with the migration without them.
+  a.Kill();
+  b.Kill();
+  std::this_thread::sleep_for(5s);
+  ASSERT_TRUE(a.Start(ca)) << a.Log();
+  ASSERT_TRUE(b.Start(cb)) << b.Log();
+  json src = WaitVm(ca, "web", 30s, [](const json& j) { return j.value("state", "") == "migrated"; });
+  EXPECT_EQ(src["state"], "migrated") << "the restarted source agent sees the completed migration: " << src.dump();
+  json dst = WaitVm(cb, "web", 30s, [](const json& j) { return j.value("state", "") == "running" && !j.contains("incoming"); });
+  EXPECT_EQ(dst["state"], "running") << dst.dump();
+  EXPECT_EQ(dst["pid"], dst_pid) << dst.dump();
+  EXPECT_FALSE(agent::ReadPidStat(src_pid) && agent::ReadPidStat(src_pid)->state != 'Z') << "the source VMM was stopped";
+  EXPECT_EQ(CountVmDirs(a.state_dir()), 0u);
+  auto rec = agent::LoadVmRecord(b.state_dir() + "/vms/web");
+  ASSERT_TRUE(rec) << rec.error().message();
+  EXPECT_EQ(rec->incoming, "") << "vm.json no longer says incoming: a third restart adopts it as an ordinary VM";
+  std::string dst_console;
+  EXPECT_TRUE(WaitConsole(cb, "web", "memverify ok pages=" + std::to_string(kPages), 60s, &dst_console)) << dst_console;
+  EXPECT_EQ(dst_console.find("FAIL"), std::string::npos) << dst_console;
 }
 
 class AgentTlsTest : public AgentTest {
