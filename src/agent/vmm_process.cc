@@ -90,7 +90,11 @@ Result<VmRecord> SpawnVmm(const std::vector<std::string>& argv, const std::strin
   const bool exec_failed = ReadAll(err_pipe[0], &exec_err, sizeof exec_err);  // EOF: exec succeeded
   close(err_pipe[0]);
   if (!have_pid || vmm <= 0) return Errorf(ErrorCode::kIo, "could not fork {}", argv[0]);
-  if (exec_failed) return Errorf(ErrorCode::kIo, "cannot run {}: {}", argv[0], std::strerror(exec_err));
+  if (exec_failed) {
+    // It reported before it exited: let it go first (until then it holds copies of our descriptors).
+    WaitGone(VmRecord{{}, vmm, ReadPidStat(vmm) ? ReadPidStat(vmm)->start_ticks : 0, ""}, std::chrono::seconds(1));
+    return Errorf(ErrorCode::kIo, "cannot run {}: {}", argv[0], std::strerror(exec_err));
+  }
   VmRecord r;
   r.pid = vmm;
   auto ps = ReadPidStat(vmm);
