@@ -40,7 +40,7 @@ using agent::HttpReply;
 
 constexpr int kPages = 16 * 256;  // memdirty mib=16
 
-// One ferry-agent process. Its VMMs run in sessions of their own and outlive it: Cleanup kills
+// One ferry-agent process (a ChildProcess). Its VMMs run in sessions of their own and outlive it: KillVms kills
 // what its state directory records.
 class AgentProcess {
  public:
@@ -49,63 +49,36 @@ class AgentProcess {
   ~AgentProcess() { Kill(); }
   // Starts it and waits for the API (client: how to reach it). False if it did not come up.
   bool Start(const AgentClient& client) {
-    log_ = state_dir_ + "." + std::to_string(++starts_) + ".log";
     std::vector<std::string> args = {BuildDir() + "/bin/ferry-agent", "--listen", "127.0.0.1:" + std::to_string(port_), "--name", name_,
                                      "--state-dir", state_dir_, "--capacity", "cpus=2,mem=1G", "--sample-ms", "200"};
     args.insert(args.end(), extra_.begin(), extra_.end());
-    pid_ = Spawn(args, log_);
+    if (!proc_.Start(args, state_dir_ + "." + std::to_string(++starts_) + ".log")) return false;
     for (int i = 0; i < 200; ++i) {
       auto r = client.Do("GET", "/v1/host", "", 1s);
       if (r && r->status == 200) return true;
-      if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
-        pid_ = -1;
-        return false;
-      }
+      if (!proc_.Running()) return false;
       std::this_thread::sleep_for(25ms);
     }
     return false;
   }
-  void Kill() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-  static pid_t Spawn(const std::vector<std::string>& args, const std::string& log) {
-    const pid_t pid = fork();
-    if (pid == 0) {
-      const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      dup2(fd, 1);
-      dup2(fd, 2);
-      std::vector<char*> argv;
-      for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-      argv.push_back(nullptr);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-    return pid;
-  }
+  void Kill() { proc_.Kill(); }
   // Kills every VMM the state directory records (they outlive the agent by design).
   void KillVms() const {
     std::error_code ec;
     for (const auto& d : std::filesystem::directory_iterator(state_dir_ + "/vms", ec))
       if (auto r = agent::LoadVmRecord(d.path().string())) agent::KillVmm(*r);
   }
-  std::string Log() const {
-    auto t = agent::TailFile(log_, 16384);
-    return t ? *t : "";
-  }
+  std::string Log() const { return proc_.Log(); }
   int port() const { return port_; }
-  pid_t pid() const { return pid_; }
+  pid_t pid() const { return proc_.pid(); }
   const std::string& state_dir() const { return state_dir_; }
 
  private:
   std::string name_, state_dir_;
   std::vector<std::string> extra_;
   int port_;
-  pid_t pid_ = -1;
   int starts_ = 0;
-  std::string log_;
+  ChildProcess proc_;
 };
 
 json Body(const HttpReply& r) {
@@ -350,12 +323,11 @@ TEST_F(AgentTest, AKilledAgentRestartsAndAdoptsItsRunningVm) {
 
 TEST_F(AgentTest, InsecureIsRefusedOffLoopback) {
   const std::string log = dir_ + "/insecure.log";
-  const pid_t pid = AgentProcess::Spawn({BuildDir() + "/bin/ferry-agent", "--listen", "0.0.0.0:" + std::to_string(FreePort()), "--name", "x",
-                                         "--state-dir", dir_ + "/x", "--capacity", "cpus=1,mem=1G", "--insecure"},
-                                        log);
-  int st = 0;
-  ASSERT_EQ(waitpid(pid, &st, 0), pid);
-  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 2) << st;
+  ChildProcess p;
+  ASSERT_TRUE(p.Start({BuildDir() + "/bin/ferry-agent", "--listen", "0.0.0.0:" + std::to_string(FreePort()), "--name", "x", "--state-dir",
+                       dir_ + "/x", "--capacity", "cpus=1,mem=1G", "--insecure"},
+                      log));
+  EXPECT_EQ(p.Wait(10s), 2);
   auto text = agent::TailFile(log);
   EXPECT_NE(text->find("--allow-insecure-remote"), std::string::npos) << *text;
 }
