@@ -33,4 +33,16 @@ Result<uint64_t> JsonUint(const nlohmann::json& v, std::string_view what, uint64
   return x;
 }
 
+double JsonNumber(const nlohmann::json& j, const char* key) {
+  if (!j.is_object()) return 0.0;
+  auto it = j.find(key);
+  return it != j.end() && it->is_number() ? it->get<double>() : 0.0;
+}
+
+std::string JsonString(const nlohmann::json& j, const char* key) {
+  if (!j.is_object()) return {};
+  auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
 }  // namespace ferry

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 #include <nlohmann/json.hpp>
@@ -23,5 +24,10 @@ Result<nlohmann::json> ParseJson(std::string_view text, std::string_view what, E
 // `v` is an integer in [lo, hi]. A float is refused even when whole: nlohmann's get<uint64_t>()
 // converts a float such as 1e300 with undefined behaviour (found by fuzz_snapshot).
 Result<uint64_t> JsonUint(const nlohmann::json& v, std::string_view what, uint64_t lo = 0, uint64_t hi = UINT64_MAX);
+
+// Lenient readers for JSON that Ferry's own components produced (stats, agent reports): the
+// member `key` of `j` when it is a number (a string), else 0 ("").
+double JsonNumber(const nlohmann::json& j, const char* key);
+std::string JsonString(const nlohmann::json& j, const char* key);
 
 }  // namespace ferry

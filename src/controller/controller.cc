@@ -12,6 +12,7 @@
 
 #include "agent/http.h"
 #include "common/clock.h"
+#include "common/json.h"
 #include "common/size.h"
 #include "net/url.h"
 
@@ -40,10 +41,7 @@ bool ValidName(const std::string& s) {
   return std::regex_match(s, re);
 }
 
-double Num(const nlohmann::json& j, const char* key) {
-  auto it = j.find(key);
-  return it != j.end() && it->is_number() ? it->get<double>() : 0.0;
-}
+double Num(const nlohmann::json& j, const char* key) { return JsonNumber(j, key); }
 
 }  // namespace
 

@@ -58,17 +58,6 @@ int64_t Int(const nlohmann::json& j, const char* key) {
   return 0;
 }
 
-std::string PrefixEnd(std::string prefix) {
-  while (!prefix.empty()) {
-    if (static_cast<unsigned char>(prefix.back()) != 0xff) {
-      prefix.back() = static_cast<char>(prefix.back() + 1);
-      return prefix;
-    }
-    prefix.pop_back();
-  }
-  return std::string(1, '\0');  // with key "\0": every key
-}
-
 Result<std::vector<std::pair<std::string, std::string>>> DecodeKvs(const nlohmann::json& resp) {
   std::vector<std::pair<std::string, std::string>> out;
   const nlohmann::json* kvs = Field(resp, "kvs", "kvs");
@@ -146,7 +135,10 @@ Result<std::optional<std::string>> EtcdKv::Get(const std::string& key) {
 
 Result<std::vector<std::pair<std::string, std::string>>> EtcdKv::List(const std::string& prefix) {
   MutexLock l(mu_);
-  return Range(prefix.empty() ? std::string(1, '\0') : prefix, PrefixEnd(prefix));
+  return Range(prefix.empty() ? std::string(1, '\0') : prefix, [&] {
+    std::string end = KeyPrefixEnd(prefix);
+    return end.empty() ? std::string(1, '\0') : end;  // etcd: range_end "\0" = every key from `key` on
+  }());
 }
 
 Status EtcdKv::Apply(const std::vector<KvOp>& ops, const std::vector<KvCondition>& conditions) {

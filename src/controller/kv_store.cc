@@ -5,6 +5,17 @@
 
 namespace ferry::controller {
 
+std::string KeyPrefixEnd(std::string prefix) {
+  while (!prefix.empty()) {
+    if (static_cast<unsigned char>(prefix.back()) != 0xff) {
+      prefix.back() = static_cast<char>(prefix.back() + 1);
+      return prefix;
+    }
+    prefix.pop_back();
+  }
+  return {};
+}
+
 Result<std::unique_ptr<KvStore>> OpenKvStore(const std::string& spec) {
   if (spec.starts_with("sqlite:")) {
     auto kv = SqliteKv::Open(spec.substr(7));

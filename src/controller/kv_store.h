@@ -51,6 +51,10 @@ class KvStore {
   virtual std::string Describe() const = 0;
 };
 
+// The first key after every key that starts with `prefix`: List's upper bound ("" = none, when
+// the prefix is empty or all 0xff bytes).
+std::string KeyPrefixEnd(std::string prefix);
+
 // "sqlite:PATH" or "etcd:URL[,URL...]" (the controller's --store).
 Result<std::unique_ptr<KvStore>> OpenKvStore(const std::string& spec);
 

@@ -34,18 +34,6 @@ class Stmt {
   int rc_ = SQLITE_ERROR;
 };
 
-// The first key after every key that starts with `prefix` (empty: no upper bound).
-std::string PrefixEnd(std::string prefix) {
-  while (!prefix.empty()) {
-    if (static_cast<unsigned char>(prefix.back()) != 0xff) {
-      prefix.back() = static_cast<char>(prefix.back() + 1);
-      return prefix;
-    }
-    prefix.pop_back();
-  }
-  return {};
-}
-
 }  // namespace
 
 Result<std::unique_ptr<SqliteKv>> SqliteKv::Open(const std::string& path) {
@@ -100,7 +88,7 @@ Result<std::optional<std::string>> SqliteKv::Get(const std::string& key) {
 
 Result<std::vector<std::pair<std::string, std::string>>> SqliteKv::List(const std::string& prefix) {
   MutexLock l(mu_);
-  const std::string end = PrefixEnd(prefix);
+  const std::string end = KeyPrefixEnd(prefix);
   Stmt s(db_, end.empty() ? "SELECT key, value FROM kv WHERE key >= ?1 ORDER BY key"
                           : "SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key");
   if (!s.ok()) return std::unexpected(Fail("list " + prefix));

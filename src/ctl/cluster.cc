@@ -8,19 +8,14 @@
 #include <nlohmann/json.hpp>
 
 #include "agent/http.h"
+#include "common/json.h"
 #include "net/url.h"
 
 namespace ferry::ctl {
 namespace {
 
-double Num(const nlohmann::json& j, const char* k) {
-  auto it = j.find(k);
-  return it != j.end() && it->is_number() ? it->get<double>() : 0.0;
-}
-std::string Str(const nlohmann::json& j, const char* k) {
-  auto it = j.find(k);
-  return it != j.end() && it->is_string() ? it->get<std::string>() : "";
-}
+double Num(const nlohmann::json& j, const char* k) { return JsonNumber(j, k); }
+std::string Str(const nlohmann::json& j, const char* k) { return JsonString(j, k); }
 
 class Cluster final : public ClusterCommands {
  public:

@@ -6,16 +6,12 @@
 
 #include <fmt/format.h>
 
+#include "common/json.h"
+
 namespace ferry::ctl {
 namespace {
-double Num(const nlohmann::json& j, const char* key) {
-  auto it = j.find(key);
-  return it != j.end() && it->is_number() ? it->get<double>() : 0.0;
-}
-std::string Str(const nlohmann::json& j, const char* key) {
-  auto it = j.find(key);
-  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
-}
+double Num(const nlohmann::json& j, const char* key) { return JsonNumber(j, key); }
+std::string Str(const nlohmann::json& j, const char* key) { return JsonString(j, key); }
 }  // namespace
 
 std::string FormatBytes(double b) {

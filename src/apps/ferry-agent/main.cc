@@ -15,6 +15,7 @@
 
 #include "agent/agent.h"
 #include "agent/http.h"
+#include "agent/server_flags.h"
 
 namespace {
 
@@ -36,19 +37,13 @@ std::string SelfDir() {
 int main(int argc, char** argv) {
   spdlog::set_default_logger(spdlog::stderr_color_mt("ferry-agent"));
   CLI::App app{"ferry-agent: runs this host's ferry-vmm processes for the cluster controller (docs/agent.md)"};
-  std::string listen, name, state_dir, capacity;
-  ferry::net::TlsFiles tls;
-  bool insecure = false, allow_remote = false;
+  std::string name, state_dir, capacity;
+  ferry::agent::ServerFlags flags;
   int sample_ms = 1000;
-  app.add_option("--listen", listen, "HOST:PORT to serve the API on")->required();
+  ferry::agent::AddServerFlags(app, &flags, "agent");
   app.add_option("--name", name, "this host's name in the cluster")->required();
   app.add_option("--state-dir", state_dir, "where the agent keeps its VMs (DIR/vms/NAME)")->required();
   app.add_option("--capacity", capacity, "declared capacity: cpus=N,mem=SIZE[,net=RATE] (RATE: 125M bytes/s or 1Gbit)")->required();
-  app.add_option("--tls-cert", tls.cert, "this agent's certificate (PEM; also used for migrations)");
-  app.add_option("--tls-key", tls.key, "the certificate's private key (PEM)");
-  app.add_option("--tls-ca", tls.ca, "the CA every client (and migration peer) must chain to (PEM)");
-  app.add_flag("--insecure", insecure, "plain HTTP without authentication (loopback only unless --allow-insecure-remote)");
-  app.add_flag("--allow-insecure-remote", allow_remote, "with --insecure: allow a non-loopback --listen address");
   app.add_option("--sample-ms", sample_ms, "how often usage is measured")->check(CLI::Range(100, 60000))->capture_default_str();
   std::string cpu_usage = "host";
   app.add_option("--cpu-usage", cpu_usage,
@@ -61,9 +56,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "ferry-agent: %s\n", e.message().c_str());
     return 2;
   };
-  auto addr = ferry::agent::ParseListen(listen);
+  auto addr = ferry::agent::CheckServerFlags(flags);
   if (!addr) return fail(addr.error());
-  if (auto s = ferry::agent::CheckSecurity(*addr, insecure, allow_remote, tls); !s) return fail(s.error());
+  const std::string& listen = flags.listen;
+  const ferry::net::TlsFiles& tls = flags.tls;
   if (auto s = ferry::agent::CheckVmName(name); !s) return fail(s.error().WithContext("--name"));
   auto cap = ferry::agent::ParseCapacity(capacity);
   if (!cap) return fail(cap.error());

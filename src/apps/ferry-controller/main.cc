@@ -9,7 +9,7 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
-#include "agent/agent.h"
+#include "agent/server_flags.h"
 #include "controller/api.h"
 #include "controller/controller.h"
 
@@ -26,18 +26,12 @@ void OnSignal(int) {
 int main(int argc, char** argv) {
   spdlog::set_default_logger(spdlog::stderr_color_mt("ferry-controller"));
   CLI::App app{"ferry-controller: watches the hosts' ferry-agents and moves VMs to keep the cluster balanced (docs/api.md)"};
-  std::string listen, store;
-  ferry::net::TlsFiles tls;
-  bool insecure = false, allow_remote = false;
+  std::string store;
+  ferry::agent::ServerFlags flags;
   ferry::controller::ControllerOptions opt;
   double sustain_s = 10, cooldown_s = 600;
-  app.add_option("--listen", listen, "HOST:PORT to serve the API and the web page on")->required();
+  ferry::agent::AddServerFlags(app, &flags, "controller");
   app.add_option("--store", store, "sqlite:PATH (one controller) or etcd:URL[,URL...] (several, one leads)")->required();
-  app.add_option("--tls-cert", tls.cert, "this controller's certificate (PEM): its server and its client to the agents");
-  app.add_option("--tls-key", tls.key, "the certificate's private key (PEM)");
-  app.add_option("--tls-ca", tls.ca, "the CA clients and agents must chain to (PEM)");
-  app.add_flag("--insecure", insecure, "plain HTTP without authentication (loopback only unless --allow-insecure-remote)");
-  app.add_flag("--allow-insecure-remote", allow_remote, "with --insecure: allow a non-loopback --listen address");
   app.add_option("--id", opt.id, "this controller's name in the leader lease (default: hostname:pid)");
   app.add_option("--tick-ms", opt.tick_ms, "monitoring period")->check(CLI::Range(100, 60000))->capture_default_str();
   app.add_option("--cpu-threshold", opt.planner.cpu_threshold, "host CPU hotspot: busy CPUs over declared")
@@ -55,15 +49,16 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   opt.planner.sustain_ns = static_cast<uint64_t>(sustain_s * 1e9);
   opt.planner.vm_cooldown_ns = static_cast<uint64_t>(cooldown_s * 1e9);
-  opt.tls = tls;
+  opt.tls = flags.tls;
+  const std::string& listen = flags.listen;
+  const ferry::net::TlsFiles& tls = flags.tls;
 
   auto fail = [](const ferry::Error& e) {
     std::fprintf(stderr, "ferry-controller: %s\n", e.message().c_str());
     return 2;
   };
-  auto addr = ferry::agent::ParseListen(listen);
+  auto addr = ferry::agent::CheckServerFlags(flags);
   if (!addr) return fail(addr.error());
-  if (auto s = ferry::agent::CheckSecurity(*addr, insecure, allow_remote, tls); !s) return fail(s.error());
   auto kv = ferry::controller::OpenKvStore(store);
   if (!kv) return fail(kv.error());
   ferry::controller::Controller controller(std::make_unique<ferry::controller::ClusterStore>(std::move(*kv)), opt);
