@@ -183,6 +183,7 @@ int Simple(const ApiClient& api, const std::string& target, const nlohmann::json
 }  // namespace
 
 int RunCli(int argc, char** argv) {
+  signal(SIGPIPE, SIG_IGN);  // a server that hangs up mid-request (TLS) is an error of that request
   CLI::App app{"ferry: operate Ferry VMs (live migration, status, lifecycle) and the cluster (ferry cluster ...)"};
   app.require_subcommand(1);
   std::string socket;

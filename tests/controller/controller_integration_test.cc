@@ -30,6 +30,7 @@
 #include "agent/vmm_process.h"
 #include "controller/testing/etcd_process.h"
 #include "migration/migration_util.h"  // FreePort
+#include "net/testing/pki.h"
 #include "vm_process.h"
 
 namespace ferry::test {
@@ -72,6 +73,7 @@ json VmBody(const std::string& name, const std::string& host, bool cpu_bound) {
 class Cluster : public ::testing::Test {
  protected:
   void SetUp() override {
+    signal(SIGPIPE, SIG_IGN);  // a TLS peer that hangs up mid-write is an error, not the end of the test
     struct stat st;
     ASSERT_EQ(stat(GuestImage().c_str(), &st), 0) << "guest image missing: run scripts/setup";
     dir_ = MakeTempDir("ctltest");
@@ -101,12 +103,18 @@ class Cluster : public ::testing::Test {
     a.port = FreePort();
     return a;
   }
-  bool StartAgent(Agent& a) {
-    const std::vector<std::string> args = {BuildDir() + "/bin/ferry-agent", "--listen", "127.0.0.1:" + std::to_string(a.port), "--name",
-                                           a.name, "--state-dir", dir_ + "/" + a.name, "--capacity", "cpus=1,mem=1G", "--insecure",
-                                           "--cpu-usage", "vms", "--sample-ms", "500"};
+  // tls empty: --insecure (plain HTTP on loopback).
+  bool StartAgent(Agent& a, const net::TlsFiles& tls = {}) {
+    std::vector<std::string> args = {BuildDir() + "/bin/ferry-agent", "--listen", "127.0.0.1:" + std::to_string(a.port), "--name",
+                                     a.name, "--state-dir", dir_ + "/" + a.name, "--capacity", "cpus=1,mem=1G",
+                                     "--cpu-usage", "vms", "--sample-ms", "500"};
+    AddTls(&args, tls);
     if (!a.proc.Start(args, dir_ + "/agent-" + a.name + "." + std::to_string(++a.starts) + ".log")) return false;
-    return WaitHttp(a.port, "/v1/host", a.proc);
+    return WaitHttp(a.port, "/v1/host", a.proc, tls);
+  }
+  static void AddTls(std::vector<std::string>* args, const net::TlsFiles& tls) {
+    if (tls.empty()) args->push_back("--insecure");
+    else args->insert(args->end(), {"--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca});
   }
   // The VMMs outlive an agent by design: kill the agent, then what its state directory records.
   void KillAgent(Agent& a) {
@@ -120,15 +128,17 @@ class Cluster : public ::testing::Test {
     controllers_.back().port = FreePort();
     return controllers_.back();
   }
-  bool StartController(Controller& c, const std::string& store, const std::string& id) {
-    const std::vector<std::string> args = {BuildDir() + "/bin/ferry-controller", "--listen", "127.0.0.1:" + std::to_string(c.port), "--store",
-                                           store, "--insecure", "--id", id};
+  bool StartController(Controller& c, const std::string& store, const std::string& id, const net::TlsFiles& tls = {}) {
+    std::vector<std::string> args = {BuildDir() + "/bin/ferry-controller", "--listen", "127.0.0.1:" + std::to_string(c.port), "--store",
+                                     store, "--id", id};
+    AddTls(&args, tls);
     if (!c.proc.Start(args, dir_ + "/controller-" + id + "." + std::to_string(++c.starts) + ".log")) return false;
-    return WaitHttp(c.port, "/v1/status", c.proc);
+    return WaitHttp(c.port, "/v1/status", c.proc, tls);
   }
-  static bool WaitHttp(int port, const std::string& path, ChildProcess& p) {
+  static bool WaitHttp(int port, const std::string& path, ChildProcess& p, const net::TlsFiles& tls = {}) {
     for (int i = 0; i < 200; ++i) {
-      if (Http(port, "GET", path).status == 200) return true;
+      auto r = agent::AgentClient("127.0.0.1", port, tls).Do("GET", path, "", 1s);
+      if (r && r->status == 200) return true;
       if (!p.Running()) return false;
       std::this_thread::sleep_for(50ms);
     }
@@ -331,6 +341,46 @@ TEST_F(Cluster, AKilledAgentsVmIsReportedLostNotMovedAndFoundAgain) {
   EXPECT_TRUE(Eventually(20s, [&] { return state("/v1/hosts", "b") != "down" && state("/v1/vms", "db") == "running"; }))
       << Http(ctl.port, "GET", "/v1/vms").text << Logs();
   EXPECT_EQ(Placement(ctl.port)["db"], "b");
+}
+
+// The default: the controller and its agents talk mutual TLS, and so does the operator.
+TEST_F(Cluster, ControllerAgentsAndOperatorTalkMutualTls) {
+  net::testing::TestPki pki(dir_);
+  ASSERT_TRUE(pki.MakeStandard());
+  const net::TlsFiles server = pki.Files("server"), client = pki.Files("client");
+  Agent& a = AddAgent("a");
+  ASSERT_TRUE(StartAgent(a, server)) << a.proc.Log();
+  Controller& ctl = AddController();
+  ASSERT_TRUE(StartController(ctl, "sqlite:" + dir_ + "/c.db", "ctl", server)) << ctl.proc.Log();
+  const agent::AgentClient op("127.0.0.1", ctl.port, client);
+  // The controller reaches the agent over mTLS (it checks the agent's name there).
+  auto add = op.Do("POST", "/v1/hosts", json({{"name", "a"}, {"agent", "https://127.0.0.1:" + std::to_string(a.port)}}).dump(), 10s);
+  ASSERT_TRUE(add) << add.error().message();
+  EXPECT_EQ(add->status, 201) << add->body;
+  ASSERT_TRUE(Eventually(10s, [&] {
+    auto h = op.Do("GET", "/v1/hosts", "", 5s);
+    if (!h) return false;
+    auto j = json::parse(h->body, nullptr, false);
+    return j.is_array() && j.size() == 1 && j[0].value("reachable", false) && j[0]["capacity"].value("cpus", 0.0) == 1.0;
+  })) << ctl.proc.Log();
+  // A plain http:// agent URL to a TLS controller is refused with the reason.
+  auto plain = op.Do("POST", "/v1/hosts", json({{"name", "b"}, {"agent", "http://127.0.0.1:" + std::to_string(a.port)}}).dump(), 10s);
+  ASSERT_TRUE(plain);
+  EXPECT_EQ(plain->status, 400) << plain->body;
+  EXPECT_NE(plain->body.find("mutual TLS"), std::string::npos) << plain->body;
+  // Clients without a certificate from the CA, or without TLS, get nothing.
+  EXPECT_FALSE(agent::AgentClient("127.0.0.1", ctl.port, pki.Files("evil")).Do("GET", "/v1/hosts", "", 5s));
+  EXPECT_FALSE(agent::AgentClient("127.0.0.1", ctl.port, pki.Files("expired")).Do("GET", "/v1/hosts", "", 5s));
+  auto nocert = agent::AgentClient("127.0.0.1", ctl.port).Do("GET", "/v1/hosts", "", 5s);
+  EXPECT_TRUE(!nocert || nocert->status != 200);
+  // The CLI speaks it too.
+  std::string out;
+  EXPECT_EQ(Sh(BuildDir() + "/bin/ferry cluster --controller https://127.0.0.1:" + std::to_string(ctl.port) + " --tls-cert " + client.cert +
+                   " --tls-key " + client.key + " --tls-ca " + client.ca + " hosts",
+               &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("active"), std::string::npos) << out;
 }
 
 TEST_F(Cluster, TwoControllersOnEtcdOneLeadsAndTheOtherTakesOverWithin10s) {
