@@ -200,8 +200,11 @@ TEST_F(DestinationApiTest, PostcopyShowsMissingPagesAndFaultsAndRefusesCancel) {
                      &body),
             202)
       << body;
+  // A fault counts when the guest takes it, its latency when the page arrived: wait for both (a
+  // sample between the two showed demand_faults 1 and no latency yet).
   auto samples = Sample(*dst, 60s, [](const json& j) {
-    return j.value("phase", "") == "running-postcopy" && j.value("demand_faults", 0) > 0;
+    return j.value("phase", "") == "running-postcopy" && j.value("demand_faults", 0) > 0 && j.contains("fault_latency_ms") &&
+           j["fault_latency_ms"].value("max", 0.0) > 0.0;
   });
   ASSERT_FALSE(samples.empty());
   const json& pc = samples.back();
