@@ -35,7 +35,6 @@ using namespace ferry::controller;
 
 namespace {
 
-constexpr uint64_t kS = 1'000'000'000;
 constexpr double kGiB = 1024.0 * 1024 * 1024;
 
 enum class Shape { kSteady, kDiurnal, kBursty, kIdle };
