@@ -243,12 +243,12 @@ void Controller::Monitor(uint64_t now) {
 
   // The VMs as the planner sees them; lost and failed ones are not moved.
   ClusterView view;
-  std::map<std::string, std::string> migrating_to;
-  {
-    MutexLock l(mu_);
-    for (auto& [vm, r] : running_)
-      if (!r.done) migrating_to[vm] = "";
-  }
+  // Migrations in flight (the store's running records): the planner counts them against both
+  // hosts' limits. A move whose record is not written yet is kept from a second start by StartMove.
+  std::map<std::string, std::string> migrating_to;  // VM -> destination
+  if (auto ms = store_->Migrations())
+    for (const MigrationRecord& m : *ms)
+      if (m.status == "running") migrating_to[m.vm] = m.to;
   for (const auto& [name, o] : fresh) view.hosts.push_back(o.view);
   for (const VmRecord& v : *vms) {
     auto host = fresh.find(v.host);
@@ -277,7 +277,7 @@ void Controller::Monitor(uint64_t now) {
     vv.name = v.name;
     vv.host = v.host;
     vv.mem_bytes = v.mem_bytes;
-    if (auto it = migrating_to.find(v.name); it != migrating_to.end() || v.state == "migrating") vv.migrating_to = "?";
+    if (auto it = migrating_to.find(v.name); it != migrating_to.end()) vv.migrating_to = it->second;
     for (const auto& a : host->second.vms) {
       if (a.value("name", "") != v.name) continue;
       const nlohmann::json u = a.value("usage", nlohmann::json::object());
@@ -288,14 +288,6 @@ void Controller::Monitor(uint64_t now) {
     }
     view.vms.push_back(std::move(vv));
   }
-  // Migrations in flight: the planner counts them against both hosts' limits.
-  if (auto ms = store_->Migrations())
-    for (const MigrationRecord& m : *ms)
-      if (m.status == "running")
-        for (VmView& vv : view.vms)
-          if (vv.name == m.vm) vv.migrating_to = m.to;
-  for (VmView& vv : view.vms)
-    if (vv.migrating_to == "?") vv.migrating_to.clear();
 
   // A draining host without VMs is drained.
   for (const HostRecord& h : *hosts) {
