@@ -285,10 +285,12 @@ Agent::Entry Agent::SampleVm(Entry e, double ticks_per_s) {
     e.rec.incoming.clear();
     if (auto s = SaveVmRecord(e.dir, e.rec); !s) spdlog::warn("VM {}: {}", e.rec.spec.name, s.error().message());
   }
-  // counters.dirty_pages of GET /vm: pages marked dirty since the last harvest (see docs/agent.md).
-  if (j.is_object() && j.contains("counters") && j["counters"].is_object() && j["counters"].contains("dirty_pages") &&
-      j["counters"]["dirty_pages"].is_number_unsigned()) {
-    const uint64_t pages = j["counters"]["dirty_pages"].get<uint64_t>();
+  // counters.dirty_pages_total of GET /vm: pages newly dirtied, cumulative; the VMM clears its
+  // log every second outside migrations, so a page rewritten all the time counts once a second
+  // (see docs/agent.md).
+  if (j.is_object() && j.contains("counters") && j["counters"].is_object() && j["counters"].contains("dirty_pages_total") &&
+      j["counters"]["dirty_pages_total"].is_number_unsigned()) {
+    const uint64_t pages = j["counters"]["dirty_pages_total"].get<uint64_t>();
     if (e.dirty_pages && dt > 0) u.dirty_bytes_per_s = RateOf(*e.dirty_pages, pages, dt) * kGuestPageBytes;
     e.dirty_pages = pages;
   }

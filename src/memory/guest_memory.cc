@@ -72,6 +72,29 @@ void DirtyLog::MarkAll() {
     if (marks_[i].load(std::memory_order_relaxed) != kMarkFreed) marks_[i].store(kMarkWritten, std::memory_order_release);
 }
 
+void DirtyLog::BeginTracking() {
+  MutexLock l(claim_mu_);  // waits for a clear under way
+  ++claims_;
+}
+
+void DirtyLog::EndTracking() {
+  MutexLock l(claim_mu_);
+  if (claims_ > 0) --claims_;
+}
+
+bool DirtyLog::ClearWrittenUnlessClaimed() {
+  MutexLock l(claim_mu_);
+  if (claims_ > 0) return false;
+  for (uint64_t i = 0; i < num_pages_; ++i) {
+    uint8_t expected = kMarkWritten;
+    if (marks_[i].load(std::memory_order_relaxed) == kMarkWritten)
+      marks_[i].compare_exchange_strong(expected, kMarkClean, std::memory_order_acq_rel);
+  }
+  // As after a harvest: a cached write permission must not skip the next mark.
+  for (HarvestListener* l : listeners_) l->OnDirtyLogHarvest();
+  return true;
+}
+
 uint64_t DirtyLog::CountDirty() const {
   uint64_t n = 0;
   for (uint64_t i = 0; i < num_pages_; ++i) n += marks_[i].load(std::memory_order_relaxed) != kMarkClean;

@@ -45,6 +45,14 @@
 // check is a relaxed load before the unconditional store, so under a concurrent
 // harvest a write may count twice or not at all (a signal, not an exact figure).
 //
+// Dirty-rate sampling outside a migration: NewlyDirtied() saturates once every page a guest
+// uses is marked, so a VMM that wants the rate while nothing harvests clears the written marks
+// now and then (ClearWrittenUnlessClaimed: 1 -> 0, freed pages stay 2, listeners called as in
+// a harvest). A migration engine owns the log from BeginTracking() (before its first harvest)
+// to EndTracking() (after its last): between them ClearWrittenUnlessClaimed clears nothing, and
+// a clear already under way finishes before BeginTracking returns, so no page written after the
+// engine's first harvest loses its mark.
+//
 // Threading: MarkPage/MarkRange/IsDirty/IsFreed/Harvest/MarkFreed/CountDirty are
 // thread-safe (atomics); MarkFreed and Harvest call the listeners, so they may block
 // until a running vCPU serviced the request (see HarvestListener). Listener
@@ -60,6 +68,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/thread_annotations.h"
 
 namespace ferry {
 
@@ -143,6 +152,12 @@ class DirtyLog {
   uint64_t CountDirty() const;  // marks 1 and 2
   uint64_t CountFreed() const;  // marks 2
 
+  // Dirty-rate sampling (file comment). Claims nest (a count). Any thread; the clear calls the
+  // listeners like Harvest does. Returns true if it cleared (no claim held).
+  void BeginTracking() EXCLUDES(claim_mu_);
+  void EndTracking() EXCLUDES(claim_mu_);
+  bool ClearWrittenUnlessClaimed() EXCLUDES(claim_mu_);
+
   void AddListener(HarvestListener* l) { listeners_.push_back(l); }
   void RemoveListener(HarvestListener* l);
 
@@ -161,6 +176,8 @@ class DirtyLog {
   std::atomic<uint64_t> newly_dirtied_{0};
   std::atomic<bool> enabled_{true};
   std::vector<HarvestListener*> listeners_;
+  Mutex claim_mu_;
+  int claims_ GUARDED_BY(claim_mu_) = 0;
 };
 
 class GuestMemory {

@@ -23,6 +23,8 @@ class DirtyLogTracker final : public migration::DirtyTracker {
   void Harvest(migration::PageBitmap* dirty, migration::PageBitmap* freed) override { log_->Harvest(dirty, freed); }
   uint64_t CountDirty() const override { return log_->CountDirty(); }
   bool WrittenSinceHarvest(uint64_t page) const override { return log_->IsDirty(page); }
+  void BeginTracking() override { log_->BeginTracking(); }
+  void EndTracking() override { log_->EndTracking(); }
 
  private:
   DirtyLog* log_;

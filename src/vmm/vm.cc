@@ -218,6 +218,13 @@ void Vm::RecordActivity(bool idle_after) {
   activity_.Record(NowNs(), t, idle_after);
 }
 
+void Vm::SampleDirtyRate(uint64_t now_ns) {
+  if (now_ns - last_dirty_clear_ns_ < kDirtySampleNs) return;
+  last_dirty_clear_ns_ = now_ns;
+  // Refused while a migration owns the log: it harvests, and NewlyDirtied() counts anyway.
+  (void)board_->memory().dirty_log().ClearWrittenUnlessClaimed();
+}
+
 migration::ActivitySeries Vm::RecentActivity(size_t max_windows) const { return activity_.Recent(max_windows, NowNs()); }
 
 void Vm::MachineLoop() {
@@ -245,6 +252,7 @@ void Vm::MachineLoop() {
       continue;
     }
     const uint64_t t_slice = NowNs();
+    SampleDirtyRate(t_slice);
     VcpuRunResult r = vcpu.Run(kSliceInstructions);
     RecordActivity(false);
     const double share = cpu_share_.load(std::memory_order_relaxed);
@@ -428,7 +436,8 @@ Result<nlohmann::json> Vm::Info() {
         {"counters",
          {{"instructions", c.instructions_retired}, {"exceptions", c.exceptions}, {"interrupts", c.interrupts},
           {"tlb_misses", c.tlb_misses}, {"mmio_accesses", c.mmio_accesses}, {"wfi_exits", c.wfi_exits},
-          {"dirty_pages", mem.dirty_log().CountDirty()}, {"unhandled_mmio", board_->bus().unhandled_accesses()}}},
+          {"dirty_pages", mem.dirty_log().CountDirty()}, {"dirty_pages_total", mem.dirty_log().NewlyDirtied()},
+          {"unhandled_mmio", board_->bus().unhandled_accesses()}}},
         {"devices", devices},
     };
     if (!board_->config().tap.empty()) info["config"]["tap"] = board_->config().tap;
@@ -467,6 +476,9 @@ std::string Vm::Prometheus() {
   metric("ferry_vcpu_exceptions_total", "counter", "Guest exceptions taken", c["exceptions"].get<double>());
   metric("ferry_vcpu_interrupts_total", "counter", "Guest interrupts taken", c["interrupts"].get<double>());
   metric("ferry_vm_dirty_pages", "gauge", "Pages marked dirty since the last harvest", c["dirty_pages"].get<double>());
+  metric("ferry_vm_dirty_pages_total", "counter",
+         "Pages newly dirtied: a page counts again once the log was cleared (harvest, or the 1 s dirty-rate sample)",
+         c["dirty_pages_total"].get<double>());
   return out;
 }
 

@@ -109,6 +109,11 @@ class Vm {
   Status DoResume();
   // Machine thread: reports the activity totals now (idle_after: about to wait).
   void RecordActivity(bool idle_after);
+  // Machine thread, while the guest runs: clears the written marks every kDirtySampleNs unless a
+  // migration owns the log (DirtyLog::ClearWrittenUnlessClaimed), so counters.dirty_pages_total
+  // keeps counting distinct pages written per second instead of saturating.
+  void SampleDirtyRate(uint64_t now_ns);
+  static constexpr uint64_t kDirtySampleNs = 1'000'000'000;
 
   VmOptions options_;
   std::unique_ptr<EventLoop> loop_;
@@ -123,6 +128,7 @@ class Vm {
   uint64_t started_ns_ = 0;
   std::atomic<double> cpu_share_{1.0};
   double throttle_debt_ns_ = 0;  // machine thread only
+  uint64_t last_dirty_clear_ns_ = 0;  // machine thread only
   ActivityRecorder activity_;     // locks itself
   std::vector<Device*> io_devices_;  // machine thread only: the board's devices (activity counters)
 

@@ -93,6 +93,8 @@ std::unique_ptr<SourceMigration> SourceMigration::Start(SourceVm* vm, SourcePara
   // Set before the migration thread starts and constant after: Stats() reads them from API threads.
   m->ram_ = vm->Ram();
   m->pages_ = m->ram_.size / kWirePageSize;
+  // Before the thread (and its first harvest); Run() ends it on every path.
+  if (m->ram_.dirty) m->ram_.dirty->BeginTracking();
   {
     MutexLock l(m->stats_mu_);  // no other thread yet; the lock only satisfies the analysis
     m->start_ns_ = NowNs();
@@ -197,6 +199,12 @@ void SourceMigration::Run() {
                FormatUuid(uuid_), params_.to, params_.channels, params_.downtime_ms,
                params_.max_bandwidth ? std::to_string(params_.max_bandwidth) + " B/s" : "unlimited", params_.compress.ToString(),
                params_.layering ? "on" : "off");
+  struct EndTracking {
+    DirtyTracker* dirty;
+    ~EndTracking() {
+      if (dirty) dirty->EndTracking();
+    }
+  } end_tracking{ram_.dirty};
   Phase phase = Phase::kConnect;
   while (phase != Phase::kDone) {
     Result<Phase> next = Errorf(ErrorCode::kInternal, "no phase");

@@ -42,6 +42,11 @@ class DirtyTracker {
   // Harvest(), so the next one will return it. A write still completing may read as false.
   // Cheap (one load): called per page as pages are handed out.
   virtual bool WrittenSinceHarvest(uint64_t page) const = 0;
+  // The engine owns the marks from BeginTracking() (called before its first Harvest) to
+  // EndTracking() (after its last): nothing else may clear them in between (a VMM that samples
+  // the dirty rate outside migrations pauses that). Default: nothing else clears them.
+  virtual void BeginTracking() {}
+  virtual void EndTracking() {}
 };
 
 struct RamView {
