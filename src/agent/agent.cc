@@ -218,6 +218,11 @@ Agent::Entry Agent::SampleVm(Entry e, double ticks_per_s) {
   if (e.ps && dt > 0) u.cpus = RateOf(e.ps->cpu_ticks, ps->cpu_ticks, dt) / ticks_per_s;
   u.rss_bytes = ps->rss_pages * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
   e.ps = ps;
+  if (auto swapped = ReadSwapBytes(e.rec.pid)) {
+    u.swap_bytes = *swapped;
+    if (e.swap_bytes && dt > 0) u.swap_out_bytes_per_s = RateOf(*e.swap_bytes, *swapped, dt);
+    e.swap_bytes = *swapped;
+  }
   if (!e.rec.spec.tap.empty()) {
     auto t = ReadTapCounters(e.rec.spec.tap);
     if (t && e.tap && dt > 0) {
@@ -349,6 +354,7 @@ void Agent::SampleOnce() {
       cur.ps = s.ps;
       cur.tap = s.tap;
       cur.dirty_pages = s.dirty_pages;
+      cur.swap_bytes = s.swap_bytes;
       cur.sampled_at = s.sampled_at;
       continue;
     }
@@ -393,6 +399,8 @@ nlohmann::json Agent::VmJson(const Entry& e) const {
                         {"net_tx_packets_per_s", u.net_tx_packets_per_s},
                         {"net_drops_per_s", u.net_drops_per_s},
                         {"dirty_bytes_per_s", u.dirty_bytes_per_s},
+                        {"swap_bytes", u.swap_bytes},
+                        {"swap_out_bytes_per_s", u.swap_out_bytes_per_s},
                         {"migration_bytes", u.migration_bytes}}}};
   if (!e.rec.incoming.empty()) j["incoming"] = e.rec.incoming;
   if (!e.migrating_to.empty()) j["migrating_to"] = e.migrating_to;
@@ -655,6 +663,8 @@ std::string Agent::Metrics() {
       {"ferry_agent_vm_net_tx_packets_per_s", "Packets per second from the guest", [](const VmUsage& u) { return u.net_tx_packets_per_s; }},
       {"ferry_agent_vm_net_drops_per_s", "TAP drops per second", [](const VmUsage& u) { return u.net_drops_per_s; }},
       {"ferry_agent_vm_dirty_bytes_per_s", "Guest memory newly dirtied per second", [](const VmUsage& u) { return u.dirty_bytes_per_s; }},
+      {"ferry_agent_vm_swap_bytes", "The VMM's memory swapped out by the host", [](const VmUsage& u) { return static_cast<double>(u.swap_bytes); }},
+      {"ferry_agent_vm_swap_out_bytes_per_s", "Growth of the VMM's swapped-out memory per second", [](const VmUsage& u) { return u.swap_out_bytes_per_s; }},
       {"ferry_agent_vm_migration_bytes", "Bytes of the VM's last migration", [](const VmUsage& u) { return static_cast<double>(u.migration_bytes); }},
   };
   help("ferry_agent_vm_up", "gauge", "1 for each VM, labelled with its state");

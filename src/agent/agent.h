@@ -73,6 +73,8 @@ struct VmUsage {
   double net_rx_packets_per_s = 0, net_tx_packets_per_s = 0;
   double net_drops_per_s = 0;                                  // the TAP's rx + tx drops
   double dirty_bytes_per_s = 0;
+  uint64_t swap_bytes = 0;              // the VMM's pages swapped out by the host (VmSwap)
+  double swap_out_bytes_per_s = 0;      // growth of swap_bytes (0 while it shrinks)
   uint64_t migration_bytes = 0;                                // the last (or running) migration's transferred/received bytes
 };
 
@@ -124,6 +126,7 @@ class Agent {
     std::optional<PidStat> ps;
     std::optional<TapCounters> tap;
     std::optional<uint64_t> dirty_pages;
+    std::optional<uint64_t> swap_bytes;
     VmUsage usage;
   };
   explicit Agent(AgentConfig cfg) : cfg_(std::move(cfg)) {}

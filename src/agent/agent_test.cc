@@ -74,6 +74,22 @@ TEST(ProcParsers, MeminfoAndVmstat) {
   EXPECT_FALSE(ParseVmstatSwapOut("pswpin 7\n"));
 }
 
+TEST(ProcParsers, StatusSwapIsBytesAbsentIsZeroMalformedIsAnError) {
+  auto s = ParseStatusSwapBytes("Name:\tferry-vmm\nVmRSS:\t  9000 kB\nVmSwap:\t    2048 kB\nThreads:\t5\n");
+  ASSERT_TRUE(s);
+  EXPECT_EQ(*s, 2048u * 1024);
+  auto none = ParseStatusSwapBytes("Name:\tkthreadd\nThreads:\t1\n");
+  ASSERT_TRUE(none);
+  EXPECT_EQ(*none, 0u);
+  EXPECT_FALSE(ParseStatusSwapBytes("VmSwap:\t12 MB\n"));
+  EXPECT_FALSE(ParseStatusSwapBytes("VmSwap:\tlots kB\n"));
+  EXPECT_FALSE(ParseStatusSwapBytes("VmSwap:\t99999999999999999999 kB\n"));
+  EXPECT_FALSE(ParseStatusSwapBytes("VmSwap:\t18014398509481984 kB\n")) << "more than 2^64 bytes";
+  // This process has the line (or none): it reads.
+  EXPECT_TRUE(ReadSwapBytes(getpid()));
+  EXPECT_FALSE(ReadSwapBytes(0));
+}
+
 TEST(ProcParsers, PidStatCountsFieldsFromTheLastParenthesis) {
   // A command name with spaces and a ')' must not shift the fields.
   const std::string text =

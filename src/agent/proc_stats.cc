@@ -173,6 +173,29 @@ Result<uint64_t> ParseVmstatSwapOut(std::string_view text) {
   return *out;
 }
 
+Result<uint64_t> ParseStatusSwapBytes(std::string_view text) {
+  uint64_t bytes = 0;
+  Status bad;
+  ForEachLine(text, [&](std::string_view line) {
+    auto w = Words(line);
+    if (w.empty() || w[0] != "VmSwap:") return;
+    auto v = w.size() == 3 && w[2] == "kB" ? U64(w[1]) : std::nullopt;
+    if (!v || *v > UINT64_MAX / 1024) bad = Errorf(ErrorCode::kCorrupt, "/proc/PID/status: bad VmSwap line '{}'", line);
+    else bytes = *v * 1024;
+  });
+  if (!bad) return std::unexpected(bad.error());
+  return bytes;
+}
+
+std::optional<uint64_t> ReadSwapBytes(int pid) {
+  if (pid <= 0) return std::nullopt;
+  auto text = ReadSmallFile("/proc/" + std::to_string(pid) + "/status", 16384);
+  if (!text) return std::nullopt;
+  auto s = ParseStatusSwapBytes(*text);
+  if (!s) return std::nullopt;
+  return *s;
+}
+
 Result<PidStat> ParsePidStat(std::string_view text) {
   const size_t close = text.rfind(')');
   if (close == std::string_view::npos || text.find('(') == std::string_view::npos)

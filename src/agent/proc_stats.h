@@ -1,7 +1,7 @@
 // What ferry-agent measures on its host, from text the kernel writes: /proc/stat (CPU time),
-// /proc/meminfo, /proc/vmstat (swap-out), /proc/PID/stat (a VMM's CPU time, RSS and start time)
-// and a TAP's counters (/proc/net/dev); plus the operator's declared capacity
-// (`--capacity cpus=N,mem=SIZE[,net=RATE]`).
+// /proc/meminfo, /proc/vmstat (swap-out), /proc/PID/stat (a VMM's CPU time, RSS and start time),
+// /proc/PID/status (its swapped-out bytes) and a TAP's counters (/proc/net/dev); plus the
+// operator's declared capacity (`--capacity cpus=N,mem=SIZE[,net=RATE]`).
 //
 // The parsers are pure functions of the text (unit-tested on fixtures); the Read* helpers read
 // the real files. Rates are computed by the caller from two samples (RateOf). Any thread.
@@ -42,6 +42,12 @@ Result<MemInfo> ParseMeminfo(std::string_view text);
 
 // /proc/vmstat: the cumulative pswpout (pages swapped out).
 Result<uint64_t> ParseVmstatSwapOut(std::string_view text);
+
+// /proc/PID/status of one process: VmSwap (its pages swapped out now) in bytes. A process without
+// the line (a kernel without swap accounting) reads as 0; kCorrupt only for a malformed VmSwap.
+Result<uint64_t> ParseStatusSwapBytes(std::string_view text);
+// /proc/PID/status read and parsed; nullopt when the process does not exist.
+std::optional<uint64_t> ReadSwapBytes(int pid);
 
 // /proc/PID/stat of one process. The command name (field 2) may hold spaces and parentheses: the
 // fields are counted from the last ')'.

@@ -54,6 +54,7 @@ struct VmView {
   double net_bytes_per_s = 0;    // its TAP, both directions
   double net_drops_per_s = 0;    // frames its TAP dropped (queue full): short of the bandwidth it needs
   double dirty_bytes_per_s = 0;  // the VMM's dirty-page rate x page size
+  double swap_out_bytes_per_s = 0;  // the host swapping the VMM's memory out (growth of its VmSwap)
 };
 
 struct ClusterView {

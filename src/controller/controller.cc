@@ -285,6 +285,7 @@ void Controller::Monitor(uint64_t now) {
       vv.net_bytes_per_s = Num(u, "net_rx_bytes_per_s") + Num(u, "net_tx_bytes_per_s");
       vv.net_drops_per_s = Num(u, "net_drops_per_s");
       vv.dirty_bytes_per_s = Num(u, "dirty_bytes_per_s");
+      vv.swap_out_bytes_per_s = Num(u, "swap_out_bytes_per_s");
     }
     view.vms.push_back(std::move(vv));
   }
@@ -535,7 +536,8 @@ Result<nlohmann::json> Controller::Vms() {
         j["usage"] = {{"cpus", vv.cpus},
                       {"net_bytes_per_s", vv.net_bytes_per_s},
                       {"net_drops_per_s", vv.net_drops_per_s},
-                      {"dirty_bytes_per_s", vv.dirty_bytes_per_s}};
+                      {"dirty_bytes_per_s", vv.dirty_bytes_per_s},
+                      {"swap_out_bytes_per_s", vv.swap_out_bytes_per_s}};
     out.push_back(std::move(j));
   }
   return out;

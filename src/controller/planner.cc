@@ -387,6 +387,14 @@ Plan Planner::Decide(const ClusterView& view, uint64_t now_ns) const {
         break;
       }
       std::vector<size_t> vms = bandwidth ? std::vector<size_t>{*t.vm} : src.vms;
+      if (swap) {
+        // The VMs the host swaps out are the ones short of memory: move one of them, when the
+        // agent saw any (otherwise any VM frees memory).
+        std::vector<size_t> swapping;
+        for (size_t i : vms)
+          if (view.vms[i].swap_out_bytes_per_s > 0) swapping.push_back(i);
+        if (!swapping.empty()) vms = std::move(swapping);
+      }
       std::sort(vms.begin(), vms.end(), [&](size_t a, size_t b) { return view.vms[a].name < view.vms[b].name; });
       Candidate best;
       std::vector<std::string> why_not;

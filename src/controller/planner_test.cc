@@ -225,6 +225,27 @@ TEST(Planner, BandwidthAndSwapHotspots) {
   EXPECT_NE(by_vm["vm2"].reason.find("swap 5000 pages/s"), std::string::npos);
 }
 
+// A swap hotspot moves a VM the host swaps out (the one short of memory), not the one whose move
+// would free the most memory, once the agent reports which it is.
+TEST(Planner, ASwapHotspotMovesTheVmThatIsSwappedOut) {
+  auto plan_for = [](double vm1_swap, double vm2_swap) {
+    Planner p;
+    ClusterView v{{H("a", 0.2), H("b", 0.1)}, {V("vm1", "a", 0.05, 1024 * kMiB), V("vm2", "a", 0.05, 256 * kMiB)}};
+    v.hosts[0].usage.swap_out_pages_per_s = 3000;
+    v.vms[0].swap_out_bytes_per_s = vm1_swap;
+    v.vms[1].swap_out_bytes_per_s = vm2_swap;
+    p.Observe(v, 0);
+    return p.Decide(v, 11 * kS);
+  };
+  Plan unknown = plan_for(0, 0);
+  ASSERT_EQ(unknown.moves.size(), 1u) << Why(unknown);
+  EXPECT_EQ(unknown.moves[0].vm, "vm1") << "without per-VM figures: the most memory freed per second of migration";
+  Plan known = plan_for(0, 8e6);
+  ASSERT_EQ(known.moves.size(), 1u) << Why(known);
+  EXPECT_EQ(known.moves[0].vm, "vm2");
+  EXPECT_EQ(known.moves[0].to, "b");
+}
+
 // Hosts of 1 CPU whose VMs share it equally (each wants a whole CPU), moved by the planner's own
 // decisions; a migration takes one monitoring tick. Three VMs on one host spread one per host,
 // then the planner holds still although every host stays above 75% (one VM is all its load).
