@@ -98,8 +98,14 @@ struct Round {
         return fmt::format("{}: its last migration failed {} ago (retry after {})", vm.name, Duration(now_ns - m->failed_ns), Duration(wait));
     }
     if (drain) return {};
-    if (const Planner::VmMemory* m = Memory(i); m && m->moved && now_ns >= m->last_move_ns && now_ns - m->last_move_ns < config.vm_cooldown_ns)
-      return fmt::format("{}: moved {} ago (cooldown {})", vm.name, Duration(now_ns - m->last_move_ns), Duration(config.vm_cooldown_ns));
+    if (const Planner::VmMemory* m = Memory(i); m && m->moved && now_ns >= m->last_move_ns) {
+      // Each further move within the return ban doubles the cooldown (at most 8 times): a VM the
+      // planner keeps moving is chasing bursts that do not last.
+      const uint64_t cooldown = config.vm_cooldown_ns << std::min<size_t>(m->left.size() > 0 ? m->left.size() - 1 : 0, 3);
+      if (now_ns - m->last_move_ns < cooldown)
+        return fmt::format("{}: moved {} ago (cooldown {}{})", vm.name, Duration(now_ns - m->last_move_ns), Duration(cooldown),
+                           m->left.size() > 1 ? fmt::format(", its move {} within {}", m->left.size(), Duration(config.return_ban_ns)) : "");
+    }
     return {};
   }
 

@@ -132,6 +132,30 @@ TEST(Planner, AVmThatJustMovedOrWouldNotConvergeStays) {
   EXPECT_EQ(later.moves[0].vm, "vm1");
 }
 
+// A VM moved again within the return ban waits twice as long each time (10, 20, 40, then 80 min):
+// the planner cannot keep one VM chasing bursts (at most 3 moves an hour instead of 6).
+TEST(Planner, EachFurtherMoveWithinTheHourDoublesTheCooldown) {
+  const uint64_t min10 = Planner().config().vm_cooldown_ns;
+  auto movable_after = [&](int earlier_moves, uint64_t wait_ns) {
+    Planner p;
+    ClusterView v{{H("a", 1.0), H("b", 0), H("c", 0), H("d", 0), H("e", 0)}, {V("vm1", "a", 0.5), V("vm2", "a", 0.5)}};
+    v.vms[1].dirty_bytes_per_s = 500e6;  // vm2 never moves: only vm1 can relieve a
+    const char* from[] = {"b", "c", "d", "e"};
+    for (int k = 0; k < earlier_moves; ++k) p.RestoreLastMove("vm1", static_cast<uint64_t>(k) * kS, from[k]);
+    const uint64_t last = static_cast<uint64_t>(earlier_moves - 1) * kS;
+    p.Observe(v, last + wait_ns - 20 * kS);
+    Plan plan = p.Decide(v, last + wait_ns);
+    return std::pair<bool, std::string>(!plan.moves.empty(), Why(plan));
+  };
+  EXPECT_TRUE(movable_after(1, min10 + kS).first) << movable_after(1, min10 + kS).second;
+  auto second = movable_after(2, min10 + kS);
+  EXPECT_FALSE(second.first);
+  EXPECT_NE(second.second.find("cooldown 20 min, its move 2 within"), std::string::npos) << second.second;
+  EXPECT_TRUE(movable_after(2, 2 * min10 + kS).first) << movable_after(2, 2 * min10 + kS).second;
+  EXPECT_FALSE(movable_after(3, 2 * min10 + kS).first);
+  EXPECT_TRUE(movable_after(3, 4 * min10 + kS).first);
+}
+
 TEST(Planner, MigrationsPerHostAndInTheClusterAreBounded) {
   PlannerConfig c;
   c.max_in_cluster = 2;
