@@ -3,7 +3,14 @@
 // predicts, and each monitoring tick runs the planner exactly as the controller's loop does
 // (Observe, Decide, then Started/Finished as migrations begin and end).
 //
-// Traces: a seeded generator (the same seed, the same cluster and the same traces). Each VM has one
+// Traces: a seeded generator (the same seed, the same cluster and the same traces), or recorded
+// ones (--traces FILE, from bench/planner_sim/record.py: real agents' per-VM samples of CPU, network
+// and dirty rate). A recorded trace gives a VM its shape over time and how its network and dirty
+// rate go with its CPU; the generator still gives its level: each VM replays one recorded trace
+// (picked by the seed, from a random point in it, looping), scaled so that its mean CPU is the
+// level the generator drew (an idle trace - mean below 0.02 CPUs - is replayed as it is). A trace
+// without network traffic takes its network rate from its CPU as the generator's do. Generated
+// shapes: each VM has one
 // of four shapes - steady, diurnal (a 24 h sine with a random phase), bursty (on/off phases of 10
 // to 60 min), idle - with its own level, plus +-10% noise per tick; its network rate and dirty rate
 // follow its CPU use. A host's VMs get the CPU they want while the host has it; beyond its declared
@@ -39,8 +46,94 @@ constexpr double kGiB = 1024.0 * 1024 * 1024;
 
 enum class Shape { kSteady, kDiurnal, kBursty, kIdle };
 
+struct TraceSample {
+  double t, cpus, net, dirty;
+};
+struct Trace {
+  std::string name;
+  std::vector<TraceSample> samples;  // by time, from t = 0
+  double length = 0, mean_cpus = 0;
+  bool has_net = false;
+  // The sample in force at `t` (looping).
+  const TraceSample& At(double t) const {
+    const double x = std::fmod(t, length);
+    auto it = std::upper_bound(samples.begin(), samples.end(), x, [](double v, const TraceSample& s) { return v < s.t; });
+    return it == samples.begin() ? samples.front() : *(it - 1);
+  }
+};
+
+// CSV with a header naming at least t_s, vm, cpus, net_bytes_per_s, dirty_bytes_per_s (host is
+// optional: host/vm names a trace). Traces of fewer than two samples are dropped.
+std::vector<Trace> LoadTraces(const std::string& path, std::string* error) {
+  std::ifstream f(path);
+  if (!f) {
+    *error = "cannot read " + path;
+    return {};
+  }
+  std::string line;
+  std::getline(f, line);
+  std::vector<std::string> cols;
+  auto split = [](const std::string& l) {
+    std::vector<std::string> out(1);
+    for (char c : l) {
+      if (c == ',') out.emplace_back();
+      else if (c != '\r') out.back() += c;
+    }
+    return out;
+  };
+  cols = split(line);
+  auto col = [&](const char* name) -> int {
+    for (size_t i = 0; i < cols.size(); ++i)
+      if (cols[i] == name) return static_cast<int>(i);
+    return -1;
+  };
+  const int ct = col("t_s"), cv = col("vm"), cc = col("cpus"), cn = col("net_bytes_per_s"), cd = col("dirty_bytes_per_s"), ch = col("host");
+  if (ct < 0 || cv < 0 || cc < 0 || cn < 0 || cd < 0) {
+    *error = path + ": the header needs t_s, vm, cpus, net_bytes_per_s, dirty_bytes_per_s";
+    return {};
+  }
+  std::map<std::string, Trace> by_name;
+  size_t n = 1;
+  while (std::getline(f, line)) {
+    ++n;
+    if (line.empty()) continue;
+    auto v = split(line);
+    try {
+      if (v.size() < cols.size()) throw std::invalid_argument("short row");
+      const std::string name = (ch >= 0 ? v[static_cast<size_t>(ch)] + "/" : "") + v[static_cast<size_t>(cv)];
+      Trace& tr = by_name[name];
+      tr.name = name;
+      tr.samples.push_back({std::stod(v[static_cast<size_t>(ct)]), std::max(0.0, std::stod(v[static_cast<size_t>(cc)])),
+                            std::max(0.0, std::stod(v[static_cast<size_t>(cn)])), std::max(0.0, std::stod(v[static_cast<size_t>(cd)]))});
+    } catch (const std::exception&) {
+      *error = fmt::format("{}:{}: not a row of numbers: {}", path, n, line);
+      return {};
+    }
+  }
+  std::vector<Trace> out;
+  for (auto& [name, tr] : by_name) {
+    if (tr.samples.size() < 2) continue;
+    std::sort(tr.samples.begin(), tr.samples.end(), [](const TraceSample& a, const TraceSample& b) { return a.t < b.t; });
+    const double t0 = tr.samples.front().t;
+    double sum = 0;
+    for (auto& x : tr.samples) {
+      x.t -= t0;
+      sum += x.cpus;
+      tr.has_net = tr.has_net || x.net > 0;
+    }
+    // The last sample holds for one sampling interval.
+    tr.length = tr.samples.back().t + (tr.samples.back().t - tr.samples[tr.samples.size() - 2].t);
+    tr.mean_cpus = sum / static_cast<double>(tr.samples.size());
+    out.push_back(std::move(tr));
+  }
+  if (out.empty()) *error = path + ": no trace with two samples or more";
+  return out;
+}
+
 struct SimVm {
   Shape shape;
+  const Trace* trace = nullptr;  // recorded (--traces): replayed from `offset`, times `scale`
+  double offset = 0, scale = 1;
   double level;   // CPUs wanted (steady, diurnal mean, bursty on-level)
   double phase;   // diurnal phase (radians) or burst offset (s)
   double period;  // bursty: on+off period (s)
@@ -63,6 +156,7 @@ double Noise(uint64_t a, uint64_t b) {
 }
 
 double Want(const SimVm& v, size_t index, double t, uint64_t tick) {
+  if (v.trace) return v.scale * v.trace->At(t + v.offset).cpus;
   double w = 0;
   switch (v.shape) {
     case Shape::kSteady: w = v.level; break;
@@ -86,7 +180,7 @@ int main(int argc, char** argv) {
   int hosts = 1000, vms = 20000, seed = 1;
   double hours = 6, tick_s = 10, host_cpus = 32, host_mem_gib = 512, link_gbit = 10;
   int max_in_cluster = 50;
-  std::string series;
+  std::string series, traces_file;
   app.add_option("--hosts", hosts)->check(CLI::Range(2, 100000));
   app.add_option("--vms", vms)->check(CLI::Range(1, 1000000));
   app.add_option("--hours", hours, "simulated time")->check(CLI::Range(0.01, 1000.0));
@@ -97,12 +191,22 @@ int main(int argc, char** argv) {
   app.add_option("--link-gbit", link_gbit, "migration bandwidth between hosts")->check(CLI::Range(0.01, 1000.0));
   app.add_option("--max-in-cluster", max_in_cluster, "migrations at once")->check(CLI::Range(1, 100000));
   app.add_option("--series", series, "CSV, one line per tick");
+  app.add_option("--traces", traces_file, "recorded per-VM usage (bench/planner_sim/record.py) to replay");
   CLI11_PARSE(app, argc, argv);
 
   std::mt19937_64 rng(static_cast<uint64_t>(seed));
   std::uniform_real_distribution<double> u(0, 1);
   std::vector<SimVm> vm(static_cast<size_t>(vms));
   const std::vector<uint64_t> sizes = {1ull << 30, 2ull << 30, 4ull << 30, 8ull << 30, 16ull << 30};
+  std::vector<Trace> traces;
+  if (!traces_file.empty()) {
+    std::string error;
+    traces = LoadTraces(traces_file, &error);
+    if (traces.empty()) {
+      std::fprintf(stderr, "planner_sim: %s\n", error.c_str());
+      return 2;
+    }
+  }
   for (auto& v : vm) {
     const double r = u(rng);
     v.shape = r < 0.35 ? Shape::kSteady : r < 0.65 ? Shape::kDiurnal : r < 0.85 ? Shape::kBursty : Shape::kIdle;
@@ -112,6 +216,11 @@ int main(int argc, char** argv) {
     v.net_per_cpu = 5e6 + 20e6 * u(rng);
     v.dirty_per_cpu = 2e6 + 40e6 * u(rng);
     v.mem = sizes[static_cast<size_t>(u(rng) * static_cast<double>(sizes.size())) % sizes.size()];
+    if (!traces.empty()) {
+      v.trace = &traces[static_cast<size_t>(u(rng) * static_cast<double>(traces.size())) % traces.size()];
+      v.offset = u(rng) * v.trace->length;
+      v.scale = v.trace->mean_cpus < 0.02 ? 1.0 : v.level / v.trace->mean_cpus;
+    }
   }
   // Skewed first placement: a tenth of the hosts weigh twice as much; memory must fit.
   std::vector<double> weight(static_cast<size_t>(hosts));
@@ -198,8 +307,14 @@ int main(int argc, char** argv) {
       vv.migrating_to = v.migrating ? host_names[v.to] : "";
       vv.mem_bytes = v.mem;
       vv.cpus = want[i] * share;
-      vv.net_bytes_per_s = vv.cpus * v.net_per_cpu;
-      vv.dirty_bytes_per_s = vv.cpus * v.dirty_per_cpu;
+      if (v.trace) {
+        const TraceSample& x = v.trace->At(t + v.offset);
+        vv.net_bytes_per_s = v.trace->has_net ? v.scale * x.net * share : vv.cpus * v.net_per_cpu;
+        vv.dirty_bytes_per_s = v.scale * x.dirty * share;
+      } else {
+        vv.net_bytes_per_s = vv.cpus * v.net_per_cpu;
+        vv.dirty_bytes_per_s = vv.cpus * v.dirty_per_cpu;
+      }
       view.hosts[v.host].usage.net_bytes_per_s += vv.net_bytes_per_s;
     }
     const auto t0 = std::chrono::steady_clock::now();
@@ -240,6 +355,7 @@ int main(int argc, char** argv) {
       {"hosts", hosts},
       {"vms", vms},
       {"seed", seed},
+      {"traces", traces_file.empty() ? nlohmann::json("generated") : nlohmann::json(fmt::format("{} ({} recorded)", traces_file, traces.size()))},
       {"simulated_hours", hours},
       {"tick_s", tick_s},
       {"rounds", decide_ms.size()},
