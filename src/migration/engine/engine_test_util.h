@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 
 #include "common/clock.h"
+#include "common/json.h"
 #include "common/thread_annotations.h"
 #include "memory/guest_memory.h"
 #include "migration/engine/destination.h"
@@ -188,7 +189,12 @@ class FakeSource : public SourceVm {
 class FakeDestination : public DestinationVm {
  public:
   Result<RamView> Prepare(const nlohmann::json& config) override {
-    if (config.value("ram", uint64_t{0}) != kRam) return Errorf(ErrorCode::kInvalidArgument, "RAM size differs from this host's limit");
+    // Read as the VMM reads CONFIG (BoardConfig::ApplyGuestJson): JSON integers in range only. A
+    // float there (1.677e219) was undefined behaviour in nlohmann's get<uint64_t>(), found in this
+    // double by fuzz_incoming_migration.
+    auto ram = config.is_object() && config.contains("ram") ? JsonUint(config["ram"], "ram") : Result<uint64_t>(0);
+    if (!ram) return std::unexpected(ram.error());
+    if (*ram != kRam) return Errorf(ErrorCode::kInvalidArgument, "RAM size differs from this host's limit");
     mem_ = std::move(*GuestMemory::Create(0x80000000, kRam));
     return RamView{mem_->host(), mem_->size(), nullptr, mem_->memfd(), {}};
   }
