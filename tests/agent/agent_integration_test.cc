@@ -353,17 +353,6 @@ TEST_F(AgentTest, InsecureIsRefusedOffLoopback) {
 
 // Runs `fn` on a thread inside network namespace `ns` (its sockets and the processes it forks live
 // there), and waits for it.
-void InNetns(const std::string& ns, const std::function<void()>& fn) {
-  std::thread t([&] {
-    const int fd = open(("/var/run/netns/" + ns).c_str(), O_RDONLY | O_CLOEXEC);
-    ASSERT_GE(fd, 0) << ns;
-    ASSERT_EQ(setns(fd, CLONE_NEWNET), 0) << std::strerror(errno);
-    close(fd);
-    fn();
-  });
-  t.join();
-}
-
 TEST_F(AgentTest, TapTrafficShowsInTheVmAndHostUsage) {
   if (geteuid() != 0) GTEST_SKIP() << "needs root (network namespace, TAP)";
   const std::string ns = "fagent" + std::to_string(getpid());

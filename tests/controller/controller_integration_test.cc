@@ -13,17 +13,13 @@
 //     leads within 10 s, knows everything, holds still, and drains a host.
 //   - Hosts as network namespaces with their own bridges, joined: a drained host's VM keeps its
 //     address on the other host, and a client outside the guests keeps getting its UDP echoes.
-#include <fcntl.h>
-#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
-#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
@@ -51,9 +47,10 @@ struct Reply {
   std::string text;
 };
 
-// One request to a controller or agent on loopback (plain HTTP).
-Reply Http(int port, const std::string& method, const std::string& path, const json& body = nullptr) {
-  agent::AgentClient c("127.0.0.1", port);
+// One request to a controller or agent (plain HTTP on loopback unless told otherwise).
+Reply Http(int port, const std::string& method, const std::string& path, const json& body = nullptr,
+           const std::string& host = "127.0.0.1", const net::TlsFiles& tls = {}) {
+  agent::AgentClient c(host, port, tls);
   auto r = c.Do(method, path, body.is_null() ? "" : body.dump(), 30s);
   Reply out;
   if (!r) {
@@ -496,18 +493,6 @@ class Lan {
   bool ok_ = false;
 };
 
-// Runs fn on a thread inside network namespace `ns` (its sockets, and the processes it starts, are there).
-void InNetns(const std::string& ns, const std::function<void()>& fn) {
-  std::thread t([&] {
-    const int fd = open(("/var/run/netns/" + ns).c_str(), O_RDONLY | O_CLOEXEC);
-    ASSERT_GE(fd, 0) << ns;
-    ASSERT_EQ(setns(fd, CLONE_NEWNET), 0) << std::strerror(errno);
-    close(fd);
-    fn();
-  });
-  t.join();
-}
-
 TEST_F(Cluster, AVmKeepsItsAddressOnAnotherHostWhenTheBridgesAreJoined) {
   if (geteuid() != 0) GTEST_SKIP() << "needs root (network namespaces, bridges, TAPs)";
   Lan lan(std::to_string(getpid() % 100000));
@@ -539,18 +524,8 @@ TEST_F(Cluster, AVmKeepsItsAddressOnAnotherHostWhenTheBridgesAreJoined) {
   ASSERT_TRUE(ctl.proc.Start(cargs, dir_ + "/controller-lan.log"));
 
   InNetns(lan.sw(), [&] {
-    const agent::AgentClient api("10.79.0.254", 7100, tls);
     auto call = [&](const std::string& method, const std::string& path, const json& body = nullptr) {
-      Reply out;
-      auto r = api.Do(method, path, body.is_null() ? "" : body.dump(), 30s);
-      if (!r) {
-        out.text = r.error().message();
-        return out;
-      }
-      out.status = r->status;
-      out.text = r->body;
-      out.body = json::parse(r->body, nullptr, false);
-      return out;
+      return Http(7100, method, path, body, "10.79.0.254", tls);
     };
     ASSERT_TRUE(Eventually(20s, [&] { return call("GET", "/v1/status").status == 200; })) << ctl.proc.Log();
     for (int i = 0; i < 2; ++i) {

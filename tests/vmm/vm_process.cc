@@ -16,11 +16,13 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <fstream>
 #include <sstream>
 #include <thread>
 
+#include <gtest/gtest.h>
 #include <httplib.h>
 
 namespace ferry::test {
@@ -251,6 +253,17 @@ void VmProcess::Kill() {
     pid_ = -1;
   }
   if (stdin_fd_ >= 0) close(stdin_fd_), stdin_fd_ = -1;
+}
+
+void InNetns(const std::string& ns, const std::function<void()>& fn) {
+  std::thread t([&] {
+    const int fd = open(("/var/run/netns/" + ns).c_str(), O_RDONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << ns;
+    ASSERT_EQ(setns(fd, CLONE_NEWNET), 0) << std::strerror(errno);
+    close(fd);
+    fn();
+  });
+  t.join();
 }
 
 NetNs::NetNs(const std::string& name) : name_(name) {

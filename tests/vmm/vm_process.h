@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -76,6 +77,10 @@ class VmProcess {
   pid_t pid_ = -1;
   int stdin_fd_ = -1;
 };
+
+// Runs fn on a thread of its own inside network namespace `ns` (/var/run/netns/NS): its sockets,
+// and the processes it starts, are there. Returns when fn did; gtest assertions in fn count.
+void InNetns(const std::string& ns, const std::function<void()>& fn);
 
 // A network namespace with a bridge, a host-side veth-free address on the bridge and
 // TAP devices attached to it. Everything is removed in the destructor.
