@@ -63,7 +63,7 @@ struct Trace {
 };
 
 // CSV with a header naming at least t_s, vm, cpus, net_bytes_per_s, dirty_bytes_per_s (host is
-// optional: host/vm names a trace). Traces of fewer than two samples are dropped.
+// optional: host/vm names a trace). Traces of fewer than two samples, or all at one time, are dropped.
 std::vector<Trace> LoadTraces(const std::string& path, std::string* error) {
   std::ifstream f(path);
   if (!f) {
@@ -124,6 +124,7 @@ std::vector<Trace> LoadTraces(const std::string& path, std::string* error) {
     // The last sample holds for one sampling interval.
     tr.length = tr.samples.back().t + (tr.samples.back().t - tr.samples[tr.samples.size() - 2].t);
     tr.mean_cpus = sum / static_cast<double>(tr.samples.size());
+    if (tr.length <= 0) continue;  // every sample at one time: no shape to replay
     out.push_back(std::move(tr));
   }
   if (out.empty()) *error = path + ": no trace with two samples or more";
