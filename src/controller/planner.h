@@ -17,9 +17,10 @@
 //     usage decays towards the current value with `demand_half_life_ns`): a bursty VM is placed
 //     where its bursts fit, not where its quiet minute fits;
 //   - the VM has not moved within its cooldown (`vm_cooldown_ns`, doubled for each further move
-//     within `return_ban_ns`, at most 8 times: at most 3 moves an hour), does not go back to any host it left within
-//     `return_ban_ns` (no ping-pong, not even by a detour), is not migrating, and its migration converges
-//     (cost_model.h) - a VM that dirties faster than the link carries is a bad candidate;
+//     within `return_ban_ns`, up to 8 times as long: at most 3 moves an hour), does not go back
+//     to any host it left within `return_ban_ns` (no ping-pong, not even by a detour), is not
+//     migrating, and its migration converges (cost_model.h) - a VM that dirties faster than the
+//     link carries is a bad candidate;
 //   - at most `max_per_host` migrations touch a host (in or out) and `max_in_cluster` run at once.
 // Among the allowed moves of a hotspot the planner takes the one with the best gain per second of
 // migration (gain = how much the pair's peak load drops), to the least loaded destination, and
@@ -49,7 +50,8 @@ struct PlannerConfig {
   double swap_out_pages_per_s = 256;          // host swap-out rate that makes a memory hotspot
   uint64_t sustain_ns = 10'000'000'000;       // how long a trigger must hold
   double hysteresis = 0.05;                   // least drop of the pair's peak load (fraction)
-  uint64_t vm_cooldown_ns = 600'000'000'000;  // a moved VM stays put this long (drain excepted); doubled per further move within the return ban
+  uint64_t vm_cooldown_ns = 600'000'000'000;  // a moved VM stays put this long (drain excepted),
+                                              // doubled per further move within the return ban
   uint64_t return_ban_ns = 3600'000'000'000;  // nor goes back to a host it left within this
   uint64_t demand_half_life_ns = 300'000'000'000;  // how fast a VM's remembered peak fades
   uint64_t retry_backoff_ns = 30'000'000'000;  // after a failed migration of a VM (Finished)
